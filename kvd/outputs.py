@@ -1,0 +1,21 @@
+"""RequestOutput: what a caller gets back for one prompt (offline API and client alike)."""
+
+from __future__ import annotations
+
+import msgspec
+
+from kvd.scheduler.output import Logprobs
+
+
+class RequestOutput(msgspec.Struct, kw_only=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # generated ids
+    text: str
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error"; None while running
+    logprobs: list[Logprobs] | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

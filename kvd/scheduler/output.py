@@ -1,0 +1,68 @@
+"""What crosses between the scheduler and the model runner, each step.
+
+SchedulerOutput is a diff: a request's full data goes once (`new_reqs`, also when it
+resumes after preemption), then only its new block ids and progress (`cached_reqs`),
+plus the ids that finished or were preempted since the last step. The runner keeps
+the rest, including the tokens it sampled itself. ModelOutput carries the sampled
+tokens back. Both are msgspec Structs so the daemon can send them over ZeroMQ as is.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from kvd.sampling import SamplingParams
+
+
+class NewRequestData(msgspec.Struct, array_like=True, frozen=True):
+    req_id: str
+    token_ids: list[int]  # prompt, plus the outputs so far for a resumed request
+    num_prompt_tokens: int
+    block_ids: list[int]
+    num_computed_tokens: int
+    sampling_params: SamplingParams
+
+
+class CachedRequestData(msgspec.Struct, array_like=True, frozen=True):
+    req_id: str
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+class SchedulerOutput(msgspec.Struct, array_like=True, frozen=True):
+    step: int
+    new_reqs: list[NewRequestData]
+    cached_reqs: list[CachedRequestData]
+    num_scheduled_tokens: dict[str, int]  # in schedule order
+    finished_req_ids: list[str]  # finished or aborted since the last step: drop all state
+    preempted_req_ids: list[str]  # drop the KV state; the request comes back as new
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.num_scheduled_tokens
+
+
+class Logprobs(msgspec.Struct, array_like=True, frozen=True):
+    logprob: float  # of the sampled token
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+class ModelOutput(msgspec.Struct, array_like=True, frozen=True):
+    step: int
+    req_ids: list[str]  # requests that sampled a token this step (prefill chunks short of the end did not)
+    token_ids: list[int]
+    logprobs: list[Logprobs | None] | None = None  # aligned with req_ids when any request asked for them
+
+
+class EngineOutput(msgspec.Struct, array_like=True, frozen=True):
+    """What the scheduler reports for one request after a step."""
+
+    req_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None = None
+    new_logprobs: list[Logprobs] | None = None

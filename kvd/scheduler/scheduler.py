@@ -1,0 +1,197 @@
+"""Scheduler: a pure object that decides, each step, which tokens of which requests to compute.
+
+No I/O, no sleeps, no clocks it depends on. One rule, in vLLM v1's spirit: every
+request's computed tokens catch up with its tokens under a per-step token budget
+(`max_num_batched_tokens`) and a sequence limit (`max_num_seqs`). A long prompt is
+computed in chunks, a prefix-cache hit starts a request part-way, and a decode step is
+just one token to catch up — no phases.
+
+When the pool runs out of blocks for a running request, the newest running request is
+preempted by recompute: its blocks go back, its computed count returns to 0, and it
+waits at the head of the queue; resumed, it recomputes prompt plus outputs (prefix
+hits help) and continues with identical output.
+
+    out = scheduler.schedule()            # SchedulerOutput (a diff)
+    finished = scheduler.update(model_out)  # list[EngineOutput]
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from kvd.cache.kv_manager import KVCacheManager
+from kvd.config import SchedulerConfig
+from kvd.request import Request, RequestStatus
+from kvd.scheduler.output import CachedRequestData, EngineOutput, ModelOutput, NewRequestData, SchedulerOutput
+
+
+class Scheduler:
+    """Waiting queue, running list and the KV cache manager; schedule() and update()."""
+
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv_manager
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._step = 0
+        self._finished_ids: list[str] = []  # to tell the runner at the next schedule()
+        self._sent_blocks: dict[str, int] = {}  # block ids the runner knows per request
+        self.num_preemptions = 0
+
+    # ---- requests in and out -----------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id: {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus) -> list[Request]:
+        """End requests from outside (abort, stop string, error). Unknown or finished ids are ignored."""
+        assert status.finished
+        done = []
+        for rid in request_ids:
+            request = self.requests.get(rid)
+            if request is None or request.status.finished:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            self._finish(request, status)
+            done.append(request)
+        return done
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- the step ----------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: dict[str, int] = {}
+        new_reqs: list[NewRequestData] = []
+        cached_reqs: list[CachedRequestData] = []
+        preempted: list[str] = []
+
+        # 1. Running requests, oldest first; preempt from the newest end when blocks run out.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0:  # can happen only transiently; nothing to compute
+                i += 1
+                continue
+            while self.kv.allocate_slots(request, num_new) is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is request:
+                    break
+            else:
+                scheduled[request.request_id] = num_new
+                budget -= num_new
+                cached_reqs.append(self._cached_data(request))
+                self.kv.cache_blocks(request, request.num_computed_tokens + num_new)
+                i += 1
+                continue
+            break  # the request preempted itself: nothing newer is left to run
+
+        # 2. Waiting requests, in order, while nothing was preempted and room remains.
+        while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            computed = self.kv.get_computed_blocks(request)
+            num_cached_tokens = len(computed) * self.kv.block_size
+            num_new = min(request.num_tokens - num_cached_tokens, budget)
+            if self.kv.allocate_slots(request, num_new, computed) is None:
+                break  # wait for blocks; FCFS, so nothing behind it jumps the queue
+            self.waiting.popleft()
+            request.num_computed_tokens = num_cached_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled[request.request_id] = num_new
+            budget -= num_new
+            new_reqs.append(self._new_data(request))
+            self.kv.cache_blocks(request, request.num_computed_tokens + num_new)
+
+        for rid, n in scheduled.items():
+            self.requests[rid].num_computed_tokens += n
+        self._step += 1
+        out = SchedulerOutput(
+            step=self._step,
+            new_reqs=new_reqs,
+            cached_reqs=cached_reqs,
+            num_scheduled_tokens=scheduled,
+            finished_req_ids=self._finished_ids,
+            preempted_req_ids=preempted,
+        )
+        self._finished_ids = []
+        return out
+
+    def update(self, output: ModelOutput) -> list[EngineOutput]:
+        """Append sampled tokens, finish requests that stop, cache completed blocks."""
+        results: list[EngineOutput] = []
+        logprobs = output.logprobs or [None] * len(output.req_ids)
+        for rid, token, lp in zip(output.req_ids, output.token_ids, logprobs):
+            request = self.requests.get(rid)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # finished or preempted meanwhile: the token is stale
+            request.append_token(token)
+            if lp is not None:
+                request.logprobs.append(lp)
+            status = request.check_stop()
+            if status is not None:
+                self.running.remove(request)
+                self._finish(request, status)
+            results.append(
+                EngineOutput(rid, [token], status.finish_reason if status else None, [lp] if lp else None)
+            )
+        return results
+
+    # ---- helpers -----------------------------------------------------------------------
+    def _new_data(self, request: Request) -> NewRequestData:
+        block_ids = self.kv.block_ids(request.request_id)
+        self._sent_blocks[request.request_id] = len(block_ids)
+        return NewRequestData(
+            req_id=request.request_id,
+            token_ids=list(request.all_token_ids),
+            num_prompt_tokens=request.num_prompt_tokens,
+            block_ids=block_ids,
+            num_computed_tokens=request.num_computed_tokens,
+            sampling_params=request.sampling_params,
+        )
+
+    def _cached_data(self, request: Request) -> CachedRequestData:
+        block_ids = self.kv.block_ids(request.request_id)
+        sent = self._sent_blocks[request.request_id]
+        self._sent_blocks[request.request_id] = len(block_ids)
+        return CachedRequestData(request.request_id, block_ids[sent:], request.num_computed_tokens)
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request.request_id)
+        self._sent_blocks.pop(request.request_id, None)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        self.kv.free(request.request_id)
+        if self._sent_blocks.pop(request.request_id, None) is not None:
+            self._finished_ids.append(request.request_id)
+        request.status = status
+        del self.requests[request.request_id]
+
+    def check_integrity(self) -> None:
+        """Block accounting plus the request table: every live request is waiting xor running."""
+        self.kv.check_integrity()
+        live = {r.request_id for r in self.waiting} | {r.request_id for r in self.running}
+        if len(live) != len(self.waiting) + len(self.running) or live != set(self.requests):
+            raise RuntimeError("scheduler: request table, waiting queue and running list disagree")
+        for rid in self.kv.req_blocks:
+            if rid not in self.requests or self.requests[rid].status != RequestStatus.RUNNING:
+                raise RuntimeError(f"scheduler: request {rid} holds blocks but is not running")

@@ -1,0 +1,117 @@
+"""Paged attention for transformers models: reads and writes kvd's KV blocks.
+
+Registered with transformers' AttentionInterface as "kvd_paged", so any model whose
+attention layers call the interface (Llama, Qwen3, ...) runs on kvd's cache unchanged.
+The model runs on one packed sequence per step — shape (1, N) for N scheduled tokens
+of many requests, no padding — with position ids per token. Before a forward the
+runner installs an `AttentionMetadata` with `forward_context`; each layer then:
+
+1. writes its new K/V into the paged cache at `slot_mapping` (block_id * block_size + offset);
+2. attends: decode tokens (one query per request, packed first) in one batched SDPA over
+   their gathered blocks with a length mask; each prefill chunk by itself, causal, over
+   its cached context plus its own tokens.
+
+The per-layer cache tensor is (2, num_blocks, block_size, kv_heads, head_dim): K then V,
+block-major so a block's tokens are contiguous and one gather by block id reads them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+ATTN_IMPLEMENTATION = "kvd_paged"
+
+
+@dataclass
+class PrefillChunk:
+    """One request's chunk of >1 (or a lone non-decode) query tokens in the packed batch."""
+
+    start: int  # index of its first token in the packed batch
+    end: int
+    num_computed: int  # tokens of the request already in the cache before this chunk
+    block_table: torch.Tensor | None = None  # (num_blocks,) covering num_computed + chunk; None if num_computed == 0
+    mask: torch.Tensor | None = None  # (T, num_computed + T) bool, True = attend
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # (N,) int64
+    num_decodes: int = 0  # the first num_decodes packed tokens are single decode queries
+    decode_block_table: torch.Tensor | None = None  # (Bd, max_blocks) int64, padded with block 0
+    decode_mask: torch.Tensor | None = None  # (Bd, 1, 1, max_blocks * block_size) bool
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+@dataclass
+class _Context:
+    kv_caches: list[torch.Tensor]
+    meta: AttentionMetadata
+
+
+_ctx: _Context | None = None
+
+
+@contextlib.contextmanager
+def forward_context(kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> Iterator[None]:
+    """Install the cache and metadata the attention layers use during one forward."""
+    global _ctx
+    prev, _ctx = _ctx, _Context(kv_caches, meta)
+    try:
+        yield
+    finally:
+        _ctx = prev
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # (1, H, N, D)
+    key: torch.Tensor,  # (1, KVH, N, D)
+    value: torch.Tensor,  # (1, KVH, N, D)
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    if _ctx is None:
+        raise RuntimeError("kvd_paged attention called outside forward_context()")
+    meta = _ctx.meta
+    cache = _ctx.kv_caches[module.layer_idx]  # (2, NB, BS, KVH, D)
+    _, _, n, d = query.shape
+    kvh = key.shape[1]
+
+    # 1. Write this step's K/V into their slots.
+    flat = cache.view(2, -1, kvh, d)  # (2, NB*BS, KVH, D)
+    flat[0].index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1))
+    flat[1].index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1))
+
+    out = query.new_empty(n, query.shape[1], d)  # (N, H, D)
+    # 2a. Decode queries: one batched call over each request's gathered blocks.
+    bd = meta.num_decodes
+    if bd:
+        q = query[0, :, :bd].transpose(0, 1).unsqueeze(2)  # (Bd, H, 1, D)
+        k = cache[0][meta.decode_block_table].view(bd, -1, kvh, d).transpose(1, 2)  # (Bd, KVH, L, D)
+        v = cache[1][meta.decode_block_table].view(bd, -1, kvh, d).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=meta.decode_mask, scale=scaling, enable_gqa=True)
+        out[:bd] = o[:, :, 0]  # (Bd, H, D)
+    # 2b. Prefill chunks: causal over cached context + the chunk.
+    for p in meta.prefills:
+        q = query[:, :, p.start : p.end]  # (1, H, T, D)
+        if p.num_computed == 0:
+            k, v = key[:, :, p.start : p.end], value[:, :, p.start : p.end]
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+        else:
+            ctx_len = p.num_computed + (p.end - p.start)
+            k = cache[0][p.block_table].view(-1, kvh, d)[:ctx_len].transpose(0, 1).unsqueeze(0)  # (1, KVH, C, D)
+            v = cache[1][p.block_table].view(-1, kvh, d)[:ctx_len].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=p.mask, scale=scaling, enable_gqa=True)
+        out[p.start : p.end] = o[0].transpose(0, 1)  # (T, H, D)
+    return out.unsqueeze(0), None  # (1, N, H, D), as transformers' attention functions return
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)

@@ -1,0 +1,181 @@
+"""ModelRunner: the model, its paged KV tensors and the sampler; runs one scheduled step.
+
+It keeps each request's tokens and block ids, applies the SchedulerOutput diff, packs
+every scheduled token into one sequence (decode tokens first, then prefill chunks),
+runs the model with kvd's paged attention, computes logits only at the last token of
+each request that reached the end of its known tokens, samples, and returns ModelOutput.
+The same class serves the offline LLM in-process and the daemon's worker process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+import torch
+
+from kvd.config import CacheConfig, ModelConfig
+from kvd.sampling import SamplingParams
+from kvd.scheduler.output import ModelOutput, SchedulerOutput
+from kvd.worker import attention
+from kvd.worker.attention import AttentionMetadata, PrefillChunk
+from kvd.worker.models import load_config, load_model
+from kvd.worker.sampler import Sampler
+
+log = structlog.get_logger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+@dataclass
+class _RequestState:
+    token_ids: list[int]
+    num_prompt_tokens: int
+    block_ids: list[int]
+    num_computed_tokens: int
+    params: SamplingParams
+
+
+class ModelRunner:
+    """Owns the model and the KV cache tensors of one worker."""
+
+    def __init__(self, model_dir: Path, model_config: ModelConfig, cache_config: CacheConfig) -> None:
+        self.device = resolve_device(model_config.device)
+        self.dtype = resolve_dtype(model_config.dtype, self.device)
+        self.hf_config = load_config(model_dir)
+        if getattr(self.hf_config, "use_sliding_window", False):
+            raise ValueError("model: sliding-window attention is not supported by kvd's paged attention")
+        self.model = load_model(model_dir, self.dtype, self.device, attn_implementation=attention.ATTN_IMPLEMENTATION)
+        self.decoder = self.model.get_decoder()
+        cfg = self.hf_config
+        self.num_layers = cfg.num_hidden_layers
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.vocab_size = cfg.vocab_size
+        self.block_size = cache_config.block_size
+        self.num_blocks = cache_config.num_blocks or self._blocks_for_budget(cache_config.memory_gb)
+        # One tensor per layer: (2, num_blocks, block_size, kv_heads, head_dim).
+        self.kv_caches = [
+            torch.zeros(2, self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim,
+                        dtype=self.dtype, device=self.device)
+            for _ in range(self.num_layers)
+        ]  # fmt: skip
+        self.sampler = Sampler(self.device)
+        self.requests: dict[str, _RequestState] = {}
+        log.info(
+            "model_runner_ready", device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
+            num_blocks=self.num_blocks, block_size=self.block_size, kv_cache_mb=round(self.kv_cache_bytes / 2**20),
+        )  # fmt: skip
+
+    @property
+    def bytes_per_block(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.num_blocks * self.bytes_per_block
+
+    def _blocks_for_budget(self, memory_gb: float) -> int:
+        n = int(memory_gb * 2**30) // self.bytes_per_block
+        if n < 1:
+            raise ValueError(f"cache.memory_gb: {memory_gb} GB holds no block of {self.bytes_per_block} bytes")
+        return n
+
+    # ---- the step ----------------------------------------------------------------------
+    def _apply(self, so: SchedulerOutput) -> None:
+        for rid in so.finished_req_ids:
+            self.requests.pop(rid, None)
+        for rid in so.preempted_req_ids:
+            self.requests.pop(rid, None)
+        for r in so.new_reqs:
+            self.requests[r.req_id] = _RequestState(
+                list(r.token_ids), r.num_prompt_tokens, list(r.block_ids), r.num_computed_tokens, r.sampling_params
+            )
+        for r in so.cached_reqs:
+            state = self.requests[r.req_id]
+            state.block_ids += r.new_block_ids
+            state.num_computed_tokens = r.num_computed_tokens
+
+    @torch.inference_mode()
+    def execute(self, so: SchedulerOutput) -> ModelOutput:
+        self._apply(so)
+        if so.is_empty:
+            return ModelOutput(so.step, [], [])
+        bs = self.block_size
+        # Decode tokens first (one batched attention call), then prefill chunks.
+        order = sorted(so.num_scheduled_tokens.items(), key=lambda kv: kv[1] != 1)
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillChunk] = []
+        sample_ids: list[str] = []
+        sample_rows: list[int] = []
+        for rid, n in order:
+            state = self.requests[rid]
+            nc = state.num_computed_tokens
+            start = len(token_ids)
+            token_ids += state.token_ids[nc : nc + n]
+            pos = range(nc, nc + n)
+            positions += pos
+            table = state.block_ids
+            slots += [table[p // bs] * bs + p % bs for p in pos]
+            num_used = -(-(nc + n) // bs)
+            if n == 1:
+                decode_tables.append(table[:num_used])
+                decode_lens.append(nc + 1)
+            elif nc == 0:
+                prefills.append(PrefillChunk(start, start + n, 0))
+            else:
+                q_pos = torch.arange(nc, nc + n).unsqueeze(1)  # (T, 1)
+                mask = torch.arange(nc + n).unsqueeze(0) <= q_pos  # (T, C)
+                prefills.append(PrefillChunk(
+                    start, start + n, nc,
+                    torch.tensor(table[:num_used], device=self.device), mask.to(self.device),
+                ))  # fmt: skip
+            state.num_computed_tokens = nc + n
+            if nc + n == len(state.token_ids):  # caught up: this token's logits give the next token
+                sample_ids.append(rid)
+                sample_rows.append(start + n - 1)
+
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, device=self.device), prefills=prefills, num_decodes=len(decode_tables)
+        )
+        if decode_tables:
+            max_blocks = max(len(t) for t in decode_tables)
+            table = torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables], device=self.device)
+            lens = torch.tensor(decode_lens, device=self.device)
+            key_pos = torch.arange(max_blocks * bs, device=self.device)
+            meta.decode_block_table = table  # (Bd, MB)
+            meta.decode_mask = (key_pos.unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]  # (Bd, 1, 1, L)
+
+        ids = torch.tensor(token_ids, device=self.device).unsqueeze(0)  # (1, N)
+        pos_t = torch.tensor(positions, device=self.device).unsqueeze(0)  # (1, N)
+        with attention.forward_context(self.kv_caches, meta):
+            hidden = self.decoder(input_ids=ids, position_ids=pos_t, use_cache=False).last_hidden_state  # (1, N, E)
+        if not sample_ids:
+            return ModelOutput(so.step, [], [])
+        rows = torch.tensor(sample_rows, device=self.device)
+        logits = self.model.lm_head(hidden[0, rows]).float()  # (B, V)
+        states = [self.requests[rid] for rid in sample_ids]
+        tokens, logprobs = self.sampler(
+            logits, [s.params for s in states], [len(s.token_ids) - s.num_prompt_tokens for s in states]
+        )
+        for state, tok in zip(states, tokens):
+            state.token_ids.append(tok)
+        return ModelOutput(so.step, sample_ids, tokens, logprobs)

@@ -1,0 +1,23 @@
+"""Shared fixtures: the embedded model (converted once into the kvd cache) and
+tiny random-weight models of each supported family (built once per session)."""
+
+from pathlib import Path
+
+import pytest
+
+from kvd.worker.models import embedded_model_dir, tiny_model_dir
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    return embedded_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_model_dir("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_model_dir("qwen3", tmp_path_factory.mktemp("tiny-qwen3"))
