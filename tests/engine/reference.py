@@ -1,0 +1,47 @@
+"""The reference side of parity tests: transformers' own greedy generate, one prompt at a time.
+
+`assert_greedy_match` compares kvd's tokens with it. Where transformers' two best logits at
+a step are within TIE_GAP, the two engines may legitimately pick different tokens (float
+rounding of a different but equally valid kernel order decides): a divergence from such a
+step on counts as a tie, not a failure.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TIE_GAP = 0.01
+
+
+@torch.inference_mode()
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int] | None = None):
+    """(tokens, top-2 logit gap per step) from transformers' generate, no padding, float32."""
+    out = model.generate(
+        torch.tensor([prompt_ids]),
+        attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+        eos_token_id=sorted(eos_ids) if eos_ids else None,
+        pad_token_id=0,
+    )
+    tokens = out.sequences[0, len(prompt_ids) :].tolist()
+    gaps = []
+    for scores in out.scores:
+        top2 = torch.topk(scores[0].float(), 2).values
+        gaps.append(float(top2[0] - top2[1]))
+    return tokens, gaps
+
+
+def assert_greedy_match(got: list[int], ref: list[int], gaps: list[float], label: str = "") -> bool:
+    """True on an exact match; True on a divergence at a tie step; AssertionError otherwise."""
+    for i, (a, b) in enumerate(zip(got, ref)):
+        if a != b:
+            assert gaps[i] < TIE_GAP, (
+                f"{label}: kvd diverged from transformers at step {i} ({a} vs {b}) "
+                f"where the top-2 logit gap was {gaps[i]:.4f} (not a tie)"
+            )
+            return False
+    assert len(got) == len(ref), f"{label}: {len(got)} tokens vs transformers' {len(ref)}"
+    return True
