@@ -34,10 +34,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX); without it bf16 matmuls
+    are emulated and run several times slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bfloat16 on CUDA, float32 on CPU (what the parity tests use)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
+    dtype = _DTYPES[name]
+    if device.type == "cpu" and dtype != torch.float32 and not cpu_has_fast_bf16():
+        log.warning("slow_cpu_dtype", dtype=name, reason="this CPU has no native bf16/fp16; float32 is faster")
+    return dtype
 
 
 @dataclass

@@ -17,8 +17,8 @@ TIE_GAP = 0.01
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int] | None = None):
     """(tokens, top-2 logit gap per step) from transformers' generate, no padding, float32."""
     out = model.generate(
-        torch.tensor([prompt_ids]),
-        attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+        torch.tensor([prompt_ids], device=model.device),
+        attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=model.device),
         max_new_tokens=max_new_tokens,
         do_sample=False,
         output_scores=True,
@@ -34,11 +34,13 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[in
     return tokens, gaps
 
 
-def assert_greedy_match(got: list[int], ref: list[int], gaps: list[float], label: str = "") -> bool:
+def assert_greedy_match(
+    got: list[int], ref: list[int], gaps: list[float], label: str = "", tie_gap: float = TIE_GAP
+) -> bool:
     """True on an exact match; True on a divergence at a tie step; AssertionError otherwise."""
     for i, (a, b) in enumerate(zip(got, ref)):
         if a != b:
-            assert gaps[i] < TIE_GAP, (
+            assert gaps[i] < tie_gap, (
                 f"{label}: kvd diverged from transformers at step {i} ({a} vs {b}) "
                 f"where the top-2 logit gap was {gaps[i]:.4f} (not a tie)"
             )
