@@ -1,15 +1,46 @@
 """Configuration: frozen msgspec Structs, validated once at start-up and passed explicitly.
 
-Sections mirror conf/*.toml. Components never read the environment; only
-`load_config` (the daemon's, later) and `default_cache_dir` do.
+Sections mirror conf/*.toml: `[daemon]`, `[model]`, `[cache]`, `[scheduler]`,
+`[log]`, `[metrics]`, gathered in `KvdConfig`. `EngineConfig` (model, cache,
+scheduler) is what the offline `LLM` and the engine take; `KvdConfig.engine`
+derives it.
+
+`load_config` is the one place that reads a file and the environment. Layers,
+later wins: the struct defaults < the TOML file < `KVD_<SECTION>_<KEY>`
+environment variables < `overrides` (dotted keys from CLI flags). Components
+never read the environment; only `load_config` and `default_cache_dir` do.
+
+Environment rule: `KVD_CACHE_NUM_BLOCKS=64` sets `cache.num_blocks`. The
+section is the first word after `KVD_`, the key the rest, both lowercased. The
+value is parsed as a TOML value (`64`, `1.5`, `true`, `"x"`, `[1, 2]`) when it
+parses, else taken as a plain string (`KVD_DAEMON_ON_WORKER_DEATH=exit`); a
+string field keeps the raw text even when it would parse as a number. TOML
+has no null, so a variable cannot reset a field to None. `KVD_CACHE_DIR` is
+not a config key: it is the model cache directory read by
+`kvd.worker.models.default_cache_dir` and is skipped. Any other `KVD_*`
+variable that names no config key is an error, so a typo never goes unnoticed.
+
+Every error is a `ConfigError` (a ValueError) whose message starts with the
+key (`cache.num_blocks: must be >= 1, got 0`) and says where the value came
+from when it was not a default (`(from KVD_CACHE_NUM_BLOCKS)`).
 """
 
 from __future__ import annotations
+
+import os
+import re
+import tomllib
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from kvd.cache.hashing import HASH_ALGOS
 
+ROLES = ("unified", "prefill", "decode")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     pass
@@ -62,3 +93,211 @@ class EngineConfig(_Section):
     model: ModelConfig = ModelConfig()
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+
+
+def _check_seconds(key: str, value: float, *, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not (ok and value < float("inf")):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{key}: must be finite and {bound}, got {value}")
+
+
+class DaemonConfig(_Section):
+    """The daemon process: role, endpoint, lifecycle and overload limits."""
+
+    role: str = "unified"  # unified | prefill | decode
+    host: str = "127.0.0.1"  # the client endpoint binds here; loopback only by default
+    port: int = 0  # 0: a random free port, published in <run_dir>/endpoint
+    run_dir: str = ""  # "": <cache_dir>/run, see resolve_run_dir
+    drain_timeout_s: float = 30.0  # on SIGTERM, in-flight requests get this long to finish
+    on_worker_death: str = "restart"  # restart | exit
+    max_worker_restarts: int = 3  # restarts before the daemon gives up and exits
+    max_queue: int = 1024  # waiting requests beyond this are refused with 429
+    request_timeout_s: float = 600.0  # a request's overall deadline; past it: 504
+    heartbeat_interval_s: float = 1.0  # child liveness pings and systemd watchdog cadence
+    integrity_check_interval_s: float = 5.0  # block-pool check_integrity() while idle
+    max_frame_bytes: int = 16 * 2**20  # larger ZeroMQ frames are refused
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"daemon.role: expected one of {'|'.join(ROLES)}, got {self.role!r}")
+        if not self.host:
+            raise ValueError("daemon.host: must not be empty")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"daemon.port: must be in [0, 65535], got {self.port}")
+        _check_seconds("daemon.drain_timeout_s", self.drain_timeout_s, allow_zero=True)
+        if self.on_worker_death not in ("restart", "exit"):
+            raise ValueError(f"daemon.on_worker_death: expected restart|exit, got {self.on_worker_death!r}")
+        if self.max_worker_restarts < 0:
+            raise ValueError(f"daemon.max_worker_restarts: must be >= 0, got {self.max_worker_restarts}")
+        if self.max_queue < 1:
+            raise ValueError(f"daemon.max_queue: must be >= 1, got {self.max_queue}")
+        _check_seconds("daemon.request_timeout_s", self.request_timeout_s)
+        _check_seconds("daemon.heartbeat_interval_s", self.heartbeat_interval_s)
+        _check_seconds("daemon.integrity_check_interval_s", self.integrity_check_interval_s)
+        if self.max_frame_bytes < 1024:
+            raise ValueError(f"daemon.max_frame_bytes: must be >= 1024, got {self.max_frame_bytes}")
+
+
+class LogConfig(_Section):
+    """structlog output: level, renderer, and an optional extra JSON-lines file."""
+
+    level: str = "info"  # debug | info | warning | error | critical
+    format: str = "auto"  # auto: console on a terminal, JSON lines otherwise | json | console
+    file: str = ""  # "": none; else every line is also appended to this file as JSON
+
+    def __post_init__(self) -> None:
+        if self.level not in LOG_LEVELS:
+            raise ValueError(f"log.level: expected one of {'|'.join(LOG_LEVELS)}, got {self.level!r}")
+        if self.format not in ("auto", "json", "console"):
+            raise ValueError(f"log.format: expected auto|json|console, got {self.format!r}")
+
+
+class MetricsConfig(_Section):
+    """The Prometheus exporter."""
+
+    prometheus_port: int = -1  # -1: off; 0: a random free port
+    host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        if not -1 <= self.prometheus_port <= 65535:
+            raise ValueError(f"metrics.prometheus_port: must be -1 (off) or in [0, 65535], got {self.prometheus_port}")
+        if not self.host:
+            raise ValueError("metrics.host: must not be empty")
+
+
+class KvdConfig(_Section):
+    """Everything a kvd instance is configured with; one per process tree."""
+
+    daemon: DaemonConfig = DaemonConfig()
+    model: ModelConfig = ModelConfig()
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    log: LogConfig = LogConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+    @property
+    def engine(self) -> EngineConfig:
+        return EngineConfig(model=self.model, cache=self.cache, scheduler=self.scheduler)
+
+
+class ConfigError(ValueError):
+    """A config value, key or section is invalid; the message starts with the key."""
+
+
+_SECTIONS: dict[str, type[_Section]] = {
+    name: typing.get_type_hints(KvdConfig)[name] for name in KvdConfig.__struct_fields__
+}
+_ENV_PREFIX = "KVD_"
+_ENV_IGNORED = frozenset({"KVD_CACHE_DIR"})  # the model cache dir, read by kvd.worker.models
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> KvdConfig:
+    """Build the config: defaults < TOML file at `path` < `KVD_*` in `environ`
+    (default `os.environ`) < `overrides` (`{"daemon.port": 0}`; a None value
+    means "flag not given" and is skipped). Raises ConfigError naming the key."""
+    data: dict[str, dict[str, Any]] = {}
+    origin: dict[str, str] = {}  # "section.key" -> where its value came from
+
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"{path}: {e}") from e
+        for section, table in raw.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{section}: expected a [{section}] table, got {type(table).__name__} (in {path})")
+            for key, value in table.items():
+                _set(data, origin, section, key, value, f"in {path}", f"{section}.{key}")
+
+    env = os.environ if environ is None else environ
+    for name in sorted(env):
+        if not name.startswith(_ENV_PREFIX) or name in _ENV_IGNORED:
+            continue
+        section, _, key = name[len(_ENV_PREFIX) :].lower().partition("_")
+        value = _env_value(section, key, env[name])
+        _set(data, origin, section, key, value, f"from {name}", name)
+
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, key = dotted.partition(".")
+        _set(data, origin, section, key, value, "from override", dotted)
+
+    try:
+        return msgspec.convert(data, KvdConfig)
+    except msgspec.ValidationError as e:
+        raise ConfigError(_explain(str(e), origin)) from None
+
+
+def resolve_run_dir(cfg: KvdConfig) -> Path:
+    """`daemon.run_dir`, or `<cache_dir>/run` when it is empty (cache_dir:
+    `model.cache_dir`, else $KVD_CACHE_DIR, else ~/.cache/kvd)."""
+    if cfg.daemon.run_dir:
+        return Path(cfg.daemon.run_dir).expanduser()
+    if cfg.model.cache_dir:
+        return Path(cfg.model.cache_dir).expanduser() / "run"
+    from kvd.worker.models import default_cache_dir  # lazy: config sits below the worker layer
+
+    return default_cache_dir() / "run"
+
+
+def _set(
+    data: dict[str, dict[str, Any]], origin: dict[str, str], section: str, key: str, value: Any, where: str, name: str
+) -> None:
+    """Put one value into the layered dict, after checking the key exists."""
+    owner = _SECTIONS.get(section)
+    if owner is None:
+        sections = ", ".join(_SECTIONS)
+        if name.startswith(_ENV_PREFIX):
+            raise ConfigError(f"{name}: unknown section {section!r} (sections: {sections})")
+        if not key:
+            raise ConfigError(f"{name}: expected section.key ({where})")
+        raise ConfigError(f"{section}: unknown section ({where}; sections: {sections})")
+    if key not in owner.__struct_fields__:
+        dotted = f"{section}.{key}"
+        known = ", ".join(owner.__struct_fields__)
+        if name == dotted:
+            raise ConfigError(f"{dotted}: unknown key ({where}; [{section}] keys: {known})")
+        raise ConfigError(f"{name}: unknown key {dotted} ([{section}] keys: {known})")
+    data.setdefault(section, {})[key] = value
+    origin[f"{section}.{key}"] = where
+
+
+def _env_value(section: str, key: str, text: str) -> Any:
+    """A TOML value when `text` parses as one, else the text; string fields keep the text."""
+    owner = _SECTIONS.get(section)
+    if owner is not None and key in owner.__struct_fields__ and _accepts_str(owner, key):
+        return text
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _accepts_str(owner: type[_Section], key: str) -> bool:
+    hint = typing.get_type_hints(owner)[key]
+    return hint is str or str in typing.get_args(hint)
+
+
+_AT = re.compile(r"^(?P<msg>.*) - at `\$(?P<path>[^`]*)`$", re.S)
+
+
+def _explain(message: str, origin: Mapping[str, str]) -> str:
+    """msgspec's `<msg> - at `$.cache.num_blocks`` -> `cache.num_blocks: <msg> (from ...)`.
+    (Unknown keys never get here: `_set` refuses them first.)"""
+    m = _AT.match(message)
+    msg, path = (m["msg"], m["path"].lstrip(".")) if m else (message, "")
+    head, sep, rest = msg.partition(": ")
+    if sep and re.fullmatch(r"[a-z_]+\.[a-z_]+", head):  # a __post_init__ message already names its key
+        path, msg = head, rest
+    else:
+        msg = msg.replace("`", "")
+        msg = msg[:1].lower() + msg[1:]
+    where = origin.get(path)
+    return f"{path or 'config'}: {msg}" + (f" ({where})" if where else "")

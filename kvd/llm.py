@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvd.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from kvd.engine.engine import Engine, Prompt
+from kvd.engine.engine import LocalEngine, Prompt
 from kvd.outputs import RequestOutput
 from kvd.sampling import SamplingParams
 
@@ -28,7 +28,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **options: Any) -> None:
         """`options` are fields of the config sections: dtype, device, block_size, num_blocks, ..."""
-        self.engine = Engine(config or _config_from_options(model, options))
+        self.engine = LocalEngine(config or _config_from_options(model, options))
 
     @property
     def tokenizer(self):
@@ -64,10 +64,7 @@ class LLM:
         return self.generate([self.apply_chat_template(c) for c in convs], params, use_tqdm=use_tqdm)
 
     def apply_chat_template(self, messages: list[Message]) -> list[int]:
-        if not messages or any(not isinstance(m, dict) or "role" not in m or "content" not in m for m in messages):
-            raise ValueError("chat: must be a non-empty list of {'role': ..., 'content': ...} messages")
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return self.engine.apply_chat_template(messages)
 
     def check_integrity(self) -> None:
         self.engine.check_integrity()

@@ -1,9 +1,15 @@
-"""Engine: the in-process step — schedule, run, update — plus validation and detokenizing.
+"""Engine: requests in, deltas out — validation, the scheduler, stop strings and detokenizing.
 
-The offline LLM drives it directly; the daemon splits the same pieces across processes
-(scheduler in the daemon, ModelRunner in the worker). `step()` returns the outputs of
-requests that finished in that step; `add_request` validates first and raises ValueError
-naming the field, so a rejected request never touches the block pool.
+The model runs elsewhere: in-process for the offline LLM (`LocalEngine.step`), in a
+worker process for the daemon. Either way one step is
+
+    so = engine.schedule()          # SchedulerOutput, a diff
+    mo = runner.execute(so)         # in-process call or a ZeroMQ round trip
+    deltas = engine.process(mo)     # new tokens / text per request, finished ones flagged
+
+`add_request` validates first and raises ValueError naming the field, so a rejected
+request never touches the block pool. What the engine must know of the model arrives
+as a `ModelInfo` (the worker's Ready message carries the same struct).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import itertools
 import time
 
+import msgspec
 import structlog
 
 from kvd.cache.kv_manager import KVCacheManager, cdiv
@@ -18,35 +25,55 @@ from kvd.config import EngineConfig
 from kvd.outputs import RequestOutput
 from kvd.request import Request, RequestStatus
 from kvd.sampling import SamplingParams
-from kvd.scheduler.output import EngineOutput
+from kvd.scheduler.output import EngineOutput, ModelOutput, SchedulerOutput
 from kvd.scheduler.scheduler import Scheduler
-from kvd.worker.model_runner import ModelRunner
-from kvd.worker.models import load_tokenizer, resolve_model
 
 log = structlog.get_logger(__name__)
 
 Prompt = str | list[int]
 
 
-class Engine:
-    """Scheduler + KV cache manager + model runner in one process."""
+class ModelInfo(msgspec.Struct, frozen=True):
+    """The facts of a loaded model and its KV cache that the scheduler side needs."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    vocab_size: int
+    max_model_len: int
+    eos_token_ids: list[int]
+    num_blocks: int
+    block_size: int
+    fingerprint: str = ""
+
+
+class Delta(msgspec.Struct):
+    """What one step added to one request; `output` is set once, when it finishes."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+    output: RequestOutput | None = None
+
+
+class Engine:
+    """Scheduler + KV cache manager + output processing, for a model described by ModelInfo."""
+
+    def __init__(self, config: EngineConfig, tokenizer, info: ModelInfo, stream_text: bool = False) -> None:
         self.config = config
-        self.model_dir = resolve_model(config.model.model, config.model.cache_dir)
-        self.tokenizer = load_tokenizer(self.model_dir)
-        self.runner = ModelRunner(self.model_dir, config.model, config.cache)
-        hf = self.runner.hf_config
-        self.max_model_len = config.model.max_model_len or hf.max_position_embeddings
-        self.eos_token_ids = _eos_ids(self.runner.model, self.tokenizer)
+        self.tokenizer = tokenizer
+        self.info = info
+        self.stream_text = stream_text  # decode text every step (the daemon streams it)
+        self.max_model_len = min(config.model.max_model_len or info.max_model_len, info.max_model_len)
+        self.eos_token_ids = frozenset(info.eos_token_ids)
         self.kv = KVCacheManager(
-            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching, config.cache.hash_algo
+            info.num_blocks, info.block_size, config.cache.enable_prefix_caching, config.cache.hash_algo
         )
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self._ids = itertools.count()
         self._outputs: dict[str, RequestOutput] = {}
         self._requests: dict[str, Request] = {}
+        self._sent_text: dict[str, int] = {}
         self.num_generated = 0
+        self.num_prompt_tokens = 0
 
     # ---- requests ----------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:
@@ -58,13 +85,22 @@ class Engine:
             raise ValueError("prompt_token_ids: must be a list of integers")
         return list(prompt)
 
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        if not messages or any(
+            not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise ValueError("chat: must be a non-empty list of {'role': str, 'content': str} messages")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
     def validate(self, token_ids: list[int], params: SamplingParams) -> None:
         """ValueError naming the field for a request the engine cannot serve."""
         if not token_ids:
             raise ValueError("prompt: must not be empty")
-        bad = next((t for t in token_ids if not 0 <= t < self.runner.vocab_size), None)
+        bad = next((t for t in token_ids if not 0 <= t < self.info.vocab_size), None)
         if bad is not None:
-            raise ValueError(f"prompt_token_ids: token id {bad} is outside the vocabulary [0, {self.runner.vocab_size})")
+            raise ValueError(f"prompt_token_ids: token id {bad} is outside the vocabulary [0, {self.info.vocab_size})")
         total = len(token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(
@@ -81,39 +117,54 @@ class Engine:
         token_ids = self.tokenize(prompt)
         self.validate(token_ids, params)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self._outputs:
+            raise ValueError(f"request_id: {rid!r} is already in use")
         request = Request(rid, token_ids, params, eos_token_ids=self.eos_token_ids)
         self.scheduler.add_request(request)
         self._requests[rid] = request
         self._outputs[rid] = RequestOutput(request_id=rid, prompt_token_ids=token_ids, token_ids=[], text="",
                                            finish_reason=None)  # fmt: skip
+        self.num_prompt_tokens += len(token_ids)
         return rid
 
-    def abort(self, request_ids: list[str]) -> list[RequestOutput]:
-        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
-        return [self._finish(rid, "abort") for rid in request_ids if rid in self._outputs]
+    def abort(self, request_ids: list[str], reason: str = "abort") -> list[Delta]:
+        """End requests (abort, or error when their step failed). Unknown ids are ignored."""
+        status = RequestStatus.FINISHED_ERROR if reason == "error" else RequestStatus.FINISHED_ABORTED
+        self.scheduler.finish_requests(request_ids, status)
+        return [self._finish(rid, reason, [], "") for rid in request_ids if rid in self._outputs]
+
+    def abort_all(self, reason: str = "error") -> list[Delta]:
+        return self.abort(list(self._outputs), reason)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._outputs
+
     # ---- the step ----------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """One engine step: schedule → run → update. Returns the requests finished in it."""
+    def schedule(self) -> SchedulerOutput:
         so = self.scheduler.schedule()
         for new in so.new_reqs:
-            if new.num_computed_tokens and new.req_id in self._outputs:
-                out = self._outputs[new.req_id]
+            out = self._outputs.get(new.req_id)
+            if out is not None and new.num_computed_tokens:
                 out.num_cached_tokens = max(out.num_cached_tokens, new.num_computed_tokens)
-        mo = self.runner.execute(so)
-        finished = []
+        return so
+
+    def process(self, mo: ModelOutput) -> list[Delta]:
+        """Apply a step's sampled tokens; returns a delta per request that got tokens or finished."""
+        deltas = []
         for eo in self.scheduler.update(mo):
             self.num_generated += len(eo.new_token_ids)
-            done = self._on_output(eo)
-            if done is not None:
-                finished.append(done)
-        return finished
+            delta = self._on_output(eo)
+            if delta is not None:
+                deltas.append(delta)
+        return deltas
 
-    def _on_output(self, eo: EngineOutput) -> RequestOutput | None:
-        out = self._outputs[eo.req_id]
+    def _on_output(self, eo: EngineOutput) -> Delta | None:
+        out = self._outputs.get(eo.req_id)
+        if out is None:
+            return None
         out.token_ids += eo.new_token_ids
         if eo.new_logprobs:
             out.logprobs = (out.logprobs or []) + list(eo.new_logprobs)
@@ -122,49 +173,71 @@ class Engine:
             cut = self._stop_string_cut(request.sampling_params.stop, out.token_ids)
             if cut is not None:
                 self.scheduler.finish_requests([eo.req_id], RequestStatus.FINISHED_STOPPED)
-                return self._finish(eo.req_id, "stop", cut)
+                return self._finish(eo.req_id, "stop", eo.new_token_ids, cut)
         if eo.finish_reason is not None:
-            return self._finish(eo.req_id, eo.finish_reason)
-        return None
+            return self._finish(eo.req_id, eo.finish_reason, eo.new_token_ids)
+        return Delta(eo.req_id, eo.new_token_ids, self._text_delta(out) if self.stream_text else "")
+
+    def _text_delta(self, out: RequestOutput, final_text: str | None = None) -> str:
+        text = final_text if final_text is not None else self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+        if final_text is None and text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more
+            text = text[: text.rstrip("\ufffd").__len__()]
+        sent = self._sent_text.get(out.request_id, 0)
+        self._sent_text[out.request_id] = len(text)
+        out.text = text
+        return text[sent:]
 
     def _stop_string_cut(self, stops: list[str], token_ids: list[int]) -> str | None:
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
         hits = [i for i in (text.find(s) for s in stops) if i >= 0]
         return text[: min(hits)] if hits else None
 
-    def _finish(self, rid: str, reason: str, text: str | None = None) -> RequestOutput:
-        out = self._outputs.pop(rid)
-        self._requests.pop(rid, None)
+    def _finish(self, rid: str, reason: str, new_ids: list[int], text: str | None = None) -> Delta:
+        out = self._outputs[rid]
+        final = text if text is not None else self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+        delta_text = self._text_delta(out, final) if self.stream_text else ""
+        out.text = final
         out.finish_reason = reason
-        out.text = text if text is not None else self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
-        return out
+        del self._outputs[rid]
+        self._requests.pop(rid, None)
+        self._sent_text.pop(rid, None)
+        return Delta(rid, list(new_ids), delta_text, reason, out)
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
 
     def stats(self) -> dict[str, float | int]:
         pool = self.kv.pool
+        cached_only = pool.num_cached_only
         return {
             "waiting": len(self.scheduler.waiting),
             "running": len(self.scheduler.running),
             "blocks_total": pool.num_blocks,
-            "blocks_free": pool.num_free - pool.num_cached_only,
-            "blocks_cached_only": pool.num_cached_only,
+            "blocks_free": pool.num_free - cached_only,
+            "blocks_cached_only": cached_only,
             "blocks_held": pool.num_held,
             "prefix_hit_rate": self.kv.prefix_hit_rate,
             "prefix_hit_tokens": self.kv.prefix_hits,
             "preemptions": self.scheduler.num_preemptions,
             "generated_tokens": self.num_generated,
+            "prompt_tokens": self.num_prompt_tokens,
             "time": time.time(),
         }
 
 
-def _eos_ids(model, tokenizer) -> frozenset[int]:
-    ids: set[int] = set()
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for src in (gen_eos, model.config.eos_token_id, tokenizer.eos_token_id):
-        if isinstance(src, int):
-            ids.add(src)
-        elif isinstance(src, (list, tuple)):
-            ids.update(src)
-    return frozenset(ids)
+class LocalEngine(Engine):
+    """An Engine with its ModelRunner in the same process (the offline LLM)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        from kvd.worker.model_runner import ModelRunner
+        from kvd.worker.models import load_tokenizer, resolve_model
+
+        model_dir = resolve_model(config.model.model, config.model.cache_dir)
+        tokenizer = load_tokenizer(model_dir)
+        self.runner = ModelRunner(model_dir, config.model, config.cache)
+        super().__init__(config, tokenizer, self.runner.model_info(tokenizer))
+
+    def step(self) -> list[RequestOutput]:
+        """One step: schedule → run → process. Returns the requests finished in it."""
+        deltas = self.process(self.runner.execute(self.schedule()))
+        return [d.output for d in deltas if d.output is not None]

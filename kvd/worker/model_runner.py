@@ -68,6 +68,7 @@ class ModelRunner:
     """Owns the model and the KV cache tensors of one worker."""
 
     def __init__(self, model_dir: Path, model_config: ModelConfig, cache_config: CacheConfig) -> None:
+        self.model_dir = model_dir
         self.device = resolve_device(model_config.device)
         self.dtype = resolve_dtype(model_config.dtype, self.device)
         self.hf_config = load_config(model_dir)
@@ -80,6 +81,7 @@ class ModelRunner:
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.vocab_size = cfg.vocab_size
+        self.max_model_len = min(model_config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.block_size = cache_config.block_size
         self.num_blocks = cache_config.num_blocks or self._blocks_for_budget(cache_config.memory_gb)
         # One tensor per layer: (2, num_blocks, block_size, kv_heads, head_dim).
@@ -94,6 +96,27 @@ class ModelRunner:
             "model_runner_ready", device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
             num_blocks=self.num_blocks, block_size=self.block_size, kv_cache_mb=round(self.kv_cache_bytes / 2**20),
         )  # fmt: skip
+
+    def model_info(self, tokenizer=None):
+        """What the scheduler side needs to know (the worker's Ready message carries it)."""
+        from kvd.engine.engine import ModelInfo
+        from kvd.worker.models import model_fingerprint
+
+        eos: set[int] = set()
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        for src in (gen_eos, self.hf_config.eos_token_id, getattr(tokenizer, "eos_token_id", None)):
+            if isinstance(src, int):
+                eos.add(src)
+            elif isinstance(src, (list, tuple)):
+                eos.update(src)
+        return ModelInfo(
+            vocab_size=self.vocab_size,
+            max_model_len=self.max_model_len,
+            eos_token_ids=sorted(eos),
+            num_blocks=self.num_blocks,
+            block_size=self.block_size,
+            fingerprint=model_fingerprint(self.model_dir),
+        )
 
     @property
     def bytes_per_block(self) -> int:

@@ -1,0 +1,80 @@
+"""The life of every child process of the daemon (workers, the cache messenger).
+
+`run_child` connects the two sockets, calls `start(cfg)` — which loads what the process
+owns and returns its Ready message and a handler — sends Ready, then feeds each received
+message to the handler and sends back what it returns. Shutdown ends it cleanly. Any
+exception sends Dead with the reason and exits non-zero (a broken child never limps
+on). If the daemon disappears (our parent pid changes), the child exits too.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import structlog
+import zmq
+
+from kvd.config import KvdConfig
+from kvd.ipc import SyncChannel
+from kvd.messages import Dead, Ready, Shutdown
+
+log = structlog.get_logger("kvd.child")
+
+PARENT_POLL_MS = 1000
+Handler = Callable[[Any], msgspec.Struct | None]
+
+
+def run_child(
+    name: str,
+    config_json: bytes,
+    in_endpoint: str,
+    report_endpoint: str,
+    recv_type: Any,
+    start: Callable[[KvdConfig], tuple[Ready, Handler]],
+) -> None:
+    cfg = msgspec.json.decode(config_json, type=KvdConfig)
+    from kvd.logs import configure_logging
+
+    configure_logging(cfg.log, process=name, role=cfg.daemon.role)
+    parent = os.getppid()
+    ctx = zmq.Context()
+    inbox = SyncChannel(ctx.socket(zmq.PULL), recv_type)
+    inbox.sock.connect(in_endpoint)
+    report = SyncChannel(ctx.socket(zmq.PUSH))
+    report.sock.connect(report_endpoint)
+    code = 0
+    try:
+        ready, handle = start(cfg)
+        report.send(ready)
+        while True:
+            msg = inbox.recv(PARENT_POLL_MS)
+            if msg is None:
+                if os.getppid() != parent:
+                    log.error("child_orphaned", reason="the daemon process is gone")
+                    code = 1
+                    break
+                continue
+            if isinstance(msg, Shutdown):
+                log.info("child_stopping")
+                break
+            reply = handle(msg)
+            if reply is not None:
+                report.send(reply)
+    except BaseException as e:  # noqa: BLE001 - any failure ends the child, loudly
+        reason = f"{type(e).__name__}: {e}"
+        log.error("child_dead", reason=reason, traceback=traceback.format_exc())
+        try:
+            report.send(Dead(name, reason))
+        except zmq.ZMQError:
+            pass
+        code = 1
+    finally:
+        inbox.close()
+        report.close()
+        ctx.term()
+    sys.exit(code)

@@ -1,0 +1,161 @@
+"""The `kvd` command line (DESIGN.md §9): serve, generate, status, trace, bench.
+
+    kvd serve --config conf/kvd.toml [--role unified|prefill|decode] [--port 0] [--run-dir DIR]
+    kvd generate [--endpoint E | --run-dir DIR] (--prompt TEXT | --chat TEXT) [--max-tokens N]
+                 [--temperature T] [--json]
+    kvd status [--endpoint E | --run-dir DIR] [--json]
+    kvd trace REQUEST_ID [LOG ...]
+    kvd bench offline|serve [ARGS ...]
+
+Without --endpoint, the client commands read `<run_dir>/endpoint`, which `kvd serve`
+writes once every process is Ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+
+def _endpoint(args: argparse.Namespace) -> str:
+    if args.endpoint:
+        return args.endpoint
+    from kvd.config import load_config, resolve_run_dir
+
+    overrides = {"daemon.run_dir": args.run_dir} if args.run_dir else {}
+    path = resolve_run_dir(load_config(None, overrides)) / "endpoint"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        sys.exit(f"kvd: no endpoint at {path}: is the daemon running? (or pass --endpoint)")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kvd.config import ConfigError, load_config
+    from kvd.daemon.main import serve
+
+    overrides = {}
+    if args.role:
+        overrides["daemon.role"] = args.role
+    if args.port is not None:
+        overrides["daemon.port"] = args.port
+    if args.run_dir:
+        overrides["daemon.run_dir"] = args.run_dir
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"kvd: config: {e}", file=sys.stderr)
+        return 2
+    return serve(cfg, os.environ.get("NOTIFY_SOCKET"))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kvd.client import Client, KvdError
+
+    options = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    source = {"chat": [{"role": "user", "content": args.chat}]} if args.chat is not None else {"prompt": args.prompt}
+    with Client(_endpoint(args), timeout=args.timeout) as c:
+        try:
+            if args.json:
+                r = c.generate(**source, **options)
+                print(json.dumps({"request_id": r.request_id, "token_ids": r.token_ids, "text": r.text,
+                                  "finish_reason": r.finish_reason}))  # fmt: skip
+                return 0
+            finish = None
+            for chunk in c.stream(**source, **options):
+                print(chunk.text, end="", flush=True)
+                finish = chunk.finish_reason
+            print(f"\n[{finish}]", file=sys.stderr)
+        except KvdError as e:
+            print(f"kvd: error {e.code}: {e.message}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from kvd.client import Client, KvdError
+
+    with Client(_endpoint(args), timeout=args.timeout) as c:
+        try:
+            status = c.status()
+        except KvdError as e:
+            print(f"kvd: error {e.code}: {e.message}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    blocks = status["blocks"]
+    print(f"kvd {status['role']} · {status['state']} · {status['endpoint']} · up {status['uptime_s']:.0f} s")
+    print(f"requests   queue {status['queue']}  running {status['running']}  live {status['live_requests']}")
+    print(f"blocks     total {blocks.get('total', 0)}  free {blocks.get('free', 0)}  used {blocks.get('held', 0)}"
+          f"  cached-only {blocks.get('cached_only', 0)}")  # fmt: skip
+    print(f"prefix     hit rate {status['prefix_hit_rate']:.1%}   preemptions {status['preemptions']}")
+    print(f"throughput {status['throughput_tok_s']:.1f} tok/s   generated {status['generated_tokens']} tokens")
+    print(f"integrity  {status['integrity']}")
+    procs = "  ".join(f"{n} pid {p['pid']} {'up' if p['alive'] else 'DOWN'}" for n, p in status["processes"].items())
+    print(f"processes  {procs}")
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from kvd import trace
+
+    return trace.main([args.request_id, *args.logs])
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import runpy
+
+    sys.argv = [f"kvd bench {args.kind}", *args.rest]
+    runpy.run_module(f"kvd.bench.{args.kind}", run_name="__main__")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvd", description="KV-cache-centric LLM inference daemon")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the daemon in the foreground")
+    s.add_argument("--config", help="a TOML file (conf/kvd.toml documents every option)")
+    s.add_argument("--role", choices=["unified", "prefill", "decode"])
+    s.add_argument("--port", type=int, help="client port; 0 = a random free port on 127.0.0.1")
+    s.add_argument("--run-dir", help="where the endpoint file goes")
+    s.set_defaults(fn=cmd_serve)
+
+    for name, fn, help_ in (("generate", cmd_generate, "stream a completion"), ("status", cmd_status, "daemon status")):
+        c = sub.add_parser(name, help=help_)
+        c.add_argument("--endpoint", help="tcp://127.0.0.1:PORT (default: read from the run dir)")
+        c.add_argument("--run-dir")
+        c.add_argument("--json", action="store_true")
+        c.add_argument("--timeout", type=float, default=600.0 if name == "generate" else 10.0,
+                       help="seconds to wait for the daemon's reply")
+        c.set_defaults(fn=fn)
+        if name == "generate":
+            src = c.add_mutually_exclusive_group(required=True)
+            src.add_argument("--prompt")
+            src.add_argument("--chat", help="a user message; the model's chat template is applied")
+            c.add_argument("--max-tokens", type=int, default=128)
+            c.add_argument("--temperature", type=float, default=0.0)
+
+    t = sub.add_parser("trace", help="rebuild a request's timeline from JSON logs")
+    t.add_argument("request_id")
+    t.add_argument("logs", nargs="*", help="JSON-lines log files (default: stdin)")
+    t.set_defaults(fn=cmd_trace)
+
+    b = sub.add_parser("bench", help="benchmarks: offline (engine vs transformers) or serve (daemon)")
+    b.add_argument("kind", choices=["offline", "serve"])
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    sys.exit(args.fn(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,420 @@
+"""The daemon process: asyncio on uvloop — frontend, scheduler, children, signals, drain.
+
+    kvd serve → serve(cfg) → Daemon.run()
+
+Start-up: spawn the worker and the cache messenger, await Ready from both (the worker's
+carries the model's facts and its number of KV blocks), build the Engine (scheduler +
+block manager), bind the client ROUTER, write `<run_dir>/endpoint`, tell systemd READY=1.
+
+Then a TaskGroup runs: the frontend's reader, the children's report reader, the step
+loop (schedule → Step to the worker → await StepDone → process → stream deltas), and a
+one-second ticker (deadlines → 504, idle integrity checks, watchdog pings, throughput).
+
+A child that dies (kill -9 included: its sentinel fd is watched) fails every in-flight
+request with 500 at once; the worker is then restarted (fresh KV cache) or the daemon
+exits non-zero for systemd to restart, per `daemon.on_worker_death`. SIGTERM drains:
+new requests get 503, in-flight ones get `drain_timeout_s` to finish, the rest get 503,
+children are shut down, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import signal
+import time
+from typing import Any
+
+import msgspec
+import structlog
+import zmq
+import zmq.asyncio
+
+from kvd.config import KvdConfig, resolve_run_dir
+from kvd.daemon.children import ChildProcess
+from kvd.daemon.frontend import Frontend
+from kvd.daemon.notify import Notifier
+from kvd.engine.engine import Engine, ModelInfo
+from kvd.ipc import AsyncChannel, bind_random
+from kvd.messages import Dead, ErrorCode, FromChild, Generate, Ready, Shutdown, Step, StepDone
+from kvd.messenger.main import messenger_main
+from kvd.worker.main import worker_main
+
+log = structlog.get_logger("kvd.daemon")
+
+STARTUP_TIMEOUT_S = 900.0  # a first start converts the embedded model
+CHILD_STOP_TIMEOUT_S = 5.0
+
+
+class ChildDied(Exception):
+    pass
+
+
+class Daemon:
+    def __init__(self, cfg: KvdConfig, notifier: Notifier) -> None:
+        self.cfg = cfg
+        self.notifier = notifier
+        self.run_dir = resolve_run_dir(cfg)
+        self.ctx = zmq.asyncio.Context()
+        self.engine: Engine | None = None
+        self.tokenizer = None
+        self.frontend: Frontend | None = None
+        self.endpoint: str | None = None
+        self.draining = False
+        self.exit_code = 0
+        self._stop = asyncio.Event()
+        self._work = asyncio.Event()
+        self._step_future: asyncio.Future | None = None
+        self._step_started: float | None = None
+        self._ready_waiters: dict[str, asyncio.Future[Ready]] = {}
+        self._started = time.time()
+        self._integrity = "not checked"
+        self._throughput: collections.deque[tuple[float, int]] = collections.deque(maxlen=11)
+        self._worker_restarts = 0
+        self._dead_reasons: dict[str, str] = {}  # what a child's Dead message said, until its exit is handled
+        self.metrics = None
+
+    # ---- start-up ----------------------------------------------------------------------
+    async def _start_children(self) -> None:
+        cfg_json = msgspec.json.encode(self.cfg)
+        self.reports: AsyncChannel[FromChild] = AsyncChannel(self.ctx.socket(zmq.PULL), FromChild)
+        report_ep = bind_random(self.reports.sock)
+        self.to_worker = AsyncChannel(self.ctx.socket(zmq.PUSH), None)
+        self.to_messenger = AsyncChannel(self.ctx.socket(zmq.PUSH), None)
+        self.worker = ChildProcess("worker-0", worker_main, (cfg_json, bind_random(self.to_worker.sock), report_ep))
+        self.messenger = ChildProcess(
+            "messenger", messenger_main, (cfg_json, bind_random(self.to_messenger.sock), report_ep)
+        )
+        self.children = [self.worker, self.messenger]
+
+    async def _await_ready(self, child: ChildProcess) -> Ready:
+        fut = asyncio.get_running_loop().create_future()
+        self._ready_waiters[child.name] = fut
+        child.start()
+        done, _ = await asyncio.wait([fut, child.exited], timeout=STARTUP_TIMEOUT_S,
+                                     return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        if fut not in done:
+            raise ChildDied(f"{child.name} did not become ready (exit code {child.proc.exitcode})")
+        child.ready = True
+        ready = fut.result()
+        log.info("child_ready", child=child.name, child_pid=ready.pid)
+        return ready
+
+    def _build_engine(self, info: ModelInfo) -> None:
+        self.engine = Engine(self.cfg.engine, self.tokenizer, info, stream_text=True)
+
+    # ---- the run -----------------------------------------------------------------------
+    async def run(self) -> int:
+        from kvd.worker.models import load_tokenizer, resolve_model
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.begin_drain)
+        await self._start_children()
+        reader = asyncio.create_task(self._read_reports())
+        try:
+            model_dir = resolve_model(self.cfg.model.model, self.cfg.model.cache_dir)
+            tok_task = asyncio.create_task(asyncio.to_thread(load_tokenizer, model_dir))
+            worker_ready, _ = await asyncio.gather(self._await_ready(self.worker), self._await_ready(self.messenger))
+            self.tokenizer = await tok_task
+            self._build_engine(worker_ready.info)
+            self._bind_frontend()
+            self._start_metrics()
+        except ChildDied as e:
+            log.error("daemon_start_failed", reason=str(e))
+            reader.cancel()
+            await self._shutdown()
+            return 1
+        self.notifier.ready(f"serving on {self.endpoint}")
+        log.info("daemon_ready", endpoint=self.endpoint, num_blocks=self.engine.kv.num_blocks,
+                 run_dir=str(self.run_dir))  # fmt: skip
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(self.frontend.run()),
+                    tg.create_task(self._step_loop()),
+                    tg.create_task(self._ticker()),
+                    tg.create_task(self._watch_children()),
+                ]
+                await self._stop.wait()
+                for t in tasks:
+                    t.cancel()
+        except* Exception as eg:
+            for e in eg.exceptions:
+                log.error("daemon_crashed", error=f"{type(e).__name__}: {e}", exc_info=e)
+            self.exit_code = 1
+        reader.cancel()
+        await self._shutdown()
+        log.info("daemon_stopped", exit_code=self.exit_code)
+        return self.exit_code
+
+    def _bind_frontend(self) -> None:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        # A hard cap well above max_frame_bytes: libzmq drops a peer sending more than this.
+        sock.setsockopt(zmq.MAXMSGSIZE, 8 * self.cfg.daemon.max_frame_bytes)
+        d = self.cfg.daemon
+        if d.port == 0:
+            self.endpoint = bind_random(sock, d.host)
+        else:
+            self.endpoint = f"tcp://{d.host}:{d.port}"
+            sock.bind(self.endpoint)
+        self.frontend = Frontend(self, sock, d.max_frame_bytes)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.run_dir / "endpoint.tmp"
+        tmp.write_text(self.endpoint + "\n")
+        os.replace(tmp, self.run_dir / "endpoint")
+
+    def _start_metrics(self) -> None:
+        m = self.cfg.metrics
+        if m.prometheus_port < 0:
+            return
+        from kvd.metrics import Metrics
+
+        self.metrics = Metrics()
+        port = self.metrics.start_http(m.host, m.prometheus_port)
+        log.info("metrics_serving", url=f"http://{m.host}:{port}/metrics")
+
+    async def _shutdown(self) -> None:
+        for child, chan in ((self.worker, self.to_worker), (self.messenger, self.to_messenger)):
+            if child.alive:
+                try:
+                    await asyncio.wait_for(chan.send(Shutdown()), 1.0)
+                except (TimeoutError, zmq.ZMQError):
+                    pass
+        await asyncio.gather(*(c.stop(CHILD_STOP_TIMEOUT_S) for c in self.children))
+        with_endpoint = self.run_dir / "endpoint"
+        if self.endpoint and with_endpoint.exists() and with_endpoint.read_text().strip() == self.endpoint:
+            with_endpoint.unlink()
+        if self.frontend:
+            self.frontend.sock.close(linger=0)
+        for chan in (self.reports, self.to_worker, self.to_messenger):
+            chan.close()
+        self.ctx.term()
+
+    # ---- requests ----------------------------------------------------------------------
+    def refusal(self) -> tuple[ErrorCode, str] | None:
+        if self.draining:
+            return ErrorCode.UNAVAILABLE, "daemon: shutting down"
+        if self.engine is None:
+            return ErrorCode.UNAVAILABLE, "daemon: not ready (worker restarting)"
+        if len(self.engine.scheduler.waiting) >= self.cfg.daemon.max_queue:
+            return ErrorCode.QUEUE_FULL, f"queue: {self.cfg.daemon.max_queue} requests already waiting"
+        return None
+
+    def admit(self, msg: Generate) -> None:
+        """Validate and queue; ValueError names the field."""
+        sources = [x is not None for x in (msg.prompt, msg.prompt_token_ids, msg.chat)]
+        if sum(sources) != 1:
+            raise ValueError("prompt: give exactly one of prompt, prompt_token_ids, chat")
+        if msg.chat is not None:
+            prompt = self.engine.apply_chat_template([{"role": m.role, "content": m.content} for m in msg.chat])
+        else:
+            prompt = msg.prompt if msg.prompt is not None else msg.prompt_token_ids
+        self.engine.add_request(prompt, msg.params, request_id=msg.request_id)
+        self._work.set()
+
+    def abort(self, rid: str, identity: bytes | None) -> None:
+        if self.frontend.owner(rid) is None or (identity is not None and self.frontend.owner(rid) != identity):
+            log.info("abort_ignored", request_id=rid, reason="not a live request of this client")
+            return
+        for delta in self.engine.abort([rid]):
+            asyncio.get_running_loop().create_task(self.frontend.deliver(delta))
+
+    def begin_drain(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        self.notifier.stopping()
+        log.info("daemon_draining", in_flight=len(self.frontend.live) if self.frontend else 0,
+                 timeout_s=self.cfg.daemon.drain_timeout_s)  # fmt: skip
+        asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.cfg.daemon.drain_timeout_s
+        while self.frontend and self.frontend.live and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.frontend:
+            for rid in list(self.frontend.live):
+                if self.engine is not None:
+                    self.engine.abort([rid])
+                await self.frontend.fail(rid, ErrorCode.UNAVAILABLE, "daemon: shut down before the request finished")
+        self._stop.set()
+
+    # ---- the step loop -----------------------------------------------------------------
+    async def _step_loop(self) -> None:
+        while True:
+            await self._work.wait()
+            engine = self.engine
+            if engine is None or not engine.has_unfinished():
+                self._work.clear()
+                continue
+            so = engine.schedule()
+            for rid in so.preempted_req_ids:
+                log.info("request_preempted", request_id=rid)
+            for new in so.new_reqs:
+                self.frontend.on_scheduled(new.req_id, new.num_computed_tokens)
+            if so.is_empty:
+                self._work.clear()
+                continue
+            self._step_future = asyncio.get_running_loop().create_future()
+            self._step_started = time.monotonic()
+            await self.to_worker.send(Step(so))
+            try:
+                done: StepDone = await self._step_future
+            except ChildDied:
+                continue  # the requests were failed and the engine replaced
+            finally:
+                self._step_future = None
+                self._step_started = None
+            for delta in engine.process(done.output):
+                await self.frontend.deliver(delta)
+
+    async def _read_reports(self) -> None:
+        while True:
+            msg = await self.reports.recv()
+            if isinstance(msg, Ready):
+                fut = self._ready_waiters.pop(msg.process, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+            elif isinstance(msg, StepDone):
+                if self._step_future is not None and not self._step_future.done():
+                    self._step_future.set_result(msg)
+                else:
+                    log.warning("late_step_result", step=msg.output.step)
+            elif isinstance(msg, Dead):
+                log.error("child_reported_dead", child=msg.process, reason=msg.reason)
+                self._dead_reasons[msg.process] = msg.reason
+
+    async def _watch_children(self) -> None:
+        while True:
+            pending = {c.exited: c for c in self.children if c.alive}
+            if not pending:
+                await asyncio.sleep(0.1)
+                continue
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                await self._on_child_exit(pending[fut], fut.result())
+
+    async def _on_child_exit(self, child: ChildProcess, code: int) -> None:
+        await asyncio.sleep(0.05)  # let a Dead report that raced the exit arrive first
+        reason = self._dead_reasons.pop(child.name, None) or f"exited with code {code}"
+        in_flight = list(self.frontend.live) if self.frontend else []
+        log.error("worker_dead" if child is self.worker else "child_dead", child=child.name, child_pid=child.pid,
+                  exit_code=code, reason=reason, request_ids=in_flight)  # fmt: skip
+        message = f"{child.name} died: {reason}"
+        if self._step_future is not None and not self._step_future.done():
+            self._step_future.set_exception(ChildDied(message))
+        if self.frontend:
+            for rid in list(self.frontend.live):
+                await self.frontend.fail(rid, ErrorCode.INTERNAL, message)
+        policy = self.cfg.daemon.on_worker_death
+        if self.draining or policy == "exit" or self._worker_restarts >= self.cfg.daemon.max_worker_restarts:
+            log.error("daemon_exiting", reason=message, policy=policy, restarts=self._worker_restarts)
+            self.exit_code = 1
+            self._stop.set()
+            return
+        self._worker_restarts += 1
+        if child is self.worker:
+            self.engine = None  # 503 while the new worker loads; its KV cache starts empty
+        try:
+            ready = await self._await_ready(child)
+        except ChildDied as e:
+            log.error("daemon_exiting", reason=str(e))
+            self.exit_code = 1
+            self._stop.set()
+            return
+        if child is self.worker:
+            self._build_engine(ready.info)
+        log.info("child_restarted", child=child.name, child_pid=ready.pid, restarts=self._worker_restarts)
+
+    # ---- housekeeping ------------------------------------------------------------------
+    async def _ticker(self) -> None:
+        d = self.cfg.daemon
+        last_check = 0.0
+        while True:
+            await asyncio.sleep(min(1.0, d.heartbeat_interval_s))
+            now = time.monotonic()
+            if self.frontend and self.engine:
+                for rid in self.frontend.expired(d.request_timeout_s):
+                    self.engine.abort([rid])
+                    await self.frontend.fail(rid, ErrorCode.DEADLINE,
+                                             f"deadline: not finished within request_timeout_s={d.request_timeout_s}")
+            if self.engine is not None:
+                self._throughput.append((now, self.engine.num_generated))
+                idle = self._step_future is None and not self.engine.has_unfinished()
+                if idle and now - last_check >= d.integrity_check_interval_s:
+                    last_check = now
+                    self._check_integrity()
+            stuck = self._step_started is not None and now - self._step_started > max(30.0, d.request_timeout_s)
+            if not stuck:
+                self.notifier.watchdog()
+            if self.metrics is not None and self.engine is not None:
+                alive = {c.name: c.alive and c.ready for c in self.children}
+                self.metrics.update(self.engine.stats() | {"integrity_ok": self._integrity == "ok", "processes": alive})
+
+    def _check_integrity(self) -> None:
+        try:
+            self.engine.check_integrity()
+            self._integrity = "ok"
+        except RuntimeError as e:  # a broken invariant: stop loudly, systemd restarts us
+            self._integrity = f"FAILED: {e}"
+            log.critical("integrity_check_failed", error=str(e))
+            self.exit_code = 1
+            self._stop.set()
+
+    def metrics_observe_ttft(self, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_ttft(seconds)
+
+    def metrics_observe_finish(self, reason: str | None, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_finish(reason or "error", seconds)
+
+    def status(self) -> dict[str, Any]:
+        if self.engine is not None and self._step_future is None and not self.engine.has_unfinished():
+            try:
+                self.engine.check_integrity()
+                self._integrity = "ok"
+            except RuntimeError as e:
+                self._integrity = f"FAILED: {e}"
+        stats = self.engine.stats() if self.engine is not None else {}
+        tput = 0.0
+        if len(self._throughput) >= 2:
+            (t0, n0), (t1, n1) = self._throughput[0], self._throughput[-1]
+            tput = (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+        return {
+            "role": self.cfg.daemon.role,
+            "state": "draining" if self.draining else ("ready" if self.engine is not None else "restarting"),
+            "endpoint": self.endpoint,
+            "uptime_s": round(time.time() - self._started, 3),
+            "queue": stats.get("waiting", 0),
+            "running": stats.get("running", 0),
+            "live_requests": len(self.frontend.live) if self.frontend else 0,
+            "blocks": {k.removeprefix("blocks_"): v for k, v in stats.items() if k.startswith("blocks_")},
+            "prefix_hit_rate": stats.get("prefix_hit_rate", 0.0),
+            "preemptions": stats.get("preemptions", 0),
+            "generated_tokens": stats.get("generated_tokens", 0),
+            "prompt_tokens": stats.get("prompt_tokens", 0),
+            "throughput_tok_s": round(tput, 2),
+            "integrity": self._integrity,
+            "malformed_frames": self.frontend.num_malformed if self.frontend else 0,
+            "worker_restarts": self._worker_restarts,
+            "processes": {
+                "daemon": {"pid": os.getpid(), "alive": True},
+                **{c.name: {"pid": c.pid, "alive": c.alive and c.ready} for c in self.children},
+            },
+        }
+
+
+def serve(cfg: KvdConfig, notify_socket: str | None = None) -> int:
+    """Run the daemon in the foreground until SIGTERM/SIGINT; returns the exit code."""
+    import uvloop
+
+    from kvd.logs import configure_logging
+
+    configure_logging(cfg.log, process="daemon", role=cfg.daemon.role)
+    daemon = Daemon(cfg, Notifier(notify_socket))
+    return uvloop.run(daemon.run())
+

@@ -1,0 +1,40 @@
+"""The worker process: owns the model and the paged KV tensors, runs steps for the daemon.
+
+It loads the model, reports Ready with ModelInfo (vocab, context, eos ids, number of KV
+blocks), then answers every Step with StepDone. Failures and orphaning are handled by
+`kvd.child.run_child`: any exception sends Dead and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import os
+
+import structlog
+
+from kvd.child import run_child
+from kvd.config import KvdConfig
+from kvd.messages import Ready, Step, StepDone, ToWorker
+
+log = structlog.get_logger("kvd.worker")
+
+
+def _start(name: str):
+    def start(cfg: KvdConfig):
+        from kvd.worker.model_runner import ModelRunner
+        from kvd.worker.models import load_tokenizer, resolve_model
+
+        model_dir = resolve_model(cfg.model.model, cfg.model.cache_dir)
+        runner = ModelRunner(model_dir, cfg.model, cfg.cache)
+        info = runner.model_info(load_tokenizer(model_dir))
+        log.info("worker_ready", num_blocks=info.num_blocks, device=str(runner.device))
+
+        def handle(msg: Step) -> StepDone:
+            return StepDone(runner.execute(msg.output))
+
+        return Ready(process=name, pid=os.getpid(), info=info), handle
+
+    return start
+
+
+def worker_main(name: str, config_json: bytes, step_endpoint: str, report_endpoint: str) -> None:
+    run_child(name, config_json, step_endpoint, report_endpoint, ToWorker, _start(name))
