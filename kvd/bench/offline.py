@@ -406,6 +406,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = QUICK if args.quick else FULL
     hf_logging.set_verbosity_error()  # generate's per-call notices would bury the table
     info = machine_info()
+    load_start = os.getloadavg()[0]
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     llm = LLM()
     model = load_model(resolve_model(None), torch.float32, "cpu")
@@ -418,6 +419,8 @@ def main(argv: list[str] | None = None) -> None:
         results.notes += section.notes
         log.info("bench_section_done", section=name, seconds=round(perf_counter() - start, 1))
     llm.check_integrity()
+    results.notes.append(f"load average (1 min): {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end;"
+                         f" other work on the machine skews every figure")  # fmt: skip
     title = f"Offline, {date}, {machine_summary(info)}"
     body = render(info, results, args.quick)
     print(f"\n# kvd offline benchmark — {date}\n\n{body}")

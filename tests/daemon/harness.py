@@ -1,0 +1,76 @@
+"""A real daemon as a subprocess on 127.0.0.1 with a random port, for integration tests.
+
+`start_daemon(tmp_path, model_dir, **sections)` writes a TOML config, starts
+`python -m kvd.cli serve`, waits for `<run_dir>/endpoint`, and returns a handle; the
+fixture stops whatever is still running (SIGTERM, then SIGKILL) by PID.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+START_TIMEOUT_S = 180.0
+
+
+@dataclass
+class DaemonHandle:
+    proc: subprocess.Popen
+    endpoint: str
+    run_dir: Path
+    log_file: Path
+    stdout: Path
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait(10)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return str(v)
+
+
+def start_daemon(tmp_path: Path, model_dir: Path | None, env: dict | None = None, **sections) -> DaemonHandle:
+    run_dir = tmp_path / "run"
+    log_file = tmp_path / "kvd.log"
+    conf = {
+        "model": {"model": str(model_dir)} if model_dir else {},
+        "log": {"format": "json", "file": str(log_file)},
+        "daemon": {"run_dir": str(run_dir), "port": 0},
+    }
+    for name, values in sections.items():
+        conf.setdefault(name, {}).update(values)
+    text = "\n".join(f"[{s}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in kv.items()) for s, kv in conf.items())
+    config = tmp_path / "kvd.toml"
+    config.write_text(text)
+    stdout = tmp_path / "stdout.txt"
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("KVD_") or k == "KVD_CACHE_DIR"}
+    full_env.update(env or {})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvd.cli", "serve", "--config", str(config)],
+        stdout=stdout.open("w"), stderr=subprocess.STDOUT, env=full_env,
+    )  # fmt: skip
+    endpoint_file = run_dir / "endpoint"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not endpoint_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"daemon did not start (exit {proc.poll()}):\n{stdout.read_text()[-3000:]}")
+        time.sleep(0.1)
+    return DaemonHandle(proc, endpoint_file.read_text().strip(), run_dir, log_file, stdout)
+
+
