@@ -1,38 +1,86 @@
-"""`make demo`: kvd's main job on the embedded default model — answer a few chat prompts in one batch."""
+"""`make demo`: kvd's main job on the embedded default model, as its users run it.
+
+Starts `kvd serve` (a daemon with its worker and cache-messenger processes) on a random
+loopback port, streams answers to a few chat prompts through the client to the terminal,
+runs a concurrent batch for a throughput figure, prints `kvd status`, and stops the
+daemon with SIGTERM (it drains and exits 0).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import signal
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
-from kvd import LLM, SamplingParams
+from kvd.client import AsyncClient, Client
 
 QUESTIONS = [
     "What is the capital of France?",
     "Give me three tips for a good night's sleep.",
-    "Explain in two sentences what a KV cache does in a language model.",
     "Write a haiku about autumn leaves.",
     "What is 12 times 7?",
-    "Name the planets of the solar system.",
 ]
+BATCH_TOPICS = ["the sea", "mountains", "coffee", "trains", "winter", "a library", "rain", "the moon"]
+
+
+def start_daemon(run_dir: Path) -> tuple[subprocess.Popen, str]:
+    config = run_dir / "kvd.toml"
+    config.write_text(f'[daemon]\nport = 0\nrun_dir = "{run_dir}"\n[log]\nformat = "json"\n'
+                      f'file = "{run_dir / "kvd.log"}"\n')  # fmt: skip
+    log = (run_dir / "daemon.out").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "kvd.cli", "serve", "--config", str(config)],
+                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    endpoint = run_dir / "endpoint"
+    deadline = time.monotonic() + 300
+    while not endpoint.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            sys.exit(f"kvd serve did not start:\n{(run_dir / 'daemon.out').read_text()[-2000:]}")
+        time.sleep(0.1)
+    return proc, endpoint.read_text().strip()
+
+
+def stream_answers(endpoint: str) -> None:
+    with Client(endpoint, timeout=300) as c:
+        for q in QUESTIONS:
+            print(f"\n>>> {q}")
+            for chunk in c.stream(chat=[{"role": "user", "content": q}], max_tokens=96, temperature=0.0):
+                print(chunk.text, end="", flush=True)
+            print()
+
+
+async def batch_throughput(endpoint: str) -> tuple[int, float]:
+    async with AsyncClient(endpoint, timeout=300) as c:
+        t0 = time.perf_counter()
+        outs = await asyncio.gather(*(
+            c.generate(chat=[{"role": "user", "content": f"Write two sentences about {t}."}],
+                       max_tokens=64, temperature=0.0, ignore_eos=True)
+            for t in BATCH_TOPICS * 2
+        ))  # fmt: skip
+        return sum(len(o.token_ids) for o in outs), time.perf_counter() - t0
 
 
 def main() -> None:
-    t0 = time.perf_counter()
-    llm = LLM()
-    load_s = time.perf_counter() - t0
-    convs = [[{"role": "user", "content": q}] for q in QUESTIONS]
-    t1 = time.perf_counter()
-    outs = llm.chat(convs, SamplingParams(max_tokens=128, temperature=0.0))
-    gen_s = time.perf_counter() - t1
-    for q, o in zip(QUESTIONS, outs):
-        print(f"\n>>> {q}\n{o.text.strip()}")
-    llm.check_integrity()
-    n_out = sum(len(o.token_ids) for o in outs)
-    n_in = sum(len(o.prompt_token_ids) for o in outs)
-    print(
-        f"\n{len(outs)} requests, {n_in} prompt + {n_out} generated tokens in {gen_s:.2f} s: "
-        f"{n_out / gen_s:.1f} generated tok/s (model loaded in {load_s:.1f} s; block pool intact)"
-    )
+    with tempfile.TemporaryDirectory(prefix="kvd-demo-") as tmp:
+        run_dir = Path(tmp)
+        t0 = time.perf_counter()
+        proc, endpoint = start_daemon(run_dir)
+        print(f"kvd serve is ready on {endpoint} ({time.perf_counter() - t0:.1f} s)")
+        try:
+            stream_answers(endpoint)
+            n, secs = asyncio.run(batch_throughput(endpoint))
+            print(f"\n{len(BATCH_TOPICS) * 2} concurrent requests: {n} tokens in {secs:.2f} s = {n / secs:.1f} tok/s\n")
+            subprocess.run([sys.executable, "-m", "kvd.cli", "status", "--endpoint", endpoint], check=True)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(60)
+        print(f"\nkvd serve drained and stopped (exit code {code})")
+        if code != 0:
+            sys.exit(code)
 
 
 if __name__ == "__main__":
