@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install model demo test bench
+.PHONY: install model native demo test bench
 
 install: $(STAMP)
 
@@ -32,12 +32,17 @@ $(STAMP): pyproject.toml
 model: install
 	$(PY) -m kvd.worker.models
 
-demo: install model
+# Builds the C++ ops (torch cpp_extension + ninja) into the kvd cache once; later runs
+# only load them. Without a compiler kvd falls back to pure-torch references.
+native: install
+	$(PY) -m kvd.ops
+
+demo: install model native
 	$(PY) -m kvd.demo
 
 # pytest's exit code 5 (no tests collected) is not a failure.
-test: install model
+test: install model native
 	$(PY) -m pytest -q $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
-bench: install model
+bench: install model native
 	$(PY) -m kvd.bench.offline

@@ -7,9 +7,9 @@ of many requests, no padding — with position ids per token. Before a forward t
 runner installs an `AttentionMetadata` with `forward_context`; each layer then:
 
 1. writes its new K/V into the paged cache at `slot_mapping` (block_id * block_size + offset);
-2. attends: decode tokens (one query per request, packed first) in one batched SDPA over
-   their gathered blocks with a length mask; each prefill chunk by itself, causal, over
-   its cached context plus its own tokens.
+2. attends: decode tokens (one query per request, packed first) in one batched call of
+   `ops.paged_decode_attention` (native on CPU: reads the blocks in place; else gather +
+   SDPA); each prefill chunk by itself, causal, over its cached context plus its tokens.
 
 The per-layer cache tensor is (2, num_blocks, block_size, kv_heads, head_dim): K then V,
 block-major so a block's tokens are contiguous and one gather by block id reads them.
@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+
+from kvd import ops
 
 ATTN_IMPLEMENTATION = "kvd_paged"
 
@@ -44,7 +46,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # (N,) int64
     num_decodes: int = 0  # the first num_decodes packed tokens are single decode queries
     decode_block_table: torch.Tensor | None = None  # (Bd, max_blocks) int64, padded with block 0
-    decode_mask: torch.Tensor | None = None  # (Bd, 1, 1, max_blocks * block_size) bool
+    decode_lens: torch.Tensor | None = None  # (Bd,) int64: context length of each, its query included
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -91,14 +93,11 @@ def paged_attention(
     flat[1].index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1))
 
     out = query.new_empty(n, query.shape[1], d)  # (N, H, D)
-    # 2a. Decode queries: one batched call over each request's gathered blocks.
+    # 2a. Decode queries: one batched call that reads each request's blocks in place.
     bd = meta.num_decodes
     if bd:
-        q = query[0, :, :bd].transpose(0, 1).unsqueeze(2)  # (Bd, H, 1, D)
-        k = cache[0][meta.decode_block_table].view(bd, -1, kvh, d).transpose(1, 2)  # (Bd, KVH, L, D)
-        v = cache[1][meta.decode_block_table].view(bd, -1, kvh, d).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=meta.decode_mask, scale=scaling, enable_gqa=True)
-        out[:bd] = o[:, :, 0]  # (Bd, H, D)
+        q = query[0, :, :bd].transpose(0, 1)  # (Bd, H, D)
+        out[:bd] = ops.paged_decode_attention(q, cache, meta.decode_block_table, meta.decode_lens, scaling)
     # 2b. Prefill chunks: causal over cached context + the chunk.
     for p in meta.prefills:
         q = query[:, :, p.start : p.end]  # (1, H, T, D)

@@ -196,11 +196,9 @@ class ModelRunner:
         )
         if decode_tables:
             max_blocks = max(len(t) for t in decode_tables)
-            table = torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables], device=self.device)
-            lens = torch.tensor(decode_lens, device=self.device)
-            key_pos = torch.arange(max_blocks * bs, device=self.device)
-            meta.decode_block_table = table  # (Bd, MB)
-            meta.decode_mask = (key_pos.unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]  # (Bd, 1, 1, L)
+            table = [t + [0] * (max_blocks - len(t)) for t in decode_tables]
+            meta.decode_block_table = torch.tensor(table, device=self.device)  # (Bd, MB)
+            meta.decode_lens = torch.tensor(decode_lens, device=self.device)  # (Bd,)
 
         ids = torch.tensor(token_ids, device=self.device).unsqueeze(0)  # (1, N)
         pos_t = torch.tensor(positions, device=self.device).unsqueeze(0)  # (1, N)
