@@ -58,7 +58,10 @@ def native():
         return cpp_extension.load(
             name="kvd_native",
             sources=[str(NATIVE_DIR / s) for s in _SOURCES],
-            extra_cflags=["-O3", "-march=native"],
+            # -fopenmp: at::parallel_for is OpenMP in torch's CPU build; without it the pragma
+            # is ignored and the op runs on one thread.
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
             build_directory=str(build),
             verbose=False,
         )

@@ -367,7 +367,8 @@ def render_table(rows: list[Row]) -> str:
 
 def render(info: dict[str, str], results: Results, quick: bool) -> str:
     machine = ", ".join(f"{k} {v}" for k, v in info.items())
-    legend = "Ratios: kvd/peer for throughput (above 1: kvd faster); step/bound for the decode step (1.0: linear layers only)."
+    legend = ("Ratios: kvd/peer for throughput (above 1: kvd faster);"
+              " step/bound for the decode step (1.0: linear layers only).")
     parts = [f"Configuration: {'quick' if quick else 'full'}; machine: {machine}.", render_table(results.rows), legend]
     parts.append("\n".join(f"- {note}" for note in results.notes))
     return "\n\n".join(parts)

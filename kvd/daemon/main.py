@@ -74,6 +74,7 @@ class Daemon:
         self._worker_restarts = 0
         self._dead_reasons: dict[str, str] = {}  # what a child's Dead message said, until its exit is handled
         self.metrics = None
+        self.metrics_url: str | None = None
 
     # ---- start-up ----------------------------------------------------------------------
     async def _start_children(self) -> None:
@@ -174,7 +175,8 @@ class Daemon:
 
         self.metrics = Metrics()
         port = self.metrics.start_http(m.host, m.prometheus_port)
-        log.info("metrics_serving", url=f"http://{m.host}:{port}/metrics")
+        self.metrics_url = f"http://{m.host}:{port}/metrics"
+        log.info("metrics_serving", url=self.metrics_url)
 
     async def _shutdown(self) -> None:
         for child, chan in ((self.worker, self.to_worker), (self.messenger, self.to_messenger)):
@@ -189,6 +191,8 @@ class Daemon:
             with_endpoint.unlink()
         if self.frontend:
             self.frontend.sock.close(linger=0)
+        if self.metrics is not None:
+            self.metrics.close()
         for chan in (self.reports, self.to_worker, self.to_messenger):
             chan.close()
         self.ctx.term()
@@ -401,6 +405,7 @@ class Daemon:
             "integrity": self._integrity,
             "malformed_frames": self.frontend.num_malformed if self.frontend else 0,
             "worker_restarts": self._worker_restarts,
+            "metrics_url": self.metrics_url,
             "processes": {
                 "daemon": {"pid": os.getpid(), "alive": True},
                 **{c.name: {"pid": c.pid, "alive": c.alive and c.ready} for c in self.children},

@@ -14,7 +14,9 @@ import signal
 import socket
 import subprocess
 import sys
+import re
 import time
+import urllib.request
 
 import msgspec
 import pytest
@@ -40,7 +42,8 @@ def wait_for(cond, timeout: float, what: str, interval: float = 0.1):
 
 @pytest.fixture(scope="module")
 def smol_daemon(tmp_path_factory, smollm2_dir):
-    d = start_daemon(tmp_path_factory.mktemp("smol"), smollm2_dir, scheduler={"max_num_seqs": 64})
+    d = start_daemon(tmp_path_factory.mktemp("smol"), smollm2_dir, scheduler={"max_num_seqs": 64},
+                     metrics={"prometheus_port": 0})  # fmt: skip
     yield d
     assert d.stop() == 0
 
@@ -82,6 +85,14 @@ def test_32_concurrent_streams_match_offline_engine(smol_daemon, smollm2_dir):
     with Client(smol_daemon.endpoint, timeout=10) as c:
         st = wait_for(lambda: (s := c.status())["live_requests"] == 0 and s, 10, "idle")
     assert st["integrity"] == "ok" and st["blocks"]["held"] == 0
+    assert st["metrics_url"].startswith("http://127.0.0.1:")
+    # The Prometheus exporter follows within its one-second update.
+    def scrape():
+        text = urllib.request.urlopen(st["metrics_url"], timeout=5).read().decode()
+        return text if re.search(r"kvd_generation_tokens_total [1-9]", text) else None
+
+    text = wait_for(scrape, 10, "metrics")
+    assert "kvd_blocks_total" in text and "kvd_integrity_ok 1.0" in text
 
 
 def test_sync_client_and_chunk_fields(smol_daemon):
