@@ -27,7 +27,6 @@ import zmq.asyncio
 
 from kvd.messages import (
     Abort,
-    Accepted,
     ChatMessage,
     Chunk,
     Error,
@@ -82,8 +81,11 @@ class _Collector:
             self.out.logprobs = chunk.logprobs
 
 
-def _raise(msg: Error) -> None:
-    raise KvdError(int(msg.code), msg.message)
+def _chunk(reply: ServerMessage) -> Chunk | None:
+    """A stream's reply as a chunk to yield, None for Accepted; an Error raises KvdError."""
+    if isinstance(reply, Error):
+        raise KvdError(int(reply.code), reply.message)
+    return reply if isinstance(reply, Chunk) else None
 
 
 class AsyncClient:
@@ -154,18 +156,13 @@ class AsyncClient:
         try:
             await self._sock.send(self._enc.encode(msg))
             deadline = time.monotonic() + self.timeout
-            while True:
+            while not finished:
                 reply = await self._next(q, deadline)
-                if isinstance(reply, Error):
-                    finished = True
-                    _raise(reply)
-                if isinstance(reply, Accepted):
-                    continue
-                if reply.finish_reason is not None:
-                    finished = True
-                yield reply
-                if finished:
-                    return
+                finished = isinstance(reply, Error)  # an error ends the request on the daemon's side
+                chunk = _chunk(reply)
+                if chunk is not None:
+                    finished = chunk.finish_reason is not None
+                    yield chunk
         finally:
             self._queues.pop(rid, None)
             if not finished and not self._sock.closed:
@@ -234,20 +231,15 @@ class Client:
         deadline = time.monotonic() + self.timeout
         finished = False
         try:
-            while True:
+            while not finished:
                 reply = self._recv(deadline)
                 if isinstance(reply, StatusReply) or getattr(reply, "request_id", rid) not in (rid, None):
                     continue  # a reply to an earlier, abandoned request
-                if isinstance(reply, Error):
-                    finished = True
-                    _raise(reply)
-                if isinstance(reply, Accepted):
-                    continue
-                if reply.finish_reason is not None:
-                    finished = True
-                yield reply
-                if finished:
-                    return
+                finished = isinstance(reply, Error)  # an error ends the request on the daemon's side
+                chunk = _chunk(reply)
+                if chunk is not None:
+                    finished = chunk.finish_reason is not None
+                    yield chunk
         finally:
             if not finished:
                 self._sock.send(self._enc.encode(Abort(rid)))
