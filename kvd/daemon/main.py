@@ -72,6 +72,7 @@ class Daemon:
         self._integrity = "not checked"
         self._throughput: collections.deque[tuple[float, int]] = collections.deque(maxlen=11)
         self._worker_restarts = 0
+        self._background: set[asyncio.Task] = set()  # fire-and-forget tasks, held until done
         self._dead_reasons: dict[str, str] = {}  # what a child's Dead message said, until its exit is handled
         self.metrics = None
         self.metrics_url: str | None = None
@@ -224,7 +225,7 @@ class Daemon:
             log.info("abort_ignored", request_id=rid, reason="not a live request of this client")
             return
         for delta in self.engine.abort([rid]):
-            asyncio.get_running_loop().create_task(self.frontend.deliver(delta))
+            self._spawn(self.frontend.deliver(delta))
 
     def begin_drain(self) -> None:
         if self.draining:
@@ -233,7 +234,12 @@ class Daemon:
         self.notifier.stopping()
         log.info("daemon_draining", in_flight=len(self.frontend.live) if self.frontend else 0,
                  timeout_s=self.cfg.daemon.drain_timeout_s)  # fmt: skip
-        asyncio.get_running_loop().create_task(self._drain())
+        self._spawn(self._drain())
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _drain(self) -> None:
         deadline = time.monotonic() + self.cfg.daemon.drain_timeout_s

@@ -144,13 +144,13 @@ def test_abort_mid_stream_frees_blocks(smol_daemon):
 def malformed_frames(rng: random.Random) -> list[bytes]:
     enc = msgspec.msgpack.encode
     frames: list[bytes] = []
-    for i in range(120):
+    for _ in range(120):
         frames.append(rng.randbytes(rng.randrange(1, 300)))  # random bytes
-    for i in range(100):  # wrong msgpack types
+    for _ in range(100):  # wrong msgpack types
         frames.append(enc(rng.choice([1, "x", [1, 2], None, 3.5, {"type": 7}, {"type": ["generate"]}])))
     for i in range(100):  # unknown tags
         frames.append(enc({"type": f"nope-{i}", "request_id": "x"}))
-    for i in range(100):  # missing or ill-typed fields
+    for _ in range(100):  # missing or ill-typed fields
         frames.append(enc(rng.choice([
             {"type": "generate"},
             {"type": "generate", "request_id": 5, "prompt": "x"},
