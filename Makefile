@@ -47,3 +47,4 @@ test: install model native
 bench: install model native
 	$(PY) -m kvd.bench.offline
 	$(PY) -m kvd.bench.serve
+	$(PY) -m kvd.bench.swap

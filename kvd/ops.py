@@ -8,6 +8,10 @@ tests and the daemon only load it.
 
 - `paged_decode_attention(q, cache, block_table, lens, scale)`: one query token per
   sequence against its paged K/V, reading the blocks in place (CPU, float32).
+- `swap_cache_layout(caches, host, block_ids, slot_ids, to_host)`: move blocks between
+  the worker's per-layer layout `(2, num_blocks, block_size, KVH, D)` and the block-major
+  host layout `(num_slots, L, 2, block_size, KVH, D)`; registered as
+  `torch.ops.kvd.swap_cache_layout`.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch.nn.functional as F
 log = structlog.get_logger(__name__)
 
 NATIVE_DIR = Path(__file__).resolve().parent.parent / "native"
-_SOURCES = ["paged_attention.cpp"]
+_SOURCES = ["paged_attention.cpp", "swap_cache_layout.cpp"]
 
 
 def _build_dir() -> Path:
@@ -98,6 +102,73 @@ def paged_decode_attention(
     out = torch.empty_like(q)
     mod.paged_decode_attention(out, q, cache, block_table, lens, scale)
     return out
+
+
+def _check_swap(caches: list[torch.Tensor], host: torch.Tensor, block_ids: torch.Tensor,
+                slot_ids: torch.Tensor, to_host: bool) -> None:
+    """ValueError naming what is wrong, before any byte moves."""
+    if not caches:
+        raise ValueError("caches: empty")
+    shape, dtype = caches[0].shape, caches[0].dtype
+    if len(shape) != 5 or shape[0] != 2:
+        raise ValueError(f"caches: expected (2, num_blocks, block_size, kv_heads, head_dim), got {tuple(shape)}")
+    for i, c in enumerate(caches):
+        if c.shape != shape or c.dtype != dtype or c.device != caches[0].device or not c.is_contiguous():
+            raise ValueError(f"caches[{i}]: must match caches[0] in shape, dtype and device, and be contiguous")
+    want = (len(caches), 2, *shape[2:])
+    if host.dim() != 6 or tuple(host.shape[1:]) != want:
+        raise ValueError(f"host: expected (num_slots, {', '.join(map(str, want))}), got {tuple(host.shape)}")
+    if host.dtype != dtype:
+        raise ValueError(f"host: dtype {host.dtype} differs from the caches' {dtype}")
+    if not host.is_contiguous():
+        raise ValueError("host: must be contiguous")
+    if block_ids.shape != slot_ids.shape or block_ids.dim() != 1:
+        raise ValueError(f"block_ids, slot_ids: {tuple(block_ids.shape)} vs {tuple(slot_ids.shape)}, expected equal 1-D")
+    for name, ids, bound in (("block_ids", block_ids, shape[1]), ("slot_ids", slot_ids, host.shape[0])):
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= bound):
+            raise ValueError(f"{name}: ids must lie in [0, {bound})")
+    dst = slot_ids if to_host else block_ids
+    if dst.unique().numel() != dst.numel():
+        raise ValueError(f"{'slot_ids' if to_host else 'block_ids'}: a destination is written twice")
+
+
+def swap_cache_layout(
+    caches: list[torch.Tensor],  # L x (2, NB, BS, KVH, D)
+    host: torch.Tensor,  # (S, L, 2, BS, KVH, D)
+    block_ids,
+    slot_ids,
+    to_host: bool,
+) -> None:
+    """Copy blocks caches → host slots (to_host) or host slots → caches, in place."""
+    block_ids = torch.as_tensor(block_ids, dtype=torch.long).contiguous()
+    slot_ids = torch.as_tensor(slot_ids, dtype=torch.long).contiguous()
+    _check_swap(caches, host, block_ids, slot_ids, to_host)
+    on_cpu = host.device.type == "cpu" and caches[0].device.type == "cpu"
+    if on_cpu and native() is not None:
+        torch.ops.kvd.swap_cache_layout(caches, host, block_ids, slot_ids, to_host)
+    else:
+        swap_cache_layout_ref(caches, host, block_ids, slot_ids, to_host)
+
+
+def swap_cache_layout_ref(caches, host, block_ids, slot_ids, to_host: bool) -> None:
+    """Pure torch, one gather or scatter per layer: the fallback where the native op is absent."""
+    b = block_ids.to(caches[0].device)
+    s = slot_ids.to(host.device)
+    for layer, cache in enumerate(caches):
+        if to_host:
+            host[s, layer] = cache[:, b].transpose(0, 1).to(host.device)  # (n, 2, BS, KVH, D)
+        else:
+            cache[:, b] = host[s, layer].transpose(0, 1).to(cache.device)
+
+
+def swap_cache_layout_loop(caches, host, block_ids, slot_ids, to_host: bool) -> None:
+    """The naive per-block, per-layer copy loop (the benchmark's baseline)."""
+    for b, s in zip(block_ids.tolist(), slot_ids.tolist()):
+        for layer, cache in enumerate(caches):
+            if to_host:
+                host[s, layer].copy_(cache[:, b])
+            else:
+                cache[:, b].copy_(host[s, layer])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,92 @@
+"""Benchmark of swap_cache_layout on the CPU: `python -m kvd.bench.swap [--quick] [--no-record]`.
+
+Moves n blocks of SmolLM2's KV geometry (30 layers, block 16, 3 KV heads, head dim 64,
+float32: 737 KB a block across layers) between the worker layout and the block-major
+host layout, both directions, with contiguous and with scattered host slots, and times
+in one run: the native op, the pure-torch reference (one gather/scatter per layer), the
+naive per-block per-layer copy loop, and a plain memory copy of the same number of bytes
+(one contiguous `copy_`, torch's parallel memcpy) — the bound. Each figure is the median
+of repeated runs after a warm-up; bandwidth counts the bytes moved once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+from pathlib import Path
+from time import perf_counter
+
+import torch
+
+from kvd import ops
+from kvd.bench.offline import machine_info, machine_summary, record
+
+LAYERS, BLOCK, KV_HEADS, HEAD_DIM = 30, 16, 3, 64
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = perf_counter()
+        fn()
+        times.append(perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run(n: int, repeats: int) -> list[tuple[str, str, float, float, float, float]]:
+    num_blocks = slots = 4 * n
+    caches = [torch.randn(2, num_blocks, BLOCK, KV_HEADS, HEAD_DIM) for _ in range(LAYERS)]
+    host = torch.empty(slots, LAYERS, 2, BLOCK, KV_HEADS, HEAD_DIM)
+    nbytes = n * LAYERS * 2 * BLOCK * KV_HEADS * HEAD_DIM * 4
+    src, dst = torch.randn(nbytes // 4), torch.empty(nbytes // 4)
+    memcpy = median_seconds(lambda: dst.copy_(src), repeats)
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randperm(num_blocks, generator=g)[:n]
+    rows = []
+    for layout, slot_ids in (("contiguous", torch.arange(n)), ("scattered", torch.randperm(slots, generator=g)[:n])):
+        for to_host in (True, False):
+            def call(f):
+                return median_seconds(lambda: f(caches, host, blocks, slot_ids, to_host), repeats)
+
+            native, ref = call(ops.swap_cache_layout), call(ops.swap_cache_layout_ref)
+            loop = call(ops.swap_cache_layout_loop)
+            rows.append((layout, "to host" if to_host else "to device", native, ref, loop, memcpy))
+    return rows, nbytes
+
+
+def render(rows, nbytes: int, n: int) -> str:
+    gbs = lambda s: nbytes / s / 1e9  # noqa: E731
+    lines = [
+        f"{n} blocks, {nbytes / 2**20:.1f} MiB each way; GB/s (higher is better) and ratios in one run.",
+        "",
+        "| slots | direction | native GB/s | torch ref GB/s | per-block loop GB/s | memcpy GB/s "
+        "| native / memcpy | native / loop |",
+        "|---|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for layout, direction, native, ref, loop, memcpy in rows:
+        lines.append(f"| {layout} | {direction} | {gbs(native):.2f} | {gbs(ref):.2f} | {gbs(loop):.2f} | "
+                     f"{gbs(memcpy):.2f} | {memcpy / native:.0%} | {loop / native:.1f}x |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--no-record", action="store_true")
+    args = p.parse_args()
+    if ops.native() is None:
+        raise SystemExit("swap bench: the native ops are not built (make native)")
+    n, repeats = (16, 5) if args.quick else (128, 15)
+    rows, nbytes = run(n, repeats)
+    info = machine_info()
+    body = render(rows, nbytes, n) + f"\n\nMachine: {', '.join(f'{k} {v}' for k, v in info.items())}."
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"# swap_cache_layout, {now}\n\n{body}")
+    if not (args.quick or args.no_record):
+        record(Path("docs/benchmarks.md"), f"swap_cache_layout (CPU), {now}, {machine_summary(info)}", body)
+
+
+if __name__ == "__main__":
+    main()
