@@ -66,8 +66,14 @@ class CacheConfig(_Section):
     memory_gb: float = 1.0  # KV cache budget when num_blocks is None
     enable_prefix_caching: bool = True
     hash_algo: str = "xxh3_128"
+    preempt: str = "recompute"  # recompute | swap: a preempted request's KV goes to host memory and back
+    swap_space_gb: float = 1.0  # the host swap pool when preempt = "swap"
 
     def __post_init__(self) -> None:
+        if self.preempt not in ("recompute", "swap"):
+            raise ValueError(f"cache.preempt: expected recompute|swap, got {self.preempt!r}")
+        if not self.swap_space_gb > 0:
+            raise ValueError(f"cache.swap_space_gb: must be > 0, got {self.swap_space_gb}")
         if not 1 <= self.block_size <= 1024:
             raise ValueError(f"cache.block_size: must be in [1, 1024], got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:

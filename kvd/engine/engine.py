@@ -42,6 +42,7 @@ class ModelInfo(msgspec.Struct, frozen=True):
     num_blocks: int
     block_size: int
     fingerprint: str = ""
+    num_host_slots: int = 0  # blocks the worker's host swap pool holds (preempt = "swap")
 
 
 class Delta(msgspec.Struct):
@@ -67,7 +68,7 @@ class Engine:
         self.kv = KVCacheManager(
             info.num_blocks, info.block_size, config.cache.enable_prefix_caching, config.cache.hash_algo
         )
-        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.scheduler = Scheduler(config.scheduler, self.kv, config.cache.preempt, info.num_host_slots)
         self._ids = itertools.count()
         self._outputs: dict[str, RequestOutput] = {}
         self._requests: dict[str, Request] = {}

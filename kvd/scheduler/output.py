@@ -36,6 +36,10 @@ class SchedulerOutput(msgspec.Struct, array_like=True, frozen=True):
     num_scheduled_tokens: dict[str, int]  # in schedule order
     finished_req_ids: list[str]  # finished or aborted since the last step: drop all state
     preempted_req_ids: list[str]  # drop the KV state; the request comes back as new
+    # Host swap tier: (block id, host slot) pairs, copied before the step's forward —
+    # swap_out first (preempted requests' KV to host), then swap_in (resumed ones' back).
+    swap_out: list[tuple[int, int]] = []
+    swap_in: list[tuple[int, int]] = []
 
     @property
     def total_num_scheduled_tokens(self) -> int:

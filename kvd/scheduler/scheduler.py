@@ -7,9 +7,11 @@ computed in chunks, a prefix-cache hit starts a request part-way, and a decode s
 just one token to catch up — no phases.
 
 When the pool runs out of blocks for a running request, the newest running request is
-preempted by recompute: its blocks go back, its computed count returns to 0, and it
-waits at the head of the queue; resumed, it recomputes prompt plus outputs (prefix
-hits help) and continues with identical output.
+preempted: its blocks go back and it waits at the head of the queue. By recompute, its
+computed count returns to 0 and, resumed, it recomputes prompt plus outputs (prefix hits
+help). By swap (`preempt="swap"`, while the bounded host pool has room), its computed
+blocks are copied to host slots first and copied back into fresh blocks when it resumes,
+keeping its computed count. Either way it continues with identical output.
 
     out = scheduler.schedule()            # SchedulerOutput (a diff)
     finished = scheduler.update(model_out)  # list[EngineOutput]
@@ -28,9 +30,17 @@ from kvd.scheduler.output import CachedRequestData, EngineOutput, ModelOutput, N
 class Scheduler:
     """Waiting queue, running list and the KV cache manager; schedule() and update()."""
 
-    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager) -> None:
+    def __init__(
+        self, config: SchedulerConfig, kv_manager: KVCacheManager, preempt: str = "recompute", num_host_slots: int = 0
+    ) -> None:
         self.config = config
         self.kv = kv_manager
+        self.preempt_mode = preempt
+        self.num_host_slots = num_host_slots if preempt == "swap" else 0
+        self.host_free: list[int] = list(range(self.num_host_slots))
+        self.swapped: dict[str, list[int]] = {}  # request id -> host slots holding its computed blocks
+        self._swap_out: list[tuple[int, int]] = []
+        self.num_swaps = 0
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -101,14 +111,20 @@ class Scheduler:
             break  # the request preempted itself: nothing newer is left to run
 
         # 2. Waiting requests, in order, while nothing was preempted and room remains.
+        swap_in: list[tuple[int, int]] = []
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            computed = self.kv.get_computed_blocks(request)
-            num_cached_tokens = len(computed) * self.kv.block_size
+            slots = self.swapped.get(request.request_id)
+            computed = [] if slots is not None else self.kv.get_computed_blocks(request)
+            num_cached_tokens = request.num_computed_tokens if slots is not None else len(computed) * self.kv.block_size
             num_new = min(request.num_tokens - num_cached_tokens, budget)
             if self.kv.allocate_slots(request, num_new, computed) is None:
                 break  # wait for blocks; FCFS, so nothing behind it jumps the queue
             self.waiting.popleft()
+            if slots is not None:  # copy its KV back from the host pool before this step runs
+                del self.swapped[request.request_id]
+                swap_in += zip(self.kv.block_ids(request.request_id), slots)
+                self.host_free += slots
             request.num_computed_tokens = num_cached_tokens
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -127,8 +143,11 @@ class Scheduler:
             num_scheduled_tokens=scheduled,
             finished_req_ids=self._finished_ids,
             preempted_req_ids=preempted,
+            swap_out=self._swap_out,
+            swap_in=swap_in,
         )
         self._finished_ids = []
+        self._swap_out = []
         return out
 
     def update(self, output: ModelOutput) -> list[EngineOutput]:
@@ -171,15 +190,25 @@ class Scheduler:
         return CachedRequestData(request.request_id, block_ids[sent:], request.num_computed_tokens)
 
     def _preempt(self, request: Request) -> None:
+        # Victims come from the newest end and are not yet scheduled this step, so their
+        # computed count covers exactly the KV written in earlier steps.
+        blocks = self.kv.block_ids(request.request_id)[: -(-request.num_computed_tokens // self.kv.block_size)]
+        if self.num_host_slots and blocks and len(blocks) <= len(self.host_free):
+            slots = [self.host_free.pop() for _ in blocks]
+            self._swap_out += zip(blocks, slots)  # copied before this step's forward reuses the blocks
+            self.swapped[request.request_id] = slots
+            self.num_swaps += 1
+        else:
+            request.num_computed_tokens = 0
         self.kv.free(request.request_id)
         self._sent_blocks.pop(request.request_id, None)
-        request.num_computed_tokens = 0
         request.num_preemptions += 1
         request.status = RequestStatus.PREEMPTED
         self.waiting.appendleft(request)
         self.num_preemptions += 1
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
+        self.host_free += self.swapped.pop(request.request_id, [])
         self.kv.free(request.request_id)
         if self._sent_blocks.pop(request.request_id, None) is not None:
             self._finished_ids.append(request.request_id)
@@ -195,3 +224,8 @@ class Scheduler:
         for rid in self.kv.req_blocks:
             if rid not in self.requests or self.requests[rid].status != RequestStatus.RUNNING:
                 raise RuntimeError(f"scheduler: request {rid} holds blocks but is not running")
+        held = [s for slots in self.swapped.values() for s in slots]
+        if sorted(self.host_free + held) != list(range(self.num_host_slots)):
+            raise RuntimeError("scheduler: host swap slots are lost or held twice")
+        if any(rid not in self.requests for rid in self.swapped):
+            raise RuntimeError("scheduler: a finished request still holds host swap slots")

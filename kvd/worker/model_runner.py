@@ -15,6 +15,7 @@ from pathlib import Path
 import structlog
 import torch
 
+from kvd import ops
 from kvd.config import CacheConfig, ModelConfig
 from kvd.sampling import SamplingParams
 from kvd.scheduler.output import ModelOutput, SchedulerOutput
@@ -90,6 +91,15 @@ class ModelRunner:
                         dtype=self.dtype, device=self.device)
             for _ in range(self.num_layers)
         ]  # fmt: skip
+        # The host swap pool, block-major: (slots, layers, 2, block_size, kv_heads, head_dim).
+        self.num_host_slots = 0
+        self.host_pool: torch.Tensor | None = None
+        if cache_config.preempt == "swap":
+            self.num_host_slots = max(1, int(cache_config.swap_space_gb * 2**30) // self.bytes_per_block)
+            self.host_pool = torch.zeros(
+                self.num_host_slots, self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim,
+                dtype=self.dtype, pin_memory=self.device.type == "cuda",
+            )  # fmt: skip
         self.sampler = Sampler(self.device)
         self.requests: dict[str, _RequestState] = {}
         log.info(
@@ -116,6 +126,7 @@ class ModelRunner:
             num_blocks=self.num_blocks,
             block_size=self.block_size,
             fingerprint=model_fingerprint(self.model_dir),
+            num_host_slots=self.num_host_slots,
         )
 
     @property
@@ -148,9 +159,17 @@ class ModelRunner:
             state.block_ids += r.new_block_ids
             state.num_computed_tokens = r.num_computed_tokens
 
+    def _swap(self, pairs: list[tuple[int, int]], to_host: bool) -> None:
+        if pairs:
+            blocks, slots = zip(*pairs)
+            ops.swap_cache_layout(self.kv_caches, self.host_pool, list(blocks), list(slots), to_host)
+
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> ModelOutput:
         self._apply(so)
+        # Preempted requests' KV leaves before resumed requests' KV (or anything else) lands.
+        self._swap(so.swap_out, to_host=True)
+        self._swap(so.swap_in, to_host=False)
         if so.is_empty:
             return ModelOutput(so.step, [], [])
         bs = self.block_size

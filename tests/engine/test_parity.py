@@ -96,6 +96,18 @@ def test_smollm2_preemption_gives_identical_output(smollm2_dir, smol, smol_ref):
     check_against_reference(small, smol_ref, prompts[:4], outs[:4])
 
 
+def test_smollm2_swap_preemption_gives_identical_output(smollm2_dir, smol):
+    prompts = smol_prompts(smol)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+    swapping = LLM(str(smollm2_dir), num_blocks=110, max_num_batched_tokens=512, preempt="swap", swap_space_gb=0.5)
+    outs = swapping.generate(prompts, params)
+    swapping.check_integrity()
+    sched = swapping.engine.scheduler
+    assert sched.num_preemptions > 0 and sched.num_swaps > 0
+    baseline = smol.generate(prompts, params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in baseline]
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_tiny_models_match_transformers(family, tiny_llama_dir, tiny_qwen3_dir):
     path = tiny_llama_dir if family == "llama" else tiny_qwen3_dir
@@ -104,12 +116,15 @@ def test_tiny_models_match_transformers(family, tiny_llama_dir, tiny_qwen3_dir):
     prompts = [[rng.randrange(100, 40000) for _ in range(n)] for n in (1, 3, 4, 5, 17, 64, 150, 301)]
     prompts += [prompts[6][:120] + [7, 8, 9]]  # shares 30 blocks with prompt 6
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-    for num_blocks in (None, 100):  # the second run is short of blocks and preempts
-        llm = LLM(str(path), block_size=4, num_blocks=num_blocks, max_num_batched_tokens=128, max_num_seqs=6)
+    # The second and third runs are short of blocks: they preempt by recompute, then by swap.
+    for num_blocks, preempt in ((None, "recompute"), (100, "recompute"), (100, "swap")):
+        llm = LLM(str(path), block_size=4, num_blocks=num_blocks, max_num_batched_tokens=128, max_num_seqs=6,
+                  preempt=preempt, swap_space_gb=0.05)  # fmt: skip
         outs = llm.generate(prompts, params)
         llm.check_integrity()
         if num_blocks:
             assert llm.engine.scheduler.num_preemptions > 0
+            assert (llm.engine.scheduler.num_swaps > 0) == (preempt == "swap")
         else:
             assert outs[-1].num_cached_tokens == 120
         for i, (p, o) in enumerate(zip(prompts, outs)):

@@ -142,3 +142,44 @@ def test_same_step_prefix_hit():
     s.add_request(make_request("b", 41, max_tokens=1))
     so = s.schedule()
     assert so.num_scheduled_tokens == {"a": 40, "b": 1}  # b reads a's blocks, written earlier in each layer
+
+
+def test_swap_preemption_keeps_computed_tokens_and_returns_host_slots():
+    kv = KVCacheManager(6, 4)
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), kv, preempt="swap", num_host_slots=4)
+    s.add_request(make_request("old", 8, max_tokens=8))
+    s.add_request(make_request("new", 8, max_tokens=8, first=50))
+    outs, swapped_slots = [], {}
+    for _ in range(100):
+        if not s.has_unfinished():
+            break
+        so = s.schedule()
+        outs.append(so)
+        if so.swap_out:
+            swapped_slots = dict(so.swap_out)
+            assert s.requests["new"].num_computed_tokens > 0  # kept: its KV is on the host
+        if so.swap_in:
+            assert sorted(slot for _, slot in so.swap_in) == sorted(swapped_slots.values())
+            resumed = next(r for r in so.new_reqs if r.req_id == "new")
+            assert resumed.num_computed_tokens >= 8 and resumed.block_ids[: len(so.swap_in)] == [
+                b for b, _ in so.swap_in
+            ]
+        s.update(fake_run(s, so))
+        s.check_integrity()
+    assert s.num_swaps >= 1 and any(so.swap_in for so in outs)
+    assert sorted(s.host_free) == [0, 1, 2, 3]
+
+
+def test_swap_falls_back_to_recompute_when_the_host_pool_is_full():
+    kv = KVCacheManager(6, 4)
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), kv, preempt="swap", num_host_slots=1)
+    s.add_request(make_request("old", 8, max_tokens=8))
+    s.add_request(make_request("new", 8, max_tokens=8, first=50))
+    for _ in range(100):
+        if not s.has_unfinished():
+            break
+        so = s.schedule()
+        assert not so.swap_out  # "new" holds 3 computed blocks, the pool 1 slot
+        s.update(fake_run(s, so))
+        s.check_integrity()
+    assert s.num_preemptions >= 1 and s.num_swaps == 0
