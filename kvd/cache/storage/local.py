@@ -35,8 +35,12 @@ class LocalPool(StoragePool):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.capacity_bytes = capacity_bytes
+        # sync=False: a KV pool is a cache between live processes, not a durable store; an fsync
+        # per put would bound handoff bandwidth by the disk. Processes still see each
+        # other's commits at once through the shared memory map.
         self.env = lmdb.open(str(self.path), map_size=capacity_bytes * _OVERHEAD + _SLACK, max_dbs=3,
-                             subdir=True, lock=True, readahead=False, meminit=False)  # fmt: skip
+                             subdir=True, lock=True, readahead=False, meminit=False, sync=False,
+                             metasync=False, writemap=True)  # fmt: skip
         self._objects = self.env.open_db(b"objects")
         self._order = self.env.open_db(b"order")
         self._meta = self.env.open_db(b"meta")
