@@ -17,6 +17,7 @@ descriptor is never blamed on the new client.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING
 
@@ -77,6 +78,8 @@ class Frontend:
         self._dec = msgspec.msgpack.Decoder(ClientMessage)
         self._enc = msgspec.msgpack.Encoder()
         self.live: dict[str, _Live] = {}
+        self.idle = asyncio.Event()  # set while no request is live (the drain awaits it)
+        self.idle.set()
         self.num_malformed = 0
         self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         # Blocking twins of both sockets for non-blocking reads once the poller says ready.
@@ -161,6 +164,7 @@ class Frontend:
                 await self.send(identity, Error(rid, code, text))
                 return
             self.live[rid] = _Live(identity, msg.stream)
+            self.idle.clear()
             log.info("request_queued", stream=msg.stream)
             await self.send(identity, Accepted(rid))
 
@@ -198,7 +202,7 @@ class Frontend:
                 await self.send(lv.identity, Chunk(request_id=delta.request_id, token_ids=delta.token_ids,
                                                    text=delta.text))  # fmt: skip
             return
-        del self.live[delta.request_id]
+        self._end(delta.request_id)
         e2e = now - lv.arrival
         event = "request_aborted" if out.finish_reason == "abort" else "request_finished"
         log.info(event, request_id=delta.request_id, finish_reason=out.finish_reason,
@@ -218,13 +222,19 @@ class Frontend:
 
     async def fail(self, rid: str, code: ErrorCode, message: str) -> None:
         """End a live request with one Error (worker death, deadline, shutdown)."""
-        lv = self.live.pop(rid, None)
+        lv = self.live.get(rid)
         if lv is None:
             return
+        self._end(rid)
         log.error("request_failed", request_id=rid, code=int(code), error=message,
                   since_arrival_ms=round((time.monotonic() - lv.arrival) * 1e3, 3))  # fmt: skip
         self.daemon.metrics_observe_finish("error", time.monotonic() - lv.arrival)
         await self.send(lv.identity, Error(rid, code, message))
+
+    def _end(self, rid: str) -> None:
+        del self.live[rid]
+        if not self.live:
+            self.idle.set()
 
     def owner(self, rid: str) -> bytes | None:
         lv = self.live.get(rid)

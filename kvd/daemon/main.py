@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import signal
 import time
@@ -242,10 +243,9 @@ class Daemon:
         task.add_done_callback(self._background.discard)
 
     async def _drain(self) -> None:
-        deadline = time.monotonic() + self.cfg.daemon.drain_timeout_s
-        while self.frontend and self.frontend.live and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
         if self.frontend:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.frontend.idle.wait(), self.cfg.daemon.drain_timeout_s)
             for rid in list(self.frontend.live):
                 if self.engine is not None:
                     self.engine.abort([rid])
@@ -300,9 +300,9 @@ class Daemon:
     async def _watch_children(self) -> None:
         while True:
             pending = {c.exited: c for c in self.children if c.alive}
-            if not pending:
-                await asyncio.sleep(0.1)
-                continue
+            if not pending:  # nothing left to watch: the daemon is on its way out
+                await self._stop.wait()
+                return
             done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for fut in done:
                 await self._on_child_exit(pending[fut], fut.result())

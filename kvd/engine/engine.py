@@ -181,8 +181,8 @@ class Engine:
 
     def _text_delta(self, out: RequestOutput, final_text: str | None = None) -> str:
         text = final_text if final_text is not None else self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
-        if final_text is None and text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more
-            text = text[: text.rstrip("\ufffd").__len__()]
+        if final_text is None:  # a trailing incomplete UTF-8 sequence waits for its next token
+            text = text.rstrip("\ufffd")
         sent = self._sent_text.get(out.request_id, 0)
         self._sent_text[out.request_id] = len(text)
         out.text = text
