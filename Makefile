@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install model native demo test bench
+.PHONY: install model native native-cuda demo test bench
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ model: install
 # only load them. Without a compiler kvd falls back to pure-torch references.
 native: install
 	$(PY) -m kvd.ops
+
+# The CUDA build of swap_cache_layout, where torch has CUDA (not needed elsewhere).
+native-cuda: native
+	$(PY) -c "from kvd import ops; assert ops.native_cuda() is not None, 'CUDA ops did not build'"
 
 demo: install model native
 	$(PY) -m kvd.demo

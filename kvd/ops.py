@@ -11,7 +11,9 @@ tests and the daemon only load it.
 - `swap_cache_layout(caches, host, block_ids, slot_ids, to_host)`: move blocks between
   the worker's per-layer layout `(2, num_blocks, block_size, KVH, D)` and the block-major
   host layout `(num_slots, L, 2, block_size, KVH, D)`; registered as
-  `torch.ops.kvd.swap_cache_layout`.
+  `torch.ops.kvd.swap_cache_layout`, with a CUDA implementation (`native_cuda()`, built
+  where torch has CUDA: caches on the GPU, host in pinned memory, ordered on the current
+  stream — synchronise before reading the host side).
 """
 
 from __future__ import annotations
@@ -32,11 +34,14 @@ NATIVE_DIR = Path(__file__).resolve().parent.parent / "native"
 _SOURCES = ["paged_attention.cpp", "swap_cache_layout.cpp"]
 
 
-def _build_dir() -> Path:
+_CUDA_SOURCES = ["swap_cache_layout.cu"]
+
+
+def _build_dir(sources: list[str] = _SOURCES) -> Path:
     from kvd.worker.models import default_cache_dir
 
     h = hashlib.sha256(torch.__version__.encode())
-    for name in _SOURCES:
+    for name in sources:
         h.update((NATIVE_DIR / name).read_bytes())
     try:
         with open("/proc/cpuinfo") as f:
@@ -46,29 +51,44 @@ def _build_dir() -> Path:
     return default_cache_dir() / "native" / h.hexdigest()[:16]
 
 
+def _load(name: str, sources: list[str], **kwargs):
+    import ninja
+    from torch.utils import cpp_extension
+
+    # cpp_extension runs `ninja` from PATH; the venv's copy may not be on it.
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    build = _build_dir(sources)
+    build.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(name=name, sources=[str(NATIVE_DIR / s) for s in sources],
+                              build_directory=str(build), verbose=False, **kwargs)  # fmt: skip
+
+
+@functools.cache
+def native_cuda():
+    """The CUDA implementation of swap_cache_layout (registered on torch.ops.kvd), or None.
+
+    Built only where torch has CUDA (`make native-cuda`); needs `native()` first, which
+    declares the op.
+    """
+    if not torch.cuda.is_available() or native() is None:
+        return None
+    try:
+        return _load("kvd_native_cuda", _CUDA_SOURCES, extra_cuda_cflags=["-O3"], is_python_module=False)
+    except Exception as e:  # noqa: BLE001 - no nvcc, no headers: the reference serves, loudly
+        log.warning("native_cuda_ops_unavailable", error=f"{type(e).__name__}: {e}")
+        return None
+
+
 @functools.cache
 def native():
     """The loaded extension module, or None (logged) where it cannot be built."""
     if not all((NATIVE_DIR / s).exists() for s in _SOURCES):
         return None
     try:
-        import ninja
-        from torch.utils import cpp_extension
-
-        # cpp_extension runs `ninja` from PATH; the venv's copy may not be on it.
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        build = _build_dir()
-        build.mkdir(parents=True, exist_ok=True)
-        return cpp_extension.load(
-            name="kvd_native",
-            sources=[str(NATIVE_DIR / s) for s in _SOURCES],
-            # -fopenmp: at::parallel_for is OpenMP in torch's CPU build; without it the pragma
-            # is ignored and the op runs on one thread.
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(build),
-            verbose=False,
-        )
+        # -fopenmp: at::parallel_for is OpenMP in torch's CPU build; without it the pragma
+        # is ignored and the op runs on one thread.
+        return _load("kvd_native", _SOURCES, extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                     extra_ldflags=["-fopenmp"])  # fmt: skip
     except Exception as e:  # noqa: BLE001 - no compiler, no headers: fall back, loudly
         log.warning("native_ops_unavailable", error=f"{type(e).__name__}: {e}")
         return None
@@ -144,7 +164,8 @@ def swap_cache_layout(
     slot_ids = torch.as_tensor(slot_ids, dtype=torch.long).contiguous()
     _check_swap(caches, host, block_ids, slot_ids, to_host)
     on_cpu = host.device.type == "cpu" and caches[0].device.type == "cpu"
-    if on_cpu and native() is not None:
+    cuda_ok = caches[0].is_cuda and host.device.type == "cpu" and host.is_pinned() and native_cuda() is not None
+    if (on_cpu and native() is not None) or cuda_ok:
         torch.ops.kvd.swap_cache_layout(caches, host, block_ids, slot_ids, to_host)
     else:
         swap_cache_layout_ref(caches, host, block_ids, slot_ids, to_host)

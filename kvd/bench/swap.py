@@ -5,8 +5,10 @@ float32: 737 KB a block across layers) between the worker layout and the block-m
 host layout, both directions, with contiguous and with scattered host slots, and times
 in one run: the native op, the pure-torch reference (one gather/scatter per layer), the
 naive per-block per-layer copy loop, and a plain memory copy of the same number of bytes
-(one contiguous `copy_`, torch's parallel memcpy) — the bound. Each figure is the median
-of repeated runs after a warm-up; bandwidth counts the bytes moved once.
+(one contiguous `copy_`, torch's parallel memcpy) — the bound. Where torch has CUDA, the
+same on the GPU against one cudaMemcpy between pinned host memory and the device. Each
+figure is the median of repeated runs after a warm-up; bandwidth counts the bytes moved
+once.
 """
 
 from __future__ import annotations
@@ -56,6 +58,34 @@ def run(n: int, repeats: int) -> list[tuple[str, str, float, float, float, float
     return rows, nbytes
 
 
+def run_cuda(n: int, repeats: int) -> list[tuple[str, str, float, float, float, float]]:
+    """The CUDA op (device caches, pinned host) against one cudaMemcpy of the same bytes."""
+    num_blocks = slots = 4 * n
+    caches = [torch.randn(2, num_blocks, BLOCK, KV_HEADS, HEAD_DIM, device="cuda") for _ in range(LAYERS)]
+    host = torch.empty(slots, LAYERS, 2, BLOCK, KV_HEADS, HEAD_DIM).pin_memory()
+    nbytes = n * LAYERS * 2 * BLOCK * KV_HEADS * HEAD_DIM * 4
+    dev, pinned = torch.empty(nbytes // 4, device="cuda"), torch.empty(nbytes // 4).pin_memory()
+
+    def timed(fn):
+        def run_once():
+            fn()
+            torch.cuda.synchronize()
+        return median_seconds(run_once, repeats)
+
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randperm(num_blocks, generator=g)[:n]
+    rows = []
+    for layout, slot_ids in (("contiguous", torch.arange(n)), ("scattered", torch.randperm(slots, generator=g)[:n])):
+        for to_host in (True, False):
+            memcpy = timed(lambda: (pinned.copy_(dev, non_blocking=True) if to_host
+                                    else dev.copy_(pinned, non_blocking=True)))  # fmt: skip
+            native = timed(lambda: ops.swap_cache_layout(caches, host, blocks, slot_ids, to_host))
+            ref = timed(lambda: ops.swap_cache_layout_ref(caches, host, blocks, slot_ids, to_host))
+            loop = timed(lambda: ops.swap_cache_layout_loop(caches, host, blocks, slot_ids, to_host))
+            rows.append((layout, ("to host" if to_host else "to device") + " (CUDA)", native, ref, loop, memcpy))
+    return rows
+
+
 def render(rows, nbytes: int, n: int) -> str:
     gbs = lambda s: nbytes / s / 1e9  # noqa: E731
     lines = [
@@ -80,6 +110,8 @@ def main() -> None:
         raise SystemExit("swap bench: the native ops are not built (make native)")
     n, repeats = (16, 5) if args.quick else (128, 15)
     rows, nbytes = run(n, repeats)
+    if torch.cuda.is_available() and ops.native_cuda() is not None:
+        rows += run_cuda(n, repeats)  # memcpy column: one cudaMemcpy, pinned host <-> device
     info = machine_info()
     body = render(rows, nbytes, n) + f"\n\nMachine: {', '.join(f'{k} {v}' for k, v in info.items())}."
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
