@@ -16,8 +16,6 @@ import zmq.asyncio
 
 T = TypeVar("T")
 
-LOOPBACK = "tcp://127.0.0.1"
-
 
 def bind_random(sock: zmq.Socket, host: str = "127.0.0.1") -> str:
     """Bind to a free port on `host`; returns the endpoint peers connect to."""

@@ -103,15 +103,6 @@ class BlockPool:
         self._cached[block_hash] = block
         return True
 
-    def reset_prefix_cache(self) -> bool:
-        """Drop every cached-only block's hash. False (nothing done) while any block is held."""
-        if self.num_held:
-            return False
-        for block in self._free.values():
-            block.block_hash = None
-        self._cached.clear()
-        return True
-
     def _evict(self, block: Block) -> None:
         assert block.block_hash is not None
         del self._cached[block.block_hash]

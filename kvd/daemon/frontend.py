@@ -28,6 +28,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from kvd.engine.engine import Delta
+from kvd.logs import RequestClock
 from kvd.messages import (
     Abort,
     Accepted,
@@ -60,12 +61,12 @@ def _field_error(e: msgspec.ValidationError) -> str:
 
 
 class _Live:
-    __slots__ = ("identity", "stream", "arrival", "first_token", "last", "scheduled")
+    __slots__ = ("identity", "stream", "clock", "first_token", "scheduled")
 
     def __init__(self, identity: bytes, stream: bool) -> None:
         self.identity = identity
         self.stream = stream
-        self.arrival = self.last = time.monotonic()
+        self.clock = RequestClock()  # duration_ms / since_arrival_ms of each logged step
         self.first_token: float | None = None
         self.scheduled = False
 
@@ -179,10 +180,7 @@ class Frontend:
         lv = self.live.get(rid)
         if lv is not None and not lv.scheduled:
             lv.scheduled = True
-            now = time.monotonic()
-            log.info("request_scheduled", request_id=rid, num_cached_tokens=num_cached_tokens,
-                     duration_ms=round((now - lv.last) * 1e3, 3))  # fmt: skip
-            lv.last = now
+            log.info("request_scheduled", request_id=rid, num_cached_tokens=num_cached_tokens, **lv.clock.step())
 
     async def deliver(self, delta: Delta) -> None:
         """Stream one step's tokens; the final delta ends the request."""
@@ -192,10 +190,8 @@ class Frontend:
         now = time.monotonic()
         if lv.first_token is None and delta.token_ids:
             lv.first_token = now
-            log.info("first_token", request_id=delta.request_id, duration_ms=round((now - lv.last) * 1e3, 3),
-                     since_arrival_ms=round((now - lv.arrival) * 1e3, 3))  # fmt: skip
-            lv.last = now
-            self.daemon.metrics_observe_ttft(now - lv.arrival)
+            log.info("first_token", request_id=delta.request_id, **lv.clock.step(now))
+            self.daemon.metrics_observe_ttft(now - lv.clock.arrival)
         out = delta.output
         if out is None:
             if lv.stream:
@@ -203,11 +199,10 @@ class Frontend:
                                                    text=delta.text))  # fmt: skip
             return
         self._end(delta.request_id)
-        e2e = now - lv.arrival
+        e2e = now - lv.clock.arrival
         event = "request_aborted" if out.finish_reason == "abort" else "request_finished"
         log.info(event, request_id=delta.request_id, finish_reason=out.finish_reason,
-                 num_tokens=len(out.token_ids), duration_ms=round((now - lv.last) * 1e3, 3),
-                 since_arrival_ms=round(e2e * 1e3, 3))  # fmt: skip
+                 num_tokens=len(out.token_ids), **lv.clock.step(now))  # fmt: skip
         self.daemon.metrics_observe_finish(out.finish_reason, e2e)
         chunk = Chunk(
             request_id=delta.request_id,
@@ -227,8 +222,8 @@ class Frontend:
             return
         self._end(rid)
         log.error("request_failed", request_id=rid, code=int(code), error=message,
-                  since_arrival_ms=round((time.monotonic() - lv.arrival) * 1e3, 3))  # fmt: skip
-        self.daemon.metrics_observe_finish("error", time.monotonic() - lv.arrival)
+                  **lv.clock.step())  # fmt: skip
+        self.daemon.metrics_observe_finish("error", time.monotonic() - lv.clock.arrival)
         await self.send(lv.identity, Error(rid, code, message))
 
     def _end(self, rid: str) -> None:
@@ -242,4 +237,4 @@ class Frontend:
 
     def expired(self, timeout_s: float) -> list[str]:
         now = time.monotonic()
-        return [rid for rid, lv in self.live.items() if now - lv.arrival > timeout_s]
+        return [rid for rid, lv in self.live.items() if now - lv.clock.arrival > timeout_s]

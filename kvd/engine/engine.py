@@ -134,14 +134,8 @@ class Engine:
         self.scheduler.finish_requests(request_ids, status)
         return [self._finish(rid, reason, [], "") for rid in request_ids if rid in self._outputs]
 
-    def abort_all(self, reason: str = "error") -> list[Delta]:
-        return self.abort(list(self._outputs), reason)
-
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
-
-    def __contains__(self, request_id: str) -> bool:
-        return request_id in self._outputs
 
     # ---- the step ----------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
