@@ -172,6 +172,53 @@ class MetricsConfig(_Section):
             raise ValueError("metrics.host: must not be empty")
 
 
+POOLS = ("local", "mooncake", "redis")
+
+
+class PDConfig(_Section):
+    """Prefill/decode disaggregation: the KV storage pool, the link between instances, the
+    handoff's deadline and what a failed handoff does. Only read by prefill and decode roles."""
+
+    pool: str = "local"  # local | mooncake | redis
+    local_path: str = ""  # the LMDB directory of the local pool; "": <cache_dir>/pool
+    local_capacity_gb: float = 4.0  # the local pool evicts its oldest objects beyond this
+    redis_url: str = ""  # redis://127.0.0.1:6379/0 for pool = "redis"
+    mooncake_master: str = ""  # host:port of mooncake_master for pool = "mooncake"
+    mooncake_metadata: str = "P2PHANDSHAKE"  # Mooncake metadata server spec
+    mooncake_segment_gb: float = 1.0  # memory this instance contributes to the Mooncake pool
+    host: str = "127.0.0.1"  # prefill: where decode instances connect (written to <run_dir>/pd_endpoint)
+    port: int = 0  # prefill: 0 picks a random free port
+    prefill_endpoints: list[str] = []  # decode: the prefill instances' pd endpoints
+    lease_s: float = 60.0  # a handoff (prefill, write, read) must end within this; past it: 504
+    transfer_grace_s: float = 2.0  # after a lease expires, blocks of a silent transfer return this much later
+    on_kv_failure: str = "fail"  # fail: the client gets 502/504 | recompute: decode prefills the prompt itself
+    prefix_from_pool: bool = False  # prefill: read a prompt's leading full blocks from the pool when present
+    heartbeat_timeout_s: float = 5.0  # decode: a prefill instance silent this long is dead
+    kv_wait_fraction: float = 0.5  # share of KV blocks that requests waiting for pool KV may hold
+    transfer_batch_blocks: int = 32  # blocks per pool call (and the messenger's staging size)
+    fault_read_delay_s: float = 0.0  # testing only: the messenger waits this long before each read
+
+    def __post_init__(self) -> None:
+        if self.pool not in POOLS:
+            raise ValueError(f"pd.pool: expected one of {'|'.join(POOLS)}, got {self.pool!r}")
+        if not self.local_capacity_gb > 0:
+            raise ValueError(f"pd.local_capacity_gb: must be > 0, got {self.local_capacity_gb}")
+        if not self.mooncake_segment_gb > 0:
+            raise ValueError(f"pd.mooncake_segment_gb: must be > 0, got {self.mooncake_segment_gb}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"pd.port: must be in [0, 65535], got {self.port}")
+        _check_seconds("pd.lease_s", self.lease_s)
+        _check_seconds("pd.transfer_grace_s", self.transfer_grace_s, allow_zero=True)
+        _check_seconds("pd.heartbeat_timeout_s", self.heartbeat_timeout_s)
+        if self.on_kv_failure not in ("fail", "recompute"):
+            raise ValueError(f"pd.on_kv_failure: expected fail|recompute, got {self.on_kv_failure!r}")
+        if not 0 < self.kv_wait_fraction <= 1:
+            raise ValueError(f"pd.kv_wait_fraction: must be in (0, 1], got {self.kv_wait_fraction}")
+        _check_seconds("pd.fault_read_delay_s", self.fault_read_delay_s, allow_zero=True)
+        if not 1 <= self.transfer_batch_blocks <= 4096:
+            raise ValueError(f"pd.transfer_batch_blocks: must be in [1, 4096], got {self.transfer_batch_blocks}")
+
+
 class KvdConfig(_Section):
     """Everything a kvd instance is configured with; one per process tree."""
 
@@ -181,6 +228,15 @@ class KvdConfig(_Section):
     scheduler: SchedulerConfig = SchedulerConfig()
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
+    pd: PDConfig = PDConfig()
+
+    def __post_init__(self) -> None:
+        if self.daemon.role == "decode" and not self.pd.prefill_endpoints and self.pd.on_kv_failure == "fail":
+            raise ValueError("pd.prefill_endpoints: a decode instance needs at least one prefill endpoint")
+        if self.pd.pool == "redis" and self.daemon.role != "unified" and not self.pd.redis_url:
+            raise ValueError("pd.redis_url: pool = \"redis\" needs the server's URL")
+        if self.pd.pool == "mooncake" and self.daemon.role != "unified" and not self.pd.mooncake_master:
+            raise ValueError("pd.mooncake_master: pool = \"mooncake\" needs the master's host:port")
 
     @property
     def engine(self) -> EngineConfig:

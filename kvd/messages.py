@@ -6,6 +6,9 @@ Channels:
   `finish_reason` — or one `Error` instead. Exactly one final message per request.
 - daemon ⇄ worker (PUSH/PULL pairs): `ToWorker` out, `FromChild` in.
 - daemon ⇄ cache messenger (PUSH/PULL pairs): `ToMessenger` out, `FromChild` in.
+- decode instance ⇄ prefill instance (DEALER ⇄ ROUTER): `ToPrefill` out, `FromPrefill`
+  back — the PD chain's PrefillRequest / PrefillDone / PrefillFailed / PrefillAbort and
+  heartbeats. KV bytes never travel here: they go through the storage pool.
 
 Errors are typed: an `ErrorCode` IntEnum and a message naming the field or the cause.
 """
@@ -100,10 +103,22 @@ class Shutdown(_Msg, tag="shutdown"):
 ToWorker = Step | Shutdown
 
 
+class KVShare(msgspec.Struct, frozen=True, array_like=True):
+    """Where the worker's KV cache lives, for the messenger to map it (CPU shared memory): a
+    memfd of the worker, opened through /proc. One tensor (layers, 2, blocks, block_size,
+    kv_heads, head_dim); layer l is its l-th slice."""
+
+    pid: int
+    fd: int
+    shape: list[int]
+    dtype: str
+
+
 class Ready(_Msg, tag="ready", kw_only=True):
     process: str
     pid: int
     info: ModelInfo | None = None  # the worker's model and KV cache facts
+    kv: KVShare | None = None  # the worker's KV cache, when it is shared (prefill and decode roles)
 
 
 class StepDone(_Msg, tag="step_done"):
@@ -120,5 +135,77 @@ class Dead(_Msg, tag="dead"):
     reason: str
 
 
-FromChild = Ready | StepDone | StepFailed | Dead
-ToMessenger = Shutdown
+# ---- daemon ⇄ cache messenger -------------------------------------------------------------
+class CacheTask(_Msg, tag="cache_task", kw_only=True):
+    """Write blocks to the pool (prefill) or read keys into preallocated blocks (decode)."""
+
+    task_id: int
+    request_id: str
+    write: bool
+    keys: list[str]  # full storage keys, one per block
+    block_ids: list[int]
+    deadline: float  # time.monotonic() on this host: a read never writes a block past it
+    prefix: bool = False  # read only the longest leading run of keys that is present and verifies
+
+
+class CacheTaskDone(_Msg, tag="cache_task_done", kw_only=True):
+    task_id: int
+    request_id: str
+    ok: bool
+    num_blocks: int  # blocks moved (a prefix read: the leading run it read)
+    nbytes: int
+    duration_ms: float
+    code: ErrorCode = ErrorCode.KV_TRANSFER_FAILED
+    error: str = ""  # names the first key that failed and how
+
+
+FromChild = Ready | StepDone | StepFailed | Dead | CacheTaskDone
+ToMessenger = CacheTask | Shutdown
+
+
+# ---- decode instance ⇄ prefill instance --------------------------------------------------
+class PrefillRequest(_Msg, tag="prefill_request", kw_only=True):
+    handoff_id: str  # unique per attempt: late replies of an earlier attempt are told apart
+    request_id: str  # the client's, for the logs of both instances
+    token_ids: list[int]
+    params: SamplingParams
+    ttl_s: float  # the lease left: past it the decode side has given up
+    namespace: str  # the decode side's storage namespace: a mismatch is a clear error
+
+
+class PrefillDone(_Msg, tag="prefill_done", kw_only=True):
+    handoff_id: str
+    request_id: str
+    first_token: int
+    logprobs: Logprobs | None
+    keys: list[str]  # every block's storage key, the partial one last
+    num_tokens: int
+    num_cached_tokens: int  # prompt tokens the prefill instance did not compute (prefix hits)
+    prefill_ms: float
+    write_ms: float
+
+
+class PrefillFailed(_Msg, tag="prefill_failed", kw_only=True):
+    handoff_id: str
+    request_id: str
+    code: ErrorCode
+    message: str
+
+
+class PrefillAbort(_Msg, tag="prefill_abort"):
+    handoff_id: str
+
+
+class Ping(_Msg, tag="ping"):
+    seq: int
+
+
+class Pong(_Msg, tag="pong"):
+    seq: int
+    instance: str  # the prefill instance's name (host:pid)
+    namespace: str
+    queued: int
+
+
+ToPrefill = PrefillRequest | PrefillAbort | Ping
+FromPrefill = PrefillDone | PrefillFailed | Pong

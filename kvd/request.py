@@ -20,10 +20,11 @@ class RequestStatus(enum.IntEnum):
     WAITING = 0
     RUNNING = 1
     PREEMPTED = 2
-    FINISHED_STOPPED = 3
-    FINISHED_LENGTH = 4
-    FINISHED_ABORTED = 5
-    FINISHED_ERROR = 6
+    WAITING_FOR_KV = 3  # blocks preallocated; its KV is being handed over through the pool
+    FINISHED_STOPPED = 4
+    FINISHED_LENGTH = 5
+    FINISHED_ABORTED = 6
+    FINISHED_ERROR = 7
 
     @property
     def finished(self) -> bool:
@@ -66,6 +67,14 @@ class Request:
         self.num_preemptions = 0
         self.block_hashes: list[bytes] = []  # chained hashes of the full blocks of all_token_ids
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
+        # PD handoff. kv_send: a prefill instance's request — it ends after its first token and
+        # its blocks stay held while the messenger writes them to the pool. kv_recv_tokens: how
+        # many leading tokens' KV is to be read from the pool into preallocated blocks before
+        # the request computes (a decode instance: the whole prompt). transfer_in_flight: the
+        # messenger may be touching the request's blocks, so they must not be freed.
+        self.kv_send = False
+        self.kv_recv_tokens = 0
+        self.transfer_in_flight = False
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -5,6 +5,10 @@
 Start-up: spawn the worker and the cache messenger, await Ready from both (the worker's
 carries the model's facts and its number of KV blocks), build the Engine (scheduler +
 block manager), bind the client ROUTER, write `<run_dir>/endpoint`, tell systemd READY=1.
+In the prefill and decode roles the messenger starts once the worker is Ready, because
+it maps the worker's KV cache, and the PD event chain (`kvd.daemon.events`) runs beside
+the step loop: a prefill instance binds its PD endpoint (`<run_dir>/pd_endpoint`), a
+decode instance connects to its prefill instances.
 
 Then a TaskGroup runs: the frontend's reader, the children's report reader, the step
 loop (schedule → Step to the worker → await StepDone → process → stream deltas), and a
@@ -38,7 +42,20 @@ from kvd.daemon.frontend import Frontend
 from kvd.daemon.notify import Notifier
 from kvd.engine.engine import Engine, ModelInfo
 from kvd.ipc import AsyncChannel, bind_random
-from kvd.messages import Dead, ErrorCode, FromChild, Generate, Ready, Shutdown, Step, StepDone
+from kvd.daemon.events import PDChain
+from kvd.daemon.peers import PrefillLink, PrefillServer
+from kvd.messages import (
+    CacheTask,
+    CacheTaskDone,
+    Dead,
+    ErrorCode,
+    FromChild,
+    Generate,
+    Ready,
+    Shutdown,
+    Step,
+    StepDone,
+)
 from kvd.messenger.main import messenger_main
 from kvd.worker.main import worker_main
 
@@ -75,8 +92,11 @@ class Daemon:
         self._worker_restarts = 0
         self._background: set[asyncio.Task] = set()  # fire-and-forget tasks, held until done
         self._dead_reasons: dict[str, str] = {}  # what a child's Dead message said, until its exit is handled
+        self._worker_ready: Ready | None = None  # the running worker's Ready (its KV share, for a new messenger)
         self.metrics = None
         self.metrics_url: str | None = None
+        self.pd = cfg.daemon.role != "unified"
+        self.chain = PDChain(self) if self.pd else None
 
     # ---- start-up ----------------------------------------------------------------------
     async def _start_children(self) -> None:
@@ -85,11 +105,26 @@ class Daemon:
         report_ep = bind_random(self.reports.sock)
         self.to_worker = AsyncChannel(self.ctx.socket(zmq.PUSH), None)
         self.to_messenger = AsyncChannel(self.ctx.socket(zmq.PUSH), None)
+        self._report_ep = report_ep
+        self._messenger_ep = bind_random(self.to_messenger.sock)
         self.worker = ChildProcess("worker-0", worker_main, (cfg_json, bind_random(self.to_worker.sock), report_ep))
-        self.messenger = ChildProcess(
-            "messenger", messenger_main, (cfg_json, bind_random(self.to_messenger.sock), report_ep)
-        )
+        self.messenger = self._messenger_process(None)
         self.children = [self.worker, self.messenger]
+
+    def _messenger_process(self, ready: Ready | None) -> ChildProcess:
+        """The messenger maps the worker's KV cache (PD roles): a new worker needs a new messenger."""
+        kv = msgspec.msgpack.encode(ready.kv) if ready is not None and ready.kv is not None else None
+        return ChildProcess("messenger", messenger_main,
+                            (msgspec.json.encode(self.cfg), self._messenger_ep, self._report_ep, kv))  # fmt: skip
+
+    async def _restart_messenger(self, ready: Ready) -> Ready:
+        if self.messenger.alive:
+            with contextlib.suppress(TimeoutError, zmq.ZMQError):
+                await asyncio.wait_for(self.to_messenger.send(Shutdown()), 1.0)
+            await self.messenger.stop(CHILD_STOP_TIMEOUT_S)
+        self.messenger = self._messenger_process(ready)
+        self.children = [self.worker, self.messenger]
+        return await self._await_ready(self.messenger)
 
     async def _await_ready(self, child: ChildProcess) -> Ready:
         fut = asyncio.get_running_loop().create_future()
@@ -105,7 +140,10 @@ class Daemon:
         return ready
 
     def _build_engine(self, info: ModelInfo) -> None:
-        self.engine = Engine(self.cfg.engine, self.tokenizer, info, stream_text=True)
+        kv_wait = max(1, int(info.num_blocks * self.cfg.pd.kv_wait_fraction)) if self.pd else None
+        self.engine = Engine(self.cfg.engine, self.tokenizer, info, stream_text=True, kv_wait_blocks=kv_wait)
+        if self.chain is not None:
+            self.chain.attach()
 
     # ---- the run -----------------------------------------------------------------------
     async def run(self) -> int:
@@ -119,9 +157,16 @@ class Daemon:
         try:
             model_dir = resolve_model(self.cfg.model.model, self.cfg.model.cache_dir)
             tok_task = asyncio.create_task(asyncio.to_thread(load_tokenizer, model_dir))
-            worker_ready, _ = await asyncio.gather(self._await_ready(self.worker), self._await_ready(self.messenger))
+            if self.pd:  # the messenger maps the worker's KV cache: it starts second
+                worker_ready = await self._await_ready(self.worker)
+                self._worker_ready = worker_ready
+                await self._restart_messenger(worker_ready)
+            else:
+                worker_ready, _ = await asyncio.gather(self._await_ready(self.worker),
+                                                       self._await_ready(self.messenger))  # fmt: skip
             self.tokenizer = await tok_task
             self._build_engine(worker_ready.info)
+            self._start_pd()
             self._bind_frontend()
             self._start_metrics()
         except ChildDied as e:
@@ -140,6 +185,10 @@ class Daemon:
                     tg.create_task(self._ticker()),
                     tg.create_task(self._watch_children()),
                 ]
+                if self.chain is not None and self.chain.server is not None:
+                    tasks.append(tg.create_task(self.chain.server.run(self.chain.on_decode_message)))
+                for link in self.chain.links if self.chain is not None else ():
+                    tasks.append(tg.create_task(self._read_link(link)))
                 await self._stop.wait()
                 for t in tasks:
                     t.cancel()
@@ -169,6 +218,26 @@ class Daemon:
         tmp.write_text(self.endpoint + "\n")
         os.replace(tmp, self.run_dir / "endpoint")
 
+    def _start_pd(self) -> None:
+        if self.chain is None:
+            return
+        if self.cfg.daemon.role == "prefill":
+            self.chain.server = PrefillServer(self.ctx, self.cfg.pd.host, self.cfg.pd.port, self.run_dir)
+            log.info("pd_serving", pd_endpoint=self.chain.server.endpoint, pool=self.cfg.pd.pool)
+        else:
+            self.chain.links = [PrefillLink(self.ctx, spec) for spec in self.cfg.pd.prefill_endpoints]
+            for link in self.chain.links:
+                link.ping()
+
+    async def _read_link(self, link: PrefillLink) -> None:
+        """A decode instance's reader of one prefill instance (its socket may appear later)."""
+        while True:
+            if link.sock is None:
+                await asyncio.sleep(self.cfg.daemon.heartbeat_interval_s)  # the endpoint file is not there yet
+                continue
+            msg = await link.recv()
+            await self.chain.on_prefill_message(link, msg)
+
     def _start_metrics(self) -> None:
         m = self.cfg.metrics
         if m.prometheus_port < 0:
@@ -195,6 +264,11 @@ class Daemon:
             self.frontend.sock.close(linger=0)
         if self.metrics is not None:
             self.metrics.close()
+        if self.chain is not None:
+            if self.chain.server is not None:
+                self.chain.server.close()
+            for link in self.chain.links:
+                link.close()
         for chan in (self.reports, self.to_worker, self.to_messenger):
             chan.close()
         self.ctx.term()
@@ -218,7 +292,12 @@ class Daemon:
             prompt = self.engine.apply_chat_template([{"role": m.role, "content": m.content} for m in msg.chat])
         else:
             prompt = msg.prompt if msg.prompt is not None else msg.prompt_token_ids
-        self.engine.add_request(prompt, msg.params, request_id=msg.request_id)
+        if self.cfg.daemon.role == "prefill":
+            raise ValueError("role: this is a prefill instance; send requests to a decode instance")
+        decode = self.cfg.daemon.role == "decode"
+        self.engine.add_request(prompt, msg.params, request_id=msg.request_id, kv_recv="prompt" if decode else None)
+        if decode:
+            self.chain.admit(msg.request_id)
         self._work.set()
 
     def abort(self, rid: str, identity: bytes | None) -> None:
@@ -227,6 +306,38 @@ class Daemon:
             return
         for delta in self.engine.abort([rid]):
             self._spawn(self.frontend.deliver(delta))
+        if self.chain is not None:
+            self.chain.on_abort(rid)
+
+    # ---- what the PD chain calls -------------------------------------------------------
+    def wake(self) -> None:
+        self._work.set()
+
+    def send_cache_task(self, task: CacheTask) -> None:
+        async def send() -> None:
+            if self.messenger.alive and self.messenger.ready:
+                try:
+                    await self.to_messenger.send(task)
+                    return
+                except zmq.ZMQError:
+                    pass
+            await self.chain.on_task_done(CacheTaskDone(task_id=task.task_id, request_id=task.request_id, ok=False,
+                                                        num_blocks=0, nbytes=0, duration_ms=0.0,
+                                                        error="the cache messenger is not running"))  # fmt: skip
+
+        self._spawn(send())
+
+    def fail_request(self, rid: str, code: ErrorCode, message: str) -> None:
+        """End a client request with one error (a failed handoff); its blocks go back to the pool."""
+        if self.engine is not None:
+            self.engine.abort([rid], "error")
+        self._spawn(self.frontend.fail(rid, code, message))
+        self._work.set()
+
+    def engine_abort(self, rid: str) -> None:
+        if self.engine is not None:
+            self.engine.abort([rid])
+            self._work.set()
 
     def begin_drain(self) -> None:
         if self.draining:
@@ -261,6 +372,8 @@ class Daemon:
                 self._work.clear()
                 continue
             so = engine.schedule()
+            if self.chain is not None:
+                self.chain.on_scheduled()
             for rid in so.preempted_req_ids:
                 log.info("request_preempted", request_id=rid)
             for new in so.new_reqs:
@@ -279,7 +392,10 @@ class Daemon:
                 self._step_future = None
                 self._step_started = None
             for delta in engine.process(done.output):
-                await self.frontend.deliver(delta)
+                if self.chain is not None and self.chain.owns(delta.request_id):
+                    await self.chain.on_delta(delta)
+                else:
+                    await self.frontend.deliver(delta)
 
     async def _read_reports(self) -> None:
         while True:
@@ -293,6 +409,9 @@ class Daemon:
                     self._step_future.set_result(msg)
                 else:
                     log.warning("late_step_result", step=msg.output.step)
+            elif isinstance(msg, CacheTaskDone):
+                if self.chain is not None and self.engine is not None:
+                    self._spawn(self.chain.on_task_done(msg))
             elif isinstance(msg, Dead):
                 log.error("child_reported_dead", child=msg.process, reason=msg.reason)
                 self._dead_reasons[msg.process] = msg.reason
@@ -310,15 +429,23 @@ class Daemon:
     async def _on_child_exit(self, child: ChildProcess, code: int) -> None:
         await asyncio.sleep(0.05)  # let a Dead report that raced the exit arrive first
         reason = self._dead_reasons.pop(child.name, None) or f"exited with code {code}"
-        in_flight = list(self.frontend.live) if self.frontend else []
-        log.error("worker_dead" if child is self.worker else "child_dead", child=child.name, child_pid=child.pid,
-                  exit_code=code, reason=reason, request_ids=in_flight)  # fmt: skip
         message = f"{child.name} died: {reason}"
-        if self._step_future is not None and not self._step_future.done():
-            self._step_future.set_exception(ChildDied(message))
-        if self.frontend:
-            for rid in list(self.frontend.live):
-                await self.frontend.fail(rid, ErrorCode.INTERNAL, message)
+        if child is self.messenger:
+            # Only the transfers in flight fail (or recompute); requests in decode go on.
+            log.error("child_dead", child=child.name, child_pid=child.pid, exit_code=code, reason=reason)
+            if self.chain is not None and self.engine is not None:
+                await self.chain.on_messenger_lost()
+        else:
+            in_flight = list(self.frontend.live) if self.frontend else []
+            log.error("worker_dead", child=child.name, child_pid=child.pid, exit_code=code, reason=reason,
+                      request_ids=in_flight)  # fmt: skip
+            if self._step_future is not None and not self._step_future.done():
+                self._step_future.set_exception(ChildDied(message))
+            if self.chain is not None:
+                await self.chain.on_engine_lost()
+            if self.frontend:
+                for rid in list(self.frontend.live):
+                    await self.frontend.fail(rid, ErrorCode.INTERNAL, message)
         policy = self.cfg.daemon.on_worker_death
         if self.draining or policy == "exit" or self._worker_restarts >= self.cfg.daemon.max_worker_restarts:
             log.error("daemon_exiting", reason=message, policy=policy, restarts=self._worker_restarts)
@@ -329,14 +456,21 @@ class Daemon:
         if child is self.worker:
             self.engine = None  # 503 while the new worker loads; its KV cache starts empty
         try:
-            ready = await self._await_ready(child)
+            if child is self.worker:
+                ready = await self._await_ready(self.worker)
+                self._worker_ready = ready
+                if self.pd:  # the old messenger maps the dead worker's KV cache
+                    await self._restart_messenger(ready)
+                self._build_engine(ready.info)
+            elif self.pd:
+                ready = await self._restart_messenger(self._worker_ready)
+            else:
+                ready = await self._await_ready(self.messenger)
         except ChildDied as e:
             log.error("daemon_exiting", reason=str(e))
             self.exit_code = 1
             self._stop.set()
             return
-        if child is self.worker:
-            self._build_engine(ready.info)
         log.info("child_restarted", child=child.name, child_pid=ready.pid, restarts=self._worker_restarts)
 
     # ---- housekeeping ------------------------------------------------------------------
@@ -351,6 +485,8 @@ class Daemon:
                     self.engine.abort([rid])
                     await self.frontend.fail(rid, ErrorCode.DEADLINE,
                                              f"deadline: not finished within request_timeout_s={d.request_timeout_s}")
+            if self.chain is not None and self.engine is not None:
+                self.chain.tick()
             if self.engine is not None:
                 self._throughput.append((now, self.engine.num_generated))
                 idle = self._step_future is None and not self.engine.has_unfinished()
@@ -411,6 +547,7 @@ class Daemon:
             "integrity": self._integrity,
             "malformed_frames": self.frontend.num_malformed if self.frontend else 0,
             "worker_restarts": self._worker_restarts,
+            **({"pd": self.chain.status()} if self.chain is not None else {}),
             "metrics_url": self.metrics_url,
             "processes": {
                 "daemon": {"pid": os.getpid(), "alive": True},

@@ -43,6 +43,7 @@ class ModelInfo(msgspec.Struct, frozen=True):
     block_size: int
     fingerprint: str = ""
     num_host_slots: int = 0  # blocks the worker's host swap pool holds (preempt = "swap")
+    kv_dtype: str = "float32"  # of the KV cache (part of the storage namespace)
 
 
 class Delta(msgspec.Struct):
@@ -58,7 +59,14 @@ class Delta(msgspec.Struct):
 class Engine:
     """Scheduler + KV cache manager + output processing, for a model described by ModelInfo."""
 
-    def __init__(self, config: EngineConfig, tokenizer, info: ModelInfo, stream_text: bool = False) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        tokenizer,
+        info: ModelInfo,
+        stream_text: bool = False,
+        kv_wait_blocks: int | None = None,
+    ) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.info = info
@@ -68,7 +76,7 @@ class Engine:
         self.kv = KVCacheManager(
             info.num_blocks, info.block_size, config.cache.enable_prefix_caching, config.cache.hash_algo
         )
-        self.scheduler = Scheduler(config.scheduler, self.kv, config.cache.preempt, info.num_host_slots)
+        self.scheduler = Scheduler(config.scheduler, self.kv, config.cache.preempt, info.num_host_slots, kv_wait_blocks)
         self._ids = itertools.count()
         self._outputs: dict[str, RequestOutput] = {}
         self._requests: dict[str, Request] = {}
@@ -114,13 +122,29 @@ class Engine:
                 f" ({self.kv.num_blocks} of {self.kv.block_size} tokens)"
             )
 
-    def add_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> str:
+    def add_request(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        request_id: str | None = None,
+        kv_send: bool = False,
+        kv_recv: str | None = None,
+    ) -> str:
+        """Queue a request. PD: `kv_send` (a prefill instance's request: ends after its first
+        token, blocks held for the pool write); `kv_recv` — "prompt" (a decode instance: the
+        whole prompt's KV is read from the pool) or "prefix" (its leading full blocks, those
+        the pool has) into preallocated blocks before the request computes."""
         token_ids = self.tokenize(prompt)
         self.validate(token_ids, params)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self._outputs:
             raise ValueError(f"request_id: {rid!r} is already in use")
         request = Request(rid, token_ids, params, eos_token_ids=self.eos_token_ids)
+        request.kv_send = kv_send
+        if kv_recv == "prompt":
+            request.kv_recv_tokens = len(token_ids)
+        elif kv_recv == "prefix":
+            request.kv_recv_tokens = (len(token_ids) - 1) // self.kv.block_size * self.kv.block_size
         self.scheduler.add_request(request)
         self._requests[rid] = request
         self._outputs[rid] = RequestOutput(request_id=rid, prompt_token_ids=token_ids, token_ids=[], text="",
@@ -155,6 +179,15 @@ class Engine:
             if delta is not None:
                 deltas.append(delta)
         return deltas
+
+    def append_token(self, request_id: str, token: int, logprobs=None) -> list[Delta]:
+        """A token sampled elsewhere (a decode instance's first token, sampled by the prefill instance)."""
+        eo = self.scheduler.append_token(request_id, token, logprobs)
+        if eo is None:
+            return []
+        self.num_generated += 1
+        delta = self._on_output(eo)
+        return [delta] if delta is not None else []
 
     def _on_output(self, eo: EngineOutput) -> Delta | None:
         out = self._outputs.get(eo.req_id)

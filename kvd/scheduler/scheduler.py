@@ -13,6 +13,15 @@ help). By swap (`preempt="swap"`, while the bounded host pool has room), its com
 blocks are copied to host slots first and copied back into fresh blocks when it resumes,
 keeping its computed count. Either way it continues with identical output.
 
+PD handoff (the daemon drives it; the scheduler only keeps the books). A request whose
+KV comes from the pool (`kv_recv_tokens`) gets its blocks preallocated when it reaches
+the head of the queue — within a separate budget (`kv_wait_blocks`), so requests waiting
+for KV never starve running ones — and then waits, WAITING_FOR_KV, until the daemon calls
+`kv_arrived` (it then computes only what follows) or `kv_failed` (it recomputes). A
+prefill instance's request (`kv_send`) ends after its first token with its blocks held.
+A request's blocks are never freed while `transfer_in_flight`: finishing it then defers
+the free to `end_transfer`.
+
     out = scheduler.schedule()            # SchedulerOutput (a diff)
     finished = scheduler.update(model_out)  # list[EngineOutput]
 """
@@ -31,7 +40,12 @@ class Scheduler:
     """Waiting queue, running list and the KV cache manager; schedule() and update()."""
 
     def __init__(
-        self, config: SchedulerConfig, kv_manager: KVCacheManager, preempt: str = "recompute", num_host_slots: int = 0
+        self,
+        config: SchedulerConfig,
+        kv_manager: KVCacheManager,
+        preempt: str = "recompute",
+        num_host_slots: int = 0,
+        kv_wait_blocks: int | None = None,
     ) -> None:
         self.config = config
         self.kv = kv_manager
@@ -48,6 +62,12 @@ class Scheduler:
         self._finished_ids: list[str] = []  # to tell the runner at the next schedule()
         self._sent_blocks: dict[str, int] = {}  # block ids the runner knows per request
         self.num_preemptions = 0
+        # PD: preallocated requests waiting for their KV, finished ones whose blocks wait for
+        # a transfer to end, and the ones preallocated since the daemon last looked.
+        self.kv_wait_blocks = kv_manager.num_blocks if kv_wait_blocks is None else kv_wait_blocks
+        self.kv_waiting: dict[str, Request] = {}
+        self.deferred: dict[str, Request] = {}
+        self._preallocated: list[Request] = []
 
     # ---- requests in and out -----------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -66,6 +86,8 @@ class Scheduler:
                 continue
             if request.status == RequestStatus.RUNNING:
                 self.running.remove(request)
+            elif request.status == RequestStatus.WAITING_FOR_KV:
+                del self.kv_waiting[rid]
             else:
                 self.waiting.remove(request)
             self._finish(request, status)
@@ -73,7 +95,91 @@ class Scheduler:
         return done
 
     def has_unfinished(self) -> bool:
+        """Whether a step could do work (requests waiting for pool KV cannot, until it arrives)."""
         return bool(self.waiting or self.running)
+
+    # ---- the PD handoff ----------------------------------------------------------------
+    def take_preallocated(self) -> list[Request]:
+        """Requests whose blocks were preallocated since the last call: their KV may now be read."""
+        out, self._preallocated = self._preallocated, []
+        return out
+
+    def kv_arrived(self, request_id: str, num_tokens: int | None = None) -> bool:
+        """The pool KV of a WAITING_FOR_KV request is in its blocks: it computes only what follows.
+        `num_tokens` (default `kv_recv_tokens`) is how many leading tokens now have KV."""
+        request = self.kv_waiting.pop(request_id, None)
+        if request is None:
+            return False  # finished meanwhile, or a duplicate
+        have = request.kv_recv_tokens if num_tokens is None else num_tokens
+        request.num_computed_tokens = max(request.num_computed_tokens, have)
+        request.kv_recv_tokens = 0
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)  # it was admitted before anything still queued
+        return True
+
+    def kv_failed(self, request_id: str) -> bool:
+        """Give up on pool KV: free the preallocated blocks and compute everything locally."""
+        request = self.kv_waiting.pop(request_id, None)
+        if request is None:
+            return False
+        assert not request.transfer_in_flight, "kv_failed while a transfer may still write the blocks"
+        self.kv.free(request_id)
+        request.num_computed_tokens = 0
+        request.kv_recv_tokens = 0
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+        return True
+
+    def append_token(self, request_id: str, token: int, logprobs=None) -> EngineOutput | None:
+        """A token sampled elsewhere (a decode instance's first token, from the prefill instance)."""
+        request = self.requests.get(request_id)
+        if request is None or request.status.finished:
+            return None
+        request.append_token(token)
+        if logprobs is not None:
+            request.logprobs.append(logprobs)
+        status = request.check_stop()
+        if status is not None:
+            self.finish_requests([request_id], status)
+        return EngineOutput(request_id, [token], status.finish_reason if status else None,
+                            [logprobs] if logprobs else None)  # fmt: skip
+
+    def begin_transfer(self, request_id: str) -> None:
+        request = self.requests.get(request_id)
+        if request is not None:
+            request.transfer_in_flight = True
+
+    def end_transfer(self, request_id: str) -> None:
+        """The transfer touching the request's blocks ended (or can no longer write). Idempotent;
+        a request that finished meanwhile has its blocks freed now."""
+        request = self.deferred.pop(request_id, None) or self.requests.get(request_id)
+        if request is None:
+            return
+        request.transfer_in_flight = False
+        if request.status.finished:
+            self.kv.free(request_id)
+
+    @property
+    def num_kv_wait_blocks(self) -> int:
+        return sum(len(self.kv.req_blocks.get(rid, ())) for rid in self.kv_waiting)
+
+    def _preallocate(self, request: Request) -> bool:
+        """Hold blocks for the whole prompt (local prefix hits first), within the KV-wait budget."""
+        computed = self.kv.get_computed_blocks(request)
+        hit_tokens = len(computed) * self.kv.block_size
+        need = -(-request.num_tokens // self.kv.block_size) - len(computed)
+        if self.num_kv_wait_blocks + need > self.kv_wait_blocks:
+            return False
+        if self.kv.allocate_slots(request, request.num_tokens - hit_tokens, computed) is None:
+            return False
+        request.num_computed_tokens = hit_tokens
+        if hit_tokens >= request.kv_recv_tokens:  # everything to read is already here
+            request.kv_recv_tokens = 0
+            return True
+        request.status = RequestStatus.WAITING_FOR_KV
+        self.kv_waiting[request.request_id] = request
+        self._preallocated.append(request)
+        return True
 
     # ---- the step ----------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -110,9 +216,18 @@ class Scheduler:
         swap_in: list[tuple[int, int]] = []
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if request.kv_recv_tokens:
+                if not self._preallocate(request):
+                    break  # FCFS: wait for blocks (or KV-wait budget)
+                if request.status == RequestStatus.WAITING_FOR_KV:
+                    self.waiting.popleft()
+                    continue
             slots = self.swapped.get(request.request_id)
-            computed = [] if slots is not None else self.kv.get_computed_blocks(request)
-            num_cached_tokens = request.num_computed_tokens if slots is not None else len(computed) * self.kv.block_size
+            # A request that already holds blocks (its pool KV arrived) or was swapped out
+            # resumes at its computed count; anything else looks up the prefix cache.
+            resumes = slots is not None or request.request_id in self.kv.req_blocks
+            computed = [] if resumes else self.kv.get_computed_blocks(request)
+            num_cached_tokens = request.num_computed_tokens if resumes else len(computed) * self.kv.block_size
             num_new = min(request.num_tokens - num_cached_tokens, budget)
             if self.kv.allocate_slots(request, num_new, computed) is None:
                 break  # wait for blocks; FCFS, so nothing behind it jumps the queue
@@ -158,6 +273,8 @@ class Scheduler:
             if lp is not None:
                 request.logprobs.append(lp)
             status = request.check_stop()
+            if status is None and request.kv_send:
+                status = RequestStatus.FINISHED_LENGTH  # a prefill instance samples only the first token
             if status is not None:
                 self.running.remove(request)
                 self._finish(request, status)
@@ -205,7 +322,12 @@ class Scheduler:
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         self.host_free += self.swapped.pop(request.request_id, [])
-        self.kv.free(request.request_id)
+        if request.kv_send and status in (RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_STOPPED):
+            request.transfer_in_flight = True  # the daemon writes its blocks to the pool next
+        if request.transfer_in_flight:
+            self.deferred[request.request_id] = request  # freed by end_transfer
+        else:
+            self.kv.free(request.request_id)
         if self._sent_blocks.pop(request.request_id, None) is not None:
             self._finished_ids.append(request.request_id)
         request.status = status
@@ -214,12 +336,20 @@ class Scheduler:
     def check_integrity(self) -> None:
         """Block accounting plus the request table: every live request is waiting xor running."""
         self.kv.check_integrity()
-        live = {r.request_id for r in self.waiting} | {r.request_id for r in self.running}
-        if len(live) != len(self.waiting) + len(self.running) or live != set(self.requests):
-            raise RuntimeError("scheduler: request table, waiting queue and running list disagree")
+        live = {r.request_id for r in self.waiting} | {r.request_id for r in self.running} | set(self.kv_waiting)
+        if len(live) != len(self.waiting) + len(self.running) + len(self.kv_waiting) or live != set(self.requests):
+            raise RuntimeError("scheduler: request table, waiting queue, KV-wait table and running list disagree")
         for rid in self.kv.req_blocks:
-            if rid not in self.requests or self.requests[rid].status != RequestStatus.RUNNING:
-                raise RuntimeError(f"scheduler: request {rid} holds blocks but is not running")
+            request = self.requests.get(rid) or self.deferred.get(rid)
+            if request is None:
+                raise RuntimeError(f"scheduler: finished request {rid} still holds blocks")
+            if request.status == RequestStatus.PREEMPTED or (
+                request.status == RequestStatus.WAITING and request.kv_recv_tokens
+            ):
+                raise RuntimeError(f"scheduler: request {rid} holds blocks while {request.status.name}")
+        for rid, request in self.deferred.items():
+            if not request.transfer_in_flight or rid in self.requests:
+                raise RuntimeError(f"scheduler: request {rid} is deferred but no transfer holds it")
         held = [s for slots in self.swapped.values() for s in slots]
         if sorted(self.host_free + held) != list(range(self.num_host_slots)):
             raise RuntimeError("scheduler: host swap slots are lost or held twice")

@@ -24,14 +24,14 @@ def _start(name: str):
         from kvd.worker.models import load_tokenizer, resolve_model
 
         model_dir = resolve_model(cfg.model.model, cfg.model.cache_dir)
-        runner = ModelRunner(model_dir, cfg.model, cfg.cache)
+        runner = ModelRunner(model_dir, cfg.model, cfg.cache, share_kv=cfg.daemon.role != "unified")
         info = runner.model_info(load_tokenizer(model_dir))
         log.info("worker_ready", num_blocks=info.num_blocks, device=str(runner.device))
 
         def handle(msg: Step) -> StepDone:
             return StepDone(runner.execute(msg.output))
 
-        return Ready(process=name, pid=os.getpid(), info=info), handle
+        return Ready(process=name, pid=os.getpid(), info=info, kv=runner.kv_share()), handle
 
     return start
 

@@ -9,6 +9,7 @@ The same class serves the offline LLM in-process and the daemon's worker process
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +69,9 @@ class _RequestState:
 class ModelRunner:
     """Owns the model and the KV cache tensors of one worker."""
 
-    def __init__(self, model_dir: Path, model_config: ModelConfig, cache_config: CacheConfig) -> None:
+    def __init__(
+        self, model_dir: Path, model_config: ModelConfig, cache_config: CacheConfig, share_kv: bool = False
+    ) -> None:
         self.model_dir = model_dir
         self.device = resolve_device(model_config.device)
         self.dtype = resolve_dtype(model_config.dtype, self.device)
@@ -85,12 +88,19 @@ class ModelRunner:
         self.max_model_len = min(model_config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.block_size = cache_config.block_size
         self.num_blocks = cache_config.num_blocks or self._blocks_for_budget(cache_config.memory_gb)
-        # One tensor per layer: (2, num_blocks, block_size, kv_heads, head_dim).
-        self.kv_caches = [
-            torch.zeros(2, self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim,
-                        dtype=self.dtype, device=self.device)
-            for _ in range(self.num_layers)
-        ]  # fmt: skip
+        # One tensor per layer: (2, num_blocks, block_size, kv_heads, head_dim), as slices of one
+        # allocation — in a memfd when the cache messenger must map it too (PD roles).
+        shape = (self.num_layers, 2, self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        self.kv_fd: int | None = None
+        if share_kv:
+            if self.device.type != "cpu":
+                raise ValueError("daemon.role: prefill/decode roles share the KV cache with the messenger "
+                                 "through CPU shared memory; CUDA IPC sharing is not built yet")  # fmt: skip
+            kv_all = self._shared_zeros(shape)
+        else:
+            kv_all = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_all = kv_all  # (L, 2, NB, BS, KVH, D)
+        self.kv_caches = list(kv_all.unbind(0))
         # The host swap pool, block-major: (slots, layers, 2, block_size, kv_heads, head_dim).
         self.num_host_slots = 0
         self.host_pool: torch.Tensor | None = None
@@ -106,6 +116,26 @@ class ModelRunner:
             "model_runner_ready", device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
             num_blocks=self.num_blocks, block_size=self.block_size, kv_cache_mb=round(self.kv_cache_bytes / 2**20),
         )  # fmt: skip
+
+    def _shared_zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """A zeroed tensor in a memfd: the messenger maps it through /proc/<pid>/fd/<fd>, and the
+        memory goes away with the last process that maps it (no file left behind on a kill -9)."""
+        numel = 1
+        for n in shape:
+            numel *= n
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        self.kv_fd = os.memfd_create("kvd-kv-cache", 0)
+        os.ftruncate(self.kv_fd, numel * elem)
+        flat = torch.from_file(f"/proc/{os.getpid()}/fd/{self.kv_fd}", shared=True, size=numel, dtype=self.dtype)
+        return flat.view(shape)
+
+    def kv_share(self):
+        """The KVShare the worker's Ready message carries (None when the cache is private)."""
+        from kvd.messages import KVShare
+
+        if self.kv_fd is None:
+            return None
+        return KVShare(os.getpid(), self.kv_fd, list(self.kv_all.shape), str(self.dtype).removeprefix("torch."))
 
     def model_info(self, tokenizer=None):
         """What the scheduler side needs to know (the worker's Ready message carries it)."""
@@ -127,6 +157,7 @@ class ModelRunner:
             block_size=self.block_size,
             fingerprint=model_fingerprint(self.model_dir),
             num_host_slots=self.num_host_slots,
+            kv_dtype=str(self.dtype).removeprefix("torch."),
         )
 
     @property

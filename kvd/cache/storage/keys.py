@@ -12,8 +12,12 @@ tests/cache/test_storage_keys.py).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import msgspec
 import xxhash
+
+from kvd.cache.hashing import ExtraKey, block_keys
 
 LAYOUT_VERSION = 1  # bump when the stored block layout changes
 
@@ -40,3 +44,10 @@ def storage_namespace(
 
 def storage_key(namespace: str, block_key: str) -> str:
     return f"{namespace}/{block_key}"
+
+
+def request_keys(namespace: str, token_ids: Sequence[int], block_size: int, algo: str = "xxh3_128",
+                 extra_keys: Sequence[ExtraKey] = ()) -> list[str]:  # fmt: skip
+    """The storage key of every block of a prompt, the partial last block included — the one
+    function both roles use (a prefill instance to write, a decode instance to check and read)."""
+    return [storage_key(namespace, k) for k in block_keys(token_ids, block_size, extra_keys, algo)]

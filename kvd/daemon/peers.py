@@ -1,0 +1,153 @@
+"""The link between PD instances: a prefill instance's ROUTER, a decode instance's DEALERs.
+
+A prefill instance binds one ROUTER (`pd.host`, `pd.port`, 0 = a random free port) and
+publishes it in `<run_dir>/pd_endpoint`. A decode instance connects one DEALER per
+prefill endpoint in `pd.prefill_endpoints` (an endpoint, or a run directory holding a
+`pd_endpoint` file) and pings each every heartbeat interval; a prefill instance that has
+not answered for `pd.heartbeat_timeout_s` is dead until it answers again. Sends never
+block: DEALERs are IMMEDIATE (nothing queues for a peer that is not connected) and a
+send that cannot go out at once reports False, so the caller fails over instead of
+leaving a request behind a dead peer.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import msgspec
+import structlog
+import zmq
+import zmq.asyncio
+
+from kvd.ipc import bind_random
+from kvd.messages import FromPrefill, Ping, Pong, ToPrefill
+
+log = structlog.get_logger("kvd.peers")
+
+
+def resolve_endpoint(spec: str) -> str | None:
+    """`tcp://host:port` as is; a directory: the endpoint in its `pd_endpoint` file (None until written)."""
+    if "://" in spec:
+        return spec
+    path = Path(spec).expanduser() / "pd_endpoint"
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+class PrefillServer:
+    """The prefill side: decode instances' requests in, replies out, by DEALER identity."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, host: str, port: int, run_dir: Path) -> None:
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.endpoint = bind_random(self.sock, host) if port == 0 else f"tcp://{host}:{port}"
+        if port:
+            self.sock.bind(self.endpoint)
+        self._enc = msgspec.msgpack.Encoder()
+        self._dec = msgspec.msgpack.Decoder(ToPrefill)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / "pd_endpoint.tmp"
+        tmp.write_text(self.endpoint + "\n")
+        os.replace(tmp, run_dir / "pd_endpoint")
+        self._file = run_dir / "pd_endpoint"
+
+    async def run(self, handle: Callable[[bytes, ToPrefill], Awaitable[None]]) -> None:
+        while True:
+            identity, payload = await self.sock.recv_multipart(copy=False)
+            try:
+                msg = self._dec.decode(payload.buffer)
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                log.warning("pd_frame_rejected", error=str(e))
+                continue
+            await handle(identity.bytes, msg)
+
+    async def send(self, identity: bytes, msg: FromPrefill) -> None:
+        try:
+            await self.sock.send_multipart([identity, self._enc.encode(msg)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # the decode instance is gone: its lease ends the handoff there
+            log.warning("pd_reply_dropped", error=str(e), message=type(msg).__name__)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        try:
+            if self._file.read_text().strip() == self.endpoint:
+                self._file.unlink()
+        except OSError:
+            pass
+
+
+class PrefillLink:
+    """The decode side's connection to one prefill instance, with its heartbeat state."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, spec: str) -> None:
+        self.ctx = ctx
+        self.spec = spec
+        self.endpoint: str | None = None
+        self.sock: zmq.asyncio.Socket | None = None
+        self._sync: zmq.Socket | None = None  # a blocking twin for non-blocking sends that raise at once
+        self.alive = False
+        self.seen = False  # answered at least once
+        self.instance = spec
+        self.namespace = ""
+        self.last_pong = 0.0
+        self.outstanding = 0  # handoffs dispatched here and not yet answered
+        self._seq = 0
+        self._enc = msgspec.msgpack.Encoder()
+        self._dec = msgspec.msgpack.Decoder(FromPrefill)
+
+    def connect(self) -> bool:
+        """Connect once the endpoint is known (a run directory's file may not exist yet)."""
+        if self.sock is not None:
+            return True
+        self.endpoint = resolve_endpoint(self.spec)
+        if self.endpoint is None:
+            return False
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.IMMEDIATE, 1)
+        self.sock.connect(self.endpoint)
+        self._sync = zmq.Socket.shadow(self.sock.underlying)
+        return True
+
+    def send(self, msg: ToPrefill) -> bool:
+        """Queue `msg` for a connected peer at once; False if it cannot go out now."""
+        if self._sync is None:
+            return False
+        try:
+            self._sync.send(self._enc.encode(msg), flags=zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError:
+            return False
+
+    def ping(self) -> None:
+        if self.connect():
+            self._seq += 1
+            self.send(Ping(self._seq))
+
+    async def recv(self) -> FromPrefill:
+        frame = await self.sock.recv(copy=False)
+        return self._dec.decode(frame.buffer)
+
+    def on_pong(self, pong: Pong) -> bool:
+        """Record an answer; True when the peer just came (back) to life."""
+        self.last_pong = time.monotonic()
+        self.instance, self.namespace = pong.instance, pong.namespace
+        revived = not self.alive
+        self.alive = self.seen = True
+        return revived
+
+    def expired(self, timeout_s: float) -> bool:
+        """True once, when a live peer has been silent for longer than `timeout_s`."""
+        if self.alive and time.monotonic() - self.last_pong > timeout_s:
+            self.alive = False
+            return True
+        return False
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
