@@ -1,52 +1,22 @@
-"""RedisPool against a real redis-server that the test starts on 127.0.0.1 and stops by PID."""
+"""RedisPool against a real redis-server (servers.RedisServer: 127.0.0.1, a free port, stopped by PID)."""
 
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
-import time
 
 import pytest
-import redis
 
+from kvd.cache.storage import servers
 from kvd.cache.storage.base import HEADER_BYTES, ReadStatus, StorageUnavailable
 from kvd.cache.storage.redis import RedisPool
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def redis_server(tmp_path):
-    port = free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise
-            time.sleep(0.05)
-    yield url, proc
-    client.close()
-    if proc.poll() is None:
-        proc.terminate()
-        proc.wait(10)
+def redis_server():
+    with servers.RedisServer() as server:  # 127.0.0.1, a free port, stopped by PID even on failure
+        yield server
 
 
 def payload(i: int, n: int = 4096) -> bytes:
@@ -54,7 +24,7 @@ def payload(i: int, n: int = 4096) -> bytes:
 
 
 def test_round_trip_and_content_addressing(redis_server):
-    url, _ = redis_server
+    url = redis_server.url
     with RedisPool(url) as pool:
         keys = [f"ns/{i:032x}" for i in range(6)]
         assert pool.put_many(keys, [payload(i) for i in range(6)]) == [True] * 6
@@ -67,7 +37,7 @@ def test_round_trip_and_content_addressing(redis_server):
 
 
 def test_partial_blocks_carry_a_ttl(redis_server):
-    url, _ = redis_server
+    url = redis_server.url
     with RedisPool(url, partial_ttl_s=30) as pool:
         pool.put_many(["ns/ab:partial:3", "ns/cd"], [payload(1), payload(2)])
         assert 0 < pool.client.ttl("ns/ab:partial:3") <= 30
@@ -75,7 +45,7 @@ def test_partial_blocks_carry_a_ttl(redis_server):
 
 
 def test_corrupt_truncated_and_missing_reads_fail(redis_server):
-    url, _ = redis_server
+    url = redis_server.url
     with RedisPool(url) as pool:
         pool.put_many(["a", "b"], [payload(1), payload(2)])
         raw = bytearray(pool.client.get("a"))
@@ -89,11 +59,9 @@ def test_corrupt_truncated_and_missing_reads_fail(redis_server):
 
 
 def test_server_gone_is_storage_unavailable(redis_server):
-    url, proc = redis_server
-    pool = RedisPool(url, timeout_s=1.0)
+    pool = RedisPool(redis_server.url, timeout_s=1.0)
     pool.put_many(["k"], [payload(0)])
-    proc.kill()
-    proc.wait(10)
+    redis_server.kill()
     with pytest.raises(StorageUnavailable):
         pool.get_many_into(["k"], [memoryview(bytearray(4096))])
     with pytest.raises(StorageUnavailable):
