@@ -82,6 +82,12 @@ class StoragePool(abc.ABC):
     def remove(self, keys: Sequence[str]) -> int:
         """Remove keys; returns how many were present."""
 
+    def register_buffer(self, buffer: memoryview) -> None:  # noqa: B027 - optional hook
+        """Declare a long-lived staging area, once, whose slices later payloads and read
+        buffers will be. Backends that move registered memory (Mooncake) then write from and
+        read into those slices without a copy; the others ignore it. A failed read into a
+        registered slice may leave its bytes changed: only an OK status means the payload."""
+
     def close(self) -> None:  # noqa: B027 - optional for backends without resources
         """Release the backend's resources."""
 
