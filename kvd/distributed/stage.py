@@ -1,0 +1,131 @@
+"""StageModel: the part of a checkpoint one pipeline stage holds, and nothing else.
+
+`load_stage` builds the full transformers model on the meta device (no memory), keeps the
+stage's decoder layers (global indices from the LayerMap; each keeps its global
+`layer_idx`), plus the token embedding on stage 0, the final norm on the last stage, and
+the LM head on the head rank (global rank 0), then materialises only those modules and
+reads only their tensors from the safetensors files. With tied embeddings the head shares
+the embedding's tensor (rank 0 holds both), so the table is held once, not once per end of
+the pipeline.
+
+Parameter names map explicitly to checkpoint names: `layers.<local>.*` ->
+`model.layers.<global>.*`, `embed.weight` -> `model.embed_tokens.weight`, `norm.weight` ->
+`model.norm.weight`, `lm_head.weight` -> `lm_head.weight` (or the embedding when tied).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kvd.distributed.plan import LayerMap
+from kvd.distributed.sp_attention import ATTN_IMPLEMENTATION
+from kvd.worker.models import load_config
+
+_EMBED, _NORM, _HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+
+
+class StageModel(nn.Module):
+    """One stage's decoder layers, with the embedding / final norm / LM head where it holds them."""
+
+    def __init__(self, layers: list[nn.Module], first_layer: int, rotary: nn.Module, embed: nn.Module | None,
+                 norm: nn.Module | None, lm_head: nn.Module | None) -> None:  # fmt: skip
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.first_layer = first_layer
+        self.rotary = rotary
+        self.embed = embed
+        self.norm = norm
+        self.lm_head = lm_head
+
+    def checkpoint_name(self, name: str) -> str:
+        """Our parameter name -> the checkpoint's (the global <-> local layer map in one line)."""
+        if name.startswith("layers."):
+            _, local, rest = name.split(".", 2)
+            return f"model.layers.{self.first_layer + int(local)}.{rest}"
+        return {"embed.weight": _EMBED, "norm.weight": _NORM, "lm_head.weight": _HEAD}[name]
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of parameters held, each storage once (tied weights share one)."""
+        storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in self.parameters()}
+        return sum(storages.values())
+
+
+def _checkpoint_files(model_dir: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it (single file or sharded with an index)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: model_dir / file for name, file in weight_map.items()}
+    from safetensors import safe_open
+
+    files = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            files.update(dict.fromkeys(f.keys(), path))
+    return files
+
+
+def param_counts(model_dir: str | Path) -> tuple[int, int]:
+    """(embedding elements, elements of the largest decoder layer), from the safetensors headers."""
+    from safetensors import safe_open
+
+    files = _checkpoint_files(Path(model_dir))
+    numel: dict[str, int] = {}
+    for path in sorted(set(files.values())):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                numel[name] = math.prod(f.get_slice(name).get_shape())
+    per_layer: dict[str, int] = {}
+    for name, n in numel.items():
+        if name.startswith("model.layers."):
+            layer = name.split(".")[2]
+            per_layer[layer] = per_layer.get(layer, 0) + n
+    return numel.get(_EMBED, 0), max(per_layer.values(), default=0)
+
+
+def load_stage(model_dir: str | Path, layer_map: LayerMap, stage: int, *, head: bool, dtype: torch.dtype,
+               device: torch.device) -> StageModel:  # fmt: skip
+    """The stage's modules with their weights; `head`: this rank computes the first token's logits."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    model_dir = Path(model_dir)
+    config = load_config(model_dir)
+    if layer_map.num_layers != config.num_hidden_layers:
+        raise ValueError(f"layer map covers {layer_map.num_layers} layers, the model has {config.num_hidden_layers}")
+    with torch.device("meta"):
+        full = AutoModelForCausalLM.from_config(config, attn_implementation=ATTN_IMPLEMENTATION, dtype=dtype)
+    layers = list(layer_map.layers(stage))
+    files = _checkpoint_files(model_dir)
+    tied = _HEAD not in files
+    first, last = stage == 0, stage == layer_map.num_stages - 1
+    part = StageModel(
+        [full.model.layers[g] for g in layers], layers[0], type(full.model.rotary_emb)(config=config),
+        full.model.embed_tokens if first else None,  # rank 0 (the head) is on stage 0: a tied head shares it
+        full.model.norm if last else None,
+        full.lm_head if head else None,
+    )  # fmt: skip
+    del full
+    part.rotary.to(device)  # built outside the meta context: its inv_freq is real already
+    for name in ("layers", "embed", "norm", "lm_head"):
+        if getattr(part, name) is not None:
+            getattr(part, name).to_empty(device=device)
+    if head and tied:
+        part.lm_head.weight = part.embed.weight  # one tensor, as in the single-process model
+    wanted = {part.checkpoint_name(n): p for n, p in part.named_parameters(remove_duplicate=True)}
+    missing = sorted(set(wanted) - set(files))
+    if missing:
+        raise ValueError(f"model {str(model_dir)!r}: checkpoint lacks {missing[:3]}{'...' if len(missing) > 3 else ''}")
+    with torch.no_grad():
+        for path in sorted({files[n] for n in wanted}):
+            with safe_open(path, framework="pt") as f:
+                for name in (n for n in wanted if files[n] == path):
+                    wanted[name].copy_(f.get_tensor(name))
+    part.eval().requires_grad_(False)
+    return part
