@@ -61,7 +61,7 @@ class RankStats(msgspec.Struct, array_like=True, frozen=True):
     sync_s: float  # inside the per-layer KV exchange (all_gather or ring), all layers
     sync_bytes: int  # KV bytes this rank received in the exchange
     p2p_s: float  # waiting on pipeline sends/receives of hidden states (bubble + transfer)
-    p2p_bytes: int  # hidden-state bytes this rank sent and received
+    p2p_bytes: int  # hidden-state bytes this rank received
     export_s: float  # copying its layers' KV into the group's shared output
     layer_sync_s: list[float]  # sync_s per local layer, summed over rounds
 

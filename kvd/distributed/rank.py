@@ -151,7 +151,8 @@ class RankRunner:
 
 
 class _P2P:
-    """Pipeline point-to-point on the default group, timed; sends stay in flight until wait_sends."""
+    """Pipeline point-to-point on the default group, timed; sends stay in flight until wait_sends.
+    Counts the bytes received, so summing over ranks counts every byte moved once."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
@@ -160,7 +161,6 @@ class _P2P:
 
     def send(self, t: torch.Tensor, dst: int, tag: int) -> None:
         self._sends.append(dist.isend(t, dst, tag=tag))
-        self.nbytes += t.numel() * t.element_size()
 
     def recv(self, t: torch.Tensor, src: int, tag: int) -> None:
         t0 = perf_counter()

@@ -71,9 +71,14 @@ class Decoder:
 
 
 @pytest.fixture(scope="module")
-def decoder(smollm2_dir) -> Decoder:
+def decoder(smollm2_dir):
+    # One thread: the ranks take the cores while they run, and a two-thread team in this process
+    # slows down several-fold whenever another process holds a core (2-core CI machines).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     blocks = -(-(max(PROMPT_LENGTHS) + DECODE_STEPS + 1) // 16)
-    return Decoder(ModelRunner(smollm2_dir, ModelConfig(), CacheConfig(num_blocks=blocks)))
+    yield Decoder(ModelRunner(smollm2_dir, ModelConfig(), CacheConfig(num_blocks=blocks)))
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +142,8 @@ def test_group_prefill_is_token_identical(sp, pp, sync, groups, prompts, referen
         assert [s.rank for s in stats] == list(range(sp * pp))
         if sp > 1:  # every rank exchanged every layer's KV
             assert all(s.sync_bytes > 0 and all(t > 0 for t in s.layer_sync_s) for s in stats)
-        if pp > 1:
-            assert all(s.p2p_bytes > 0 for s in stats)
+        if pp > 1:  # every later stage received its input from the one before
+            assert all(s.p2p_bytes > 0 for s in stats[sp:])
 
 
 def test_pipeline_stage_holds_only_its_layers(groups, decoder):
