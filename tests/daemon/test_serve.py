@@ -22,22 +22,12 @@ import msgspec
 import pytest
 import zmq
 
-from harness import start_daemon
+from harness import start_daemon, wait_for
 from kvd import LLM, SamplingParams
 from kvd.client import AsyncClient, Client, KvdError
 from kvd.messages import ErrorCode, Generate, ServerMessage
 
 TIE_LOGPROB_GAP = 1e-3  # the offline engine's own top-2 gap below which batch shape may flip a token
-
-
-def wait_for(cond, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,7 @@ def _toml_value(v) -> str:
 
 
 def start_daemon(tmp_path: Path, model_dir: Path | None, env: dict | None = None, **sections) -> DaemonHandle:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     run_dir = tmp_path / "run"
     log_file = tmp_path / "kvd.log"
     conf = {
@@ -74,3 +75,31 @@ def start_daemon(tmp_path: Path, model_dir: Path | None, env: dict | None = None
     return DaemonHandle(proc, endpoint_file.read_text().strip(), run_dir, log_file, stdout)
 
 
+
+
+def wait_for(cond, timeout: float, what: str, interval: float = 0.1):
+    """Poll `cond` until it returns something truthy (returned), or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def log_events(log_file: Path, event: str | None = None) -> list[dict]:
+    """The JSON lines of a daemon's log file (optionally only one event)."""
+    import json
+
+    if not log_file.exists():
+        return []
+    out = []
+    for line in log_file.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if event is None or rec.get("event") == event:
+            out.append(rec)
+    return out

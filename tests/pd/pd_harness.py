@@ -1,0 +1,92 @@
+"""Helpers for PD tests: a prefill + decode deployment of real daemons, reference outputs,
+and checks that both instances hold no block and pass their integrity check."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness import DaemonHandle, start_daemon, wait_for
+from kvd import LLM, SamplingParams
+from kvd.client import AsyncClient, Client, KvdError
+
+TIE_LOGPROB_GAP = 1e-3  # below this top-2 gap a different batch shape may flip a greedy token
+FAST = {"heartbeat_interval_s": 0.5, "integrity_check_interval_s": 1.0}
+
+
+@dataclass
+class Deployment:
+    prefill: DaemonHandle
+    decode: DaemonHandle
+
+
+def start_prefill(root: Path, model_dir: Path, pd: dict, cache: dict | None = None, **sections) -> DaemonHandle:
+    return start_daemon(root, model_dir, daemon={"role": "prefill", **FAST}, pd=pd,
+                        cache=cache or {"num_blocks": 512}, **sections)  # fmt: skip
+
+
+def start_decode(root: Path, model_dir: Path, prefill: DaemonHandle | str, pd: dict,
+                 cache: dict | None = None, **sections) -> DaemonHandle:  # fmt: skip
+    spec = str(prefill.run_dir) if isinstance(prefill, DaemonHandle) else prefill
+    daemon = {"role": "decode", **FAST, **sections.pop("daemon", {})}
+    return start_daemon(root, model_dir, daemon=daemon, cache=cache or {"num_blocks": 512},
+                        pd={"prefill_endpoints": [spec], "heartbeat_timeout_s": 3.0, **pd}, **sections)  # fmt: skip
+
+
+def wait_linked(decode: DaemonHandle, timeout: float = 30.0) -> dict:
+    with Client(decode.endpoint, timeout=10) as c:
+        return wait_for(lambda: (s := c.status()) and all(p["alive"] for p in s["pd"]["prefill_instances"]) and s,
+                        timeout, "the decode instance to see its prefill instances")  # fmt: skip
+
+
+def wait_clean(*daemons: DaemonHandle, timeout: float = 30.0) -> list[dict]:
+    """Every instance idle, holding no block, no transfer in flight, integrity ok."""
+    out = []
+    for d in daemons:
+        with Client(d.endpoint, timeout=10) as c:
+            def clean():
+                s = c.status()
+                pd = s.get("pd", {})
+                ok = (s["live_requests"] == 0 and s["blocks"]["held"] == 0 and s["integrity"] == "ok"
+                      and pd.get("transfers", 0) == 0 and not any(pd.get("in_flight", {}).values()))  # fmt: skip
+                return s if ok else None
+
+            out.append(wait_for(clean, timeout, f"{d.run_dir} to be idle and clean", interval=0.25))
+    return out
+
+
+def reference(model_dir: Path, prompts: list, max_tokens: int):
+    llm = LLM(str(model_dir))
+    return llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=2))
+
+
+def assert_matches(got: list[int], ref, label: str) -> None:
+    """Token-identical, except after a step where the reference's top two were a near tie."""
+    for step, (a, b) in enumerate(zip(got, ref.token_ids)):
+        if a != b:
+            lp = ref.logprobs[step].top_logprobs
+            assert lp[0] - lp[1] < TIE_LOGPROB_GAP, f"{label}: diverged at step {step} ({a} vs {b}), not a tie"
+            return
+    assert got == ref.token_ids, f"{label}: {got} vs {ref.token_ids}"
+
+
+async def stream_one(endpoint: str, prompt, max_tokens: int, timeout: float = 120.0, **kw):
+    """(token ids, finish_reason) or the KvdError the request ended with."""
+    async with AsyncClient(endpoint, timeout=timeout) as c:
+        ids, finish = [], None
+        try:
+            source = {"prompt_token_ids": prompt} if isinstance(prompt, list) else {"prompt": prompt}
+            async for chunk in c.stream(**source, max_tokens=max_tokens, temperature=0.0, **kw):
+                ids += chunk.token_ids
+                finish = chunk.finish_reason
+        except KvdError as e:
+            return e
+        return ids, finish
+
+
+def run_all(endpoint: str, prompts: list, max_tokens: int, **kw) -> list:
+    async def go():
+        return await asyncio.gather(*(stream_one(endpoint, p, max_tokens, **kw) for p in prompts))
+
+    return asyncio.run(go())
