@@ -33,6 +33,7 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from time import monotonic, perf_counter
 
@@ -48,6 +49,7 @@ from kvd.distributed.messages import (
 from kvd.distributed.plan import LayerMap
 from kvd.distributed.rank import RankRunner
 from kvd.distributed.stage import param_counts
+from kvd.worker.models import load_config
 
 log = structlog.get_logger(__name__)
 
@@ -105,13 +107,14 @@ class PrefillResult:
 
 
 class PrefillGroup:
-    """Owns R rank processes that prefill one prompt at a time; see the module docstring."""
+    """Owns R rank processes that prefill one prompt at a time; see the module docstring.
+
+    `prefill` blocks its caller until the group is done (or failed); one caller at a time.
+    """
 
     def __init__(self, model_dir: str | Path, config: ParallelConfig, *, max_tokens: int | None = None,
                  dtype: torch.dtype = torch.float32, device: str = "cpu", threads_per_rank: int | None = None,
                  start_timeout_s: float = 300.0) -> None:  # fmt: skip
-        from kvd.worker.models import load_config
-
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device: expected cpu|cuda, got {device!r}")
         if device == "cuda" and torch.cuda.device_count() < config.world_size:
@@ -137,7 +140,7 @@ class PrefillGroup:
         self._kv_out = torch.empty(hf.num_hidden_layers, 2, self.max_tokens, hf.num_key_value_heads, head_dim,
                                    dtype=dtype).share_memory_()  # fmt: skip  # (L, 2, max_tokens, KVH, D)
         self._logits_out = torch.empty(hf.vocab_size, dtype=torch.float32).share_memory_()  # (V,)
-        self._procs: list = []
+        self._procs: list[BaseProcess] = []
         self._conns: list[Connection] = []
         self._store = None
         self._seq = 0
@@ -321,7 +324,10 @@ def _interface_of(addr: str) -> str:
     "" where none does (a remote master: gloo's default)."""
     import psutil
 
-    ip = ipaddress.ip_address(addr if addr != "localhost" else "127.0.0.1")
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:  # a host name
+        ip = ipaddress.ip_address(socket.gethostbyname(addr))
     for name, addrs in psutil.net_if_addrs().items():
         for a in addrs:
             try:

@@ -32,11 +32,12 @@ _EMBED, _NORM, _HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_hea
 class StageModel(nn.Module):
     """One stage's decoder layers, with the embedding / final norm / LM head where it holds them."""
 
-    def __init__(self, layers: list[nn.Module], first_layer: int, rotary: nn.Module, embed: nn.Module | None,
-                 norm: nn.Module | None, lm_head: nn.Module | None) -> None:  # fmt: skip
+    def __init__(self, layers: list[nn.Module], layer_map: LayerMap, stage: int, rotary: nn.Module,
+                 embed: nn.Module | None, norm: nn.Module | None, lm_head: nn.Module | None) -> None:  # fmt: skip
         super().__init__()
-        self.layers = nn.ModuleList(layers)
-        self.first_layer = first_layer
+        self.layers = nn.ModuleList(layers)  # local index i is global layer layer_map.to_global(stage, i)
+        self.layer_map = layer_map
+        self.stage = stage
         self.rotary = rotary
         self.embed = embed
         self.norm = norm
@@ -46,8 +47,12 @@ class StageModel(nn.Module):
         """Our parameter name -> the checkpoint's (the global <-> local layer map in one line)."""
         if name.startswith("layers."):
             _, local, rest = name.split(".", 2)
-            return f"model.layers.{self.first_layer + int(local)}.{rest}"
+            return f"model.layers.{self.layer_map.to_global(self.stage, int(local))}.{rest}"
         return {"embed.weight": _EMBED, "norm.weight": _NORM, "lm_head.weight": _HEAD}[name]
+
+    @property
+    def first_layer(self) -> int:
+        return self.layer_map.layers(self.stage).start
 
     @property
     def weight_bytes(self) -> int:
@@ -106,7 +111,7 @@ def load_stage(model_dir: str | Path, layer_map: LayerMap, stage: int, *, head: 
     tied = _HEAD not in files
     first, last = stage == 0, stage == layer_map.num_stages - 1
     part = StageModel(
-        [full.model.layers[g] for g in layers], layers[0], type(full.model.rotary_emb)(config=config),
+        [full.model.layers[g] for g in layers], layer_map, stage, type(full.model.rotary_emb)(config=config),
         full.model.embed_tokens if first else None,  # rank 0 (the head) is on stage 0: a tied head shares it
         full.model.norm if last else None,
         full.lm_head if head else None,
