@@ -16,12 +16,15 @@ more keys) and, in a pipeline, for the stage before (the bubble).
   last (it waited for no one: what is left is the transfer), plus the pipeline bytes over
   the loopback gloo bandwidth measured at the start; the slowest rank's share.
 Ranks split the machine's cores (threads = cores // ranks); on a machine with fewer cores
-than ranks x threads they compete, and the efficiency column says so.
+than ranks x threads they compete, and the efficiency column says so. Every group starts
+first; then each of `--repeats` rounds runs every configuration in turn and the fastest
+prefill counts, so on a shared machine all configurations meet the same bursts of load.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import socket
@@ -122,22 +125,39 @@ def summarize(result: PrefillResult, sp: int, bandwidth: float) -> dict[str, flo
     }
 
 
-def bench_config(model_dir: Path, sp: int, pp: int, sync: str, threads: int | None, lengths, repeats: int,
-                 bandwidth: float):  # fmt: skip
-    cfg = ParallelConfig(sp=sp, pp=pp, sync=sync if sp > 1 else "all_gather", collective_timeout_s=300)
-    t0 = perf_counter()
-    with PrefillGroup(model_dir, cfg, max_tokens=max(lengths), threads_per_rank=threads) as group:
-        start_s = perf_counter() - t0
-        group.prefill(prompt(64))  # warm-up: first-call allocations and thread pools
-        rows = {}
-        for n in lengths:
-            best = min((group.prefill(prompt(n)) for _ in range(repeats)), key=lambda r: r.wall_s)
-            rows[n] = summarize(best, sp, bandwidth)
-        memory = [
-            (r.rank, r.first_layer, r.end_layer, r.weight_bytes, psutil.Process(r.pid).memory_info().rss)
-            for r in group.ranks
-        ]  # fmt: skip
-    return group.threads, start_s, rows, memory
+def bench(model_dir: Path, lengths, repeats: int, bandwidth: float) -> dict:
+    """Every configuration's figures. All groups start first, then each repeat runs every
+    configuration in turn, and the fastest prefill of each counts: on a shared machine every
+    configuration meets the same bursts of other load."""
+    with contextlib.ExitStack() as stack:
+        groups, start_s = {}, {}
+        for sp, pp, _, threads in CONFIGS:
+            if (sp, pp, threads) in groups:
+                continue  # the sync strategy is chosen per prefill: ring and all_gather share a group
+            t0 = perf_counter()
+            cfg = ParallelConfig(sp=sp, pp=pp, collective_timeout_s=300)
+            group = stack.enter_context(PrefillGroup(model_dir, cfg, max_tokens=max(lengths), threads_per_rank=threads))
+            start_s[(sp, pp, threads)] = perf_counter() - t0
+            group.prefill(prompt(64))  # warm-up: first-call allocations and thread pools
+            groups[(sp, pp, threads)] = group
+        best: dict[tuple, dict[int, PrefillResult]] = {c: {} for c in CONFIGS}
+        for _ in range(repeats):
+            for n in lengths:
+                for sp, pp, sync, threads in CONFIGS:
+                    r = groups[(sp, pp, threads)].prefill(prompt(n), sync=sync if sp > 1 else None)
+                    kept = best[(sp, pp, sync, threads)].get(n)
+                    if kept is None or r.wall_s < kept.wall_s:
+                        best[(sp, pp, sync, threads)][n] = r
+        results = {}
+        for sp, pp, sync, threads in CONFIGS:
+            group = groups[(sp, pp, threads)]
+            rows = {n: summarize(r, sp, bandwidth) for n, r in best[(sp, pp, sync, threads)].items()}
+            memory = [
+                (r.rank, r.first_layer, r.end_layer, r.weight_bytes, psutil.Process(r.pid).memory_info().rss)
+                for r in group.ranks
+            ]  # fmt: skip
+            results[(sp, pp, sync, threads)] = (group.threads, start_s[(sp, pp, threads)], rows, memory)
+        return results
 
 
 # ---- report ------------------------------------------------------------------------------------
@@ -184,18 +204,14 @@ def render(results, lengths, bandwidth: float, load: tuple[float, float]) -> str
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m kvd.bench.prefill_group", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help=f"only {QUICK_LENGTHS} tokens")
-    p.add_argument("--repeats", type=int, default=1, help="prefills per length; the fastest counts")
+    p.add_argument("--repeats", type=int, default=2, help="rounds over every configuration; the fastest counts")
     p.add_argument("--record", type=Path, default=None, help="append the tables to this markdown file")
     args = p.parse_args(argv)
     lengths = QUICK_LENGTHS if args.quick else LENGTHS
     model_dir = resolve_model(None)
     load_before = os.getloadavg()[0]
     bandwidth = loopback_bandwidth()
-    results = {}
-    for sp, pp, sync, threads in CONFIGS:
-        results[(sp, pp, sync, threads)] = bench_config(model_dir, sp, pp, sync, threads, lengths, args.repeats,
-                                                        bandwidth)  # fmt: skip
-        print(f"done: sp={sp} pp={pp} sync={sync} threads={threads or 'auto'}", flush=True)
+    results = bench(model_dir, lengths, args.repeats, bandwidth)
     info = machine_info()
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     body = render(results, lengths, bandwidth, (load_before, os.getloadavg()[0]))
