@@ -27,6 +27,8 @@ from kvd.sampling import SamplingParams
 from kvd.scheduler.output import CachedRequestData, NewRequestData, SchedulerOutput
 from kvd.worker.model_runner import ModelRunner
 
+pytestmark = pytest.mark.timeout(120)  # tests that start processes set their own, larger bound
+
 PROMPT_LENGTHS = (1, 17, 300, 1500)
 DECODE_STEPS = 8  # tokens decoded after the first one
 GREEDY = SamplingParams(max_tokens=DECODE_STEPS + 1, temperature=0.0, ignore_eos=True)
@@ -124,6 +126,7 @@ def groups(smollm2_dir):
         g.close()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize(("sp", "pp", "sync"), CASES)
 def test_group_prefill_is_token_identical(sp, pp, sync, groups, prompts, reference, decoder):
@@ -194,7 +197,7 @@ def test_rank_killed_mid_prefill_fails_fast(groups, prompts):
     elapsed = time.monotonic() - t0
     killer.join()
     assert info.value.rank == 1
-    assert elapsed < timeout / 2  # the sentinel, not the collective timeout, noticed it
+    assert elapsed < min(5.0, timeout / 2)  # the sentinel noticed it, not the 60 s collective timeout
     assert not group.alive and _pids_gone(pids)
     with pytest.raises(GroupFailed, match="down"):
         group.prefill([1, 2, 3])
