@@ -4,8 +4,9 @@
     kvd generate [--endpoint E | --run-dir DIR] (--prompt TEXT | --chat TEXT) [--max-tokens N]
                  [--temperature T] [--json]
     kvd status [--endpoint E | --run-dir DIR] [--json]
+    kvd launch pd --prefill N --decode M --pool local|mooncake|redis --run-dir DIR [--config FILE]
     kvd trace REQUEST_ID [LOG ...]
-    kvd bench offline|serve [ARGS ...]
+    kvd bench offline|serve|pd|swap|pool [ARGS ...]
 
 Without --endpoint, the client commands read `<run_dir>/endpoint`, which `kvd serve`
 writes once every process is Ready.
@@ -100,6 +101,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kvd.launch import launch_pd
+
+    return launch_pd(args.prefill, args.decode, args.pool, Path(args.run_dir), args.config, args.redis_url)
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     from kvd import trace
 
@@ -140,13 +149,23 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--max-tokens", type=int, default=128)
             c.add_argument("--temperature", type=float, default=0.0)
 
+    la = sub.add_parser("launch", help="start a whole PD deployment on this host")
+    la.add_argument("kind", choices=["pd"])
+    la.add_argument("--prefill", type=int, default=1, help="prefill instances")
+    la.add_argument("--decode", type=int, default=1, help="decode instances")
+    la.add_argument("--pool", choices=["local", "mooncake", "redis"], default="local")
+    la.add_argument("--run-dir", required=True, help="DIR/endpoint gets the decode side's client endpoint")
+    la.add_argument("--config", help="a TOML file every instance starts from (role and pool are set per instance)")
+    la.add_argument("--redis-url", help="use this Redis server instead of starting one")
+    la.set_defaults(fn=cmd_launch)
+
     t = sub.add_parser("trace", help="rebuild a request's timeline from JSON logs")
     t.add_argument("request_id")
     t.add_argument("logs", nargs="*", help="JSON-lines log files (default: stdin)")
     t.set_defaults(fn=cmd_trace)
 
     b = sub.add_parser("bench", help="benchmarks: offline (engine vs transformers) or serve (daemon)")
-    b.add_argument("kind", choices=["offline", "serve"])
+    b.add_argument("kind", choices=["offline", "serve", "pd", "swap", "pool"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=cmd_bench)
     return p

@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -344,7 +345,8 @@ def _env_value(section: str, key: str, text: str) -> Any:
 
 def _accepts_str(owner: type[_Section], key: str) -> bool:
     hint = typing.get_type_hints(owner)[key]
-    return hint is str or str in typing.get_args(hint)
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)  # str | None, not list[str]
+    return hint is str or (union and str in typing.get_args(hint))
 
 
 _AT = re.compile(r"^(?P<msg>.*) - at `\$(?P<path>[^`]*)`$", re.S)

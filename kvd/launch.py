@@ -1,0 +1,161 @@
+"""`kvd launch pd`: a whole PD deployment on one host, started and stopped as one.
+
+    kvd launch pd --prefill N --decode M --pool local|mooncake|redis --run-dir DIR [--config FILE]
+
+It starts the pool's servers where the pool needs them (`redis-server`, or
+`mooncake_master` with P2P handshake metadata — every Mooncake process with
+MC_TCP_BIND_ADDRESS=127.0.0.1; see kvd.cache.storage.servers), then N prefill instances
+(`DIR/prefill-<i>`), waits for their PD endpoints, then M decode instances
+(`DIR/decode-<j>`) pointed at every prefill instance, and writes the first decode
+instance's client endpoint to `DIR/endpoint` (all of them to `DIR/endpoints`). Each
+instance is a `kvd serve` process configured by `--config` (default: the built-in
+defaults) plus `KVD_*` variables for its role, run directory, pool and log file
+(`DIR/<instance>/kvd.log`, which `kvd trace` reads). SIGTERM or Ctrl-C stops everything
+(instances drain first); so does any instance exiting on its own, with exit code 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger("kvd.launch")
+
+START_TIMEOUT_S = 900.0  # a first start converts the embedded model
+STOP_TIMEOUT_S = 40.0
+
+
+class Deployment:
+    """The processes of one PD deployment: pool servers, prefill and decode instances."""
+
+    def __init__(self, run_dir: Path, pool: str, config: str | None, redis_url: str | None = None) -> None:
+        self.run_dir = run_dir.resolve()
+        self.pool = pool
+        self.config = config
+        self.redis_url = redis_url
+        self.servers: list = []
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.pool_env: dict[str, str] = {"KVD_PD_POOL": pool}
+
+    # ---- start -------------------------------------------------------------------------
+    def start_pool(self) -> None:
+        from kvd.cache.storage import servers
+
+        if self.pool == "local":
+            self.pool_env["KVD_PD_LOCAL_PATH"] = str(self.run_dir / "pool")
+        elif self.pool == "redis":
+            if not self.redis_url:
+                server = servers.RedisServer()
+                self.servers.append(server)
+                self.redis_url = server.url
+                log.info("pool_server_started", server="redis-server", pid=server.pid, url=server.url)
+            self.pool_env["KVD_PD_REDIS_URL"] = self.redis_url
+        elif self.pool == "mooncake":
+            mc = servers.MooncakeServers()
+            self.servers.append(mc)
+            self.pool_env |= {"KVD_PD_MOONCAKE_MASTER": mc.master_address,
+                              "KVD_PD_MOONCAKE_METADATA": mc.metadata_server, **servers.mooncake_env()}  # fmt: skip
+            log.info("pool_server_started", server="mooncake_master", pid=mc.pid, master=mc.master_address)
+        else:
+            raise ValueError(f"--pool: expected local|mooncake|redis, got {self.pool!r}")
+
+    def start_instance(self, name: str, role: str, extra: dict[str, str]) -> Path:
+        inst_dir = self.run_dir / name
+        inst_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ("endpoint", "pd_endpoint"):
+            (inst_dir / stale).unlink(missing_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KVD_") or k == "KVD_CACHE_DIR"}
+        env |= self.pool_env | extra
+        env |= {"KVD_DAEMON_ROLE": role, "KVD_DAEMON_RUN_DIR": str(inst_dir), "KVD_LOG_FILE": str(inst_dir / "kvd.log")}
+        cmd = [sys.executable, "-m", "kvd.cli", "serve"] + (["--config", self.config] if self.config else [])
+        out = (inst_dir / "stdout.txt").open("w")
+        self.procs[name] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        log.info("instance_started", instance=name, role=role, pid=self.procs[name].pid)
+        return inst_dir
+
+    def wait_files(self, paths: list[Path], deadline: float) -> None:
+        for path in paths:
+            while not path.exists():
+                dead = [n for n, p in self.procs.items() if p.poll() is not None]
+                if dead:
+                    raise RuntimeError(f"{dead[0]} exited during start-up (see {self.run_dir / dead[0]}/stdout.txt)")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{path} did not appear within {START_TIMEOUT_S} s")
+                time.sleep(0.1)
+
+    def start(self, n_prefill: int, n_decode: int) -> str:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.start_pool()
+        prefill_dirs = [self.start_instance(f"prefill-{i}", "prefill", {}) for i in range(n_prefill)]
+        self.wait_files([d / "pd_endpoint" for d in prefill_dirs], deadline)
+        specs = "[" + ", ".join(f'"{d}"' for d in prefill_dirs) + "]"
+        decode_dirs = [self.start_instance(f"decode-{j}", "decode", {"KVD_PD_PREFILL_ENDPOINTS": specs})
+                       for j in range(n_decode)]  # fmt: skip
+        self.wait_files([d / "endpoint" for d in decode_dirs], deadline)
+        endpoints = [(d / "endpoint").read_text().strip() for d in decode_dirs]
+        (self.run_dir / "endpoints").write_text("\n".join(endpoints) + "\n")
+        tmp = self.run_dir / "endpoint.tmp"
+        tmp.write_text(endpoints[0] + "\n")
+        os.replace(tmp, self.run_dir / "endpoint")
+        return endpoints[0]
+
+    # ---- stop --------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Decode instances first (they drain their clients), then prefill, then the pool."""
+        order = sorted(self.procs.items(), key=lambda kv: not kv[0].startswith("decode"))
+        for _, proc in order:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for name, proc in order:
+            try:
+                proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                log.warning("instance_killed", instance=name, pid=proc.pid)
+                proc.kill()
+                proc.wait()
+        for server in self.servers:
+            server.stop()
+        with contextlib.suppress(OSError):
+            (self.run_dir / "endpoint").unlink()
+
+
+def launch_pd(n_prefill: int, n_decode: int, pool: str, run_dir: Path, config: str | None = None,
+              redis_url: str | None = None) -> int:  # fmt: skip
+    """Run a deployment in the foreground until SIGTERM/SIGINT or an instance exits."""
+    from kvd.config import LogConfig
+    from kvd.logs import configure_logging
+
+    configure_logging(LogConfig(), process="launch", role="launch")
+    if n_prefill < 1 or n_decode < 1:
+        print("kvd launch: --prefill and --decode must be >= 1", file=sys.stderr)
+        return 2
+    dep = Deployment(run_dir, pool, config, redis_url)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    code = 0
+    try:
+        endpoint = dep.start(n_prefill, n_decode)
+        log.info("deployment_ready", endpoint=endpoint, run_dir=str(dep.run_dir), prefill=n_prefill, decode=n_decode)
+        while not stop.wait(0.5):
+            dead = [n for n, p in dep.procs.items() if p.poll() is not None]
+            if dead:
+                log.error("instance_exited", instance=dead[0], exit_code=dep.procs[dead[0]].returncode)
+                code = 1
+                break
+    except RuntimeError as e:
+        log.error("deployment_failed", error=str(e))
+        code = 1
+    finally:
+        dep.stop()
+        log.info("deployment_stopped", exit_code=code)
+    return code
