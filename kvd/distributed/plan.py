@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 MAX_CHUNK_TOKENS = 1024  # tokens one rank runs through a layer at once: bounds attention memory
-ROUNDS_PER_STAGE = 2  # pipeline rounds per stage when pp > 1: the bubble is (pp-1)/(rounds+pp-1)
+ROUNDS_PER_STAGE = 4  # pipeline rounds per stage when pp > 1: the bubble is (pp-1)/(rounds+pp-1)
 
 
 def cdiv(a: int, b: int) -> int:
