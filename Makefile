@@ -62,3 +62,5 @@ bench: install model native
 	$(PY) -m kvd.bench.offline
 	$(PY) -m kvd.bench.serve
 	$(PY) -m kvd.bench.swap
+	$(PY) -m kvd.bench.pool
+	$(PY) -m kvd.bench.pd

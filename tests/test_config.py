@@ -50,7 +50,7 @@ def test_toml_file_sets_values(tmp_path):
     path = write(
         tmp_path,
         '[daemon]\nrole = "decode"\nport = 5555\ndrain_timeout_s = 5\n'
-        '[log]\nformat = "json"\n[metrics]\nprometheus_port = 0\n',
+        '[log]\nformat = "json"\n[metrics]\nprometheus_port = 0\n[pd]\nprefill_endpoints = ["tcp://127.0.0.1:7100"]\n',
     )
     cfg = load_config(path, environ={})
     assert cfg.daemon.role == "decode" and cfg.daemon.port == 5555
@@ -165,8 +165,12 @@ def test_shipped_conf_files_load_and_list_every_option(name, role):
     path = CONF / f"{name}.toml"
     cfg = load_config(path, environ={})
     assert cfg.daemon.role == role
-    # apart from the role, the shipped files hold the defaults
-    assert msgspec.structs.replace(cfg, daemon=msgspec.structs.replace(cfg.daemon, role="unified")) == KvdConfig()
+    # apart from the role (and a decode instance's prefill endpoints), the shipped files hold the defaults
+    if role == "decode":
+        assert cfg.pd.prefill_endpoints == ["/run/kvd/prefill"]  # kvd@prefill's run dir on the same host
+    base = msgspec.structs.replace(cfg, daemon=msgspec.structs.replace(cfg.daemon, role="unified"),
+                                   pd=msgspec.structs.replace(cfg.pd, prefill_endpoints=[]))  # fmt: skip
+    assert base == KvdConfig()
     # every option appears, set or (for None defaults) commented out, each under a comment
     text = path.read_text()
     for section, owner in typing.get_type_hints(KvdConfig).items():
@@ -185,3 +189,14 @@ def test_resolve_run_dir(tmp_path, monkeypatch):
     assert resolve_run_dir(cfg) == tmp_path / "c" / "run"
     monkeypatch.setenv("KVD_CACHE_DIR", str(tmp_path / "env"))
     assert resolve_run_dir(load_config(environ={})) == tmp_path / "env" / "run"
+
+
+def test_pd_section_validates_and_a_decode_instance_needs_prefill_instances():
+    with pytest.raises(ConfigError, match=r"pd.prefill_endpoints: a decode instance needs"):
+        load_config(overrides={"daemon.role": "decode"}, environ={})
+    with pytest.raises(ConfigError, match=r"pd.redis_url"):
+        load_config(overrides={"daemon.role": "prefill", "pd.pool": "redis"}, environ={})
+    with pytest.raises(ConfigError, match=r"pd.on_kv_failure: expected fail\|recompute"):
+        load_config(overrides={"pd.on_kv_failure": "retry"}, environ={})
+    cfg = load_config(environ={"KVD_DAEMON_ROLE": "decode", "KVD_PD_PREFILL_ENDPOINTS": '["/run/kvd/prefill", "tcp://10.0.0.2:7100"]'})
+    assert cfg.pd.prefill_endpoints == ["/run/kvd/prefill", "tcp://10.0.0.2:7100"]  # a list, not its text
