@@ -139,6 +139,7 @@ class PrefillGroup:
         # Shared with every rank at spawn; torch.empty: pages cost memory only once written.
         self._kv_out = torch.empty(hf.num_hidden_layers, 2, self.max_tokens, hf.num_key_value_heads, head_dim,
                                    dtype=dtype).share_memory_()  # fmt: skip  # (L, 2, max_tokens, KVH, D)
+        self.vocab_size = hf.vocab_size
         self._logits_out = torch.empty(hf.vocab_size, dtype=torch.float32).share_memory_()  # (V,)
         self._procs: list[BaseProcess] = []
         self._conns: list[Connection] = []
@@ -160,8 +161,8 @@ class PrefillGroup:
         import torch.distributed as dist
         import torch.multiprocessing as mp
 
-        if self._procs:
-            raise RuntimeError("PrefillGroup.start: already started")
+        if self._procs or self._down is not None:
+            raise RuntimeError("PrefillGroup.start: already started, or closed / failed (build a new group)")
         cfg = self.config
         sock = socket.socket(socket.AF_INET6 if ":" in cfg.master_addr else socket.AF_INET)
         sock.bind((cfg.master_addr, cfg.master_port))
@@ -246,6 +247,8 @@ class PrefillGroup:
             raise ValueError("token_ids: the prompt is empty")
         if len(token_ids) > self.max_tokens:
             raise ValueError(f"token_ids: {len(token_ids)} tokens exceed the group's max_tokens of {self.max_tokens}")
+        if not all(0 <= t < self.vocab_size for t in token_ids):
+            raise ValueError(f"token_ids: ids must lie in [0, {self.vocab_size})")  # else a rank fails: group down
         sync = sync or self.config.sync
         if sync not in SYNC_STRATEGIES:
             raise ValueError(f"sync: expected {'|'.join(SYNC_STRATEGIES)}, got {sync!r}")

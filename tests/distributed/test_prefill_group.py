@@ -159,6 +159,8 @@ def test_pipeline_stage_holds_only_its_layers(groups, decoder):
     assert max(r.weight_bytes for r in group.ranks) <= 0.6 * full, [r.weight_bytes / full for r in group.ranks]
     with pytest.raises(ValueError, match="max_tokens"):
         group.prefill([1] * 2049)
+    with pytest.raises(ValueError, match="token_ids"):
+        group.prefill([1, 49152])
     assert group.alive  # a refused prompt never reaches the ranks
 
 
