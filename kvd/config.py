@@ -181,7 +181,7 @@ class PDConfig(_Section):
     handoff's deadline and what a failed handoff does. Only read by prefill and decode roles."""
 
     pool: str = "local"  # local | mooncake | redis
-    local_path: str = ""  # the LMDB directory of the local pool; "": <cache_dir>/pool
+    local_path: str = ""  # the LMDB directory of the local pool; "": /dev/shm/kvd-<uid>/pool
     local_capacity_gb: float = 4.0  # the local pool evicts its oldest objects beyond this
     redis_url: str = ""  # redis://127.0.0.1:6379/0 for pool = "redis"
     mooncake_master: str = ""  # host:port of mooncake_master for pool = "mooncake"

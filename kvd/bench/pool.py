@@ -87,7 +87,8 @@ def run_local(src, dst, repeats):
     from kvd.cache.storage.local import LocalPool
 
     total = sum(s.nbytes for s in src)
-    with tempfile.TemporaryDirectory(prefix="kvd-bench-pool-") as d, LocalPool(Path(d), 4 * total) as pool:
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None  # where the local pool lives by default
+    with tempfile.TemporaryDirectory(prefix="kvd-bench-pool-", dir=shm) as d, LocalPool(Path(d), 4 * total) as pool:
         return bench_pool(pool, src, dst, repeats)
 
 

@@ -1,19 +1,28 @@
 """KV storage pools: where a prefill instance leaves a request's blocks for a decode instance.
 
 `open_pool(pd, cache_dir)` builds the backend `[pd] pool` names: `local` (LMDB under
-`pd.local_path`, default `<cache_dir>/pool`), `redis` (`pd.redis_url`) or `mooncake`
+`pd.local_path`, default `/dev/shm/kvd-<uid>/pool` — tmpfs: a handoff cache needs no disk,
+and its pages cost no writeback — or `<cache_dir>/pool` where /dev/shm is missing), `redis` (`pd.redis_url`) or `mooncake`
 (`pd.mooncake_master`). Backends are imported only when chosen.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from kvd.cache.storage.base import StoragePool
 
 
+SHM = Path("/dev/shm")
+
+
 def local_pool_path(pd, cache_dir: Path) -> Path:
-    return Path(pd.local_path).expanduser() if pd.local_path else Path(cache_dir) / "pool"
+    if pd.local_path:
+        return Path(pd.local_path).expanduser()
+    if SHM.is_dir() and os.access(SHM, os.W_OK):
+        return SHM / f"kvd-{os.getuid()}" / "pool"
+    return Path(cache_dir) / "pool"
 
 
 def open_pool(pd, cache_dir: Path) -> StoragePool:

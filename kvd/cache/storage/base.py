@@ -46,6 +46,19 @@ def frame(payload: Buffer) -> bytes:
     return _HEADER.pack(MAGIC, FRAME_VERSION, mv.nbytes, xxhash.xxh3_128_digest(mv)) + mv
 
 
+def frame_into(payload: Buffer, out: bytearray) -> memoryview:
+    """Header + payload written into `out` (grown when too small): a view of the stored bytes.
+    Reusing one buffer avoids a fresh allocation (and its page faults) per object."""
+    mv = memoryview(payload).cast("B")
+    n = HEADER_BYTES + mv.nbytes
+    if len(out) < n:
+        out.extend(bytes(n - len(out)))
+    _HEADER.pack_into(out, 0, MAGIC, FRAME_VERSION, mv.nbytes, xxhash.xxh3_128_digest(mv))
+    view = memoryview(out)[:n]
+    view[HEADER_BYTES:] = mv
+    return view
+
+
 def unframe_into(stored: Buffer, out: memoryview) -> ReadStatus:
     """Check a stored object and copy its payload into `out`."""
     mv = memoryview(stored).cast("B")

@@ -21,7 +21,15 @@ from pathlib import Path
 
 import lmdb
 
-from kvd.cache.storage.base import Buffer, ReadStatus, StoragePool, StorageUnavailable, frame, unframe_into
+from kvd.cache.storage.base import (
+    HEADER_BYTES,
+    Buffer,
+    ReadStatus,
+    StoragePool,
+    StorageUnavailable,
+    frame_into,
+    unframe_into,
+)
 
 _U64 = struct.Struct(">Q")
 _OVERHEAD = 2  # map size = capacity x this + slack: B+tree pages and free pages need room too
@@ -45,6 +53,7 @@ class LocalPool(StoragePool):
         self._order = self.env.open_db(b"order")
         self._meta = self.env.open_db(b"meta")
         self.num_evictions = 0
+        self._scratch = bytearray()  # one framing buffer, reused: no allocation per object
 
     def _env(self) -> lmdb.Environment:
         if self.env is None:
@@ -55,19 +64,19 @@ class LocalPool(StoragePool):
     def put_many(self, keys: Sequence[str], payloads: Sequence[Buffer]) -> list[bool]:
         if len(keys) != len(payloads):
             raise ValueError(f"put_many: {len(keys)} keys but {len(payloads)} payloads")
-        framed = [frame(p) for p in payloads]  # digests outside the write lock
         out = []
         with self._env().begin(write=True) as txn:
             used = _get_u64(txn, self._meta, b"bytes")
             seq = _get_u64(txn, self._meta, b"seq")
-            for key, obj in zip(keys, framed):
+            for key, payload in zip(keys, payloads):
                 k = key.encode()
                 if txn.get(k, db=self._objects) is not None:
                     out.append(True)  # content-addressed: already there is success
                     continue
-                if len(obj) > self.capacity_bytes:
+                if HEADER_BYTES + memoryview(payload).nbytes > self.capacity_bytes:
                     out.append(False)
                     continue
+                obj = frame_into(payload, self._scratch)  # header + payload, then one copy into the map
                 used = self._evict_until(txn, used, self.capacity_bytes - len(obj))
                 txn.put(k, obj, db=self._objects)
                 txn.put(_U64.pack(seq), k, db=self._order)
@@ -75,6 +84,7 @@ class LocalPool(StoragePool):
                 seq += 1
                 used += len(obj)
                 out.append(True)
+                obj.release()
             txn.put(b"bytes", _U64.pack(used), db=self._meta)
             txn.put(b"seq", _U64.pack(seq), db=self._meta)
         return out
