@@ -53,8 +53,11 @@ class ModelConfig(_Section):
     device: str = "auto"  # auto: cuda if available, else cpu
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     cache_dir: str | None = None  # None: $KVD_CACHE_DIR or ~/.cache/kvd
+    threads: int = 0  # CPU threads of the model's ops; 0: torch's default (every core)
 
     def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ValueError(f"model.threads: must be >= 0, got {self.threads}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"model.dtype: expected auto|float32|bfloat16|float16, got {self.dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 1:

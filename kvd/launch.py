@@ -2,7 +2,8 @@
 
     kvd launch pd --prefill N --decode M --pool local|mooncake|redis --run-dir DIR [--config FILE]
 
-It starts the pool's servers where the pool needs them (`redis-server`, or
+It starts the pool's servers where the pool needs them (the local pool: an LMDB
+directory of its own on /dev/shm, removed at exit) (`redis-server`, or
 `mooncake_master` with P2P handshake metadata — every Mooncake process with
 MC_TCP_BIND_ADDRESS=127.0.0.1; see kvd.cache.storage.servers), then N prefill instances
 (`DIR/prefill-<i>`), waits for their PD endpoints, then M decode instances
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,13 +46,20 @@ class Deployment:
         self.servers: list = []
         self.procs: dict[str, subprocess.Popen] = {}
         self.pool_env: dict[str, str] = {"KVD_PD_POOL": pool}
+        self.local_pool: Path | None = None
 
     # ---- start -------------------------------------------------------------------------
     def start_pool(self) -> None:
         from kvd.cache.storage import servers
 
         if self.pool == "local":
-            self.pool_env["KVD_PD_LOCAL_PATH"] = str(self.run_dir / "pool")
+            # tmpfs where there is one (the pool is a handoff cache: no disk, no writeback);
+            # this deployment's own directory, removed when it stops.
+            from kvd.cache.storage import SHM
+
+            base = SHM / f"kvd-{os.getuid()}" if SHM.is_dir() else self.run_dir
+            self.local_pool = base / f"pool-launch-{os.getpid()}"
+            self.pool_env["KVD_PD_LOCAL_PATH"] = str(self.local_pool)
         elif self.pool == "redis":
             if not self.redis_url:
                 server = servers.RedisServer()
@@ -124,6 +133,8 @@ class Deployment:
                 proc.wait()
         for server in self.servers:
             server.stop()
+        if self.local_pool is not None:
+            shutil.rmtree(self.local_pool, ignore_errors=True)
         with contextlib.suppress(OSError):
             (self.run_dir / "endpoint").unlink()
 

@@ -6,7 +6,11 @@ Three `kvd serve` processes on the embedded SmolLM2-135M (CPU float32), started 
 `kvd.launch.Deployment` and the local pool (LMDB): a unified instance, and a prefill +
 decode pair. The prefill instance has `prefix_from_pool = true` and its local prefix
 cache off, so a prompt whose leading blocks are in the pool is read, never recomputed
-from its own cache. Only one side runs at a time (2 cores here).
+from its own cache. Only one side runs at a time. For TTFT (one request at a time, so only
+one instance computes at once) every instance uses every core; for throughput, where
+prefill and decode run together, the pair is restarted with half the cores each
+(`model.threads`), as two instances on one host should be configured — OpenMP threads of
+two processes on the same cores spin against each other.
 
 - TTFT, one request at a time, unique prompts of `--prompt-tokens` tokens: unified vs PD,
   and the handoff's parts from the instances' logs: the prefill's pool write (before the
@@ -24,6 +28,8 @@ import argparse
 import asyncio
 import functools
 import json
+import os
+import signal
 import statistics
 import tempfile
 import time
@@ -78,6 +84,16 @@ def prompt_set(n: int, length: int, salt: int) -> list[list[int]]:
     return [_source().prompt(length) for _ in range(n)]
 
 
+def start_pd(dep, extra: dict[str, str], deadline: float) -> tuple[Path, Path]:
+    """A prefill (prefix_from_pool on, local prefix cache off) and a decode instance."""
+    p = dep.start_instance("prefill-0", "prefill", {"KVD_PD_PREFIX_FROM_POOL": "true",
+                                                     "KVD_CACHE_ENABLE_PREFIX_CACHING": "false", **extra})  # fmt: skip
+    dep.wait_files([p / "pd_endpoint"], deadline)
+    d = dep.start_instance("decode-0", "decode", {"KVD_PD_PREFILL_ENDPOINTS": f'["{p}"]', **extra})
+    dep.wait_files([d / "endpoint"], deadline)
+    return p, d
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompt-tokens", type=int, default=1000)
@@ -96,11 +112,8 @@ def main(argv: list[str] | None = None) -> None:
         dep.start_pool()
         t_start = time.monotonic() + 900
         u = dep.start_instance("unified", "unified", {})
-        p = dep.start_instance("prefill-0", "prefill", {"KVD_PD_PREFIX_FROM_POOL": "true",
-                                                         "KVD_CACHE_ENABLE_PREFIX_CACHING": "false"})  # fmt: skip
-        dep.wait_files([u / "endpoint", p / "pd_endpoint"], t_start)
-        d = dep.start_instance("decode-0", "decode", {"KVD_PD_PREFILL_ENDPOINTS": f'["{p}"]'})
-        dep.wait_files([d / "endpoint"], t_start)
+        p, d = start_pd(dep, {}, t_start)
+        dep.wait_files([u / "endpoint"], t_start)
         eu, ed = (u / "endpoint").read_text().strip(), (d / "endpoint").read_text().strip()
         time.sleep(2.0)  # the decode instance's first heartbeat round trip
 
@@ -117,9 +130,6 @@ def main(argv: list[str] | None = None) -> None:
         write_ms = [r["write_ms"] for r in drecs if r["event"] == "prefill_done"]
         read_ms = [r["duration_ms"] for r in drecs if r["event"] == "kv_read"]
         admit_ms = [r["duration_ms"] for r in drecs if r["event"] == "kv_admitted"]
-        # Throughput, all at once.
-        tp_u = asyncio.run(throughput(eu, prompt_set(args.requests, n, salt=3), 32))
-        tp_pd = asyncio.run(throughput(ed, prompt_set(args.requests, n, salt=4), 32))
         # Cross-instance prefix reuse: the pool holds the first 15/16 of the prompt (written by
         # an earlier request with another tail) vs a cold prompt of the same length.
         keep = n * 15 // 16
@@ -128,6 +138,18 @@ def main(argv: list[str] | None = None) -> None:
             cold.append(asyncio.run(ttft(ed, base))[0])
             other_tail = base[:keep] + [(t + 1) % 49000 + 10 for t in base[keep:]]
             warm_gain.append(asyncio.run(ttft(ed, other_tail))[0])
+        # Throughput, all at once; prefill and decode now run together, so they split the cores.
+        tp_u = asyncio.run(throughput(eu, prompt_set(args.requests, n, salt=3), 32))
+        for name in ("decode-0", "prefill-0"):
+            proc = dep.procs.pop(name)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+        half = {"KVD_MODEL_THREADS": str(max(1, (os.cpu_count() or 2) // 2))}
+        p, d = start_pd(dep, half, time.monotonic() + 900)
+        ed = (d / "endpoint").read_text().strip()
+        time.sleep(2.0)
+        asyncio.run(ttft(ed, warm))
+        tp_pd = asyncio.run(throughput(ed, prompt_set(args.requests, n, salt=4), 32))
         med = statistics.median
         mu, mpd = med(tt_u), med(tt_pd)
         print(f"# PD benchmark: {n}-token prompts, {args.trials} trials, 1P1D (local pool) vs unified")
@@ -138,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"handoff: pool write {med(write_ms):.1f} ms (before the first token: "
                   f"{100 * med(write_ms) / 1e3 / mpd:.1f}% of PD TTFT); read {med(read_ms):.1f} ms and admission "
                   f"{med(admit_ms):.1f} ms after PrefillDone (overlapping the first token's delivery)")  # fmt: skip
-        print(f"throughput ({args.requests} at once, 32 tokens each): unified {tp_u:.1f} tok/s, PD {tp_pd:.1f} tok/s,"
+        print(f"throughput ({args.requests} at once, 32 tokens each; PD instances on half the cores each): "
+              f"unified {tp_u:.1f} tok/s, PD {tp_pd:.1f} tok/s,"
               f" PD / unified = {tp_pd / tp_u:.2f}")  # fmt: skip
         print(f"prefix from pool ({keep}/{n} tokens in the pool): TTFT {med(warm_gain) * 1e3:.1f} ms vs cold "
               f"{med(cold) * 1e3:.1f} ms: {med(cold) / med(warm_gain):.2f}x faster")  # fmt: skip

@@ -27,7 +27,7 @@ import time
 import structlog
 import torch
 
-from kvd import ops
+from kvd import ops, shm
 from kvd.cache.storage.base import ReadStatus, StorageUnavailable
 from kvd.child import run_child
 from kvd.config import KvdConfig
@@ -44,12 +44,7 @@ class TransferError(Exception):
 
 def map_kv(share: KVShare) -> torch.Tensor:
     """The worker's KV cache, mapped from its memfd: (L, 2, NB, BS, KVH, D)."""
-    dtype = getattr(torch, share.dtype)
-    numel = 1
-    for n in share.shape:
-        numel *= n
-    flat = torch.from_file(f"/proc/{share.pid}/fd/{share.fd}", shared=True, size=numel, dtype=dtype)
-    return flat.view(share.shape)
+    return shm.open_shared(share.pid, share.fd, share.shape, getattr(torch, share.dtype))
 
 
 class CacheMessenger:
@@ -65,6 +60,7 @@ class CacheMessenger:
         self.batch = batch_blocks
         # Block-major staging, as bytes for the pool and typed for the layout op.
         self.staging_bytes = torch.empty(batch_blocks, self.block_bytes, dtype=torch.uint8)
+        shm.populate(self.staging_bytes)
         self.staging = self.staging_bytes.view(kv_all.dtype).view(batch_blocks, *self.block_shape)
         self._views = [memoryview(self.staging_bytes[i].numpy()) for i in range(batch_blocks)]
         register = getattr(pool, "register_buffer", None)

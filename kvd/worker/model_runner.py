@@ -16,7 +16,7 @@ from pathlib import Path
 import structlog
 import torch
 
-from kvd import ops
+from kvd import ops, shm
 from kvd.config import CacheConfig, ModelConfig
 from kvd.sampling import SamplingParams
 from kvd.scheduler.output import ModelOutput, SchedulerOutput
@@ -73,6 +73,8 @@ class ModelRunner:
         self, model_dir: Path, model_config: ModelConfig, cache_config: CacheConfig, share_kv: bool = False
     ) -> None:
         self.model_dir = model_dir
+        if model_config.threads:  # several instances on one host: don't oversubscribe the cores
+            torch.set_num_threads(model_config.threads)
         self.device = resolve_device(model_config.device)
         self.dtype = resolve_dtype(model_config.dtype, self.device)
         self.hf_config = load_config(model_dir)
@@ -96,7 +98,7 @@ class ModelRunner:
             if self.device.type != "cpu":
                 raise ValueError("daemon.role: prefill/decode roles share the KV cache with the messenger "
                                  "through CPU shared memory; CUDA IPC sharing is not built yet")  # fmt: skip
-            kv_all = self._shared_zeros(shape)
+            kv_all, self.kv_fd = shm.create(shape, self.dtype)
         else:
             kv_all = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.kv_all = kv_all  # (L, 2, NB, BS, KVH, D)
@@ -116,18 +118,6 @@ class ModelRunner:
             "model_runner_ready", device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
             num_blocks=self.num_blocks, block_size=self.block_size, kv_cache_mb=round(self.kv_cache_bytes / 2**20),
         )  # fmt: skip
-
-    def _shared_zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """A zeroed tensor in a memfd: the messenger maps it through /proc/<pid>/fd/<fd>, and the
-        memory goes away with the last process that maps it (no file left behind on a kill -9)."""
-        numel = 1
-        for n in shape:
-            numel *= n
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        self.kv_fd = os.memfd_create("kvd-kv-cache", 0)
-        os.ftruncate(self.kv_fd, numel * elem)
-        flat = torch.from_file(f"/proc/{os.getpid()}/fd/{self.kv_fd}", shared=True, size=numel, dtype=self.dtype)
-        return flat.view(shape)
 
     def kv_share(self):
         """The KVShare the worker's Ready message carries (None when the cache is private)."""

@@ -11,11 +11,19 @@ Bounded: a put that would take the pool past `capacity_bytes` first evicts the o
 objects, all inside the put's write transaction, so the bound holds across processes.
 A put of a key already present is a success and moves nothing (content-addressed).
 Reads copy once, from the memory map into the caller's buffer, after the digest check.
+
+Writes go through one reused framing buffer (no allocation per object) into the map. A
+growing LMDB file takes a page fault per new 4 KiB page on the write path, which costs
+more than the copy; a background thread keeps the file allocated `PREALLOCATE_AHEAD`
+bytes past LMDB's last page (posix_fallocate, off the write path), so a put into a
+growing pool costs about what a put into a full, evicting one does.
 """
 
 from __future__ import annotations
 
+import os
 import struct
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,6 +40,7 @@ from kvd.cache.storage.base import (
 )
 
 _U64 = struct.Struct(">Q")
+PREALLOCATE_AHEAD = 256 * 2**20
 _OVERHEAD = 2  # map size = capacity x this + slack: B+tree pages and free pages need room too
 _SLACK = 64 * 2**20
 
@@ -54,7 +63,30 @@ class LocalPool(StoragePool):
         self._meta = self.env.open_db(b"meta")
         self.num_evictions = 0
         self._scratch = bytearray()  # one framing buffer, reused: no allocation per object
+        self._map_size = capacity_bytes * _OVERHEAD + _SLACK
+        self._grow = threading.Event()
+        self._closing = False
+        self._data_fd = os.open(self.path / "data.mdb", os.O_RDWR)
+        self._grower = threading.Thread(target=self._preallocate, name="lmdb-preallocate", daemon=True)
+        self._grower.start()
+        self._grow.set()
 
+    def _preallocate(self) -> None:
+        """Keep the data file allocated ahead of LMDB's last page (see the module docstring)."""
+        psize = self.env.stat()["psize"]
+        allocated = 0  # the file's size says nothing: LMDB sizes it to the whole (sparse) map
+        while True:
+            self._grow.wait()
+            self._grow.clear()
+            if self._closing:
+                return
+            try:
+                want = min(self._map_size, (self.env.info()["last_pgno"] + 1) * psize + PREALLOCATE_AHEAD)
+                if want > allocated:
+                    os.posix_fallocate(self._data_fd, allocated, want - allocated)
+                    allocated = want
+            except (OSError, lmdb.Error):
+                return  # a full disk or a closed env: writes then fault pages in as LMDB grows
     def _env(self) -> lmdb.Environment:
         if self.env is None:
             raise StorageUnavailable("local pool: closed")
@@ -87,6 +119,7 @@ class LocalPool(StoragePool):
                 obj.release()
             txn.put(b"bytes", _U64.pack(used), db=self._meta)
             txn.put(b"seq", _U64.pack(seq), db=self._meta)
+        self._grow.set()
         return out
 
     def _evict_until(self, txn: lmdb.Transaction, used: int, limit: int) -> int:
@@ -145,6 +178,10 @@ class LocalPool(StoragePool):
 
     def close(self) -> None:
         if self.env is not None:
+            self._closing = True
+            self._grow.set()
+            self._grower.join()
+            os.close(self._data_fd)
             self.env.close()
             self.env = None
 
