@@ -106,6 +106,7 @@ class PDChain:
         self.server: PrefillServer | None = None
         self.links: list[PrefillLink] = []
         self._rr = itertools.count()
+        self._last_tick = time.monotonic()
         self.counts = {"handoffs": 0, "kv_failures": 0, "recomputes": 0, "late_messages": 0, "reaped": 0}
 
     # ---- set-up ------------------------------------------------------------------------
@@ -424,8 +425,12 @@ class PDChain:
                 if h.phase == Phase.PREFILLING and h.link is not None:
                     h.link.outstanding -= 1
                 self._fail(h, ErrorCode.DEADLINE, f"deadline: no KV within lease_s={self.cfg.lease_s}")
+        # A tick that comes late means this process was starved: replies may be waiting unread,
+        # so no peer is declared dead on this round.
+        starved = now - self._last_tick > max(2.0, self.cfg.heartbeat_timeout_s / 2)
+        self._last_tick = now
         for link in self.links:
-            if link.expired(self.cfg.heartbeat_timeout_s):
+            if not starved and link.expired(self.cfg.heartbeat_timeout_s):
                 self._on_link_dead(link)
             link.ping()
 
@@ -433,8 +438,8 @@ class PDChain:
         log.error("prefill_instance_down", instance=link.instance, endpoint=link.endpoint,
                   silent_s=round(time.monotonic() - link.last_pong, 3))  # fmt: skip
         link.outstanding = 0
+        link.reset()
         for h in [h for h in self.handoffs.values() if h.link is link and h.phase == Phase.PREFILLING]:
-            h.link.send(PrefillAbort(h.handoff_id))
             if self._pick() is not None:
                 log.warning("prefill_failover", request_id=h.request_id, from_instance=link.instance)
                 self._dispatch(h)

@@ -232,10 +232,16 @@ class Daemon:
     async def _read_link(self, link: PrefillLink) -> None:
         """A decode instance's reader of one prefill instance (its socket may appear later)."""
         while True:
-            if link.sock is None:
+            sock = link.sock
+            if sock is None:
                 await asyncio.sleep(self.cfg.daemon.heartbeat_interval_s)  # the endpoint file is not there yet
                 continue
-            msg = await link.recv()
+            try:
+                msg = await link.recv()
+            except (zmq.ZMQError, asyncio.CancelledError):
+                if link.sock is sock:
+                    raise  # a real error, or the daemon stopping
+                continue  # the link was reset (its peer died), which ends a pending recv: read anew
             await self.chain.on_prefill_message(link, msg)
 
     def _start_metrics(self) -> None:

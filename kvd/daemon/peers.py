@@ -89,7 +89,6 @@ class PrefillLink:
         self.spec = spec
         self.endpoint: str | None = None
         self.sock: zmq.asyncio.Socket | None = None
-        self._sync: zmq.Socket | None = None  # a blocking twin for non-blocking sends that raise at once
         self.alive = False
         self.seen = False  # answered at least once
         self.instance = spec
@@ -111,18 +110,25 @@ class PrefillLink:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IMMEDIATE, 1)
         self.sock.connect(self.endpoint)
-        self._sync = zmq.Socket.shadow(self.sock.underlying)
         return True
+
+    def reset(self) -> None:
+        """Drop the connection: the next ping resolves the endpoint again (a restarted prefill
+        instance publishes a new port in its run directory)."""
+        if self.sock is not None:
+            self.sock.close(linger=0)
+        self.sock = None
 
     def send(self, msg: ToPrefill) -> bool:
         """Queue `msg` for a connected peer at once; False if it cannot go out now."""
-        if self._sync is None:
+        if self.sock is None:
             return False
-        try:
-            self._sync.send(self._enc.encode(msg), flags=zmq.NOBLOCK)
-            return True
-        except zmq.ZMQError:
+        # Through the asyncio socket itself: a send on a shadow socket can swallow the edge of
+        # the descriptor the event loop waits on, and a reply would then sit unread.
+        fut = self.sock.send(self._enc.encode(msg), flags=zmq.NOBLOCK)
+        if fut.done() and fut.exception() is not None:
             return False
+        return True
 
     def ping(self) -> None:
         if self.connect():

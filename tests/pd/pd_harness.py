@@ -13,6 +13,9 @@ from kvd.client import AsyncClient, Client, KvdError
 
 TIE_LOGPROB_GAP = 1e-3  # below this top-2 gap a different batch shape may flip a greedy token
 FAST = {"heartbeat_interval_s": 0.5, "integrity_check_interval_s": 1.0}
+# Several instances share this machine's cores: one thread each, or their OpenMP threads spin
+# against each other and starve the daemons' event loops (false heartbeat deaths).
+ONE_THREAD = {"threads": 1}
 
 
 @dataclass
@@ -22,7 +25,7 @@ class Deployment:
 
 
 def start_prefill(root: Path, model_dir: Path, pd: dict, cache: dict | None = None, **sections) -> DaemonHandle:
-    return start_daemon(root, model_dir, daemon={"role": "prefill", **FAST}, pd=pd,
+    return start_daemon(root, model_dir, daemon={"role": "prefill", **FAST}, pd=pd, model=ONE_THREAD,
                         cache=cache or {"num_blocks": 512}, **sections)  # fmt: skip
 
 
@@ -30,7 +33,7 @@ def start_decode(root: Path, model_dir: Path, prefill: DaemonHandle | str, pd: d
                  cache: dict | None = None, **sections) -> DaemonHandle:  # fmt: skip
     spec = str(prefill.run_dir) if isinstance(prefill, DaemonHandle) else prefill
     daemon = {"role": "decode", **FAST, **sections.pop("daemon", {})}
-    return start_daemon(root, model_dir, daemon=daemon, cache=cache or {"num_blocks": 512},
+    return start_daemon(root, model_dir, daemon=daemon, cache=cache or {"num_blocks": 512}, model=ONE_THREAD,
                         pd={"prefill_endpoints": [spec], "heartbeat_timeout_s": 3.0, **pd}, **sections)  # fmt: skip
 
 

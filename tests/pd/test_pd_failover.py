@@ -1,0 +1,91 @@
+"""Two prefill instances behind one decode instance: cross-instance prefix reuse through
+the pool (`prefix_from_pool`), and failover when a prefill instance dies mid-request."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from harness import log_events, wait_for
+from kvd.client import AsyncClient
+from kvd.worker.models import load_tokenizer
+from pd_harness import assert_matches, reference, start_decode, start_prefill, wait_clean, wait_linked
+
+pytestmark = pytest.mark.timeout(300)
+
+TEXT = ("Rivers carve valleys over thousands of years, carrying silt to the plains where farmers "
+        "have grown wheat and barley since the first villages were built beside the water. ") * 12  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_prefills(tmp_path_factory, smollm2_dir):
+    root = tmp_path_factory.mktemp("pd-two")
+    pool = {"local_path": str(root / "pool"), "local_capacity_gb": 1.0}
+    # Their own prefix caches off: a prompt's shared prefix can only come from the pool.
+    prefill = {**pool, "prefix_from_pool": True}
+    p0 = start_prefill(root / "p0", smollm2_dir, prefill, cache={"num_blocks": 512, "enable_prefix_caching": False})
+    p1 = start_prefill(root / "p1", smollm2_dir, prefill, cache={"num_blocks": 512, "enable_prefix_caching": False})
+    d = start_daemon_two(root / "d", smollm2_dir, [p0, p1], pool)
+    wait_linked(d)
+    yield p0, p1, d
+    for x in (d, p0, p1):
+        if x.proc.poll() is None:
+            x.stop()
+
+
+def start_daemon_two(root, model_dir, prefills, pool):
+    from harness import start_daemon
+    from pd_harness import FAST, ONE_THREAD
+
+    return start_daemon(root, model_dir, daemon={"role": "decode", **FAST}, cache={"num_blocks": 512}, model=ONE_THREAD,
+                        pd={**pool, "prefill_endpoints": [str(p.run_dir) for p in prefills],
+                            "heartbeat_timeout_s": 3.0})  # fmt: skip
+
+
+async def generate(endpoint, prompt, max_tokens=10):
+    async with AsyncClient(endpoint, timeout=120) as c:
+        return (await c.generate(prompt_token_ids=prompt, max_tokens=max_tokens, temperature=0.0)).token_ids
+
+
+def test_prefix_from_pool_reads_the_shared_prefix_and_matches(two_prefills, smollm2_dir):
+    p0, p1, d = two_prefills
+    ids = load_tokenizer(smollm2_dir).encode(TEXT, add_special_tokens=False)
+    a, b = ids[:200], ids[:192] + ids[300:340]  # b shares a's first 12 blocks
+    got_a = asyncio.run(generate(d.endpoint, a))
+    got_b = asyncio.run(generate(d.endpoint, b))
+    ref_a, ref_b = reference(smollm2_dir, [a, b], 10)
+    assert_matches(got_a, ref_a, "first prompt")
+    assert_matches(got_b, ref_b, "prompt with its prefix in the pool")
+    reads = [e for p in (p0, p1) for e in log_events(p.log_file, "kv_prefix_read")]
+    assert any(e["num_tokens"] == 192 for e in reads), reads  # 12 blocks read, not recomputed
+    wait_clean(p0, p1, d)
+
+
+def test_a_dead_prefill_instance_fails_over_to_the_other(two_prefills, smollm2_dir):
+    p0, p1, d = two_prefills
+    ids = load_tokenizer(smollm2_dir).encode(TEXT, add_special_tokens=False)
+    prompt = (ids * 4)[7:1207]
+
+    async def go():
+        task = asyncio.ensure_future(generate(d.endpoint, prompt, 8))
+        def started():
+            for p in (p0, p1):
+                if any(e["num_tokens"] == len(prompt) for e in log_events(p.log_file, "prefill_received")):
+                    return p
+            return None
+
+        victim = await asyncio.to_thread(wait_for, started, 60, "a prefill instance to take the request")
+        os.kill(victim.proc.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        out = await task
+        return out, time.monotonic() - t0, victim
+
+    out, waited, victim = asyncio.run(go())
+    assert_matches(out, reference(smollm2_dir, [prompt], 8)[0], "after failover")
+    assert log_events(d.log_file, "prefill_failover")
+    survivor = p1 if victim is p0 else p0
+    wait_clean(survivor, d)
