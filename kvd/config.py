@@ -176,6 +176,54 @@ class MetricsConfig(_Section):
             raise ValueError("metrics.host: must not be empty")
 
 
+SYNC_STRATEGIES = ("all_gather", "ring")
+
+
+class ParallelConfig(_Section):
+    """`[prefill.parallel]`: the shape of the prefill group and its rendezvous."""
+
+    sp: int = 1  # sequence-parallel ranks per stage
+    pp: int = 1  # pipeline stages
+    sync: str = "all_gather"  # per-layer KV exchange: all_gather | ring
+    collective_timeout_s: float = 60.0  # every collective and point-to-point wait
+    master_addr: str = "127.0.0.1"  # the group's TCPStore binds here
+    master_port: int = 0  # 0: a free port
+
+    def __post_init__(self) -> None:
+        for name in ("sp", "pp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"prefill.parallel.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.sync not in SYNC_STRATEGIES:
+            raise ValueError(f"prefill.parallel.sync: expected {'|'.join(SYNC_STRATEGIES)}, got {self.sync!r}")
+        if not 0 < self.collective_timeout_s < float("inf"):
+            raise ValueError(
+                f"prefill.parallel.collective_timeout_s: must be finite and > 0, got {self.collective_timeout_s}"
+            )
+        if not self.master_addr:
+            raise ValueError("prefill.parallel.master_addr: must not be empty")
+        if not 0 <= self.master_port <= 65535:
+            raise ValueError(f"prefill.parallel.master_port: must be in [0, 65535], got {self.master_port}")
+
+    @property
+    def world_size(self) -> int:
+        return self.sp * self.pp
+
+
+class PrefillConfig(_Section):
+    """`[prefill]`: how this instance prefills long prompts (a distributed group, see §6)."""
+
+    parallel: ParallelConfig = ParallelConfig()
+    group_min_tokens: int = 256  # with sp x pp > 1: prompts this long prefill on the group, whole
+
+    def __post_init__(self) -> None:
+        if self.group_min_tokens < 1:
+            raise ValueError(f"prefill.group_min_tokens: must be >= 1, got {self.group_min_tokens}")
+
+    @property
+    def group(self) -> bool:
+        return self.parallel.world_size > 1
+
+
 POOLS = ("local", "mooncake", "redis")
 
 
@@ -233,6 +281,7 @@ class KvdConfig(_Section):
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
     pd: PDConfig = PDConfig()
+    prefill: PrefillConfig = PrefillConfig()
 
     def __post_init__(self) -> None:
         if self.daemon.role == "decode" and not self.pd.prefill_endpoints and self.pd.on_kv_failure == "fail":
@@ -286,6 +335,17 @@ def load_config(
         if not name.startswith(_ENV_PREFIX) or name in _ENV_IGNORED:
             continue
         section, _, key = name[len(_ENV_PREFIX) :].lower().partition("_")
+        if section == "prefill" and key.startswith("parallel_"):  # the nested [prefill.parallel] table
+            sub = key.removeprefix("parallel_")
+            if sub not in ParallelConfig.__struct_fields__:
+                raise ConfigError(f"{name}: unknown key prefill.parallel.{sub} "
+                                  f"([prefill.parallel] keys: {', '.join(ParallelConfig.__struct_fields__)})")
+            text = env[name]
+            value = text if sub in ("sync", "master_addr") else _env_value("", "", text)
+            table = data.setdefault("prefill", {}).setdefault("parallel", {})
+            table[sub] = value
+            origin[f"prefill.parallel.{sub}"] = f"from {name}"
+            continue
         value = _env_value(section, key, env[name])
         _set(data, origin, section, key, value, f"from {name}", name)
 

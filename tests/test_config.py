@@ -173,9 +173,13 @@ def test_shipped_conf_files_load_and_list_every_option(name, role):
     assert base == KvdConfig()
     # every option appears, set or (for None defaults) commented out, each under a comment
     text = path.read_text()
-    for section, owner in typing.get_type_hints(KvdConfig).items():
+    tables = [(section, owner) for section, owner in typing.get_type_hints(KvdConfig).items()]
+    for section, owner in tables:
         body = text.split(f"[{section}]\n", 1)[1].split("\n[", 1)[0]
-        for key in owner.__struct_fields__:
+        for key, hint in typing.get_type_hints(owner).items():
+            if isinstance(hint, type) and issubclass(hint, msgspec.Struct):
+                tables.append((f"{section}.{key}", hint))  # a nested table, e.g. [prefill.parallel]
+                continue
             m = re.search(rf"^(# )?{key} = ", body, re.M)
             assert m, f"{name}.toml: [{section}] lacks {key}"
             before = body[: m.start()].rstrip("\n").rsplit("\n", 1)[-1]
@@ -200,3 +204,12 @@ def test_pd_section_validates_and_a_decode_instance_needs_prefill_instances():
         load_config(overrides={"pd.on_kv_failure": "retry"}, environ={})
     cfg = load_config(environ={"KVD_DAEMON_ROLE": "decode", "KVD_PD_PREFILL_ENDPOINTS": '["/run/kvd/prefill", "tcp://10.0.0.2:7100"]'})
     assert cfg.pd.prefill_endpoints == ["/run/kvd/prefill", "tcp://10.0.0.2:7100"]  # a list, not its text
+
+
+def test_prefill_parallel_table_and_env():
+    cfg = load_config(environ={"KVD_PREFILL_PARALLEL_SP": "2", "KVD_PREFILL_PARALLEL_SYNC": "ring"})
+    assert cfg.prefill.parallel.sp == 2 and cfg.prefill.parallel.sync == "ring" and cfg.prefill.group
+    with pytest.raises(ConfigError, match="prefill.parallel.bogus"):
+        load_config(environ={"KVD_PREFILL_PARALLEL_BOGUS": "1"})
+    with pytest.raises(ConfigError, match="prefill.parallel.sync"):
+        load_config(environ={"KVD_PREFILL_PARALLEL_SYNC": "tree"})

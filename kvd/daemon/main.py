@@ -141,7 +141,9 @@ class Daemon:
 
     def _build_engine(self, info: ModelInfo) -> None:
         kv_wait = max(1, int(info.num_blocks * self.cfg.pd.kv_wait_fraction)) if self.pd else None
-        self.engine = Engine(self.cfg.engine, self.tokenizer, info, stream_text=True, kv_wait_blocks=kv_wait)
+        group_min = self.cfg.prefill.group_min_tokens if self.cfg.prefill.group else 0
+        self.engine = Engine(self.cfg.engine, self.tokenizer, info, stream_text=True, kv_wait_blocks=kv_wait,
+                             group_min_tokens=group_min)  # fmt: skip
         if self.chain is not None:
             self.chain.attach()
 

@@ -41,6 +41,7 @@ import msgspec
 import structlog
 import torch
 
+from kvd.config import ParallelConfig
 from kvd.distributed.kv_sync import SYNC_STRATEGIES
 from kvd.distributed.messages import (
     Done, Failed, Prefill, RankSpec, RankStats, Ready, Shutdown,
@@ -54,36 +55,6 @@ from kvd.worker.models import load_config
 log = structlog.get_logger(__name__)
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-class ParallelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """`[prefill.parallel]`: the shape of the prefill group and its rendezvous."""
-
-    sp: int = 1  # sequence-parallel ranks per stage
-    pp: int = 1  # pipeline stages
-    sync: str = "all_gather"  # per-layer KV exchange: all_gather | ring
-    collective_timeout_s: float = 60.0  # every collective and point-to-point wait
-    master_addr: str = "127.0.0.1"  # the group's TCPStore binds here
-    master_port: int = 0  # 0: a free port
-
-    def __post_init__(self) -> None:
-        for name in ("sp", "pp"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"prefill.parallel.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.sync not in SYNC_STRATEGIES:
-            raise ValueError(f"prefill.parallel.sync: expected {'|'.join(SYNC_STRATEGIES)}, got {self.sync!r}")
-        if not 0 < self.collective_timeout_s < float("inf"):
-            raise ValueError(
-                f"prefill.parallel.collective_timeout_s: must be finite and > 0, got {self.collective_timeout_s}"
-            )
-        if not self.master_addr:
-            raise ValueError("prefill.parallel.master_addr: must not be empty")
-        if not 0 <= self.master_port <= 65535:
-            raise ValueError(f"prefill.parallel.master_port: must be in [0, 65535], got {self.master_port}")
-
-    @property
-    def world_size(self) -> int:
-        return self.sp * self.pp
 
 
 class GroupFailed(RuntimeError):

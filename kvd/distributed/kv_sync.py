@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 
 from kvd.cache.contiguous import ContiguousKVBuffer
+from kvd.config import SYNC_STRATEGIES
 
-SYNC_STRATEGIES = ("all_gather", "ring")
 _K_TAG, _V_TAG = 0, 1
 
 

@@ -66,6 +66,7 @@ class Engine:
         info: ModelInfo,
         stream_text: bool = False,
         kv_wait_blocks: int | None = None,
+        group_min_tokens: int = 0,
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer
@@ -76,7 +77,8 @@ class Engine:
         self.kv = KVCacheManager(
             info.num_blocks, info.block_size, config.cache.enable_prefix_caching, config.cache.hash_algo
         )
-        self.scheduler = Scheduler(config.scheduler, self.kv, config.cache.preempt, info.num_host_slots, kv_wait_blocks)
+        self.scheduler = Scheduler(config.scheduler, self.kv, config.cache.preempt, info.num_host_slots, kv_wait_blocks,
+                                   group_min_tokens)  # fmt: skip
         self._ids = itertools.count()
         self._outputs: dict[str, RequestOutput] = {}
         self._requests: dict[str, Request] = {}

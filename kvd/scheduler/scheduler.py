@@ -46,8 +46,12 @@ class Scheduler:
         preempt: str = "recompute",
         num_host_slots: int = 0,
         kv_wait_blocks: int | None = None,
+        group_min_tokens: int = 0,
     ) -> None:
         self.config = config
+        # A prefill group computes a long prompt in one go: such a prompt (no prefix hit, at
+        # least this many tokens; 0 = no group) is scheduled whole, taking what budget is left.
+        self.group_min_tokens = group_min_tokens
         self.kv = kv_manager
         self.preempt_mode = preempt
         self.num_host_slots = num_host_slots if preempt == "swap" else 0
@@ -229,6 +233,8 @@ class Scheduler:
             computed = [] if resumes else self.kv.get_computed_blocks(request)
             num_cached_tokens = request.num_computed_tokens if resumes else len(computed) * self.kv.block_size
             num_new = min(request.num_tokens - num_cached_tokens, budget)
+            if self.group_min_tokens and num_cached_tokens == 0 and request.num_tokens >= self.group_min_tokens:
+                num_new = request.num_tokens  # on the group, whole (see __init__)
             if self.kv.allocate_slots(request, num_new, computed) is None:
                 break  # wait for blocks; FCFS, so nothing behind it jumps the queue
             self.waiting.popleft()
@@ -240,7 +246,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             scheduled[request.request_id] = num_new
-            budget -= num_new
+            budget = max(0, budget - num_new)
             new_reqs.append(self._new_data(request))
             self.kv.cache_blocks(request, request.num_computed_tokens + num_new)
 

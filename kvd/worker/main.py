@@ -26,6 +26,15 @@ def _start(name: str):
         model_dir = resolve_model(cfg.model.model, cfg.model.cache_dir)
         runner = ModelRunner(model_dir, cfg.model, cfg.cache, share_kv=cfg.daemon.role != "unified")
         info = runner.model_info(load_tokenizer(model_dir))
+        if cfg.prefill.group:  # the ranks are this worker's children: they live and die with it
+            from kvd.distributed.group import PrefillGroup
+
+            runner.group = PrefillGroup(model_dir, cfg.prefill.parallel, max_tokens=runner.max_model_len,
+                                        dtype=runner.dtype)  # fmt: skip
+            runner.group.start()
+            runner.group_min_tokens = cfg.prefill.group_min_tokens
+            log.info("prefill_group_ready", sp=cfg.prefill.parallel.sp, pp=cfg.prefill.parallel.pp,
+                     sync=cfg.prefill.parallel.sync, rank_pids=runner.group.pids)  # fmt: skip
         log.info("worker_ready", num_blocks=info.num_blocks, device=str(runner.device))
 
         def handle(msg: Step) -> StepDone:

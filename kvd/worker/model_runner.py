@@ -114,6 +114,8 @@ class ModelRunner:
             )  # fmt: skip
         self.sampler = Sampler(self.device)
         self.requests: dict[str, _RequestState] = {}
+        self.group = None  # a kvd.distributed PrefillGroup the worker owns (`[prefill.parallel]`)
+        self.group_min_tokens = 0
         log.info(
             "model_runner_ready", device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
             num_blocks=self.num_blocks, block_size=self.block_size, kv_cache_mb=round(self.kv_cache_bytes / 2**20),
@@ -193,9 +195,13 @@ class ModelRunner:
         self._swap(so.swap_in, to_host=False)
         if so.is_empty:
             return ModelOutput(so.step, [], [])
+        group_ids, group_tokens, group_lps = self._group_prefills(so)
+        if len(group_ids) == len(so.num_scheduled_tokens):
+            return ModelOutput(so.step, group_ids, group_tokens, group_lps if any(group_lps) else None)
         bs = self.block_size
         # Decode tokens first (one batched attention call), then prefill chunks.
-        order = sorted(so.num_scheduled_tokens.items(), key=lambda kv: kv[1] != 1)
+        order = sorted(((r, n) for r, n in so.num_scheduled_tokens.items() if r not in group_ids),
+                       key=lambda kv: kv[1] != 1)  # fmt: skip
         token_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -245,7 +251,7 @@ class ModelRunner:
         with attention.forward_context(self.kv_caches, meta):
             hidden = self.decoder(input_ids=ids, position_ids=pos_t, use_cache=False).last_hidden_state  # (1, N, E)
         if not sample_ids:
-            return ModelOutput(so.step, [], [])
+            return ModelOutput(so.step, group_ids, group_tokens, group_lps if any(group_lps) else None)
         rows = torch.tensor(sample_rows, device=self.device)
         logits = self.model.lm_head(hidden[0, rows]).float()  # (B, V)
         states = [self.requests[rid] for rid in sample_ids]
@@ -254,4 +260,31 @@ class ModelRunner:
         )
         for state, tok in zip(states, tokens):
             state.token_ids.append(tok)
+        if group_ids:
+            lps = (group_lps + list(logprobs or [None] * len(tokens))) if (logprobs or any(group_lps)) else None
+            return ModelOutput(so.step, group_ids + sample_ids, group_tokens + tokens, lps)
         return ModelOutput(so.step, sample_ids, tokens, logprobs)
+
+    def _group_prefills(self, so: SchedulerOutput) -> tuple[list[str], list[int], list]:
+        """Whole prompts scheduled for the prefill group: prefill there, copy the KV into the
+        request's blocks, sample the first token here. A GroupFailed propagates: the worker
+        dies, its requests fail, and the daemon restarts it with a new group."""
+        if self.group is None:
+            return [], [], []
+        from kvd.distributed.handoff import write_kv_to_blocks
+
+        ids, tokens, lps = [], [], []
+        for r in so.new_reqs:
+            state = self.requests[r.req_id]
+            n = so.num_scheduled_tokens.get(r.req_id, 0)
+            if r.num_computed_tokens or n != len(state.token_ids) or n < self.group_min_tokens:
+                continue
+            result = self.group.prefill(state.token_ids)
+            write_kv_to_blocks(result.kv, self.kv_caches, state.block_ids)
+            state.num_computed_tokens = n
+            tok, lp = self.sampler(result.logits[None].to(self.device), [state.params], [0])
+            state.token_ids.append(tok[0])
+            ids.append(r.req_id)
+            tokens.append(tok[0])
+            lps.append(lp[0] if lp else None)
+        return ids, tokens, lps
