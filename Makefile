@@ -64,3 +64,4 @@ bench: install model native
 	$(PY) -m kvd.bench.swap
 	$(PY) -m kvd.bench.pool
 	$(PY) -m kvd.bench.pd
+	$(PY) -m kvd.bench.prefill_group
