@@ -9,8 +9,9 @@ blocks in batches:
 
 Every key's status is checked: one failed put, or a missing, corrupt or short read fails
 the task (CacheTaskDone ok=False naming the key) — a read that failed never reaches the
-KV blocks. A read never writes blocks past the task's deadline, so once a lease has
-expired (plus a grace) the daemon may free the blocks even if this process is slow. A
+KV blocks. A task never touches blocks past its deadline (a read does not write them, a
+write does not gather them), so once a lease has expired (plus a grace) the daemon may
+free the blocks even if this process is slow. A
 prefix read (`prefix=True`, for prefill's `prefix_from_pool`) moves the longest leading
 run of keys that is present and verifies and reports how many.
 
@@ -89,6 +90,8 @@ class CacheMessenger:
     def _write(self, task: CacheTask) -> int:
         for i in range(0, len(task.keys), self.batch):
             keys, blocks = task.keys[i : i + self.batch], task.block_ids[i : i + self.batch]
+            if time.monotonic() > task.deadline:  # the blocks may be reclaimed and reused: never read them now
+                raise TransferError(ErrorCode.DEADLINE, "lease expired before the KV was written")
             ops.swap_cache_layout(self.caches, self.staging, blocks, list(range(len(blocks))), to_host=True)
             stored = self.pool.put_many(keys, self._views[: len(keys)])
             bad = next((k for k, ok in zip(keys, stored) if not ok), None)
