@@ -335,16 +335,18 @@ def load_config(
         if not name.startswith(_ENV_PREFIX) or name in _ENV_IGNORED:
             continue
         section, _, key = name[len(_ENV_PREFIX) :].lower().partition("_")
-        if section == "prefill" and key.startswith("parallel_"):  # the nested [prefill.parallel] table
-            sub = key.removeprefix("parallel_")
-            if sub not in ParallelConfig.__struct_fields__:
-                raise ConfigError(f"{name}: unknown key prefill.parallel.{sub} "
-                                  f"([prefill.parallel] keys: {', '.join(ParallelConfig.__struct_fields__)})")
+        nested = _nested_table(section, key)
+        if nested is not None:  # KVD_PREFILL_PARALLEL_SP -> [prefill.parallel] sp
+            field, table_type = nested
+            sub = key.removeprefix(field + "_")
+            dotted = f"{section}.{field}.{sub}"
+            if sub not in table_type.__struct_fields__:
+                raise ConfigError(f"{name}: unknown key {dotted} "
+                                  f"([{section}.{field}] keys: {', '.join(table_type.__struct_fields__)})")  # fmt: skip
             text = env[name]
-            value = text if sub in ("sync", "master_addr") else _env_value("", "", text)
-            table = data.setdefault("prefill", {}).setdefault("parallel", {})
-            table[sub] = value
-            origin[f"prefill.parallel.{sub}"] = f"from {name}"
+            data.setdefault(section, {}).setdefault(field, {})[sub] = (
+                text if _accepts_str(table_type, sub) else _env_value("", "", text))
+            origin[dotted] = f"from {name}"
             continue
         value = _env_value(section, key, env[name])
         _set(data, origin, section, key, value, f"from {name}", name)
@@ -406,7 +408,18 @@ def _env_value(section: str, key: str, text: str) -> Any:
         return text
 
 
-def _accepts_str(owner: type[_Section], key: str) -> bool:
+def _nested_table(section: str, key: str) -> tuple[str, type] | None:
+    """(field, its Struct type) when `key` names a key of a nested table of `section`."""
+    owner = _SECTIONS.get(section)
+    if owner is None:
+        return None
+    for field, hint in typing.get_type_hints(owner).items():
+        if isinstance(hint, type) and issubclass(hint, msgspec.Struct) and key.startswith(field + "_"):
+            return field, hint
+    return None
+
+
+def _accepts_str(owner: type, key: str) -> bool:
     hint = typing.get_type_hints(owner)[key]
     union = typing.get_origin(hint) in (typing.Union, types.UnionType)  # str | None, not list[str]
     return hint is str or (union and str in typing.get_args(hint))

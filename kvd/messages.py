@@ -158,6 +158,12 @@ class CacheTaskDone(_Msg, tag="cache_task_done", kw_only=True):
     code: ErrorCode = ErrorCode.KV_TRANSFER_FAILED
     error: str = ""  # names the first key that failed and how
 
+    @classmethod
+    def failed(cls, task_id: int, request_id: str, error: str) -> CacheTaskDone:
+        """A task that never reached the messenger, or whose messenger died."""
+        return cls(task_id=task_id, request_id=request_id, ok=False, num_blocks=0, nbytes=0, duration_ms=0.0,
+                   error=error)  # fmt: skip
+
 
 FromChild = Ready | StepDone | StepFailed | Dead | CacheTaskDone
 ToMessenger = CacheTask | Shutdown

@@ -259,13 +259,12 @@ class PDChain:
         if h.rid not in engine.scheduler.requests:  # the first token finished it: nothing to read
             self.handoffs.pop(h.rid, None)
             return
-        block_ids = engine.kv.block_ids(h.rid)[h.read_from : len(keys)]
-        self._read(h, keys[h.read_from :], prefix=False, block_ids=block_ids)
+        self._read(h, keys[h.read_from :], prefix=False)
 
-    def _read(self, h: _Handoff, keys: list[str], prefix: bool, block_ids: list[int] | None = None) -> None:
+    def _read(self, h: _Handoff, keys: list[str], prefix: bool) -> None:
+        """Read `keys` into the request's blocks from `h.read_from` on."""
         engine = self.daemon.engine
-        if block_ids is None:
-            block_ids = engine.kv.block_ids(h.rid)[h.read_from : h.read_from + len(keys)]
+        block_ids = engine.kv.block_ids(h.rid)[h.read_from : h.read_from + len(keys)]
         if not keys:
             self._arrived(h, 0)
             return
@@ -465,8 +464,7 @@ class PDChain:
     async def on_messenger_lost(self) -> None:
         """The messenger died: no transfer can still write; every task in flight failed."""
         for task_id, (rid, _) in list(self.tasks.items()):
-            await self.on_task_done(CacheTaskDone(task_id=task_id, request_id=rid, ok=False, num_blocks=0, nbytes=0,
-                                                  duration_ms=0.0, error="the cache messenger died"))  # fmt: skip
+            await self.on_task_done(CacheTaskDone.failed(task_id, rid, "the cache messenger died"))
 
     def status(self) -> dict:
         phases = {p.name.lower(): 0 for p in Phase}

@@ -329,9 +329,8 @@ class Daemon:
                     return
                 except zmq.ZMQError:
                     pass
-            await self.chain.on_task_done(CacheTaskDone(task_id=task.task_id, request_id=task.request_id, ok=False,
-                                                        num_blocks=0, nbytes=0, duration_ms=0.0,
-                                                        error="the cache messenger is not running"))  # fmt: skip
+            await self.chain.on_task_done(CacheTaskDone.failed(task.task_id, task.request_id,
+                                                               "the cache messenger is not running"))
 
         self._spawn(send())
 
