@@ -352,12 +352,23 @@ class MooncakePool(StoragePool):
         with self._lock:
             if self._store is None:
                 return
-            self._store.close()  # unmounts the segment; up to a few seconds if the master is gone
+            try:
+                _check_master(self.master_address, 1.0)
+            except StorageUnavailable:
+                # The master is gone and the segment with it: the client's unmount would only
+                # retry RPCs (seen: 2-17 s). Keep the client object until the process exits
+                # instead of letting its destructor retry them now.
+                _ABANDONED.append(self._store)
+            else:
+                self._store.close()  # unmounts the segment from a live master
             self._store = None
             self._regions.clear()
             self._staging.release()
             del self._staging_ref
             self._staging_map.close()
+
+
+_ABANDONED: list = []  # clients whose master died: closing them would only wait on dead RPCs
 
 
 def _check_master(address: str, timeout_s: float) -> None:
