@@ -35,13 +35,14 @@ _SOURCES = ["paged_attention.cpp", "swap_cache_layout.cpp"]
 
 
 _CUDA_SOURCES = ["swap_cache_layout.cu"]
+_HEADERS = ["swap_cache_layout.h"]  # included by both builds: part of their cache key
 
 
 def _build_dir(sources: list[str] = _SOURCES) -> Path:
     from kvd.worker.models import default_cache_dir
 
     h = hashlib.sha256(torch.__version__.encode())
-    for name in sources:
+    for name in sources + _HEADERS:
         h.update((NATIVE_DIR / name).read_bytes())
     try:
         with open("/proc/cpuinfo") as f:
@@ -77,6 +78,44 @@ def native_cuda():
     except Exception as e:  # noqa: BLE001 - no nvcc, no headers: the reference serves, loudly
         log.warning("native_cuda_ops_unavailable", error=f"{type(e).__name__}: {e}")
         return None
+
+
+def compile_cuda_object(arch: str = "sm_90") -> Path:
+    """Compile the CUDA sources with nvcc into one object, without linking; returns its path.
+
+    The build check where torch has no CUDA: nothing can load or run the object, but every
+    type and syntax error of the .cu shows. torch's CPU wheel ships the CUDA headers except
+    one generated at torch's build, `c10/cuda/impl/cuda_cmake_macros.h`, which is written
+    here with its upstream content. Cached by the sources' hash; raises RuntimeError with
+    nvcc's errors.
+    """
+    import shutil
+    import subprocess
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise FileNotFoundError("nvcc is not on PATH")
+    out = _build_dir(_CUDA_SOURCES) / f"check-{arch}"
+    obj = out / "swap_cache_layout.o"
+    if obj.exists():
+        return obj
+    shim = out / "include" / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    shim.parent.mkdir(parents=True, exist_ok=True)
+    shim.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    includes = [*cpp_extension.include_paths(), str(Path(nvcc).resolve().parent.parent / "include"),
+                sysconfig.get_paths()["include"], str(out / "include")]  # fmt: skip
+    cmd = [nvcc, "-c", *(str(NATIVE_DIR / s) for s in _CUDA_SOURCES), "-o", str(obj) + ".tmp", "-std=c++20", "-O3",
+           f"-arch={arch}", "-Xcompiler", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+           "-DTORCH_EXTENSION_NAME=kvd_native_cuda", *cpp_extension.COMMON_NVCC_FLAGS,
+           *(f"-I{d}" for d in includes)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"nvcc failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    os.replace(str(obj) + ".tmp", obj)
+    return obj
 
 
 @functools.cache
@@ -195,3 +234,10 @@ def swap_cache_layout_loop(caches, host, block_ids, slot_ids, to_host: bool) -> 
 if __name__ == "__main__":
     mod = native()
     print("native ops:", "built" if mod is not None else "unavailable (torch fallback)", file=sys.stderr)
+    if "--cuda" in sys.argv[1:]:
+        if torch.cuda.is_available():
+            if native_cuda() is None:
+                sys.exit("CUDA ops did not build (see the log above)")
+            print("CUDA ops: built", file=sys.stderr)
+        else:
+            print(f"torch has no CUDA; compile-only check: {compile_cuda_object()}", file=sys.stderr)

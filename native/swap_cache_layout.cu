@@ -1,18 +1,21 @@
 // swap_cache_layout, CUDA: move KV blocks between the worker's per-layer device layout and
-// the block-major host layout (pinned memory), ordered on the caller's current stream.
+// the block-major host layout in pinned memory, ordered on the caller's current stream
+// (layouts, checks and the kernel body: swap_cache_layout.h).
 //
-//   caches[l]  (2, num_blocks, block_size, KVH, D) on the GPU   host (slots, L, 2, block_size, KVH, D) pinned
+// Device -> host is one gather kernel (one CUDA block per piece) into a staging buffer in
+// slot order, then one cudaMemcpyAsync per run of consecutive slots: ONE copy when the
+// slots are contiguous. Host -> device is the same in reverse: the runs into staging, then
+// one scatter kernel. Staging memory comes from torch's caching allocator (stream-ordered,
+// returned with the tensor: no global buffer that outlives its use). The kernel moves 16
+// bytes at a time only when every base address and the piece size are 16-byte aligned,
+// bytes otherwise. The layer addresses and block ids travel in one pinned tensor, copied
+// without blocking the host; nothing synchronises, so callers that read the host side
+// synchronise the stream first.
 //
-// Fast path (host slots contiguous, s0..s0+n-1): the host bytes of those slots are one
-// contiguous range, so device->host is one gather kernel into a staging buffer and ONE
-// cudaMemcpyAsync; host->device is one cudaMemcpyAsync into staging and one scatter
-// kernel. Scattered slots: the same kernel, then one copy per block (a slot's L*2 pieces
-// are contiguous on the host). Staging memory comes from torch's caching allocator
-// (stream-ordered, freed with the tensor: no global buffer that outlives its use). The
-// kernels copy 16 bytes at a time only when every base pointer and the piece size are
-// 16-byte aligned, bytes otherwise. Nothing synchronises: callers that need the data on
-// the host synchronise the stream. Inputs are checked by the CPU op's rules first.
-#include <torch/extension.h>
+// The CPU build runs this plan on the CPU (`_swap_cache_layout_cuda_plan`), which is how
+// its addressing is tested without a GPU.
+#include "swap_cache_layout.h"
+
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
@@ -27,100 +30,58 @@ namespace {
     TORCH_CHECK(err__ == cudaSuccess, "swap_cache_layout: ", cudaGetErrorString(err__)); \
   } while (0)
 
-// One CUDA block per (block i, layer l, K|V) piece; piece p sits at staging + p * chunk.
 template <typename T>
-__global__ void move_pieces(const int64_t* __restrict__ layer_ptrs, const int64_t* __restrict__ block_ids,
-                            uint8_t* __restrict__ staging, int64_t L, int64_t num_blocks, int64_t chunk,
-                            bool to_staging) {
-  const int64_t p = blockIdx.x;  // piece index = (i * L + l) * 2 + kv
-  const int64_t kv = p % 2, l = (p / 2) % L, i = p / (2 * L);
-  uint8_t* dev = reinterpret_cast<uint8_t*>(layer_ptrs[l]) + (kv * num_blocks + block_ids[i]) * chunk;
-  uint8_t* stg = staging + p * chunk;
-  T* dst = reinterpret_cast<T*>(to_staging ? stg : dev);
-  const T* src = reinterpret_cast<const T*>(to_staging ? dev : stg);
-  for (int64_t j = threadIdx.x; j < chunk / static_cast<int64_t>(sizeof(T)); j += blockDim.x) dst[j] = src[j];
-}
-
-bool aligned16(const std::vector<at::Tensor>& caches, const at::Tensor& staging, int64_t chunk) {
-  if (chunk % 16 || reinterpret_cast<uintptr_t>(staging.data_ptr()) % 16) return false;
-  for (const auto& c : caches)
-    if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16) return false;
-  return true;
+__global__ void move_pieces(kvd_swap::Pieces g) {
+  kvd_swap::move_piece<T>(g, blockIdx.x, threadIdx.x, blockDim.x);
 }
 
 }  // namespace
 
 void swap_cache_layout_cuda(at::TensorList caches_list, const at::Tensor& host, const at::Tensor& block_ids,
                             const at::Tensor& slot_ids, bool to_host) {
-  std::vector<at::Tensor> caches(caches_list.begin(), caches_list.end());
-  TORCH_CHECK(!caches.empty() && caches[0].is_cuda(), "swap_cache_layout: caches must be CUDA tensors");
-  TORCH_CHECK(host.device().is_cpu() && host.is_pinned() && host.is_contiguous(),
-              "swap_cache_layout: host must be contiguous pinned CPU memory");
-  const c10::cuda::CUDAGuard guard(caches[0].device());
+  const std::vector<at::Tensor> caches(caches_list.begin(), caches_list.end());
+  kvd_swap::check_inputs(caches, host, block_ids, slot_ids, to_host, /*cuda=*/true);
   const auto& c0 = caches[0];
-  for (const auto& c : caches)
-    TORCH_CHECK(c.sizes() == c0.sizes() && c.scalar_type() == c0.scalar_type() && c.is_contiguous() &&
-                    c.device() == c0.device(), "swap_cache_layout: caches differ in shape, dtype, device or layout");
-  const int64_t L = static_cast<int64_t>(caches.size()), n = block_ids.numel(), nb = c0.size(1);
-  TORCH_CHECK(host.dim() == 6 && host.size(1) == L && host.size(2) == 2 && host.size(3) == c0.size(2) &&
-                  host.size(4) == c0.size(3) && host.size(5) == c0.size(4) && host.scalar_type() == c0.scalar_type(),
-              "swap_cache_layout: host shape or dtype does not match the caches");
-  TORCH_CHECK(block_ids.device().is_cpu() && slot_ids.device().is_cpu() && block_ids.scalar_type() == at::kLong &&
-                  slot_ids.scalar_type() == at::kLong && slot_ids.numel() == n,
-              "swap_cache_layout: block_ids and slot_ids must be equal-length int64 CPU tensors");
-  const int64_t* b = block_ids.data_ptr<int64_t>();
-  const int64_t* s = slot_ids.data_ptr<int64_t>();
-  bool contiguous = true;
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(b[i] >= 0 && b[i] < nb, "swap_cache_layout: block id ", b[i], " outside [0, ", nb, ")");
-    TORCH_CHECK(s[i] >= 0 && s[i] < host.size(0), "swap_cache_layout: slot id ", s[i], " out of range");
-    contiguous = contiguous && (i == 0 || s[i] == s[i - 1] + 1);
-  }
+  const c10::cuda::CUDAGuard guard(c0.device());
+  const int64_t L = static_cast<int64_t>(caches.size()), n = block_ids.numel();
   if (n == 0) return;
-  const int64_t chunk = c0.size(2) * c0.size(3) * c0.size(4) * c0.element_size();
-  const int64_t slot_bytes = L * 2 * chunk;
-  const c10::cuda::CUDAStream cur = c10::cuda::getCurrentCUDAStream();
-  cudaStream_t stream = cur.stream();
-  auto dev_opts = at::TensorOptions().device(c0.device()).dtype(at::kLong);
-  std::vector<int64_t> ptrs(L);
-  for (int64_t l = 0; l < L; ++l) ptrs[l] = reinterpret_cast<int64_t>(caches[l].data_ptr());
-  at::Tensor layer_ptrs = at::tensor(ptrs, at::kLong).to(c0.device(), /*non_blocking=*/false);
-  at::Tensor dev_blocks = block_ids.to(dev_opts.device(), /*non_blocking=*/false);
+  const int64_t chunk = kvd_swap::piece_bytes(c0), slot_bytes = L * 2 * chunk;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+
+  // [layer addresses..., block ids...] in pinned memory, one non-blocking copy; the caching
+  // host allocator keeps the pinned block until that copy has run.
+  at::Tensor index = at::empty({L + n}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  int64_t* idx = index.data_ptr<int64_t>();
+  for (int64_t l = 0; l < L; ++l) idx[l] = reinterpret_cast<int64_t>(caches[l].data_ptr());
+  std::copy_n(block_ids.data_ptr<int64_t>(), n, idx + L);
+  at::Tensor dev_index = index.to(c0.device(), /*non_blocking=*/true);
+
   at::Tensor staging = at::empty({n * slot_bytes}, at::TensorOptions().device(c0.device()).dtype(at::kByte));
-  uint8_t* stg = staging.data_ptr<uint8_t>();
-  uint8_t* hst = static_cast<uint8_t*>(host.data_ptr());
-  const bool vec = aligned16(caches, staging, chunk);
-  auto launch = [&](bool to_staging) {
-    const dim3 grid(static_cast<unsigned>(n * L * 2)), threads(256);
+  const kvd_swap::Pieces g{dev_index.data_ptr<int64_t>(), dev_index.data_ptr<int64_t>() + L,
+                           staging.data_ptr<uint8_t>(), L, c0.size(1), chunk, to_host};
+  const bool vec = kvd_swap::aligned16(caches, staging.data_ptr(), chunk);
+  auto kernel = [&] {
+    const dim3 grid(static_cast<unsigned>(n * L * 2)), threads(kvd_swap::kLanes);
     if (vec)
-      move_pieces<int4><<<grid, threads, 0, stream>>>(layer_ptrs.data_ptr<int64_t>(), dev_blocks.data_ptr<int64_t>(),
-                                                      stg, L, nb, chunk, to_staging);
+      move_pieces<int4><<<grid, threads, 0, stream>>>(g);
     else
-      move_pieces<uint8_t><<<grid, threads, 0, stream>>>(layer_ptrs.data_ptr<int64_t>(),
-                                                         dev_blocks.data_ptr<int64_t>(), stg, L, nb, chunk, to_staging);
+      move_pieces<uint8_t><<<grid, threads, 0, stream>>>(g);
     KVD_CUDA_CHECK(cudaGetLastError());
   };
-  if (to_host) {
-    launch(true);
-    if (contiguous) {
-      KVD_CUDA_CHECK(cudaMemcpyAsync(hst + s[0] * slot_bytes, stg, n * slot_bytes, cudaMemcpyDeviceToHost, stream));
-    } else {
-      for (int64_t i = 0; i < n; ++i)
-        KVD_CUDA_CHECK(cudaMemcpyAsync(hst + s[i] * slot_bytes, stg + i * slot_bytes, slot_bytes,
-                                       cudaMemcpyDeviceToHost, stream));
-    }
-  } else {
-    if (contiguous) {
-      KVD_CUDA_CHECK(cudaMemcpyAsync(stg, hst + s[0] * slot_bytes, n * slot_bytes, cudaMemcpyHostToDevice, stream));
-    } else {
-      for (int64_t i = 0; i < n; ++i)
-        KVD_CUDA_CHECK(cudaMemcpyAsync(stg + i * slot_bytes, hst + s[i] * slot_bytes, slot_bytes,
-                                       cudaMemcpyHostToDevice, stream));
-    }
-    launch(false);
+  auto* hst = static_cast<uint8_t*>(host.data_ptr());
+  auto* stg = staging.data_ptr<uint8_t>();
+  if (to_host) kernel();
+  for (const auto& r : kvd_swap::host_runs(slot_ids.data_ptr<int64_t>(), n, slot_bytes)) {
+    if (to_host)
+      KVD_CUDA_CHECK(cudaMemcpyAsync(hst + r.host_offset, stg + r.staging_offset, r.bytes, cudaMemcpyDeviceToHost,
+                                     stream));
+    else
+      KVD_CUDA_CHECK(cudaMemcpyAsync(stg + r.staging_offset, hst + r.host_offset, r.bytes, cudaMemcpyHostToDevice,
+                                     stream));
   }
-  // staging, layer_ptrs and dev_blocks go back to the caching allocator here; it hands
-  // their memory only to work ordered after this stream's copies (same stream).
+  if (!to_host) kernel();
+  // staging and dev_index go back to the caching allocator here; it hands their memory
+  // only to work ordered after this stream's copies and kernels (same stream).
 }
 
 TORCH_LIBRARY_IMPL(kvd, CUDA, m) {

@@ -1,5 +1,7 @@
 """swap_cache_layout: the native op against the pure-torch reference, both directions, every bad input."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -101,3 +103,64 @@ def test_cuda_op_matches_reference(dtype, contiguous):
         torch.cuda.synchronize()
         ops.swap_cache_layout_ref(ref_caches, ref_host, blocks, slots, to_host)
         assert torch.equal(host, ref_host) and all(torch.equal(a, b) for a, b in zip(caches, ref_caches))
+
+
+# The CUDA op's plan, run on the CPU by the CPU build (`_swap_cache_layout_cuda_plan`):
+# the same checks, staging buffer, kernel body over the whole grid and host copy runs as
+# native/swap_cache_layout.cu, so its addressing is tested where no GPU is.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layers, block_size, kv_heads, head_dim", [(1, 1, 1, 8), (3, 16, 2, 64), (2, 4, 3, 20)])
+@pytest.mark.parametrize(
+    "slots, runs",
+    [
+        ([5, 6, 7, 8, 9, 10], 1),  # contiguous: one copy
+        ([11, 2, 20, 0, 7, 15], 6),  # scattered: one per slot
+        ([3, 4, 5, 12, 13, 0], 3),  # runs of consecutive slots merge
+    ],
+)
+@pytest.mark.parametrize("allow_vectors", [True, False])
+def test_cuda_plan_matches_reference(dtype, layers, block_size, kv_heads, head_dim, slots, runs, allow_vectors):
+    ops.native()
+    block_ids = torch.tensor([30, 1, 17, 8, 22, 4])
+    slot_ids = torch.tensor(slots)
+    for to_host in (True, False):
+        caches, host = make(layers, 32, block_size, kv_heads, head_dim, dtype, 24, seed=int(to_host))
+        ref_caches, ref_host = [c.clone() for c in caches], host.clone()
+        copies = torch.ops.kvd._swap_cache_layout_cuda_plan(caches, host, block_ids, slot_ids, to_host, allow_vectors)
+        ops.swap_cache_layout_ref(ref_caches, ref_host, block_ids, slot_ids, to_host)
+        assert copies == runs
+        assert torch.equal(host, ref_host) and all(torch.equal(a, b) for a, b in zip(caches, ref_caches))
+
+
+@pytest.mark.parametrize("offset_elems, head_dim", [(1, 8), (0, 3)])
+def test_cuda_plan_moves_bytes_when_not_16_byte_aligned(offset_elems, head_dim):
+    # A cache base 4 bytes off alignment, or a 12-byte piece: 16-byte vectors would fault
+    # or drop the tail, so the plan must take the byte path and still move every byte.
+    ops.native()
+    shape = (2, 16, 1, 1, head_dim)
+    flat = [torch.randn(offset_elems + torch.Size(shape).numel()) for _ in range(3)]
+    caches = [f[offset_elems:].view(shape) for f in flat]
+    host = torch.randn(8, 3, 2, 1, 1, head_dim)
+    blocks, slots = torch.tensor([2, 9, 15]), torch.tensor([4, 5, 6])
+    for to_host in (True, False):
+        ref_caches, ref_host = [c.clone() for c in caches], host.clone()
+        torch.ops.kvd._swap_cache_layout_cuda_plan(caches, host, blocks, slots, to_host, True)
+        ops.swap_cache_layout_ref(ref_caches, ref_host, blocks, slots, to_host)
+        assert torch.equal(host, ref_host) and all(torch.equal(a, b) for a, b in zip(caches, ref_caches))
+
+
+def test_cuda_plan_checks_inputs_like_the_op():
+    ops.native()
+    caches, host = make(2, 8, 4, 1, 8, torch.float32, 4)
+    with pytest.raises(RuntimeError, match="outside"):
+        torch.ops.kvd._swap_cache_layout_cuda_plan(caches, host, torch.tensor([8]), torch.tensor([0]), True, True)
+    with pytest.raises(RuntimeError, match="written twice"):
+        torch.ops.kvd._swap_cache_layout_cuda_plan(caches, host, torch.tensor([0, 1]), torch.tensor([2, 2]), True, True)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc")
+def test_cuda_source_compiles_with_nvcc():
+    # Where torch has no CUDA (CI), compile the CUDA op for sm_90 against torch's headers,
+    # so a type or syntax error in native/swap_cache_layout.cu shows without a GPU.
+    obj = ops.compile_cuda_object()
+    assert obj.stat().st_size > 0
