@@ -119,18 +119,21 @@ class Deployment:
 
     # ---- stop --------------------------------------------------------------------------
     def stop(self) -> None:
-        """Decode instances first (they drain their clients), then prefill, then the pool."""
-        order = sorted(self.procs.items(), key=lambda kv: not kv[0].startswith("decode"))
-        for _, proc in order:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for name, proc in order:
-            try:
-                proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                log.warning("instance_killed", instance=name, pid=proc.pid)
-                proc.kill()
-                proc.wait()
+        """Decode instances first, until they exit (they drain their clients, whose handoffs
+        still need the prefill instances), then prefill (they drain their handoffs), then
+        the pool."""
+        for first in (True, False):
+            group = [(name, proc) for name, proc in self.procs.items() if name.startswith("decode") == first]
+            for _, proc in group:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for name, proc in group:
+                try:
+                    proc.wait(STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    log.warning("instance_killed", instance=name, pid=proc.pid)
+                    proc.kill()
+                    proc.wait()
         for server in self.servers:
             server.stop()
         if self.local_pool is not None:

@@ -211,6 +211,7 @@ class Pong(_Msg, tag="pong"):
     instance: str  # the prefill instance's name (host:pid)
     namespace: str
     queued: int
+    draining: bool = False  # shutting down: finishing its handoffs, taking no new ones
 
 
 ToPrefill = PrefillRequest | PrefillAbort | Ping

@@ -23,6 +23,8 @@ answering heartbeats fails or fails over its handoffs at once.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import itertools
 import os
@@ -91,6 +93,30 @@ class _Handoff:
         self.num_cached = 0
 
 
+class _Handoffs(dict):
+    """The chain's handoffs by engine request id; `empty` is set while there are none (a
+    draining prefill instance awaits it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.empty = asyncio.Event()
+        self.empty.set()
+
+    def __setitem__(self, rid: str, h: _Handoff) -> None:
+        super().__setitem__(rid, h)
+        self.empty.clear()
+
+    def pop(self, *args):
+        h = super().pop(*args)
+        if not self:
+            self.empty.set()
+        return h
+
+    def clear(self) -> None:
+        super().clear()
+        self.empty.set()
+
+
 class PDChain:
     """The event chain of one instance; the daemon calls in, the chain answers through it."""
 
@@ -98,7 +124,7 @@ class PDChain:
         self.daemon = daemon
         self.cfg = daemon.cfg.pd
         self.role = daemon.cfg.daemon.role
-        self.handoffs: dict[str, _Handoff] = {}  # by engine request id
+        self.handoffs = _Handoffs()
         self.tasks: dict[int, tuple[str, float]] = {}  # messenger task id -> (engine rid, deadline)
         self._task_ids = itertools.count(1)
         self.namespace = ""
@@ -147,10 +173,10 @@ class PDChain:
         if h is None or out is None:
             return
         if out.finish_reason in ("abort", "error") or not out.token_ids:
-            self.handoffs.pop(h.rid, None)
             if not h.aborted:
                 await self._reply(h, PrefillFailed(handoff_id=h.rid, request_id=h.request_id,
                                                    code=ErrorCode.INTERNAL, message="prefill: the request failed"))
+            self.handoffs.pop(h.rid, None)  # after the reply: a drain waits for the last one
             return
         h.prefill_ms = (time.monotonic() - h.t_prefill) * 1e3
         log.info("prefill_first_token", request_id=h.request_id, handoff_id=h.rid, token=out.token_ids[0],
@@ -180,25 +206,28 @@ class PDChain:
         self.handoffs[rid] = _Handoff(rid, rid)
         self.counts["handoffs"] += 1
 
-    def _pick(self) -> PrefillLink | None:
-        live = [link for link in self.links if link.alive]
+    def _pick(self, avoid: PrefillLink | None = None) -> PrefillLink | None:
+        live = [link for link in self.links if link.alive and not link.draining and link is not avoid]
         if not live:
             return None
         least = min(link.outstanding for link in live)
         candidates = [link for link in live if link.outstanding == least]
         return candidates[next(self._rr) % len(candidates)]
 
-    def _dispatch(self, h: _Handoff) -> None:
+    def _dispatch(self, h: _Handoff, avoid: PrefillLink | None = None) -> None:
         engine = self.daemon.engine
         request = engine.scheduler.requests.get(h.rid)
         if request is None:
             return
-        link = self._pick()
+        link = self._pick(avoid)
         if link is None:
-            if any(link.seen for link in self.links) or not self.links:
+            # Dispatched when a prefill instance first answers or comes back from a drain (a
+            # restart); failed at once when every instance that answered before is gone.
+            waiting = any(link.alive and link.draining for link in self.links)
+            if not waiting and (any(link.seen for link in self.links) or not self.links):
                 self._fail(h, ErrorCode.UNAVAILABLE, "pd: no prefill instance is answering")
             else:
-                h.phase = Phase.UNDISPATCHED  # dispatched when a prefill instance first answers
+                h.phase = Phase.UNDISPATCHED
             return
         h.attempt += 1
         h.handoff_id = f"{h.rid}#{h.attempt}@{self.instance}"
@@ -218,10 +247,13 @@ class PDChain:
 
     async def on_prefill_message(self, link: PrefillLink, msg) -> None:
         if isinstance(msg, Pong):
+            was_draining = link.draining
             if link.on_pong(msg):
                 log.info("prefill_instance_up", instance=link.instance, endpoint=link.endpoint)
                 for h in [h for h in self.handoffs.values() if h.phase == Phase.UNDISPATCHED]:
                     self._dispatch(h)
+            elif link.draining and not was_draining:
+                log.info("prefill_instance_draining", instance=link.instance, endpoint=link.endpoint)
             return
         rid = msg.handoff_id.split("#", 1)[0]
         h = self.handoffs.get(rid)
@@ -234,6 +266,12 @@ class PDChain:
         if isinstance(msg, PrefillFailed):
             log.warning("prefill_failed", request_id=h.request_id, code=int(msg.code), error=msg.message,
                         **h.clock.step())  # fmt: skip
+            # Refused for now (draining, worker restarting): another instance may take it.
+            if msg.code == ErrorCode.UNAVAILABLE and h.attempt <= len(self.links) and self._pick(avoid=link):
+                log.warning("prefill_failover", request_id=h.request_id, from_instance=link.instance,
+                            reason=msg.message)  # fmt: skip
+                self._dispatch(h, avoid=link)
+                return
             self._fail(h, msg.code if msg.code != ErrorCode.INTERNAL else ErrorCode.KV_TRANSFER_FAILED,
                        f"prefill instance {link.instance}: {msg.message}")  # fmt: skip
             return
@@ -320,7 +358,8 @@ class PDChain:
         if isinstance(msg, Ping):
             engine = self.daemon.engine
             queued = len(engine.scheduler.waiting) if engine is not None else 0
-            await self.server.send(identity, Pong(msg.seq, self.instance, self.namespace, queued))
+            await self.server.send(identity, Pong(msg.seq, self.instance, self.namespace, queued,
+                                                  draining=self.daemon.draining))  # fmt: skip
         elif isinstance(msg, PrefillAbort):
             rid = msg.handoff_id
             h = self.handoffs.get(rid)
@@ -366,20 +405,39 @@ class PDChain:
         self.daemon.wake()
 
     async def _on_write_done(self, h: _Handoff, done: CacheTaskDone) -> None:
-        self.handoffs.pop(h.rid, None)
-        if h.aborted:
-            return
-        if not done.ok:
-            self.counts["kv_failures"] += 1
-            await self._reply(h, PrefillFailed(handoff_id=h.rid, request_id=h.request_id, code=done.code,
-                                               message=f"kv write: {done.error}"))  # fmt: skip
-            return
-        log.info("kv_written", request_id=h.request_id, handoff_id=h.rid, num_blocks=done.num_blocks,
-                 nbytes=done.nbytes, write_ms=round(done.duration_ms, 3), **h.clock.step())  # fmt: skip
-        await self._reply(h, PrefillDone(handoff_id=h.rid, request_id=h.request_id, first_token=h.first_token,
-                                         logprobs=h.logprobs, keys=h.keys, num_tokens=len(h.token_ids),
-                                         num_cached_tokens=h.num_cached, prefill_ms=h.prefill_ms,
-                                         write_ms=done.duration_ms))  # fmt: skip
+        try:
+            if h.aborted:
+                return
+            if not done.ok:
+                self.counts["kv_failures"] += 1
+                await self._reply(h, PrefillFailed(handoff_id=h.rid, request_id=h.request_id, code=done.code,
+                                                   message=f"kv write: {done.error}"))  # fmt: skip
+                return
+            log.info("kv_written", request_id=h.request_id, handoff_id=h.rid, num_blocks=done.num_blocks,
+                     nbytes=done.nbytes, write_ms=round(done.duration_ms, 3), **h.clock.step())  # fmt: skip
+            await self._reply(h, PrefillDone(handoff_id=h.rid, request_id=h.request_id, first_token=h.first_token,
+                                             logprobs=h.logprobs, keys=h.keys, num_tokens=len(h.token_ids),
+                                             num_cached_tokens=h.num_cached, prefill_ms=h.prefill_ms,
+                                             write_ms=done.duration_ms))  # fmt: skip
+        finally:
+            self.handoffs.pop(h.rid, None)  # after the reply: a drain waits for the last one
+
+    async def drain(self, timeout_s: float) -> None:
+        """Prefill side, on shutdown: new PrefillRequests are refused (the daemon is draining)
+        and Pongs say so; the handoffs in flight get `timeout_s` to reply, and the rest a
+        PrefillFailed(UNAVAILABLE) at once, so decode fails them over instead of waiting for
+        a heartbeat to lapse."""
+        log.info("prefill_draining", in_flight=len(self.handoffs), timeout_s=timeout_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.handoffs.empty.wait(), timeout_s)
+        for h in list(self.handoffs.values()):
+            self.handoffs.pop(h.rid, None)
+            if not h.aborted:
+                await self._reply(h, PrefillFailed(handoff_id=h.rid, request_id=h.request_id,
+                                                   code=ErrorCode.UNAVAILABLE,
+                                                   message="prefill instance shut down before the handoff finished"))
+            if h.phase != Phase.WRITING:  # a write in flight keeps its blocks until the process ends
+                self.daemon.engine_abort(h.rid)
 
     async def _reply(self, h: _Handoff, msg) -> None:
         await self.server.send(h.identity, msg)
@@ -446,6 +504,8 @@ class PDChain:
                 self._fail(h, ErrorCode.KV_TRANSFER_FAILED,
                            f"prefill instance {link.instance} stopped answering (no heartbeat for "
                            f"{self.cfg.heartbeat_timeout_s} s)")  # fmt: skip
+        for h in [h for h in self.handoffs.values() if h.phase == Phase.UNDISPATCHED]:
+            self._dispatch(h)  # held for a draining instance: another one, or fail now
 
     async def on_engine_lost(self) -> None:
         """The worker died: its requests fail and its KV is gone; forget every handoff."""

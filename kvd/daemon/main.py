@@ -274,7 +274,7 @@ class Daemon:
             self.metrics.close()
         if self.chain is not None:
             if self.chain.server is not None:
-                self.chain.server.close()
+                self.chain.server.close(linger_ms=500)  # the drain's last replies still go out
             for link in self.chain.links:
                 link.close()
         for chan in (self.reports, self.to_worker, self.to_messenger):
@@ -361,6 +361,8 @@ class Daemon:
         task.add_done_callback(self._background.discard)
 
     async def _drain(self) -> None:
+        if self.chain is not None and self.cfg.daemon.role == "prefill":
+            await self.chain.drain(self.cfg.daemon.drain_timeout_s)
         if self.frontend:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.frontend.idle.wait(), self.cfg.daemon.drain_timeout_s)

@@ -72,8 +72,8 @@ class PrefillServer:
         except zmq.ZMQError as e:  # the decode instance is gone: its lease ends the handoff there
             log.warning("pd_reply_dropped", error=str(e), message=type(msg).__name__)
 
-    def close(self) -> None:
-        self.sock.close(linger=0)
+    def close(self, linger_ms: int = 0) -> None:
+        self.sock.close(linger=linger_ms)
         try:
             if self._file.read_text().strip() == self.endpoint:
                 self._file.unlink()
@@ -93,6 +93,7 @@ class PrefillLink:
         self.seen = False  # answered at least once
         self.instance = spec
         self.namespace = ""
+        self.draining = False  # the peer said it is shutting down: send it nothing new
         self.last_pong = 0.0
         self.outstanding = 0  # handoffs dispatched here and not yet answered
         self._seq = 0
@@ -142,7 +143,7 @@ class PrefillLink:
     def on_pong(self, pong: Pong) -> bool:
         """Record an answer; True when the peer just came (back) to life."""
         self.last_pong = time.monotonic()
-        self.instance, self.namespace = pong.instance, pong.namespace
+        self.instance, self.namespace, self.draining = pong.instance, pong.namespace, pong.draining
         revived = not self.alive
         self.alive = self.seen = True
         return revived
