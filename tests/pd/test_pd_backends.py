@@ -4,7 +4,10 @@ and `kvd launch pd` as users run it.
 - `kvd launch pd --prefill 2 --decode 1 --pool redis`: greedy output identical to the
   offline engine; the same prompt sent twice at once so two prefill instances write the
   same keys together (already-exists is success); SIGTERM stops every process.
-- redis-server killed while a read is pending: 502, blocks back, integrity ok.
+- redis-server killed while a read is pending: 502, blocks back, integrity ok; restarted on
+  its port, the next requests succeed (no sticky failure).
+- a Redis pool too small for the load (maxmemory, no eviction): refused writes recompute on
+  decode, the output is right, both instances stay up and clean.
 - Mooncake (in a private loopback-only network namespace, see tests/isolation.py): parity
   through 1 prefill + 1 decode, then mooncake_master killed while a read is pending: 502.
 """
@@ -43,6 +46,18 @@ def prompts(smollm2_dir):
 @pytest.fixture(scope="module")
 def refs(prompts, smollm2_dir):
     return reference(smollm2_dir, prompts, 10)
+
+
+@pytest.fixture(scope="module")
+def smollm2_ids(smollm2_dir):
+    """Four different 95-token prompts (6 blocks each)."""
+    ids = load_tokenizer(smollm2_dir).encode(TEXT * 2, add_special_tokens=False)
+    return [ids[k : k + 95] for k in (0, 7, 19, 41)]
+
+
+@pytest.fixture(scope="module")
+def long_refs(smollm2_ids, smollm2_dir):
+    return reference(smollm2_dir, smollm2_ids, 8)
 
 
 def endpoint_of(d) -> str:
@@ -96,8 +111,10 @@ def redis_pd(tmp_path_factory, smollm2_dir):
     server.stop()
 
 
-def test_redis_killed_while_a_read_is_pending_is_a_502(redis_pd, prompts):
-    server, p, d = redis_pd
+def test_redis_outage_is_a_502_then_traffic_succeeds_once_it_is_back(redis_pd, prompts, refs):
+    # FAILURE_MODES #17: the outage fails the request in flight; no sticky state fails the
+    # ones after it once the server is back.
+    server, _, d = redis_pd
 
     async def go():
         async with AsyncClient(d.endpoint, timeout=60) as c:
@@ -112,6 +129,39 @@ def test_redis_killed_while_a_read_is_pending_is_a_502(redis_pd, prompts):
     err = asyncio.run(go())
     assert err.code == 502 and "redis" in err.message.lower()
     wait_clean(d)
+    back = servers.RedisServer(port=server.port)
+    try:
+        for got, ref, k in zip(run_all(d.endpoint, prompts, 10), refs, range(len(prompts))):
+            assert not isinstance(got, Exception), f"prompt {k} after the outage: {got}"
+            assert_matches(got[0], ref, f"prompt {k} after the outage")
+        wait_clean(*redis_pd[1:])
+    finally:
+        back.stop()
+
+
+def test_a_pool_too_small_for_the_load_recomputes_and_stays_up(tmp_path, smollm2_dir, smollm2_ids, long_refs):
+    # FAILURE_MODES #14: a Redis pool of 2 MB (no eviction) refuses most puts of four
+    # 6-block prompts (about 0.7 MB a block); each refused write fails that handoff, decode
+    # recomputes it (`on_kv_failure = "recompute"`), the output is right and nothing leaks.
+    server = servers.RedisServer(maxmemory="2mb", policy="noeviction")
+    pool = {"pool": "redis", "redis_url": server.url}
+    p = start_prefill(tmp_path / "p", smollm2_dir, pool)
+    d = start_decode(tmp_path / "d", smollm2_dir, p, {**pool, "on_kv_failure": "recompute"})
+    try:
+        wait_linked(d)
+        outs = run_all(d.endpoint, smollm2_ids, 8)
+        for got, ref, k in zip(outs, long_refs, range(len(outs))):
+            assert not isinstance(got, Exception), f"prompt {k}: {got}"
+            assert_matches(got[0], ref, f"prompt {k}")
+        assert log_events(d.log_file, "kv_recompute") and log_events(p.log_file, "prefill_replied")
+        refused = [e for e in log_events(p.log_file, "kv_write") if e.get("ok") is False or e.get("error")]
+        assert refused, "the pool refused no write: it was not too small"
+        assert p.proc.poll() is None and d.proc.poll() is None
+        wait_clean(p, d)
+    finally:
+        d.stop()
+        p.stop()
+        server.stop()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mooncake") is None, reason="mooncake not installed")

@@ -158,11 +158,12 @@ class ServerProcess:
 
 
 class RedisServer(ServerProcess):
-    """Debian's redis-server on 127.0.0.1, no persistence, optional maxmemory / eviction policy."""
+    """Debian's redis-server on 127.0.0.1, no persistence, optional maxmemory / eviction policy;
+    on a random free port, or on `port` (a server restarted where its clients look)."""
 
     name = "redis"
 
-    def __init__(self, maxmemory: str | None = None, policy: str | None = None, **kw) -> None:
+    def __init__(self, maxmemory: str | None = None, policy: str | None = None, port: int = 0, **kw) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise FileNotFoundError("redis-server not installed (make system installs it)")
@@ -171,7 +172,7 @@ class RedisServer(ServerProcess):
         extra = (["--maxmemory", maxmemory] if maxmemory else []) + (["--maxmemory-policy", policy] if policy else [])
 
         def attempt():
-            self.port = free_port()
+            self.port = port or free_port()
             argv = [binary, "--port", str(self.port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no",
                     "--dir", str(self.dir), "--daemonize", "no", *extra]  # fmt: skip
             self._spawn(argv, self._pongs)
