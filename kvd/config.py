@@ -249,6 +249,7 @@ class PDConfig(_Section):
     kv_wait_fraction: float = 0.5  # share of KV blocks that requests waiting for pool KV may hold
     transfer_batch_blocks: int = 32  # blocks per pool call (and the messenger's staging size)
     fault_read_delay_s: float = 0.0  # testing only: the messenger waits this long before each read
+    fault_write_delay_s: float = 0.0  # testing only: ... and before each write (a slow pool)
 
     def __post_init__(self) -> None:
         if self.pool not in POOLS:
@@ -267,6 +268,7 @@ class PDConfig(_Section):
         if not 0 < self.kv_wait_fraction <= 1:
             raise ValueError(f"pd.kv_wait_fraction: must be in (0, 1], got {self.kv_wait_fraction}")
         _check_seconds("pd.fault_read_delay_s", self.fault_read_delay_s, allow_zero=True)
+        _check_seconds("pd.fault_write_delay_s", self.fault_write_delay_s, allow_zero=True)
         if not 1 <= self.transfer_batch_blocks <= 4096:
             raise ValueError(f"pd.transfer_batch_blocks: must be in [1, 4096], got {self.transfer_batch_blocks}")
 

@@ -51,9 +51,11 @@ def map_kv(share: KVShare) -> torch.Tensor:
 class CacheMessenger:
     """Moves blocks between the worker's KV cache and the pool, through a staging buffer."""
 
-    def __init__(self, pool, kv_all: torch.Tensor, batch_blocks: int, read_delay_s: float = 0.0) -> None:
+    def __init__(self, pool, kv_all: torch.Tensor, batch_blocks: int, read_delay_s: float = 0.0,
+                 write_delay_s: float = 0.0) -> None:  # fmt: skip
         self.pool = pool
         self.read_delay_s = read_delay_s  # fault tests widen the window between write and read
+        self.write_delay_s = write_delay_s  # ... or make the pool slow to take a write
         self.caches = list(kv_all.unbind(0))  # L x (2, NB, BS, KVH, D)
         layers, _, _, bs, kvh, d = kv_all.shape
         self.block_shape = (layers, 2, bs, kvh, d)
@@ -88,6 +90,8 @@ class CacheMessenger:
                              nbytes=n * self.block_bytes, duration_ms=ms, code=code, error=error)  # fmt: skip
 
     def _write(self, task: CacheTask) -> int:
+        if self.write_delay_s:
+            time.sleep(self.write_delay_s)
         for i in range(0, len(task.keys), self.batch):
             keys, blocks = task.keys[i : i + self.batch], task.block_ids[i : i + self.batch]
             if time.monotonic() > task.deadline:  # the blocks may be reclaimed and reused: never read them now
@@ -129,7 +133,7 @@ def _start(name: str, kv: KVShare | None):
 
         cache_dir = cfg.model.cache_dir or default_cache_dir()
         messenger = CacheMessenger(open_pool(cfg.pd, cache_dir), map_kv(kv), cfg.pd.transfer_batch_blocks,
-                                   cfg.pd.fault_read_delay_s)  # fmt: skip
+                                   cfg.pd.fault_read_delay_s, cfg.pd.fault_write_delay_s)  # fmt: skip
         log.info("messenger_ready", pool=cfg.pd.pool, block_bytes=messenger.block_bytes)
         return Ready(process=name, pid=os.getpid()), messenger.handle
 

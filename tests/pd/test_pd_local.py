@@ -255,6 +255,30 @@ def test_lease_expiring_while_the_read_is_in_flight_is_a_504_and_blocks_return(p
     wait_clean(p, d)
 
 
+def test_a_slow_pool_write_is_never_read_early(pd, tmp_path, prompts, smollm2_dir):
+    # FAILURE_MODES #11: the first token, and so the read, come only after every write
+    # reported success — however slow the pool is to take it.
+    _, _, pool_dir = pd
+    pool = {"local_path": str(pool_dir), "local_capacity_gb": 1.0}
+    p = start_prefill(tmp_path / "p", smollm2_dir, {**pool, "fault_write_delay_s": 1.5})
+    d = start_decode(tmp_path / "d", smollm2_dir, p, pool)
+    try:
+        wait_linked(d)
+        prompt = prompts[4][3:]  # a prompt no earlier test wrote
+        (got,) = run_all(d.endpoint, [prompt], 6)
+        assert_matches(got[0], reference(smollm2_dir, [prompt], 6)[0], "after a slow write")
+        (written,) = log_events(p.log_file, "kv_written")
+        (done,) = log_events(d.log_file, "prefill_done")
+        (read,) = log_events(d.log_file, "kv_read_started")
+        (write,) = [e for e in log_events(p.log_file, "kv_write") if e["process"] == "messenger"]
+        assert write["duration_ms"] >= 1500
+        assert written["ts"] <= done["ts"] <= read["ts"], (written["ts"], done["ts"], read["ts"])
+        wait_clean(p, d)
+    finally:
+        d.stop()
+        p.stop()
+
+
 def test_kill_prefill_mid_request_fails_fast_with_502(pd, prompts):
     """Last in this module: it kills the shared prefill instance."""
     p, d, _ = pd
