@@ -100,7 +100,8 @@ class CacheMessenger:
             stored = self.pool.put_many(keys, self._views[: len(keys)])
             bad = next((k for k, ok in zip(keys, stored) if not ok), None)
             if bad is not None:
-                raise TransferError(ErrorCode.KV_TRANSFER_FAILED, f"write {bad}: the pool refused it")
+                raise TransferError(ErrorCode.KV_TRANSFER_FAILED,
+                                    f"write {bad}: the pool refused it ({self.pool.last_refusal or 'no reason given'})")
         return len(task.keys)
 
     def _read(self, task: CacheTask) -> int:

@@ -79,9 +79,12 @@ def unframe_into(stored: Buffer, out: memoryview) -> ReadStatus:
 class StoragePool(abc.ABC):
     """put many / get many into buffers / exists / remove."""
 
+    last_refusal = ""  # why the latest put_many refused a key, in the backend's words
+
     @abc.abstractmethod
     def put_many(self, keys: Sequence[str], payloads: Sequence[Buffer]) -> list[bool]:
-        """Store each payload under its key; True when stored or already present."""
+        """Store each payload under its key; True when stored or already present. Where
+        one is refused, `last_refusal` says why (for the error the request gets)."""
 
     @abc.abstractmethod
     def get_many_into(self, keys: Sequence[str], buffers: Sequence[memoryview]) -> list[ReadStatus]:

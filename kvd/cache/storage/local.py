@@ -106,6 +106,7 @@ class LocalPool(StoragePool):
                     out.append(True)  # content-addressed: already there is success
                     continue
                 if HEADER_BYTES + memoryview(payload).nbytes > self.capacity_bytes:
+                    self.last_refusal = f"local pool: an object larger than its capacity ({self.capacity_bytes} B)"
                     out.append(False)
                     continue
                 obj = frame_into(payload, self._scratch)  # header + payload, then one copy into the map

@@ -231,6 +231,8 @@ class MooncakePool(StoragePool):
                 self._raise_if_unreachable("put", codes)
                 for i, code in zip(chunk, codes):
                     ok[i] = code in (MooncakeCode.OK, MooncakeCode.OBJECT_ALREADY_EXISTS)
+                    if not ok[i]:
+                        self.last_refusal = f"mooncake: {code_name(code)} ({code})"
                 _log_failures("put", [keys[i] for i in chunk], codes, ok=(0, MooncakeCode.OBJECT_ALREADY_EXISTS))
         return [ok[first[key]] for key in keys]
 

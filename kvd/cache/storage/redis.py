@@ -42,7 +42,9 @@ class RedisPool(StoragePool):
             return pipe.execute(raise_on_error=False)
 
         # SET NX answers True when written and None when the key existed: both are success.
-        return [not isinstance(r, Exception) for r in self._call(run)]
+        results = self._call(run)
+        self.last_refusal = next((f"redis: {r}" for r in results if isinstance(r, Exception)), "")
+        return [not isinstance(r, Exception) for r in results]
 
     def get_many_into(self, keys: Sequence[str], buffers: Sequence[memoryview]) -> list[ReadStatus]:
         if len(keys) != len(buffers):
