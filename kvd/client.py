@@ -88,6 +88,11 @@ def _chunk(reply: ServerMessage) -> Chunk | None:
     return reply if isinstance(reply, Chunk) else None
 
 
+def _ends(reply: ServerMessage) -> bool:
+    """Whether the daemon has ended the request with this reply (no Abort is owed then)."""
+    return isinstance(reply, Error) or (isinstance(reply, Chunk) and reply.finish_reason is not None)
+
+
 class AsyncClient:
     """Many concurrent requests over one DEALER socket; a reader task routes replies."""
 
@@ -158,10 +163,8 @@ class AsyncClient:
             deadline = time.monotonic() + self.timeout
             while not finished:
                 reply = await self._next(q, deadline)
-                finished = isinstance(reply, Error)  # an error ends the request on the daemon's side
-                chunk = _chunk(reply)
-                if chunk is not None:
-                    finished = chunk.finish_reason is not None
+                finished = _ends(reply)
+                if (chunk := _chunk(reply)) is not None:
                     yield chunk
         finally:
             self._queues.pop(rid, None)
@@ -235,10 +238,8 @@ class Client:
                 reply = self._recv(deadline)
                 if isinstance(reply, StatusReply) or getattr(reply, "request_id", rid) not in (rid, None):
                     continue  # a reply to an earlier, abandoned request
-                finished = isinstance(reply, Error)  # an error ends the request on the daemon's side
-                chunk = _chunk(reply)
-                if chunk is not None:
-                    finished = chunk.finish_reason is not None
+                finished = _ends(reply)
+                if (chunk := _chunk(reply)) is not None:
                     yield chunk
         finally:
             if not finished:

@@ -58,6 +58,18 @@ async def generate(endpoint, prompt, max_tokens=10):
         return (await c.generate(prompt_token_ids=prompt, max_tokens=max_tokens, temperature=0.0)).token_ids
 
 
+async def taker_of(num_tokens, *prefills):
+    """The prefill instance that received the PrefillRequest of a `num_tokens` prompt."""
+
+    def taken():
+        for p in prefills:
+            if any(e["num_tokens"] == num_tokens for e in log_events(p.log_file, "prefill_received")):
+                return p
+        return None
+
+    return await asyncio.to_thread(wait_for, taken, 60, f"a prefill instance to take the {num_tokens}-token prompt")
+
+
 def test_prefix_from_pool_reads_the_shared_prefix_and_matches(two_prefills, smollm2_dir):
     p0, p1, d = two_prefills
     ids = load_tokenizer(smollm2_dir).encode(TEXT, add_special_tokens=False)
@@ -83,14 +95,7 @@ def test_a_draining_prefill_instance_finishes_its_handoff_and_sheds_new_ones(two
 
     async def go():
         first = asyncio.ensure_future(generate(d.endpoint, long, 8))
-
-        def taken():
-            for p in (p0, p1):
-                if any(e["num_tokens"] == len(long) for e in log_events(p.log_file, "prefill_received")):
-                    return p
-            return None
-
-        victim = await asyncio.to_thread(wait_for, taken, 60, "a prefill instance to take the long prompt")
+        victim = await taker_of(len(long), p0, p1)
         victim.proc.send_signal(signal.SIGTERM)
         rest = await asyncio.gather(*(generate(d.endpoint, s, 6) for s in shorts))
         return await first, rest, victim
@@ -128,13 +133,7 @@ def test_a_dead_prefill_instance_fails_over_to_the_other(two_prefills, smollm2_d
 
     async def go():
         task = asyncio.ensure_future(generate(d.endpoint, prompt, 8))
-        def started():
-            for p in (p0, p1):
-                if any(e["num_tokens"] == len(prompt) for e in log_events(p.log_file, "prefill_received")):
-                    return p
-            return None
-
-        victim = await asyncio.to_thread(wait_for, started, 60, "a prefill instance to take the request")
+        victim = await taker_of(len(prompt), p0, p1)
         os.kill(victim.proc.pid, signal.SIGKILL)
         t0 = time.monotonic()
         out = await task

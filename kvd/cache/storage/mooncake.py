@@ -238,13 +238,24 @@ class MooncakePool(StoragePool):
 
     def _stage_puts(self, chunk, mvs, addrs) -> tuple[list[list[int]], list[list[int]]]:
         """Headers (and unregistered payloads) into staging; (pointers, sizes) per key."""
-        ptrs, sizes, off = [], [], 0
-        for i in chunk:
-            mv, n = mvs[i], mvs[i].nbytes
+        ptrs, sizes, slots = self._slots(chunk, [mv.nbytes for mv in mvs], addrs)
+        for i, off in zip(chunk, slots):
+            mv = mvs[i]
             self._staging[off : off + HEADER_BYTES] = _header(mv)
-            hdr = self._staging_addr + off
             if addrs[i] is None:  # unregistered: the one copy, right behind its header
-                self._staging[off + HEADER_BYTES : off + HEADER_BYTES + n] = mv
+                self._staging[off + HEADER_BYTES : off + HEADER_BYTES + mv.nbytes] = mv
+        return ptrs, sizes
+
+    def _slots(self, chunk, nbytes, addrs) -> tuple[list[list[int]], list[list[int]], list[int]]:
+        """The staging layout of a batch, the same for puts and gets: per key a header slot,
+        with the payload right behind it where the payload is not registered memory (header
+        and payload are then one contiguous object, which base.unframe_into checks).
+        (pointers, sizes, slot offsets)."""
+        ptrs, sizes, slots, off = [], [], [], 0
+        for i in chunk:
+            n, hdr = nbytes[i], self._staging_addr + off
+            slots.append(off)
+            if addrs[i] is None:
                 ptrs.append([hdr])
                 sizes.append([HEADER_BYTES + n])
                 off += _align(HEADER_BYTES + n)
@@ -252,7 +263,7 @@ class MooncakePool(StoragePool):
                 ptrs.append([hdr, addrs[i]])
                 sizes.append([HEADER_BYTES, n])
                 off += _align(HEADER_BYTES)
-        return ptrs, sizes
+        return ptrs, sizes, slots
 
     def remove(self, keys: Sequence[str]) -> int:
         unique = list(dict.fromkeys(keys))
@@ -288,7 +299,7 @@ class MooncakePool(StoragePool):
             addrs = [self._registered(out) for out in outs]
             staged = [0 if a is not None else out.nbytes for a, out in zip(addrs, outs)]
             for chunk in self._chunks(list(range(len(keys))), staged):
-                ptrs, sizes, slots = self._stage_gets(chunk, outs, addrs)
+                ptrs, sizes, slots = self._slots(chunk, [out.nbytes for out in outs], addrs)
                 codes = store.batch_get_into_multi_buffers([keys[i] for i in chunk], ptrs, sizes, False)
                 self._raise_if_unreachable("get", codes)
                 retry = []
@@ -305,22 +316,6 @@ class MooncakePool(StoragePool):
                 for i in retry:  # after the chunk's staged payloads were copied out
                     status[i] = self._read_whole(store, keys[i], outs[i])
         return status
-
-    def _stage_gets(self, chunk, outs, addrs) -> tuple[list[list[int]], list[list[int]], list[int]]:
-        """A header slot (and an unregistered payload's slot) in staging; (pointers, sizes, offsets)."""
-        ptrs, sizes, slots, off = [], [], [], 0
-        for i in chunk:
-            n, hdr = outs[i].nbytes, self._staging_addr + off
-            slots.append(off)
-            if addrs[i] is None:  # header and payload land contiguous: base.unframe_into checks them
-                ptrs.append([hdr])
-                sizes.append([HEADER_BYTES + n])
-                off += _align(HEADER_BYTES + n)
-            else:
-                ptrs.append([hdr, addrs[i]])
-                sizes.append([HEADER_BYTES, n])
-                off += _align(HEADER_BYTES)
-        return ptrs, sizes, slots
 
     def _check_read(self, slot: int, out: memoryview, staged: bool) -> ReadStatus:
         if staged:
