@@ -13,17 +13,25 @@ instance is a `kvd serve` process configured by `--config` (default: the built-i
 defaults) plus `KVD_*` variables for its role, run directory, pool and log file
 (`DIR/<instance>/kvd.log`, which `kvd trace` reads). SIGTERM or Ctrl-C stops everything
 (instances drain first); so does any instance exiting on its own, with exit code 1.
+
+Instances report readiness to the launcher as they would to systemd: NOTIFY_SOCKET names
+the launcher's socket (`Readiness`), and the launcher waits on that socket and on each
+instance's pidfd — an instance that dies is seen at once, and nothing polls.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import secrets
+import selectors
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -33,6 +41,79 @@ log = structlog.get_logger("kvd.launch")
 
 START_TIMEOUT_S = 900.0  # a first start converts the embedded model
 STOP_TIMEOUT_S = 40.0
+
+
+class Readiness:
+    """The listening side of sd_notify, for the instances this launcher starts.
+
+    Each instance gets NOTIFY_SOCKET naming this launcher's abstract unix datagram socket;
+    its daemon sends READY=1 once it serves (its endpoint files are written by then), and
+    WATCHDOG=1 every tick. The kernel attaches the sender's pid to each datagram
+    (SO_PASSCRED). `wait` selects on the socket, on every instance's pidfd and on an
+    optional stop descriptor.
+    """
+
+    _CREDS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+    def __init__(self) -> None:
+        name = f"kvd-launch-{os.getpid()}-{secrets.token_hex(4)}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind("\0" + name)
+        self.env = {"NOTIFY_SOCKET": "@" + name}
+        self.ready: set[int] = set()  # pids that said READY=1
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(self._CREDS.size))
+            except BlockingIOError:
+                return
+            pid = next((self._CREDS.unpack_from(d)[0] for level, kind, d in anc
+                        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS), None)  # fmt: skip
+            if pid is not None and b"READY=1" in data.split(b"\n"):
+                self.ready.add(pid)
+
+    def wait(self, procs: dict[str, subprocess.Popen], until_ready: list[str], deadline: float,
+             stop_fd: int | None = None) -> str:  # fmt: skip
+        """Until every instance in `until_ready` is ready ("ready"), `stop_fd` is readable
+        ("stop") or the deadline passes ("timeout"); RuntimeError naming an instance that
+        exited. With nothing to wait for it waits for an exit or a stop."""
+        sel = selectors.DefaultSelector()
+        pidfds = []
+        try:
+            sel.register(self.sock, selectors.EVENT_READ, "notify")
+            if stop_fd is not None:
+                sel.register(stop_fd, selectors.EVENT_READ, "stop")
+            for name, proc in procs.items():
+                try:
+                    fd = os.pidfd_open(proc.pid)
+                except ProcessLookupError:  # already reaped
+                    fd = None
+                if fd is None or proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with code {proc.returncode}")
+                pidfds.append(fd)
+                sel.register(fd, selectors.EVENT_READ, name)
+            while not until_ready or not all(procs[n].pid in self.ready for n in until_ready):
+                left = None if deadline == math.inf else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return "timeout"
+                for key, _ in sel.select(left):
+                    if key.data == "notify":
+                        self._drain()
+                    elif key.data == "stop":
+                        return "stop"
+                    else:
+                        procs[key.data].wait()
+                        raise RuntimeError(f"{key.data} exited with code {procs[key.data].returncode}")
+            return "ready"
+        finally:
+            sel.close()
+            for fd in pidfds:
+                os.close(fd)
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class Deployment:
@@ -47,6 +128,7 @@ class Deployment:
         self.procs: dict[str, subprocess.Popen] = {}
         self.pool_env: dict[str, str] = {"KVD_PD_POOL": pool}
         self.local_pool: Path | None = None
+        self.readiness = Readiness()
 
     # ---- start -------------------------------------------------------------------------
     def start_pool(self) -> None:
@@ -82,7 +164,7 @@ class Deployment:
         for stale in ("endpoint", "pd_endpoint"):
             (inst_dir / stale).unlink(missing_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("KVD_") or k == "KVD_CACHE_DIR"}
-        env |= self.pool_env | extra
+        env |= self.pool_env | extra | self.readiness.env
         env |= {"KVD_DAEMON_ROLE": role, "KVD_DAEMON_RUN_DIR": str(inst_dir), "KVD_LOG_FILE": str(inst_dir / "kvd.log")}
         cmd = [sys.executable, "-m", "kvd.cli", "serve"] + (["--config", self.config] if self.config else [])
         out = (inst_dir / "stdout.txt").open("w")
@@ -90,26 +172,25 @@ class Deployment:
         log.info("instance_started", instance=name, role=role, pid=self.procs[name].pid)
         return inst_dir
 
-    def wait_files(self, paths: list[Path], deadline: float) -> None:
-        for path in paths:
-            while not path.exists():
-                dead = [n for n, p in self.procs.items() if p.poll() is not None]
-                if dead:
-                    raise RuntimeError(f"{dead[0]} exited during start-up (see {self.run_dir / dead[0]}/stdout.txt)")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{path} did not appear within {START_TIMEOUT_S} s")
-                time.sleep(0.1)
+    def wait_ready(self, names: list[str], deadline: float) -> None:
+        """Until the named instances said READY=1; RuntimeError if any instance exits first."""
+        try:
+            outcome = self.readiness.wait(self.procs, names, deadline)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e} during start-up (see {self.run_dir}/<instance>/stdout.txt)") from None
+        if outcome != "ready":
+            raise RuntimeError(f"{', '.join(names)} not ready within {START_TIMEOUT_S} s")
 
     def start(self, n_prefill: int, n_decode: int) -> str:
         deadline = time.monotonic() + START_TIMEOUT_S
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.start_pool()
         prefill_dirs = [self.start_instance(f"prefill-{i}", "prefill", {}) for i in range(n_prefill)]
-        self.wait_files([d / "pd_endpoint" for d in prefill_dirs], deadline)
+        self.wait_ready([f"prefill-{i}" for i in range(n_prefill)], deadline)
         specs = "[" + ", ".join(f'"{d}"' for d in prefill_dirs) + "]"
         decode_dirs = [self.start_instance(f"decode-{j}", "decode", {"KVD_PD_PREFILL_ENDPOINTS": specs})
                        for j in range(n_decode)]  # fmt: skip
-        self.wait_files([d / "endpoint" for d in decode_dirs], deadline)
+        self.wait_ready([f"decode-{j}" for j in range(n_decode)], deadline)
         endpoints = [(d / "endpoint").read_text().strip() for d in decode_dirs]
         (self.run_dir / "endpoints").write_text("\n".join(endpoints) + "\n")
         tmp = self.run_dir / "endpoint.tmp"
@@ -153,23 +234,20 @@ def launch_pd(n_prefill: int, n_decode: int, pool: str, run_dir: Path, config: s
         print("kvd launch: --prefill and --decode must be >= 1", file=sys.stderr)
         return 2
     dep = Deployment(run_dir, pool, config, redis_url)
-    stop = threading.Event()
+    wake_r, wake_w = os.pipe()  # the signal handler's byte wakes the wait below
+    os.set_blocking(wake_w, False)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda *_: os.write(wake_w, b"\0"))
     code = 0
     try:
         endpoint = dep.start(n_prefill, n_decode)
         log.info("deployment_ready", endpoint=endpoint, run_dir=str(dep.run_dir), prefill=n_prefill, decode=n_decode)
-        while not stop.wait(0.5):
-            dead = [n for n, p in dep.procs.items() if p.poll() is not None]
-            if dead:
-                log.error("instance_exited", instance=dead[0], exit_code=dep.procs[dead[0]].returncode)
-                code = 1
-                break
+        dep.readiness.wait(dep.procs, [], math.inf, stop_fd=wake_r)  # until a signal; an exit raises
     except RuntimeError as e:
         log.error("deployment_failed", error=str(e))
         code = 1
     finally:
         dep.stop()
+        dep.readiness.close()
         log.info("deployment_stopped", exit_code=code)
     return code

@@ -88,9 +88,9 @@ def start_pd(dep, extra: dict[str, str], deadline: float) -> tuple[Path, Path]:
     """A prefill (prefix_from_pool on, local prefix cache off) and a decode instance."""
     p = dep.start_instance("prefill-0", "prefill", {"KVD_PD_PREFIX_FROM_POOL": "true",
                                                      "KVD_CACHE_ENABLE_PREFIX_CACHING": "false", **extra})  # fmt: skip
-    dep.wait_files([p / "pd_endpoint"], deadline)
+    dep.wait_ready(["prefill-0"], deadline)
     d = dep.start_instance("decode-0", "decode", {"KVD_PD_PREFILL_ENDPOINTS": f'["{p}"]', **extra})
-    dep.wait_files([d / "endpoint"], deadline)
+    dep.wait_ready(["decode-0"], deadline)
     return p, d
 
 
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         t_start = time.monotonic() + 900
         u = dep.start_instance("unified", "unified", {})
         p, d = start_pd(dep, {}, t_start)
-        dep.wait_files([u / "endpoint"], t_start)
+        dep.wait_ready(["unified"], t_start)
         eu, ed = (u / "endpoint").read_text().strip(), (d / "endpoint").read_text().strip()
         time.sleep(2.0)  # the decode instance's first heartbeat round trip
 

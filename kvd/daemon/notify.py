@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import socket
 
+import structlog
+
+log = structlog.get_logger("kvd.notify")
+
 
 class Notifier:
     def __init__(self, notify_socket: str | None) -> None:
+        self._warned = False
         self._addr = None
         if notify_socket:
             self._addr = "\0" + notify_socket[1:] if notify_socket.startswith("@") else notify_socket
@@ -21,18 +26,27 @@ class Notifier:
     def enabled(self) -> bool:
         return self._addr is not None
 
-    def notify(self, state: str) -> None:
+    def notify(self, state: str, block: bool = True) -> None:
+        """Send one state; `block=False` drops it when the listener's queue is full. A
+        listener that is gone is logged once, never raised: the daemon serves on."""
         if self._addr is None:
             return
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.connect(self._addr)
-            s.sendall(state.encode())
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+                s.connect(self._addr)
+                s.send(state.encode(), 0 if block else socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            if not self._warned:
+                self._warned = True
+                log.warning("sd_notify_failed", state=state.split("\n", 1)[0], error=str(e))
 
     def ready(self, status: str = "") -> None:
         self.notify("READY=1" + (f"\nSTATUS={status}" if status else ""))
 
     def watchdog(self) -> None:
-        self.notify("WATCHDOG=1")
+        self.notify("WATCHDOG=1", block=False)  # every tick: never stall the event loop on it
 
     def stopping(self) -> None:
         self.notify("STOPPING=1")

@@ -127,7 +127,9 @@ def test_abort_mid_stream_frees_blocks(smol_daemon):
 
     asyncio.run(run())
     with Client(smol_daemon.endpoint, timeout=10) as c:
-        st = wait_for(lambda: (s := c.status())["live_requests"] == 0 and s["running"] == 0 and s, 10, "aborts")
+        # Idle, and checked at least once since (a daemon fresh for this test has not checked yet).
+        st = wait_for(lambda: (s := c.status())["live_requests"] == 0 and s["running"] == 0
+                      and s["integrity"] != "not checked" and s, 20, "aborts")  # fmt: skip
         assert st["blocks"]["held"] == 0 and st["integrity"] == "ok"
 
 
