@@ -49,7 +49,7 @@ class LLM:
         tokenized = [self.engine.tokenize(p) for p in prompts]
         for ids, p in zip(tokenized, param_list):
             self.engine.validate(ids, p)
-        rids = [self.engine.add_request(ids, p) for ids, p in zip(tokenized, param_list)]
+        rids = [self.engine.enqueue(ids, p) for ids, p in zip(tokenized, param_list)]
         return self._run(rids, use_tqdm)
 
     def chat(

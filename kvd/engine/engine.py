@@ -22,6 +22,7 @@ import structlog
 
 from kvd.cache.kv_manager import KVCacheManager, cdiv
 from kvd.config import EngineConfig
+from kvd.engine.detokenizer import IncrementalDetokenizer
 from kvd.outputs import RequestOutput
 from kvd.request import Request, RequestStatus
 from kvd.sampling import SamplingParams
@@ -82,7 +83,8 @@ class Engine:
         self._ids = itertools.count()
         self._outputs: dict[str, RequestOutput] = {}
         self._requests: dict[str, Request] = {}
-        self._sent_text: dict[str, int] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}  # requests whose text grows per step
+        self._sent_text: dict[str, int] = {}  # characters of text streamed so far
         self.num_generated = 0
         self.num_prompt_tokens = 0
 
@@ -138,6 +140,17 @@ class Engine:
         the pool has) into preallocated blocks before the request computes."""
         token_ids = self.tokenize(prompt)
         self.validate(token_ids, params)
+        return self.enqueue(token_ids, params, request_id, kv_send, kv_recv)
+
+    def enqueue(
+        self,
+        token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        kv_send: bool = False,
+        kv_recv: str | None = None,
+    ) -> str:
+        """`add_request` for token ids that `validate` already passed (a batch checked whole)."""
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self._outputs:
             raise ValueError(f"request_id: {rid!r} is already in use")
@@ -198,39 +211,45 @@ class Engine:
         out.token_ids += eo.new_token_ids
         if eo.new_logprobs:
             out.logprobs = (out.logprobs or []) + list(eo.new_logprobs)
-        request = self._requests[eo.req_id]
-        if eo.finish_reason is None and request.sampling_params.stop:
-            cut = self._stop_string_cut(request.sampling_params.stop, out.token_ids)
+        stops = self._requests[eo.req_id].sampling_params.stop
+        detok = self._detok.get(eo.req_id)
+        if detok is None and (self.stream_text or stops):
+            detok = self._detok[eo.req_id] = IncrementalDetokenizer(self.tokenizer)
+            new_ids = out.token_ids  # all of them: out already holds this step's tokens
+        else:
+            new_ids = eo.new_token_ids
+        if detok is not None:
+            old_len = len(detok.text)
+            detok.add(new_ids)
+        if eo.finish_reason is None and stops:
+            cut = _stop_cut(stops, detok.text, old_len)
             if cut is not None:
                 self.scheduler.finish_requests([eo.req_id], RequestStatus.FINISHED_STOPPED)
                 return self._finish(eo.req_id, "stop", eo.new_token_ids, cut)
         if eo.finish_reason is not None:
             return self._finish(eo.req_id, eo.finish_reason, eo.new_token_ids)
-        return Delta(eo.req_id, eo.new_token_ids, self._text_delta(out) if self.stream_text else "")
-
-    def _text_delta(self, out: RequestOutput, final_text: str | None = None) -> str:
-        text = final_text if final_text is not None else self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
-        if final_text is None:  # a trailing incomplete UTF-8 sequence waits for its next token
-            text = text.rstrip("\ufffd")
-        sent = self._sent_text.get(out.request_id, 0)
-        self._sent_text[out.request_id] = len(text)
-        out.text = text
-        return text[sent:]
-
-    def _stop_string_cut(self, stops: list[str], token_ids: list[int]) -> str | None:
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-        return text[: min(hits)] if hits else None
+        if not self.stream_text:
+            return Delta(eo.req_id, eo.new_token_ids, "")
+        # The last len(longest stop) - 1 characters may be the start of a stop string that
+        # the next token completes: they wait, so the stream never shows text the cut removes.
+        end = len(detok.text) - (max(map(len, stops)) - 1 if stops else 0)
+        sent = self._sent_text.get(eo.req_id, 0)
+        if end <= sent:
+            return Delta(eo.req_id, eo.new_token_ids, "")
+        self._sent_text[eo.req_id] = end
+        out.text = detok.text[:end]
+        return Delta(eo.req_id, eo.new_token_ids, detok.text[sent:end])
 
     def _finish(self, rid: str, reason: str, new_ids: list[int], text: str | None = None) -> Delta:
         out = self._outputs[rid]
+        # The final text is one whole decode (authoritative); the stream gets what it lacks.
         final = text if text is not None else self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
-        delta_text = self._text_delta(out, final) if self.stream_text else ""
+        delta_text = final[self._sent_text.pop(rid, 0) :] if self.stream_text else ""
         out.text = final
         out.finish_reason = reason
         del self._outputs[rid]
         self._requests.pop(rid, None)
-        self._sent_text.pop(rid, None)
+        self._detok.pop(rid, None)
         return Delta(rid, list(new_ids), delta_text, reason, out)
 
     def check_integrity(self) -> None:
@@ -253,6 +272,13 @@ class Engine:
             "prompt_tokens": self.num_prompt_tokens,
             "time": time.time(),
         }
+
+
+def _stop_cut(stops: list[str], text: str, old_len: int) -> str | None:
+    """`text` up to the first stop string that the characters after `old_len` complete."""
+    start = max(0, old_len - max(map(len, stops)) + 1)
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return text[: min(hits)] if hits else None
 
 
 class LocalEngine(Engine):
