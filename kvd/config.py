@@ -238,6 +238,7 @@ class PDConfig(_Section):
     mooncake_master: str = ""  # host:port of mooncake_master for pool = "mooncake"
     mooncake_metadata: str = "P2PHANDSHAKE"  # Mooncake metadata server spec
     mooncake_segment_gb: float = 1.0  # memory this instance contributes to the Mooncake pool
+    partial_ttl_s: float = 600.0  # a one-shot partial-block object leaves the pool this long after its write
     host: str = "127.0.0.1"  # prefill: where decode instances connect (written to <run_dir>/pd_endpoint)
     port: int = 0  # prefill: 0 picks a random free port
     prefill_endpoints: list[str] = []  # decode: the prefill instances' pd endpoints
@@ -256,6 +257,8 @@ class PDConfig(_Section):
             raise ValueError(f"pd.pool: expected one of {'|'.join(POOLS)}, got {self.pool!r}")
         if not self.local_capacity_gb > 0:
             raise ValueError(f"pd.local_capacity_gb: must be > 0, got {self.local_capacity_gb}")
+        if not self.partial_ttl_s >= 1:
+            raise ValueError(f"pd.partial_ttl_s: must be >= 1, got {self.partial_ttl_s}")
         if not self.mooncake_segment_gb > 0:
             raise ValueError(f"pd.mooncake_segment_gb: must be > 0, got {self.mooncake_segment_gb}")
         if not 0 <= self.port <= 65535:

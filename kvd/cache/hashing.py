@@ -27,6 +27,8 @@ _ROOT_SEED = b"kvd/block-hash/v1"
 ExtraKey = tuple[str, str | int | bytes]
 
 
+PARTIAL = ":partial:"  # `<hash>:partial:<N>`: the last, incomplete block of a sequence
+
 def _digest(algo: str, data: bytes) -> bytes:
     if algo == "xxh3_128":
         return xxhash.xxh3_128_digest(data)
@@ -104,7 +106,12 @@ def partial_block_key(
         full_hashes = hash_blocks(token_ids, block_size, extra_keys, algo)
     parent = full_hashes[-1] if full_hashes else root_hash(algo)
     h = hash_block(parent, token_ids[len(token_ids) - n :], extra_keys, algo)
-    return f"{h.hex()}:partial:{n}"
+    return f"{h.hex()}{PARTIAL}{n}"
+
+
+def is_partial_key(key: str) -> bool:
+    """Whether a (storage) key names a one-shot partial block."""
+    return PARTIAL in key
 
 
 def block_keys(

@@ -221,3 +221,45 @@ def test_master_killed_mid_use_is_unavailable_within_bounded_time():
             assert isinstance(bounded(lambda: pool(mc), 10), StorageUnavailable)  # master gone: no setup wait
 
     run_isolated(scenario)
+
+
+@pytest.mark.timeout(150)
+def test_partial_blocks_expire_and_the_object_count_stays_bounded_over_a_long_run():
+    # FAILURE_MODES #16: Mooncake objects carry no TTL. The pool removes the one-shot
+    # partial blocks it wrote once their TTL has passed (a reader within the TTL still gets
+    # them), and the master's eviction bounds the full blocks kept for prefix reuse: over a
+    # run that writes several times the segment, the key count and the bytes stay bounded.
+    def scenario():
+        n, segment = 2**18, 16 * 2**20  # 256 KiB objects, 64 of them fill the segment
+        with servers.MooncakeServers() as mc, pool(mc, partial_ttl_s=1.0) as p:  # room to spare: no eviction
+            keys = ["ns/full-0", "ns/full-1", "ns/0123:partial:7"]
+            assert p.put_many(keys, [payload(i) for i in range(3)]) == [True] * 3
+            time.sleep(0.5)
+            assert p.put_many(["ns/full-2"], [payload(3)]) == [True] and p.exists(keys) == [True] * 3
+            time.sleep(0.6)
+            assert p.put_many(["ns/full-3"], [payload(4)]) == [True]  # past the TTL: this call removes it
+            assert p.exists(keys) == [True, True, False]
+            assert mc.master.metrics()["master_key_count"] == 4
+        with (servers.MooncakeServers(eviction_high_watermark=0.7) as mc,
+              pool(mc, segment_bytes=segment, staging_bytes=4 * n, partial_ttl_s=1.0) as p):  # fmt: skip
+            partials, written, counts = [], 0, []
+            for r in range(80):  # 80 handoffs x 4 objects: 80 MiB through a 16 MiB segment
+                keys = [f"ns/{r:08x}{i:024x}" for i in range(3)] + [f"ns/{r:032x}:partial:7"]
+                ok = p.put_many(keys, [payload(4 * r + i, n=n) for i in range(4)])
+                written += sum(ok)
+                if ok[-1]:
+                    partials.append(keys[-1])
+                    buf = memoryview(bytearray(n))  # the decode side, within the TTL: present and whole
+                    assert p.get_many_into(keys[-1:], [buf]) == [ReadStatus.OK] and bytes(buf) == payload(4 * r + 3, n=n)
+                m = mc.master.metrics()
+                counts.append(m["master_key_count"])
+                assert m["master_allocated_bytes"] <= m["master_total_capacity_bytes"] == segment
+                time.sleep(0.04)
+            assert written >= 200, written  # eviction kept making room: puts did not wedge
+            assert max(counts) <= segment // n, counts  # bounded by what the segment holds
+            time.sleep(1.1)
+            assert p.put_many(["ns/after"], [payload(0)]) == [True]  # a later call: the TTL's removals run
+            assert partials and p.exists(partials) == [False] * len(partials)
+            assert mc.master.metrics()["master_key_count"] <= segment // n
+
+    run_isolated(scenario, timeout_s=140)

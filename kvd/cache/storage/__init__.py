@@ -34,7 +34,7 @@ def open_pool(pd, cache_dir: Path) -> StoragePool:
     if pd.pool == "redis":
         from kvd.cache.storage.redis import RedisPool
 
-        return RedisPool(pd.redis_url)
+        return RedisPool(pd.redis_url, partial_ttl_s=pd.partial_ttl_s)
     if pd.pool == "mooncake":
         from kvd.cache.storage.mooncake import MooncakePool
 

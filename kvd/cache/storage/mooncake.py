@@ -21,23 +21,33 @@ own setup (which retries for minutes against a dead master); a batch whose maste
 reached (RPC_FAIL, or the client's health check) raises StorageUnavailable, within the few
 seconds of Mooncake's RPC reconnect.
 
+One-shot objects: Mooncake objects carry no TTL, so the pool gives the partial blocks it
+writes (`...:partial:<N>`) one, as RedisPool gets from its server: each later call of the
+pool removes those written more than `partial_ttl_s` ago (the decode side has read them
+within its lease long before). Full blocks stay for prefix reuse until the master evicts
+them. Without that, every handoff would leave an object no one reads again, and only
+eviction at the high watermark would ever take them out, along with blocks worth keeping.
+
 Network: Mooncake reads MC_TCP_BIND_ADDRESS for the address it advertises, so the pool sets it
 to `local_hostname`. Its client still listens on all interfaces (see servers.py).
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import enum
 import mmap
 import os
 import socket
 import threading
+import time
 from collections.abc import Sequence
 
 import structlog
 import xxhash
 
+from kvd.cache.hashing import is_partial_key
 from kvd.cache.storage.base import (
     _HEADER,  # the one frame format; the zero-copy paths build and check it around slices
     FRAME_VERSION,
@@ -118,13 +128,15 @@ def _check_in_place(header: memoryview, payload: memoryview) -> ReadStatus:
 class MooncakePool(StoragePool):
     def __init__(self, master_address: str, metadata_server: str = "P2PHANDSHAKE", segment_bytes: int = 2**30,
                  staging_bytes: int = 64 * 2**20, local_hostname: str = "127.0.0.1", protocol: str = "tcp",
-                 rdma_devices: str = "", timeout_s: float = 5.0) -> None:  # fmt: skip
+                 rdma_devices: str = "", timeout_s: float = 5.0, partial_ttl_s: float = 600.0) -> None:  # fmt: skip
         if segment_bytes != 0 and segment_bytes < _MIN_SEGMENT:
             raise ValueError(f"segment_bytes: 0 or >= {_MIN_SEGMENT} (Mooncake's minimum), got {segment_bytes}")
         if staging_bytes < 2 * _ALIGN:
             raise ValueError(f"staging_bytes: must be >= {2 * _ALIGN}, got {staging_bytes}")
         self.master_address = master_address
         self.segment_bytes = segment_bytes
+        self.partial_ttl_s = partial_ttl_s
+        self._expiring: collections.deque[tuple[float, str]] = collections.deque()  # (due, key), partial blocks written
         self._lock = threading.Lock()  # the staging area serves one batch at a time
         self._regions: list[tuple[int, int, memoryview]] = []  # registered by the caller
         _check_master(master_address, timeout_s)
@@ -154,7 +166,8 @@ class MooncakePool(StoragePool):
         if not pd.mooncake_master:
             raise ValueError("pd.mooncake_master: required for pool = 'mooncake'")
         return cls(pd.mooncake_master, metadata_server=pd.mooncake_metadata,
-                   segment_bytes=int(pd.mooncake_segment_gb * 2**30), local_hostname=pd.host)  # fmt: skip
+                   segment_bytes=int(pd.mooncake_segment_gb * 2**30), local_hostname=pd.host,
+                   partial_ttl_s=pd.partial_ttl_s)  # fmt: skip
 
     # ---- plumbing ----------------------------------------------------------------------
     def _client(self):
@@ -223,6 +236,7 @@ class MooncakePool(StoragePool):
         ok = [False] * len(keys)
         with self._lock:
             store = self._client()
+            self._expire(store)
             addrs = [self._registered(mv) for mv in mvs]
             staged = [0 if a is not None else mv.nbytes for a, mv in zip(addrs, mvs)]
             for chunk in self._chunks(list(first.values()), staged):
@@ -233,6 +247,8 @@ class MooncakePool(StoragePool):
                     ok[i] = code in (MooncakeCode.OK, MooncakeCode.OBJECT_ALREADY_EXISTS)
                     if not ok[i]:
                         self.last_refusal = f"mooncake: {code_name(code)} ({code})"
+                    elif code == MooncakeCode.OK and is_partial_key(keys[i]):
+                        self._expiring.append((time.monotonic() + self.partial_ttl_s, keys[i]))
                 _log_failures("put", [keys[i] for i in chunk], codes, ok=(0, MooncakeCode.OBJECT_ALREADY_EXISTS))
         return [ok[first[key]] for key in keys]
 
@@ -270,23 +286,34 @@ class MooncakePool(StoragePool):
         if not unique:
             return 0
         with self._lock:
-            store = self._client()
-            codes = store.batch_remove(unique, False)
-            self._raise_if_unreachable("remove", codes)
-            removed = sum(c == MooncakeCode.OK for c in codes)
-            # A read grants its reader a lease (the master's default_kv_lease_ttl) and remove
-            # refuses leased objects. The usual caller of remove has just read the key itself
-            # (one-shot handoff objects), and a reader racing a forced remove gets a failed
-            # digest check, never wrong bytes: so leased keys are removed with force.
-            leased = [k for k, c in zip(unique, codes) if c == MooncakeCode.OBJECT_HAS_LEASE]
-            if leased:
-                forced = store.batch_remove(leased, True)
-                self._raise_if_unreachable("remove", forced)
-                removed += sum(c == MooncakeCode.OK for c in forced)
-                _log_failures("remove", leased, forced, ok=(0, MooncakeCode.OBJECT_NOT_FOUND))
-            _log_failures("remove", unique, codes,
-                          ok=(0, MooncakeCode.OBJECT_NOT_FOUND, MooncakeCode.OBJECT_HAS_LEASE))  # fmt: skip
+            return self._remove(self._client(), unique)
+
+    def _remove(self, store, unique: list[str]) -> int:
+        codes = store.batch_remove(unique, False)
+        self._raise_if_unreachable("remove", codes)
+        removed = sum(c == MooncakeCode.OK for c in codes)
+        # A read grants its reader a lease (the master's default_kv_lease_ttl) and remove
+        # refuses leased objects. Keys removed here are one-shot handoff objects past their
+        # TTL, or keys the caller has just read itself, and a reader racing a forced remove
+        # gets a failed digest check, never wrong bytes: so leased keys are removed with force.
+        leased = [k for k, c in zip(unique, codes) if c == MooncakeCode.OBJECT_HAS_LEASE]
+        if leased:
+            forced = store.batch_remove(leased, True)
+            self._raise_if_unreachable("remove", forced)
+            removed += sum(c == MooncakeCode.OK for c in forced)
+            _log_failures("remove", leased, forced, ok=(0, MooncakeCode.OBJECT_NOT_FOUND))
+        _log_failures("remove", unique, codes,
+                      ok=(0, MooncakeCode.OBJECT_NOT_FOUND, MooncakeCode.OBJECT_HAS_LEASE))  # fmt: skip
         return removed
+
+    def _expire(self, store) -> None:
+        """Remove the partial blocks this pool wrote whose TTL has passed (under the lock)."""
+        now, due = time.monotonic(), []
+        while self._expiring and self._expiring[0][0] <= now:
+            due.append(self._expiring.popleft()[1])
+        if due:
+            n = self._remove(store, list(dict.fromkeys(due)))
+            log.debug("mooncake_partial_blocks_expired", keys=len(due), removed=n)
 
     # ---- reads -------------------------------------------------------------------------
     def get_many_into(self, keys: Sequence[str], buffers: Sequence[memoryview]) -> list[ReadStatus]:

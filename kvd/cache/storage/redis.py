@@ -15,13 +15,14 @@ from collections.abc import Sequence
 
 import redis
 
+from kvd.cache.hashing import is_partial_key
 from kvd.cache.storage.base import Buffer, ReadStatus, StoragePool, StorageUnavailable, frame, unframe_into
 
 
 class RedisPool(StoragePool):
-    def __init__(self, url: str, partial_ttl_s: int = 600, timeout_s: float = 5.0) -> None:
+    def __init__(self, url: str, partial_ttl_s: float = 600.0, timeout_s: float = 5.0) -> None:
         self.url = url
-        self.partial_ttl_s = partial_ttl_s
+        self.partial_ttl_s = max(1, round(partial_ttl_s))  # SET EX takes whole seconds
         self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
 
     def _call(self, fn):
@@ -37,7 +38,7 @@ class RedisPool(StoragePool):
         def run():
             pipe = self.client.pipeline(transaction=False)
             for key, payload in zip(keys, payloads):
-                ttl = self.partial_ttl_s if ":partial:" in key else None
+                ttl = self.partial_ttl_s if is_partial_key(key) else None
                 pipe.set(key, frame(payload), nx=True, ex=ttl)
             return pipe.execute(raise_on_error=False)
 

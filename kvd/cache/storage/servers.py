@@ -21,6 +21,7 @@ For tests and for `kvd launch pd`. Contract:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import os
@@ -209,15 +210,15 @@ class MooncakeMaster(ServerProcess):
 
     def __init__(self, lease_ttl_ms: int | None = None, eviction_high_watermark: float | None = None, **kw) -> None:
         super().__init__(**kw)
-        self.port = 0
+        self.port = self.metrics_port = 0
         extra = [f"--default_kv_lease_ttl={lease_ttl_ms}"] if lease_ttl_ms is not None else []
         if eviction_high_watermark is not None:
             extra.append(f"--eviction_high_watermark_ratio={eviction_high_watermark}")
 
         def attempt():
-            self.port = free_port()
+            self.port, self.metrics_port = free_port(), free_port()
             argv = [_mooncake_bin("mooncake_master"), f"--rpc_address={LOOPBACK}", f"--rpc_port={self.port}",
-                    f"--metrics_host={LOOPBACK}", f"--metrics_port={free_port()}",
+                    f"--metrics_host={LOOPBACK}", f"--metrics_port={self.metrics_port}",
                     "--enable_http_metadata_server=false", "--rpc_thread_num=2",
                     f"--log_dir={self.dir}", "--logtostderr", *extra]  # fmt: skip
             self._spawn(argv, lambda: _connects(self.port), env=mooncake_env())
@@ -227,6 +228,22 @@ class MooncakeMaster(ServerProcess):
     @property
     def address(self) -> str:
         return f"{LOOPBACK}:{self.port}"
+
+    def metrics(self, timeout_s: float = 5.0) -> dict[str, float]:
+        """The master's own gauges and counters (its Prometheus page): `master_key_count`,
+        `master_allocated_bytes`, `master_total_capacity_bytes`, ... (unlabelled series)."""
+        import urllib.request
+
+        url = f"http://{LOOPBACK}:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            text = r.read().decode()
+        out = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if line and not line.startswith("#") and "{" not in name:
+                with contextlib.suppress(ValueError):
+                    out[name] = float(value)
+        return out
 
 
 class MooncakeMetadataServer(ServerProcess):
