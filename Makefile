@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install system model native native-cuda demo test bench
+.PHONY: install system model native native-cuda gpu-wheels demo test bench
 
 install: $(STAMP)
 
@@ -51,6 +51,15 @@ native: install
 # a compile-only check of the CUDA source against torch's headers (nothing to load).
 native-cuda: native
 	$(PY) -m kvd.ops --cuda
+
+# Wheels of the Python packages a GPU machine's image lacks (or has too old), for
+# `.ci/gpu-check` there: the versions of this venv, for CPython 3.12 on x86-64.
+GPU_WHEELS := msgspec|structlog|transformers|regex
+gpu-wheels: install
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		$$($(PY) -m pip list --format=freeze | grep -iE '^($(GPU_WHEELS))==')
 
 demo: install model native
 	$(PY) -m kvd.demo

@@ -1,4 +1,4 @@
-"""Benchmark of swap_cache_layout on the CPU: `python -m kvd.bench.swap [--quick] [--no-record]`.
+"""Benchmark of swap_cache_layout: `python -m kvd.bench.swap [--quick] [--no-record] [--cuda-only] [--record PATH]`.
 
 Moves n blocks of SmolLM2's KV geometry (30 layers, block 16, 3 KV heads, head dim 64,
 float32: 737 KB a block across layers) between the worker layout and the block-major
@@ -6,9 +6,10 @@ host layout, both directions, with contiguous and with scattered host slots, and
 in one run: the native op, the pure-torch reference (one gather/scatter per layer), the
 naive per-block per-layer copy loop, and a plain memory copy of the same number of bytes
 (one contiguous `copy_`, torch's parallel memcpy) — the bound. Where torch has CUDA, the
-same on the GPU against one cudaMemcpy between pinned host memory and the device. Each
-figure is the median of repeated runs after a warm-up; bandwidth counts the bytes moved
-once.
+same on the GPU (caches on the device, the host side in pinned memory; more blocks, so
+that a copy runs well past launch overheads) against one cudaMemcpy of the same bytes
+between pinned host memory and the device, in its own section. Each figure is the median
+of repeated runs after a warm-up; bandwidth counts the bytes moved once.
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def run(n: int, repeats: int) -> list[tuple[str, str, float, float, float, float]]:
+Rows = list[tuple[str, str, float, float, float, float]]  # slots, direction, native, ref, loop, memcpy (s)
+
+
+def run(n: int, repeats: int) -> tuple[Rows, int]:
     num_blocks = slots = 4 * n
     caches = [torch.randn(2, num_blocks, BLOCK, KV_HEADS, HEAD_DIM) for _ in range(LAYERS)]
     host = torch.empty(slots, LAYERS, 2, BLOCK, KV_HEADS, HEAD_DIM)
@@ -58,9 +62,9 @@ def run(n: int, repeats: int) -> list[tuple[str, str, float, float, float, float
     return rows, nbytes
 
 
-def run_cuda(n: int, repeats: int) -> list[tuple[str, str, float, float, float, float]]:
+def run_cuda(n: int, repeats: int) -> tuple[Rows, int]:
     """The CUDA op (device caches, pinned host) against one cudaMemcpy of the same bytes."""
-    num_blocks = slots = 4 * n
+    num_blocks = slots = 2 * n
     caches = [torch.randn(2, num_blocks, BLOCK, KV_HEADS, HEAD_DIM, device="cuda") for _ in range(LAYERS)]
     host = torch.empty(slots, LAYERS, 2, BLOCK, KV_HEADS, HEAD_DIM).pin_memory()
     nbytes = n * LAYERS * 2 * BLOCK * KV_HEADS * HEAD_DIM * 4
@@ -82,8 +86,8 @@ def run_cuda(n: int, repeats: int) -> list[tuple[str, str, float, float, float, 
             native = timed(lambda: ops.swap_cache_layout(caches, host, blocks, slot_ids, to_host))
             ref = timed(lambda: ops.swap_cache_layout_ref(caches, host, blocks, slot_ids, to_host))
             loop = timed(lambda: ops.swap_cache_layout_loop(caches, host, blocks, slot_ids, to_host))
-            rows.append((layout, ("to host" if to_host else "to device") + " (CUDA)", native, ref, loop, memcpy))
-    return rows
+            rows.append((layout, "to host" if to_host else "to device", native, ref, loop, memcpy))
+    return rows, nbytes
 
 
 def render(rows, nbytes: int, n: int) -> str:
@@ -103,21 +107,35 @@ def render(rows, nbytes: int, n: int) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true", help="small sizes for development; never recorded")
     p.add_argument("--no-record", action="store_true")
+    p.add_argument("--cuda-only", action="store_true", help="only the GPU section (an error without CUDA)")
+    p.add_argument("--record", type=Path, default=Path("docs/benchmarks.md"), help="where sections are appended")
     args = p.parse_args()
     if ops.native() is None:
         raise SystemExit("swap bench: the native ops are not built (make native)")
-    n, repeats = (16, 5) if args.quick else (128, 15)
-    rows, nbytes = run(n, repeats)
-    if torch.cuda.is_available() and ops.native_cuda() is not None:
-        rows += run_cuda(n, repeats)  # memcpy column: one cudaMemcpy, pinned host <-> device
+    cuda = torch.cuda.is_available() and ops.native_cuda() is not None
+    if args.cuda_only and not cuda:
+        raise SystemExit("swap bench: --cuda-only, but torch has no CUDA or the CUDA op did not build")
     info = machine_info()
-    body = render(rows, nbytes, n) + f"\n\nMachine: {', '.join(f'{k} {v}' for k, v in info.items())}."
+    if cuda:
+        info["gpu"] = torch.cuda.get_device_name()
+    sections = []
+    if not args.cuda_only:
+        n, repeats = (16, 5) if args.quick else (128, 15)
+        sections.append(("CPU", n, *run(n, repeats)))
+    if cuda:
+        n, repeats = (64, 5) if args.quick else (1024, 10)
+        sections.append(("CUDA", n, *run_cuda(n, repeats)))  # memcpy column: one cudaMemcpy, pinned <-> device
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"# swap_cache_layout, {now}\n\n{body}")
-    if not (args.quick or args.no_record):
-        record(Path("docs/benchmarks.md"), f"swap_cache_layout (CPU), {now}, {machine_summary(info)}", body)
+    for where, n, rows, nbytes in sections:
+        body = render(rows, nbytes, n) + f"\n\nMachine: {', '.join(f'{k} {v}' for k, v in info.items())}."
+        if where == "CUDA":
+            body = body.replace("| memcpy GB/s |", "| cudaMemcpy GB/s |").replace("native / memcpy", "native / cudaMemcpy")
+        print(f"# swap_cache_layout ({where}), {now}\n\n{body}\n")
+        if not (args.quick or args.no_record):
+            gpu = f"{info['gpu']}, " if where == "CUDA" else ""
+            record(args.record, f"swap_cache_layout ({where}), {now}, {gpu}{machine_summary(info)}", body)
 
 
 if __name__ == "__main__":

@@ -285,9 +285,9 @@ _TINY_COMMON = dict(
 )
 
 
-def tiny_model_dir(family: str, path: str | os.PathLike, seed: int = 0) -> Path:
+def tiny_model_dir(family: str, path: str | os.PathLike, seed: int = 0, tokenizer=None) -> Path:
     """Build a tiny random float32 model of `family` ("llama" or "qwen3") with
-    the embedded SmolLM2 tokenizer, save it into `path` and return `path`."""
+    `tokenizer` (default: the embedded SmolLM2 one), save it into `path` and return `path`."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen3Config
 
@@ -307,7 +307,7 @@ def tiny_model_dir(family: str, path: str | os.PathLike, seed: int = 0) -> Path:
         do_sample=False,
     )
     model.save_pretrained(path)
-    load_tokenizer(embedded_model_dir()).save_pretrained(path)
+    (tokenizer or load_tokenizer(embedded_model_dir())).save_pretrained(path)
     return path
 
 
