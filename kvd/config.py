@@ -264,6 +264,8 @@ class PDConfig(_Section):
         if not 0 <= self.port <= 65535:
             raise ValueError(f"pd.port: must be in [0, 65535], got {self.port}")
         _check_seconds("pd.lease_s", self.lease_s)
+        if not self.partial_ttl_s > self.lease_s:  # decode reads a handoff's partial block within its lease
+            raise ValueError(f"pd.partial_ttl_s: must exceed pd.lease_s ({self.lease_s}), got {self.partial_ttl_s}")
         _check_seconds("pd.transfer_grace_s", self.transfer_grace_s, allow_zero=True)
         _check_seconds("pd.heartbeat_timeout_s", self.heartbeat_timeout_s)
         if self.on_kv_failure not in ("fail", "recompute"):

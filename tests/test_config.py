@@ -200,6 +200,8 @@ def test_pd_section_validates_and_a_decode_instance_needs_prefill_instances():
         load_config(overrides={"daemon.role": "decode"}, environ={})
     with pytest.raises(ConfigError, match=r"pd.redis_url"):
         load_config(overrides={"daemon.role": "prefill", "pd.pool": "redis"}, environ={})
+    with pytest.raises(ConfigError, match=r"pd.partial_ttl_s: must exceed pd.lease_s \(60.0\), got 30"):
+        load_config(overrides={"pd.partial_ttl_s": 30}, environ={})
     with pytest.raises(ConfigError, match=r"pd.on_kv_failure: expected fail\|recompute"):
         load_config(overrides={"pd.on_kv_failure": "retry"}, environ={})
     cfg = load_config(environ={"KVD_DAEMON_ROLE": "decode", "KVD_PD_PREFILL_ENDPOINTS": '["/run/kvd/prefill", "tcp://10.0.0.2:7100"]'})

@@ -29,6 +29,7 @@ ExtraKey = tuple[str, str | int | bytes]
 
 PARTIAL = ":partial:"  # `<hash>:partial:<N>`: the last, incomplete block of a sequence
 
+
 def _digest(algo: str, data: bytes) -> bytes:
     if algo == "xxh3_128":
         return xxhash.xxh3_128_digest(data)
