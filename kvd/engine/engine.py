@@ -221,7 +221,9 @@ class Engine:
         if detok is not None:
             old_len = len(detok.text)
             detok.add(new_ids)
-        if eo.finish_reason is None and stops:
+        # A stop string that the step's tokens complete cuts the text even when the step ended
+        # the request for its length: the client asked for the text up to the stop.
+        if stops and eo.finish_reason in (None, "length"):
             cut = _stop_cut(stops, detok.text, old_len)
             if cut is not None:
                 self.scheduler.finish_requests([eo.req_id], RequestStatus.FINISHED_STOPPED)

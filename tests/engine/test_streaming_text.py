@@ -52,7 +52,10 @@ def test_a_stop_string_never_reaches_the_stream(engine):
             stop = text[at : at + 5]
             if len(stop.strip()) >= 3:  # a stop of several characters spans tokens
                 cases.append((i, [stop, "\x00never"]))
-    assert len(cases) >= 6
+        tail = text.rstrip("\ufffd")[-4:]  # completed by (about) the last token: a stop beats "length"
+        if len(tail.strip()) >= 3 and "\ufffd" not in tail:
+            cases.append((i, [tail]))
+    assert len(cases) >= 8
     runs = stream(engine, [PROMPTS[i] for i, _ in cases], [sampled(i, stop=stop) for i, stop in cases])
     for (i, stop), (pieces, out) in zip(cases, runs):
         ref = refs[i][1].text
