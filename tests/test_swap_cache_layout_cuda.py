@@ -28,9 +28,11 @@ def make(layers, num_blocks, block_size, kv_heads, head_dim, dtype, slots, seed=
 
 def check_against_reference(caches, host, blocks, slots, to_host, stream=None):
     ref_caches, ref_host = [c.clone() for c in caches], host.clone()
-    with torch.cuda.stream(stream or torch.cuda.current_stream()):
+    stream = stream or torch.cuda.current_stream()
+    torch.cuda.synchronize()  # the clones are done before another stream writes what they read
+    with torch.cuda.stream(stream):
         ops.swap_cache_layout(caches, host, blocks, slots, to_host)
-    (stream or torch.cuda.current_stream()).synchronize()
+    stream.synchronize()
     ops.swap_cache_layout_ref(ref_caches, ref_host, blocks, slots, to_host)
     assert torch.equal(host, ref_host)
     assert all(torch.equal(a, b) for a, b in zip(caches, ref_caches))
