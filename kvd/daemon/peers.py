@@ -132,6 +132,14 @@ class PrefillLink:
         return True
 
     def ping(self) -> None:
+        # A peer that does not answer may have been restarted on a new port after this link
+        # resolved its run directory (even the old one's file, when that was read before the
+        # old instance removed it): follow the file until the peer answers again.
+        if not self.alive and self.sock is not None and "://" not in self.spec:
+            now = resolve_endpoint(self.spec)
+            if now != self.endpoint:
+                log.info("prefill_endpoint_changed", spec=self.spec, old=self.endpoint, new=now)
+                self.reset()
         if self.connect():
             self._seq += 1
             self.send(Ping(self._seq))
