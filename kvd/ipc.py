@@ -8,6 +8,8 @@ with ports picked by the kernel, so two daemons never collide.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -21,6 +23,14 @@ def bind_random(sock: zmq.Socket, host: str = "127.0.0.1") -> str:
     """Bind to a free port on `host`; returns the endpoint peers connect to."""
     port = sock.bind_to_random_port(f"tcp://{host}")
     return f"tcp://{host}:{port}"
+
+
+def publish_endpoint(path: Path, endpoint: str) -> None:
+    """Write `endpoint` to the file `path` atomically: a reader sees the old one or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(endpoint + "\n")
+    os.replace(tmp, path)
 
 
 class AsyncChannel(Generic[T]):

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import structlog
 
+from kvd.ipc import publish_endpoint
+
 log = structlog.get_logger("kvd.launch")
 
 START_TIMEOUT_S = 900.0  # a first start converts the embedded model
@@ -193,9 +195,7 @@ class Deployment:
         self.wait_ready([f"decode-{j}" for j in range(n_decode)], deadline)
         endpoints = [(d / "endpoint").read_text().strip() for d in decode_dirs]
         (self.run_dir / "endpoints").write_text("\n".join(endpoints) + "\n")
-        tmp = self.run_dir / "endpoint.tmp"
-        tmp.write_text(endpoints[0] + "\n")
-        os.replace(tmp, self.run_dir / "endpoint")
+        publish_endpoint(self.run_dir / "endpoint", endpoints[0])
         return endpoints[0]
 
     # ---- stop --------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from test_swap_cache_layout import make as make_cpu
 from toy_tokenizer import sentencepiece_tokenizer
 
 from kvd import LLM, SamplingParams, ops
@@ -17,13 +18,10 @@ from kvd.worker.models import tiny_model_dir
 pytestmark = pytest.mark.gpu
 
 
-def make(layers, num_blocks, block_size, kv_heads, head_dim, dtype, slots, seed=0):
-    """Caches on the GPU and a pinned host pool, random contents."""
-    g = torch.Generator().manual_seed(seed)
-    caches = [torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype).cuda()
-              for _ in range(layers)]  # fmt: skip
-    host = torch.randn(slots, layers, 2, block_size, kv_heads, head_dim, generator=g).to(dtype).pin_memory()
-    return caches, host
+def make(*args, **kwargs):
+    """The CPU tests' caches and host pool, moved to the GPU and into pinned memory."""
+    caches, host = make_cpu(*args, **kwargs)
+    return [c.cuda() for c in caches], host.pin_memory()
 
 
 def check_against_reference(caches, host, blocks, slots, to_host, stream=None):

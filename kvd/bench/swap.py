@@ -90,13 +90,13 @@ def run_cuda(n: int, repeats: int) -> tuple[Rows, int]:
     return rows, nbytes
 
 
-def render(rows, nbytes: int, n: int) -> str:
+def render(rows, nbytes: int, n: int, bound: str = "memcpy") -> str:
     gbs = lambda s: nbytes / s / 1e9  # noqa: E731
     lines = [
         f"{n} blocks, {nbytes / 2**20:.1f} MiB each way; GB/s (higher is better) and ratios in one run.",
         "",
-        "| slots | direction | native GB/s | torch ref GB/s | per-block loop GB/s | memcpy GB/s "
-        "| native / memcpy | native / loop |",
+        f"| slots | direction | native GB/s | torch ref GB/s | per-block loop GB/s | {bound} GB/s "
+        f"| native / {bound} | native / loop |",
         "|---|---|--:|--:|--:|--:|--:|--:|",
     ]
     for layout, direction, native, ref, loop, memcpy in rows:
@@ -129,9 +129,8 @@ def main() -> None:
         sections.append(("CUDA", n, *run_cuda(n, repeats)))  # memcpy column: one cudaMemcpy, pinned <-> device
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     for where, n, rows, nbytes in sections:
-        body = render(rows, nbytes, n) + f"\n\nMachine: {', '.join(f'{k} {v}' for k, v in info.items())}."
-        if where == "CUDA":
-            body = body.replace("| memcpy GB/s |", "| cudaMemcpy GB/s |").replace("native / memcpy", "native / cudaMemcpy")
+        body = render(rows, nbytes, n, "cudaMemcpy" if where == "CUDA" else "memcpy")
+        body += f"\n\nMachine: {', '.join(f'{k} {v}' for k, v in info.items())}."
         print(f"# swap_cache_layout ({where}), {now}\n\n{body}\n")
         if not (args.quick or args.no_record):
             gpu = f"{info['gpu']}, " if where == "CUDA" else ""

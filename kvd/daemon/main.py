@@ -41,7 +41,7 @@ from kvd.daemon.children import ChildProcess
 from kvd.daemon.frontend import Frontend
 from kvd.daemon.notify import Notifier
 from kvd.engine.engine import Engine, ModelInfo
-from kvd.ipc import AsyncChannel, bind_random
+from kvd.ipc import AsyncChannel, bind_random, publish_endpoint
 from kvd.daemon.events import PDChain
 from kvd.daemon.peers import PrefillLink, PrefillServer
 from kvd.messages import (
@@ -215,10 +215,7 @@ class Daemon:
             self.endpoint = f"tcp://{d.host}:{d.port}"
             sock.bind(self.endpoint)
         self.frontend = Frontend(self, sock, d.max_frame_bytes)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.run_dir / "endpoint.tmp"
-        tmp.write_text(self.endpoint + "\n")
-        os.replace(tmp, self.run_dir / "endpoint")
+        publish_endpoint(self.run_dir / "endpoint", self.endpoint)
 
     def _start_pd(self) -> None:
         if self.chain is None:

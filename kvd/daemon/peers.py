@@ -12,7 +12,6 @@ leaving a request behind a dead peer.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -22,7 +21,7 @@ import structlog
 import zmq
 import zmq.asyncio
 
-from kvd.ipc import bind_random
+from kvd.ipc import bind_random, publish_endpoint
 from kvd.messages import FromPrefill, Ping, Pong, ToPrefill
 
 log = structlog.get_logger("kvd.peers")
@@ -50,11 +49,8 @@ class PrefillServer:
             self.sock.bind(self.endpoint)
         self._enc = msgspec.msgpack.Encoder()
         self._dec = msgspec.msgpack.Decoder(ToPrefill)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / "pd_endpoint.tmp"
-        tmp.write_text(self.endpoint + "\n")
-        os.replace(tmp, run_dir / "pd_endpoint")
         self._file = run_dir / "pd_endpoint"
+        publish_endpoint(self._file, self.endpoint)
 
     async def run(self, handle: Callable[[bytes, ToPrefill], Awaitable[None]]) -> None:
         while True:

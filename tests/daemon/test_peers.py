@@ -5,21 +5,14 @@ directory while the old instance's file was still there."""
 from __future__ import annotations
 
 import asyncio
-import os
 
 import msgspec
 import zmq
 import zmq.asyncio
 
 from kvd.daemon.peers import PrefillLink
-from kvd.ipc import bind_random
+from kvd.ipc import bind_random, publish_endpoint
 from kvd.messages import Pong, ToPrefill
-
-
-def publish(run_dir, endpoint: str) -> None:
-    tmp = run_dir / "pd_endpoint.tmp"
-    tmp.write_text(endpoint + "\n")
-    os.replace(tmp, run_dir / "pd_endpoint")
 
 
 async def answer_pings(sock: zmq.asyncio.Socket, instance: str) -> None:
@@ -54,7 +47,7 @@ def test_a_restarted_prefill_instance_is_found_again(tmp_path):
         old, new = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
         for s in (old, new):
             s.setsockopt(zmq.LINGER, 0)
-        publish(tmp_path, bind_random(old))
+        publish_endpoint(tmp_path / "pd_endpoint", bind_random(old))
         serving = asyncio.ensure_future(answer_pings(old, "old"))
         link = PrefillLink(ctx, str(tmp_path))
         try:
@@ -68,7 +61,7 @@ def test_a_restarted_prefill_instance_is_found_again(tmp_path):
             link.reset()
             assert await pong_within(link, 1) is None
             # The restarted instance publishes a new port: the link follows it.
-            publish(tmp_path, bind_random(new))
+            publish_endpoint(tmp_path / "pd_endpoint", bind_random(new))
             serving = asyncio.ensure_future(answer_pings(new, "new"))
             pong = await pong_within(link, 5)
             assert pong is not None and pong.instance == "new" and link.alive
