@@ -50,7 +50,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"kvd: config: {e}", file=sys.stderr)
         return 2
-    return serve(cfg, os.environ.get("NOTIFY_SOCKET"))
+    code = serve(cfg, os.environ.get("NOTIFY_SOCKET"))
+    # The daemon has stopped its children and closed its sockets: exit without the
+    # interpreter's teardown of torch and transformers (over a second), so that systemd
+    # and `kvd launch` see the exit at once.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -3,21 +3,29 @@
 Children are started with multiprocessing's spawn context (a fresh interpreter: no
 forked torch or ZeroMQ state). Their exit is awaited, never polled: the process
 sentinel is a file descriptor the event loop watches, so a kill -9 is noticed at once.
+A child's entry function is named by its dotted path and imported in the child: the
+daemon itself never imports torch (about 3 s of start-up on the critical path).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import multiprocessing
 import os
 import signal
-from collections.abc import Callable
 
 _spawn = multiprocessing.get_context("spawn")
 
 
+def _enter(target: str, *args) -> None:
+    """In the child: import `module:function` and run it."""
+    module, _, function = target.partition(":")
+    getattr(importlib.import_module(module), function)(*args)
+
+
 class ChildProcess:
-    def __init__(self, name: str, target: Callable[..., None], args: tuple) -> None:
+    def __init__(self, name: str, target: str, args: tuple) -> None:
         self.name = name
         self._target = target
         self._args = args
@@ -30,7 +38,7 @@ class ChildProcess:
         loop = asyncio.get_running_loop()
         self.ready = False
         self.starts += 1
-        self.proc = _spawn.Process(target=self._target, args=(self.name, *self._args), name=self.name)
+        self.proc = _spawn.Process(target=_enter, args=(self._target, self.name, *self._args), name=self.name)
         self.proc.start()
         self.exited = loop.create_future()
         sentinel = self.proc.sentinel

@@ -56,8 +56,6 @@ from kvd.messages import (
     Step,
     StepDone,
 )
-from kvd.messenger.main import messenger_main
-from kvd.worker.main import worker_main
 
 log = structlog.get_logger("kvd.daemon")
 
@@ -107,14 +105,15 @@ class Daemon:
         self.to_messenger = AsyncChannel(self.ctx.socket(zmq.PUSH), None)
         self._report_ep = report_ep
         self._messenger_ep = bind_random(self.to_messenger.sock)
-        self.worker = ChildProcess("worker-0", worker_main, (cfg_json, bind_random(self.to_worker.sock), report_ep))
+        self.worker = ChildProcess("worker-0", "kvd.worker.main:worker_main",
+                                   (cfg_json, bind_random(self.to_worker.sock), report_ep))
         self.messenger = self._messenger_process(None)
         self.children = [self.worker, self.messenger]
 
     def _messenger_process(self, ready: Ready | None) -> ChildProcess:
         """The messenger maps the worker's KV cache (PD roles): a new worker needs a new messenger."""
         kv = msgspec.msgpack.encode(ready.kv) if ready is not None and ready.kv is not None else None
-        return ChildProcess("messenger", messenger_main,
+        return ChildProcess("messenger", "kvd.messenger.main:messenger_main",
                             (msgspec.json.encode(self.cfg), self._messenger_ep, self._report_ep, kv))  # fmt: skip
 
     async def _restart_messenger(self, ready: Ready) -> Ready:

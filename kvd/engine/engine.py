@@ -74,7 +74,8 @@ class Engine:
         self.info = info
         self.stream_text = stream_text  # decode text every step (the daemon streams it)
         self.max_model_len = min(config.model.max_model_len or info.max_model_len, info.max_model_len)
-        self.eos_token_ids = frozenset(info.eos_token_ids)
+        tok_eos = getattr(tokenizer, "eos_token_id", None)  # the tokenizer may name another
+        self.eos_token_ids = frozenset(info.eos_token_ids) | ({tok_eos} if isinstance(tok_eos, int) else set())
         self.kv = KVCacheManager(
             info.num_blocks, info.block_size, config.cache.enable_prefix_caching, config.cache.hash_algo
         )
@@ -293,7 +294,7 @@ class LocalEngine(Engine):
         model_dir = resolve_model(config.model.model, config.model.cache_dir)
         tokenizer = load_tokenizer(model_dir)
         self.runner = ModelRunner(model_dir, config.model, config.cache)
-        super().__init__(config, tokenizer, self.runner.model_info(tokenizer))
+        super().__init__(config, tokenizer, self.runner.model_info())
 
     def step(self) -> list[RequestOutput]:
         """One step: schedule → run → process. Returns the requests finished in it."""

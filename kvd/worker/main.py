@@ -11,7 +11,7 @@ import os
 
 import structlog
 
-from kvd.child import run_child
+from kvd.child import Started, run_child
 from kvd.config import KvdConfig
 from kvd.messages import Ready, Step, StepDone, ToWorker
 
@@ -21,11 +21,11 @@ log = structlog.get_logger("kvd.worker")
 def _start(name: str):
     def start(cfg: KvdConfig):
         from kvd.worker.model_runner import ModelRunner
-        from kvd.worker.models import load_tokenizer, resolve_model
+        from kvd.worker.models import resolve_model
 
         model_dir = resolve_model(cfg.model.model, cfg.model.cache_dir)
         runner = ModelRunner(model_dir, cfg.model, cfg.cache, share_kv=cfg.daemon.role != "unified")
-        info = runner.model_info(load_tokenizer(model_dir))
+        info = runner.model_info()  # the daemon has the tokenizer; this process needs none
         if cfg.prefill.group:  # the ranks are this worker's children: they live and die with it
             from kvd.distributed.group import PrefillGroup
 
@@ -40,7 +40,8 @@ def _start(name: str):
         def handle(msg: Step) -> StepDone:
             return StepDone(runner.execute(msg.output))
 
-        return Ready(process=name, pid=os.getpid(), info=info, kv=runner.kv_share()), handle
+        close = runner.group.close if runner.group is not None else None
+        return Started(Ready(process=name, pid=os.getpid(), info=info, kv=runner.kv_share()), handle, close)
 
     return start
 

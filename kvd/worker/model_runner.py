@@ -129,14 +129,15 @@ class ModelRunner:
             return None
         return KVShare(os.getpid(), self.kv_fd, list(self.kv_all.shape), str(self.dtype).removeprefix("torch."))
 
-    def model_info(self, tokenizer=None):
-        """What the scheduler side needs to know (the worker's Ready message carries it)."""
+    def model_info(self):
+        """What the scheduler side needs to know (the worker's Ready message carries it). The
+        end-of-sequence ids are the model's; the Engine adds its tokenizer's."""
         from kvd.engine.engine import ModelInfo
         from kvd.worker.models import model_fingerprint
 
         eos: set[int] = set()
         gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        for src in (gen_eos, self.hf_config.eos_token_id, getattr(tokenizer, "eos_token_id", None)):
+        for src in (gen_eos, self.hf_config.eos_token_id):
             if isinstance(src, int):
                 eos.add(src)
             elif isinstance(src, (list, tuple)):

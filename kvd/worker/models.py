@@ -195,8 +195,22 @@ def resolve_model(model: str | None, cache_dir: Path | None = None) -> Path:
         raise ValueError(f"model {model!r}: no such directory (and not an embedded model name)")
     if not (path / "config.json").is_file():
         raise ValueError(f"model {model!r}: no config.json in the directory")
-    load_config(path)  # rejects unsupported families now rather than at load time
+    # Unsupported families are rejected now rather than at load time; from the JSON alone,
+    # since transformers' AutoConfig imports torch (seconds before a daemon's children start).
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"model {model!r}: config.json is not a JSON object ({e})") from None
+    _check_family(path, model_type)
     return path
+
+
+def _check_family(path: str | os.PathLike, model_type: str | None) -> None:
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model {str(path)!r}: model_type {model_type!r} is not supported "
+            f"(supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))})"
+        )
 
 
 def load_config(path: str | os.PathLike) -> PretrainedConfig:
@@ -204,11 +218,7 @@ def load_config(path: str | os.PathLike) -> PretrainedConfig:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path)
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"model {str(path)!r}: model_type {config.model_type!r} is not supported "
-            f"(supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))})"
-        )
+    _check_family(path, config.model_type)
     return config
 
 

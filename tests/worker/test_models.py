@@ -3,6 +3,7 @@ resolution and validation, fingerprints, and the tiny test models."""
 
 import json
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -213,3 +214,21 @@ def test_tiny_model_forward(family, request):
 def test_tiny_model_is_reproducible(tiny_llama_dir, tmp_path):
     again = tiny_model_dir("llama", tmp_path / "again", seed=0)
     assert model_fingerprint(again) == model_fingerprint(tiny_llama_dir)
+
+
+def test_resolve_dir_with_broken_config(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_the_daemon_resolves_a_model_without_importing_torch(tiny_llama_dir):
+    """The daemon process never needs torch: importing it (seconds) would delay the start
+    of the worker, which cannot begin before the daemon has resolved the model."""
+    code = (
+        "import sys; import kvd.daemon.main; from kvd.worker.models import resolve_model; "
+        f"resolve_model({str(tiny_llama_dir)!r}); "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
