@@ -1,8 +1,9 @@
 """The life of every child process of the daemon (workers, the cache messenger).
 
-`run_child` connects the two sockets, calls `start(cfg)` — which loads what the process
-owns and returns `Started`: its Ready message, a handler, and what releases the rest — sends
-Ready, then feeds each received message to the handler and sends back what it returns.
+`run_child` connects the two sockets, calls `start(cfg, recv)` — which loads what the
+process owns (taking its first messages with `recv` if it needs them) and returns `Started`:
+its Ready message, a handler, and what releases the rest — sends Ready, then feeds each
+received message to the handler and sends back what it returns.
 Shutdown ends it cleanly. Any exception sends Dead with the reason and exits non-zero (a
 broken child never limps on). If the daemon disappears (our parent pid changes), the child
 exits too. Either way it releases what it owns and then exits at once, without the
@@ -31,6 +32,14 @@ PARENT_POLL_MS = 1000
 Handler = Callable[[Any], msgspec.Struct | None]
 
 
+class Stopped(Exception):
+    """Shutdown arrived (code 0) or the daemon is gone (code 1): the process ends."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
 class Started(NamedTuple):
     ready: Ready
     handle: Handler
@@ -43,7 +52,7 @@ def run_child(
     in_endpoint: str,
     report_endpoint: str,
     recv_type: Any,
-    start: Callable[[KvdConfig], Started],
+    start: Callable[[KvdConfig, Callable[[], Any]], Started],
 ) -> None:
     cfg = msgspec.json.decode(config_json, type=KvdConfig)
     from kvd.logs import configure_logging
@@ -57,24 +66,29 @@ def run_child(
     report.sock.connect(report_endpoint)
     code = 0
     started: Started | None = None
-    try:
-        started = start(cfg)
-        handle = started.handle
-        report.send(started.ready)
+
+    def recv() -> Any:
+        """The next message; Stopped on Shutdown or when the daemon is gone."""
         while True:
             msg = inbox.recv(PARENT_POLL_MS)
-            if msg is None:
-                if os.getppid() != parent:
-                    log.error("child_orphaned", reason="the daemon process is gone")
-                    code = 1
-                    break
-                continue
             if isinstance(msg, Shutdown):
                 log.info("child_stopping")
-                break
-            reply = handle(msg)
+                raise Stopped(0)
+            if msg is not None:
+                return msg
+            if os.getppid() != parent:
+                log.error("child_orphaned", reason="the daemon process is gone")
+                raise Stopped(1)
+
+    try:
+        started = start(cfg, recv)
+        report.send(started.ready)
+        while True:
+            reply = started.handle(recv())
             if reply is not None:
                 report.send(reply)
+    except Stopped as e:
+        code = e.code
     except BaseException as e:  # noqa: BLE001 - any failure ends the child, loudly
         reason = f"{type(e).__name__}: {e}"
         log.error("child_dead", reason=reason, traceback=traceback.format_exc())

@@ -136,6 +136,14 @@ class Dead(_Msg, tag="dead"):
 
 
 # ---- daemon ⇄ cache messenger -------------------------------------------------------------
+class MapKV(_Msg, tag="map_kv"):
+    """The messenger's first message in the prefill and decode roles, sent once the worker is
+    Ready: the KV cache to map. The messenger starts beside the worker (importing torch and
+    opening the pool meanwhile) and reports Ready only after it has mapped this."""
+
+    kv: KVShare
+
+
 class CacheTask(_Msg, tag="cache_task", kw_only=True):
     """Write blocks to the pool (prefill) or read keys into preallocated blocks (decode)."""
 
@@ -166,7 +174,7 @@ class CacheTaskDone(_Msg, tag="cache_task_done", kw_only=True):
 
 
 FromChild = Ready | StepDone | StepFailed | Dead | CacheTaskDone
-ToMessenger = CacheTask | Shutdown
+ToMessenger = MapKV | CacheTask | Shutdown
 
 
 # ---- decode instance ⇄ prefill instance --------------------------------------------------

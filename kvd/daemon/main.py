@@ -5,10 +5,11 @@
 Start-up: spawn the worker and the cache messenger, await Ready from both (the worker's
 carries the model's facts and its number of KV blocks), build the Engine (scheduler +
 block manager), bind the client ROUTER, write `<run_dir>/endpoint`, tell systemd READY=1.
-In the prefill and decode roles the messenger starts once the worker is Ready, because
-it maps the worker's KV cache, and the PD event chain (`kvd.daemon.events`) runs beside
-the step loop: a prefill instance binds its PD endpoint (`<run_dir>/pd_endpoint`), a
-decode instance connects to its prefill instances.
+In the prefill and decode roles the messenger starts beside the worker (importing torch
+and opening the pool while the worker loads) and maps the worker's KV cache once the
+worker is Ready (MapKV); the daemon itself never imports torch. The PD event chain
+(`kvd.daemon.events`) runs beside the step loop: a prefill instance binds its PD endpoint
+(`<run_dir>/pd_endpoint`), a decode instance connects to its prefill instances.
 
 Then a TaskGroup runs: the frontend's reader, the children's report reader, the step
 loop (schedule → Step to the worker → await StepDone → process → stream deltas), and a
@@ -51,6 +52,7 @@ from kvd.messages import (
     ErrorCode,
     FromChild,
     Generate,
+    MapKV,
     Ready,
     Shutdown,
     Step,
@@ -107,28 +109,38 @@ class Daemon:
         self._messenger_ep = bind_random(self.to_messenger.sock)
         self.worker = ChildProcess("worker-0", "kvd.worker.main:worker_main",
                                    (cfg_json, bind_random(self.to_worker.sock), report_ep))
-        self.messenger = self._messenger_process(None)
+        self.messenger = self._messenger_process()
         self.children = [self.worker, self.messenger]
 
-    def _messenger_process(self, ready: Ready | None) -> ChildProcess:
-        """The messenger maps the worker's KV cache (PD roles): a new worker needs a new messenger."""
-        kv = msgspec.msgpack.encode(ready.kv) if ready is not None and ready.kv is not None else None
+    def _messenger_process(self) -> ChildProcess:
         return ChildProcess("messenger", "kvd.messenger.main:messenger_main",
-                            (msgspec.json.encode(self.cfg), self._messenger_ep, self._report_ep, kv))  # fmt: skip
+                            (msgspec.json.encode(self.cfg), self._messenger_ep, self._report_ep))  # fmt: skip
 
-    async def _restart_messenger(self, ready: Ready) -> Ready:
+    async def _launch_messenger(self) -> asyncio.Future[Ready]:
+        """A new messenger (the old one, if alive, is stopped: it maps a dead worker's KV cache)."""
         if self.messenger.alive:
             with contextlib.suppress(TimeoutError, zmq.ZMQError):
                 await asyncio.wait_for(self.to_messenger.send(Shutdown()), 1.0)
             await self.messenger.stop(CHILD_STOP_TIMEOUT_S)
-        self.messenger = self._messenger_process(ready)
+        self.messenger = self._messenger_process()
         self.children = [self.worker, self.messenger]
-        return await self._await_ready(self.messenger)
+        return self._launch(self.messenger)
 
-    async def _await_ready(self, child: ChildProcess) -> Ready:
+    async def _messenger_ready(self, fut: asyncio.Future[Ready], worker: Ready) -> Ready:
+        """In the PD roles the messenger maps the worker's KV cache first (MapKV), then is Ready."""
+        if self.pd:  # a PUSH to a messenger that died meanwhile would wait forever
+            send = asyncio.ensure_future(self.to_messenger.send(MapKV(worker.kv)))
+            await asyncio.wait([send, self.messenger.exited], return_when=asyncio.FIRST_COMPLETED)
+            send.cancel()  # a no-op once sent
+        return await self._wait_ready(self.messenger, fut)
+
+    def _launch(self, child: ChildProcess) -> asyncio.Future[Ready]:
         fut = asyncio.get_running_loop().create_future()
         self._ready_waiters[child.name] = fut
         child.start()
+        return fut
+
+    async def _wait_ready(self, child: ChildProcess, fut: asyncio.Future[Ready]) -> Ready:
         done, _ = await asyncio.wait([fut, child.exited], timeout=STARTUP_TIMEOUT_S,
                                      return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
         if fut not in done:
@@ -137,6 +149,16 @@ class Daemon:
         ready = fut.result()
         log.info("child_ready", child=child.name, child_pid=ready.pid)
         return ready
+
+    async def _start_worker(self) -> Ready:
+        """Start the worker and, beside it, a messenger unless one runs and maps no KV cache
+        (the unified role); returns once both are Ready."""
+        messenger = await self._launch_messenger() if self.pd or not self.messenger.alive else None
+        worker = await self._wait_ready(self.worker, self._launch(self.worker))
+        self._worker_ready = worker
+        if messenger is not None:
+            await self._messenger_ready(messenger, worker)
+        return worker
 
     def _build_engine(self, info: ModelInfo) -> None:
         kv_wait = max(1, int(info.num_blocks * self.cfg.pd.kv_wait_fraction)) if self.pd else None
@@ -158,13 +180,7 @@ class Daemon:
         try:
             model_dir = resolve_model(self.cfg.model.model, self.cfg.model.cache_dir)
             tok_task = asyncio.create_task(asyncio.to_thread(load_tokenizer, model_dir))
-            if self.pd:  # the messenger maps the worker's KV cache: it starts second
-                worker_ready = await self._await_ready(self.worker)
-                self._worker_ready = worker_ready
-                await self._restart_messenger(worker_ready)
-            else:
-                worker_ready, _ = await asyncio.gather(self._await_ready(self.worker),
-                                                       self._await_ready(self.messenger))  # fmt: skip
+            worker_ready = await self._start_worker()
             self.tokenizer = await tok_task
             self._build_engine(worker_ready.info)
             self._start_pd()
@@ -462,15 +478,10 @@ class Daemon:
             self.engine = None  # 503 while the new worker loads; its KV cache starts empty
         try:
             if child is self.worker:
-                ready = await self._await_ready(self.worker)
-                self._worker_ready = ready
-                if self.pd:  # the old messenger maps the dead worker's KV cache
-                    await self._restart_messenger(ready)
+                ready = await self._start_worker()  # the old messenger maps the dead worker's KV cache
                 self._build_engine(ready.info)
-            elif self.pd:
-                ready = await self._restart_messenger(self._worker_ready)
             else:
-                ready = await self._await_ready(self.messenger)
+                ready = await self._messenger_ready(await self._launch_messenger(), self._worker_ready)
         except ChildDied as e:
             log.error("daemon_exiting", reason=str(e))
             self.exit_code = 1

@@ -1,7 +1,9 @@
 """The cache messenger process: the instance's storage-pool client (PD roles).
 
-It maps the worker's KV cache (shared memory, see `KVShare`) and owns a block-major
-staging buffer of `pd.transfer_batch_blocks` blocks. A CacheTask moves a request's
+It starts beside the worker: it imports torch and opens the pool while the worker loads,
+then maps the worker's KV cache that its first message, MapKV, names (shared memory, see
+`KVShare`), and reports Ready. It owns a block-major staging buffer of
+`pd.transfer_batch_blocks` blocks. A CacheTask moves a request's
 blocks in batches:
 
     write: KV blocks ──swap_cache_layout──▶ staging ──put_many──▶ pool
@@ -29,32 +31,36 @@ import structlog
 
 from kvd.child import Started, run_child
 from kvd.config import KvdConfig
-from kvd.messages import KVShare, Ready, ToMessenger
+from kvd.messages import MapKV, Ready, ToMessenger
 
 log = structlog.get_logger("kvd.messenger")
 
 
-def _start(name: str, kv: KVShare | None):
-    def start(cfg: KvdConfig):
-        if kv is None:
+def _start(name: str):
+    def start(cfg: KvdConfig, recv):
+        if cfg.daemon.role == "unified":
             log.info("messenger_ready", pool=None)
             return Started(Ready(process=name, pid=os.getpid()), lambda msg: None)
         from kvd.cache.storage import open_pool
         from kvd.messenger.cache_messenger import CacheMessenger, map_kv
         from kvd.worker.models import default_cache_dir
 
-        cache_dir = cfg.model.cache_dir or default_cache_dir()
-        messenger = CacheMessenger(open_pool(cfg.pd, cache_dir), map_kv(kv), cfg.pd.transfer_batch_blocks,
-                                   cfg.pd.fault_read_delay_s, cfg.pd.fault_write_delay_s)  # fmt: skip
+        # While the worker loads: torch is imported and the pool opened; then the KV cache.
+        pool = open_pool(cfg.pd, cfg.model.cache_dir or default_cache_dir())
+        try:
+            msg = recv()
+            if not isinstance(msg, MapKV):
+                raise RuntimeError(f"messenger: expected MapKV first, got {type(msg).__name__}")
+            messenger = CacheMessenger(pool, map_kv(msg.kv), cfg.pd.transfer_batch_blocks,
+                                       cfg.pd.fault_read_delay_s, cfg.pd.fault_write_delay_s)  # fmt: skip
+        except BaseException:
+            pool.close()
+            raise
         log.info("messenger_ready", pool=cfg.pd.pool, block_bytes=messenger.block_bytes)
-        return Started(Ready(process=name, pid=os.getpid()), messenger.handle, messenger.pool.close)
+        return Started(Ready(process=name, pid=os.getpid()), messenger.handle, pool.close)
 
     return start
 
 
-def messenger_main(name: str, config_json: bytes, task_endpoint: str, report_endpoint: str,
-                   kv: bytes | None = None) -> None:  # fmt: skip
-    import msgspec
-
-    share = msgspec.msgpack.decode(kv, type=KVShare) if kv else None
-    run_child(name, config_json, task_endpoint, report_endpoint, ToMessenger, _start(name, share))
+def messenger_main(name: str, config_json: bytes, task_endpoint: str, report_endpoint: str) -> None:
+    run_child(name, config_json, task_endpoint, report_endpoint, ToMessenger, _start(name))

@@ -19,7 +19,7 @@ log = structlog.get_logger("kvd.worker")
 
 
 def _start(name: str):
-    def start(cfg: KvdConfig):
+    def start(cfg: KvdConfig, recv):
         from kvd.worker.model_runner import ModelRunner
         from kvd.worker.models import resolve_model
 

@@ -60,6 +60,16 @@ def smol_prompts(llm: LLM) -> list[list[int]]:
     return chat + raw + [long] + shared + one_token + one_block
 
 
+@pytest.fixture(scope="module")
+def smol_outs(smol):
+    """The 14 prompts through the full-size cache, once: the reference run and the
+    baseline that the preemption tests compare with."""
+    prompts = smol_prompts(smol)
+    outs = smol.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))
+    smol.check_integrity()
+    return prompts, outs
+
+
 def check_against_reference(llm, ref, prompts, outs):
     eos = set(llm.engine.eos_token_ids)
     exact = 0
@@ -69,11 +79,9 @@ def check_against_reference(llm, ref, prompts, outs):
     return exact
 
 
-def test_smollm2_batch_matches_transformers_with_prefix_hits(smol, smol_ref):
-    prompts = smol_prompts(smol)
+def test_smollm2_batch_matches_transformers_with_prefix_hits(smol, smol_ref, smol_outs):
+    prompts, outs = smol_outs
     assert len(prompts) >= 12
-    outs = smol.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))
-    smol.check_integrity()
     # The later prompts sharing the manual's prefix hit the prefix cache.
     shared = outs[8:11]
     assert all(o.num_cached_tokens >= 16 * 10 for o in shared[1:]), [o.num_cached_tokens for o in shared]
@@ -83,28 +91,26 @@ def test_smollm2_batch_matches_transformers_with_prefix_hits(smol, smol_ref):
     assert outs[0].finish_reason == "stop" and "Paris" in outs[0].text
 
 
-def test_smollm2_preemption_gives_identical_output(smollm2_dir, smol, smol_ref):
-    prompts = smol_prompts(smol)
+def test_smollm2_preemption_gives_identical_output(smollm2_dir, smol_ref, smol_outs):
+    prompts, baseline = smol_outs
     # The long prompt alone needs ~90 blocks: 110 blocks cannot hold the batch at once.
     small = LLM(str(smollm2_dir), num_blocks=110, max_num_batched_tokens=512)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
     outs = small.generate(prompts, params)
     small.check_integrity()
     assert small.engine.scheduler.num_preemptions > 0
-    baseline = smol.generate(prompts, params)
     assert [o.token_ids for o in outs] == [o.token_ids for o in baseline]
     check_against_reference(small, smol_ref, prompts[:4], outs[:4])
 
 
-def test_smollm2_swap_preemption_gives_identical_output(smollm2_dir, smol):
-    prompts = smol_prompts(smol)
+def test_smollm2_swap_preemption_gives_identical_output(smollm2_dir, smol_outs):
+    prompts, baseline = smol_outs
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
     swapping = LLM(str(smollm2_dir), num_blocks=110, max_num_batched_tokens=512, preempt="swap", swap_space_gb=0.5)
     outs = swapping.generate(prompts, params)
     swapping.check_integrity()
     sched = swapping.engine.scheduler
     assert sched.num_preemptions > 0 and sched.num_swaps > 0
-    baseline = smol.generate(prompts, params)
     assert [o.token_ids for o in outs] == [o.token_ids for o in baseline]
 
 

@@ -4,6 +4,7 @@ and checks that both instances hold no block and pass their integrity check."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,8 +60,14 @@ def wait_clean(*daemons: DaemonHandle, timeout: float = 30.0) -> list[dict]:
     return out
 
 
+@functools.cache
+def _offline(model_dir: Path) -> LLM:
+    return LLM(str(model_dir))  # loaded once per test process (a few seconds each time otherwise)
+
+
 def reference(model_dir: Path, prompts: list, max_tokens: int):
-    llm = LLM(str(model_dir))
+    """The offline engine's greedy outputs, with the top-2 logprobs that tell a tie."""
+    llm = _offline(model_dir)
     return llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=2))
 
 

@@ -279,6 +279,32 @@ def test_a_slow_pool_write_is_never_read_early(pd, tmp_path, prompts, smollm2_di
         p.stop()
 
 
+def test_killed_messengers_are_restarted_with_the_kv_cache_mapped_and_traffic_goes_on(pd, prompts, smollm2_dir):
+    """kill -9 of either instance's cache messenger: the daemon starts a new one, which maps
+    the running worker's KV cache (MapKV); the next handoff writes and reads through both."""
+    p, d, _ = pd
+    killed = {}
+    for daemon in (p, d):
+        with Client(daemon.endpoint, timeout=10) as c:
+            old = killed[daemon.run_dir] = c.status()["processes"]["messenger"]["pid"]
+            os.kill(old, signal.SIGKILL)
+
+            def restarted(c=c, old=old):
+                m = c.status()["processes"]["messenger"]
+                return m["alive"] and m["pid"] != old
+
+            wait_for(restarted, 60, "a new messenger")
+    prompt = prompts[4][7:]  # a prompt no earlier test wrote
+    (got,) = run_all(d.endpoint, [prompt], 6)
+    assert_matches(got[0], reference(smollm2_dir, [prompt], 6)[0], "through the restarted messengers")
+    for daemon in (p, d):
+        (event,) = [e for e in log_events(daemon.log_file, "child_restarted") if e["child"] == "messenger"]
+        assert event["child_pid"] != killed[daemon.run_dir]
+    (read,) = [e for e in log_events(d.log_file, "kv_read") if e["process"] == "messenger"][-1:]
+    assert read["num_blocks"] == len(prompt) // 16 + 1, read
+    wait_clean(p, d)
+
+
 def test_kill_prefill_mid_request_fails_fast_with_502(pd, prompts):
     """Last in this module: it kills the shared prefill instance."""
     p, d, _ = pd
