@@ -116,6 +116,11 @@ class ModelRunner:
         self.requests: dict[str, _RequestState] = {}
         self.group = None  # a kvd.distributed PrefillGroup the worker owns (`[prefill.parallel]`)
         self.group_min_tokens = 0
+        # Load (or build, once per machine: a minute) the native ops now, not in the first
+        # request's step, where a PD lease or a client's deadline would be running.
+        ops.native()
+        if self.device.type == "cuda":
+            ops.native_cuda()
         log.info(
             "model_runner_ready", device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
             num_blocks=self.num_blocks, block_size=self.block_size, kv_cache_mb=round(self.kv_cache_bytes / 2**20),

@@ -232,3 +232,16 @@ def test_the_daemon_resolves_a_model_without_importing_torch(tiny_llama_dir):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_model_runner_loads_the_native_ops_before_it_serves(tiny_llama_dir):
+    """A build (a minute on a fresh machine) must happen during start-up, before Ready, not
+    in the first request's step with a PD lease or the client's deadline running."""
+    code = (
+        "from kvd import ops; from kvd.config import KvdConfig; from kvd.worker.model_runner import ModelRunner; "
+        "cfg = KvdConfig(); assert ops.native.cache_info().currsize == 0; "
+        f"ModelRunner({str(tiny_llama_dir)!r}, cfg.model, cfg.cache); "
+        "print(ops.native.cache_info().currsize, ops.native() is not None)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split()[-2:] == ["1", "True"]
