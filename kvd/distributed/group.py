@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import sys
 import signal
 import socket
 from collections.abc import Sequence
@@ -338,9 +339,9 @@ def rank_main(spec_bytes: bytes, conn: Connection, kv_out: torch.Tensor, logits_
             try:
                 msg = to_rank_decoder.decode(conn.recv_bytes())
             except EOFError:
-                return  # the owner is gone
+                break  # the owner is gone
             if isinstance(msg, Shutdown):
-                return
+                break
             conn.send_bytes(from_rank_encoder.encode(runner.prefill(msg)))
     except BaseException as e:  # noqa: BLE001 - every failure is reported, then the process exits
         try:
@@ -351,3 +352,6 @@ def rank_main(spec_bytes: bytes, conn: Connection, kv_out: torch.Tensor, logits_
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # the teardown of torch and the stage's weights would take seconds
