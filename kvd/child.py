@@ -3,11 +3,11 @@
 `run_child` connects the two sockets, calls `start(cfg, recv)` — which loads what the
 process owns (taking its first messages with `recv` if it needs them) and returns `Started`:
 its Ready message, a handler, and what releases the rest — sends Ready, then feeds each
-received message to the handler and sends back what it returns.
-Shutdown ends it cleanly. Any exception sends Dead with the reason and exits non-zero (a
-broken child never limps on). If the daemon disappears (our parent pid changes), the child
-exits too. Either way it releases what it owns and then exits at once, without the
-interpreter's teardown: with torch and a model loaded that teardown takes seconds.
+received message to the handler and sends back what it returns. Shutdown ends it cleanly.
+Any exception sends Dead with the reason and exits non-zero (a broken child never limps
+on). If the daemon disappears (our parent pid changes), the child exits too. Either way it
+releases what it owns and then exits at once, without the interpreter's teardown: with
+torch and a model loaded that teardown takes seconds.
 """
 
 from __future__ import annotations
