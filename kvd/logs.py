@@ -31,11 +31,12 @@ Event vocabulary (the names `kvd trace` and operators rely on):
 | request_finished | request | finish_reason, duration_ms, since_arrival_ms (= e2e), generated_tokens |
 | request_failed | request | code, error, duration_ms, since_arrival_ms |
 | request_aborted | request | reason (client, deadline, drain), duration_ms, since_arrival_ms |
-| worker_ready | process | num_blocks, duration_ms (start-up) |
+| worker_ready | process | num_blocks, duration_ms (start-up: imports, weights, KV cache) |
+| child_ready | process | child, child_pid, duration_ms (the daemon's view: launch to Ready) |
 | worker_dead | process | reason, exit_code, request_ids (the requests it takes down) |
-| daemon_ready | process | endpoint, duration_ms (start-up) |
+| daemon_ready | process | endpoint, num_blocks, duration_ms (start-up) |
 | daemon_draining | process | in_flight, timeout_s |
-| daemon_stopped | process | duration_ms (drain) |
+| daemon_stopped | process | exit_code, duration_ms (drain and shutdown) |
 
 Request-scoped lines carry `request_id`; batch-level lines carry `request_ids`.
 """
@@ -64,6 +65,7 @@ EVENTS = (
     "request_aborted",
     "worker_ready",
     "worker_dead",
+    "child_ready",
     "daemon_ready",
     "daemon_draining",
     "daemon_stopped",

@@ -14,6 +14,7 @@ import importlib
 import multiprocessing
 import os
 import signal
+import time
 
 _spawn = multiprocessing.get_context("spawn")
 
@@ -33,11 +34,13 @@ class ChildProcess:
         self.exited: asyncio.Future[int] | None = None
         self.ready = False
         self.starts = 0
+        self.started_at = 0.0  # time.monotonic() of the last start
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.ready = False
         self.starts += 1
+        self.started_at = time.monotonic()
         self.proc = _spawn.Process(target=_enter, args=(self._target, self.name, *self._args), name=self.name)
         self.proc.start()
         self.exited = loop.create_future()

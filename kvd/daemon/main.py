@@ -87,6 +87,8 @@ class Daemon:
         self._step_started: float | None = None
         self._ready_waiters: dict[str, asyncio.Future[Ready]] = {}
         self._started = time.time()
+        self._t_start = time.monotonic()
+        self._t_stop: float | None = None  # when the drain (or a stop without one) began
         self._integrity = "not checked"
         self._throughput: collections.deque[tuple[float, int]] = collections.deque(maxlen=11)
         self._worker_restarts = 0
@@ -146,9 +148,7 @@ class Daemon:
         if fut not in done:
             raise ChildDied(f"{child.name} did not become ready (exit code {child.proc.exitcode})")
         child.ready = True
-        ready = fut.result()
-        log.info("child_ready", child=child.name, child_pid=ready.pid)
-        return ready
+        return fut.result()
 
     async def _start_worker(self) -> Ready:
         """Start the worker and, beside it, a messenger unless one runs and maps no KV cache
@@ -193,7 +193,7 @@ class Daemon:
             return 1
         self.notifier.ready(f"serving on {self.endpoint}")
         log.info("daemon_ready", endpoint=self.endpoint, num_blocks=self.engine.kv.num_blocks,
-                 run_dir=str(self.run_dir))  # fmt: skip
+                 run_dir=str(self.run_dir), duration_ms=_ms_since(self._t_start))  # fmt: skip
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [
@@ -213,9 +213,11 @@ class Daemon:
             for e in eg.exceptions:
                 log.error("daemon_crashed", error=f"{type(e).__name__}: {e}", exc_info=e)
             self.exit_code = 1
+        if self._t_stop is None:  # stopped without a drain (a crash, an exit policy)
+            self._t_stop = time.monotonic()
         reader.cancel()
         await self._shutdown()
-        log.info("daemon_stopped", exit_code=self.exit_code)
+        log.info("daemon_stopped", exit_code=self.exit_code, duration_ms=_ms_since(self._t_stop))
         return self.exit_code
 
     def _bind_frontend(self) -> None:
@@ -361,6 +363,7 @@ class Daemon:
     def begin_drain(self) -> None:
         if self.draining:
             return
+        self._t_stop = time.monotonic()
         self.draining = True
         self.notifier.stopping()
         log.info("daemon_draining", in_flight=len(self.frontend.live) if self.frontend else 0,
@@ -424,6 +427,8 @@ class Daemon:
             if isinstance(msg, Ready):
                 fut = self._ready_waiters.pop(msg.process, None)
                 if fut is not None and not fut.done():
+                    child = next(c for c in self.children if c.name == msg.process)
+                    log.info("child_ready", child=child.name, child_pid=msg.pid, duration_ms=_ms_since(child.started_at))
                     fut.set_result(msg)
             elif isinstance(msg, StepDone):
                 if self._step_future is not None and not self._step_future.done():
@@ -570,6 +575,10 @@ class Daemon:
                 **{c.name: {"pid": c.pid, "alive": c.alive and c.ready} for c in self.children},
             },
         }
+
+
+def _ms_since(t: float) -> float:
+    return round((time.monotonic() - t) * 1e3, 3)
 
 
 def serve(cfg: KvdConfig, notify_socket: str | None = None) -> int:

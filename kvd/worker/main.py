@@ -8,6 +8,7 @@ blocks), then answers every Step with StepDone. Failures and orphaning are handl
 from __future__ import annotations
 
 import os
+import time
 
 import structlog
 
@@ -20,6 +21,7 @@ log = structlog.get_logger("kvd.worker")
 
 def _start(name: str):
     def start(cfg: KvdConfig, recv):
+        t0 = time.monotonic()
         from kvd.worker.model_runner import ModelRunner
         from kvd.worker.models import resolve_model
 
@@ -35,7 +37,8 @@ def _start(name: str):
             runner.group_min_tokens = cfg.prefill.group_min_tokens
             log.info("prefill_group_ready", sp=cfg.prefill.parallel.sp, pp=cfg.prefill.parallel.pp,
                      sync=cfg.prefill.parallel.sync, rank_pids=runner.group.pids)  # fmt: skip
-        log.info("worker_ready", num_blocks=info.num_blocks, device=str(runner.device))
+        log.info("worker_ready", num_blocks=info.num_blocks, device=str(runner.device),
+                 duration_ms=round((time.monotonic() - t0) * 1e3, 3))  # fmt: skip
 
         def handle(msg: Step) -> StepDone:
             return StepDone(runner.execute(msg.output))

@@ -22,7 +22,7 @@ import msgspec
 import pytest
 import zmq
 
-from harness import start_daemon, wait_for
+from harness import log_events, start_daemon, wait_for
 from kvd import LLM, SamplingParams
 from kvd.client import AsyncClient, Client, KvdError
 from kvd.messages import ErrorCode, Generate, ServerMessage
@@ -278,5 +278,12 @@ def test_sigterm_drains_and_notifies_systemd(tmp_path, tiny_llama_dir, daemons):
         order = [next(i for i, s in enumerate(states) if key in s) for key in ("READY=1", "WATCHDOG=1", "STOPPING=1")]
         assert order == sorted(order), states
         assert not (d.run_dir / "endpoint").exists()
+        # The log tells how long start-up and the drain took (the kvd.logs vocabulary).
+        (ready,), (stopped,) = log_events(d.log_file, "daemon_ready"), log_events(d.log_file, "daemon_stopped")
+        children = log_events(d.log_file, "child_ready")
+        assert {e["child"] for e in children} == {"worker-0", "messenger"}
+        assert 0 < log_events(d.log_file, "worker_ready")[0]["duration_ms"] < ready["duration_ms"]
+        assert all(0 < e["duration_ms"] < ready["duration_ms"] for e in children), children
+        assert stopped["exit_code"] == 0 and stopped["duration_ms"] > 0
     finally:
         sock.close()
