@@ -28,9 +28,9 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-import sys
 import signal
 import socket
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
