@@ -126,6 +126,11 @@ def bind_request(request_id: str, **fields: Any) -> contextlib.AbstractContextMa
     return structlog.contextvars.bound_contextvars(request_id=request_id, **fields)
 
 
+def ms_since(t: float) -> float:
+    """Milliseconds since `t` (a time.monotonic() value), rounded as every duration_ms is."""
+    return round((time.monotonic() - t) * 1e3, 3)
+
+
 @contextlib.contextmanager
 def timed(event: str, **fields: Any) -> Iterator[dict[str, Any]]:
     """Log `event` with `duration_ms` when the block ends. The yielded dict

@@ -1,8 +1,8 @@
 """Native ops and their pure-torch references.
 
-`native()` builds (once per machine: the build directory is keyed by the source's hash
-and the CPU's flags, under the kvd cache dir) and loads the C++ extension in native/,
-or returns None where it cannot be built — every caller then uses the torch reference,
+`native()` builds (once per machine and checkout: the build directory is keyed by the
+sources' path and hash and the CPU's flags, under the kvd cache dir) and loads the C++
+extension in native/, or returns None where it cannot be built — every caller then uses the torch reference,
 which gives the same results. `make` builds it during set-up (`python -m kvd.ops`), so
 tests and the daemon only load it.
 
@@ -41,7 +41,9 @@ _HEADERS = ["swap_cache_layout.h"]  # included by both builds: part of their cac
 def _build_dir(sources: list[str] = _SOURCES) -> Path:
     from kvd.worker.models import default_cache_dir
 
-    h = hashlib.sha256(torch.__version__.encode())
+    # The checkout's path is part of the key: cpp_extension's build file names the source
+    # paths, so two checkouts sharing a directory rebuilt it each time the other one loaded.
+    h = hashlib.sha256(torch.__version__.encode() + str(NATIVE_DIR).encode())
     for name in sources + _HEADERS:
         h.update((NATIVE_DIR / name).read_bytes())
     try:

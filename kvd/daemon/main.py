@@ -43,6 +43,7 @@ from kvd.daemon.frontend import Frontend
 from kvd.daemon.notify import Notifier
 from kvd.engine.engine import Engine, ModelInfo
 from kvd.ipc import AsyncChannel, bind_random, publish_endpoint
+from kvd.logs import ms_since
 from kvd.daemon.events import PDChain
 from kvd.daemon.peers import PrefillLink, PrefillServer
 from kvd.messages import (
@@ -86,7 +87,6 @@ class Daemon:
         self._step_future: asyncio.Future | None = None
         self._step_started: float | None = None
         self._ready_waiters: dict[str, asyncio.Future[Ready]] = {}
-        self._started = time.time()
         self._t_start = time.monotonic()
         self._t_stop: float | None = None  # when the drain (or a stop without one) began
         self._integrity = "not checked"
@@ -193,7 +193,7 @@ class Daemon:
             return 1
         self.notifier.ready(f"serving on {self.endpoint}")
         log.info("daemon_ready", endpoint=self.endpoint, num_blocks=self.engine.kv.num_blocks,
-                 run_dir=str(self.run_dir), duration_ms=_ms_since(self._t_start))  # fmt: skip
+                 run_dir=str(self.run_dir), duration_ms=ms_since(self._t_start))  # fmt: skip
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [
@@ -217,7 +217,7 @@ class Daemon:
             self._t_stop = time.monotonic()
         reader.cancel()
         await self._shutdown()
-        log.info("daemon_stopped", exit_code=self.exit_code, duration_ms=_ms_since(self._t_stop))
+        log.info("daemon_stopped", exit_code=self.exit_code, duration_ms=ms_since(self._t_stop))
         return self.exit_code
 
     def _bind_frontend(self) -> None:
@@ -428,7 +428,7 @@ class Daemon:
                 fut = self._ready_waiters.pop(msg.process, None)
                 if fut is not None and not fut.done():
                     child = next(c for c in self.children if c.name == msg.process)
-                    log.info("child_ready", child=child.name, child_pid=msg.pid, duration_ms=_ms_since(child.started_at))
+                    log.info("child_ready", child=child.name, child_pid=msg.pid, duration_ms=ms_since(child.started_at))
                     fut.set_result(msg)
             elif isinstance(msg, StepDone):
                 if self._step_future is not None and not self._step_future.done():
@@ -555,7 +555,7 @@ class Daemon:
             "role": self.cfg.daemon.role,
             "state": "draining" if self.draining else ("ready" if self.engine is not None else "restarting"),
             "endpoint": self.endpoint,
-            "uptime_s": round(time.time() - self._started, 3),
+            "uptime_s": round(time.monotonic() - self._t_start, 3),
             "queue": stats.get("waiting", 0),
             "running": stats.get("running", 0),
             "live_requests": len(self.frontend.live) if self.frontend else 0,
@@ -575,10 +575,6 @@ class Daemon:
                 **{c.name: {"pid": c.pid, "alive": c.alive and c.ready} for c in self.children},
             },
         }
-
-
-def _ms_since(t: float) -> float:
-    return round((time.monotonic() - t) * 1e3, 3)
 
 
 def serve(cfg: KvdConfig, notify_socket: str | None = None) -> int:

@@ -14,6 +14,7 @@ import structlog
 
 from kvd.child import Started, run_child
 from kvd.config import KvdConfig
+from kvd.logs import ms_since
 from kvd.messages import Ready, Step, StepDone, ToWorker
 
 log = structlog.get_logger("kvd.worker")
@@ -38,7 +39,7 @@ def _start(name: str):
             log.info("prefill_group_ready", sp=cfg.prefill.parallel.sp, pp=cfg.prefill.parallel.pp,
                      sync=cfg.prefill.parallel.sync, rank_pids=runner.group.pids)  # fmt: skip
         log.info("worker_ready", num_blocks=info.num_blocks, device=str(runner.device),
-                 duration_ms=round((time.monotonic() - t0) * 1e3, 3))  # fmt: skip
+                 duration_ms=ms_since(t0))  # fmt: skip
 
         def handle(msg: Step) -> StepDone:
             return StepDone(runner.execute(msg.output))
