@@ -93,7 +93,7 @@ def run_child(
         reason = f"{type(e).__name__}: {e}"
         log.error("child_dead", reason=reason, traceback=traceback.format_exc())
         try:
-            report.send(Dead(name, reason))
+            report.send(Dead(name, reason, os.getpid()))
         except zmq.ZMQError:
             pass
         code = 1
@@ -105,7 +105,7 @@ def run_child(
                 log.error("child_close_failed", error=f"{type(e).__name__}: {e}")
                 code = code or 1
         inbox.close()
-        report.close()
+        report.close(linger_ms=1000 if code else 0)  # a Dead report leaves before the process does
         ctx.term()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -69,8 +69,8 @@ def _generate_msg(
 class _Collector:
     """Folds a request's chunks into a RequestOutput."""
 
-    def __init__(self, rid: str) -> None:
-        self.out = RequestOutput(request_id=rid, prompt_token_ids=[], token_ids=[], text="", finish_reason=None)
+    def __init__(self, request_id: str) -> None:
+        self.out = RequestOutput(request_id=request_id, prompt_token_ids=[], token_ids=[], text="", finish_reason=None)
 
     def add(self, chunk: Chunk) -> None:
         self.out.token_ids += chunk.token_ids
@@ -154,9 +154,9 @@ class AsyncClient:
     ) -> AsyncIterator[Chunk]:
         """Yield chunks as tokens are sampled; the last carries finish_reason."""
         msg = _generate_msg(prompt, prompt_token_ids, chat, request_id, _stream, options)
-        rid = msg.request_id
+        request_id = msg.request_id
         q: asyncio.Queue = asyncio.Queue()
-        self._queues[rid] = q
+        self._queues[request_id] = q
         finished = False
         try:
             await self._sock.send(self._enc.encode(msg))
@@ -167,15 +167,15 @@ class AsyncClient:
                 if (chunk := _chunk(reply)) is not None:
                     yield chunk
         finally:
-            self._queues.pop(rid, None)
+            self._queues.pop(request_id, None)
             if not finished and not self._sock.closed:
-                await self._sock.send(self._enc.encode(Abort(rid)))
+                await self._sock.send(self._enc.encode(Abort(request_id)))
 
     async def generate(self, prompt: str | None = None, **kwargs: Any) -> RequestOutput:
         """The whole result at once (sent as a non-streaming request)."""
-        rid = kwargs.get("request_id") or uuid.uuid4().hex
-        kwargs["request_id"] = rid
-        col = _Collector(rid)
+        request_id = kwargs.get("request_id") or uuid.uuid4().hex
+        kwargs["request_id"] = request_id
+        col = _Collector(request_id)
         async for chunk in self.stream(prompt, _stream=False, **kwargs):
             col.add(chunk)
         return col.out
@@ -229,26 +229,26 @@ class Client:
         **options: Any,
     ) -> Iterator[Chunk]:
         msg = _generate_msg(prompt, prompt_token_ids, chat, request_id, _stream, options)
-        rid = msg.request_id
+        request_id = msg.request_id
         self._sock.send(self._enc.encode(msg))
         deadline = time.monotonic() + self.timeout
         finished = False
         try:
             while not finished:
                 reply = self._recv(deadline)
-                if isinstance(reply, StatusReply) or getattr(reply, "request_id", rid) not in (rid, None):
+                if isinstance(reply, StatusReply) or getattr(reply, "request_id", request_id) not in (request_id, None):
                     continue  # a reply to an earlier, abandoned request
                 finished = _ends(reply)
                 if (chunk := _chunk(reply)) is not None:
                     yield chunk
         finally:
             if not finished:
-                self._sock.send(self._enc.encode(Abort(rid)))
+                self._sock.send(self._enc.encode(Abort(request_id)))
 
     def generate(self, prompt: str | None = None, **kwargs: Any) -> RequestOutput:
-        rid = kwargs.get("request_id") or uuid.uuid4().hex
-        kwargs["request_id"] = rid
-        col = _Collector(rid)
+        request_id = kwargs.get("request_id") or uuid.uuid4().hex
+        kwargs["request_id"] = request_id
+        col = _Collector(request_id)
         for chunk in self.stream(prompt, _stream=False, **kwargs):
             col.add(chunk)
         return col.out

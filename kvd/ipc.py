@@ -72,5 +72,5 @@ class SyncChannel(Generic[T]):
         frame = self.sock.recv(copy=False)
         return self._dec.decode(frame.buffer)
 
-    def close(self) -> None:
-        self.sock.close(linger=0)
+    def close(self, linger_ms: int = 0) -> None:
+        self.sock.close(linger=linger_ms)

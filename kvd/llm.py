@@ -16,11 +16,28 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvd.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from kvd.engine.engine import LocalEngine, Prompt
+from kvd.engine.engine import Engine, Prompt
 from kvd.outputs import RequestOutput
 from kvd.sampling import SamplingParams
+from kvd.worker.model_runner import ModelRunner
+from kvd.worker.models import load_tokenizer, resolve_model
 
 Message = dict[str, str]
+
+
+class LocalEngine(Engine):
+    """An Engine with its ModelRunner in the same process (the offline LLM)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        model_dir = resolve_model(config.model.model, config.model.cache_dir)
+        tokenizer = load_tokenizer(model_dir)
+        self.runner = ModelRunner(model_dir, config.model, config.cache)
+        super().__init__(config, tokenizer, self.runner.model_info())
+
+    def step(self) -> list[RequestOutput]:
+        """One step: schedule → run → process. Returns the requests finished in it."""
+        deltas = self.process(self.runner.execute(self.schedule()))
+        return [d.output for d in deltas if d.output is not None]
 
 
 class LLM:
@@ -49,8 +66,8 @@ class LLM:
         tokenized = [self.engine.tokenize(p) for p in prompts]
         for ids, p in zip(tokenized, param_list):
             self.engine.validate(ids, p)
-        rids = [self.engine.enqueue(ids, p) for ids, p in zip(tokenized, param_list)]
-        return self._run(rids, use_tqdm)
+        request_ids = [self.engine.enqueue(ids, p) for ids, p in zip(tokenized, param_list)]
+        return self._run(request_ids, use_tqdm)
 
     def chat(
         self,
@@ -69,14 +86,14 @@ class LLM:
     def check_integrity(self) -> None:
         self.engine.check_integrity()
 
-    def _run(self, rids: list[str], use_tqdm: bool | None) -> list[RequestOutput]:
+    def _run(self, request_ids: list[str], use_tqdm: bool | None) -> list[RequestOutput]:
         if use_tqdm is None:
-            use_tqdm = len(rids) >= 8 and sys.stderr.isatty()
+            use_tqdm = len(request_ids) >= 8 and sys.stderr.isatty()
         bar = None
         if use_tqdm:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(rids), desc="generate", unit="req", dynamic_ncols=True)
+            bar = tqdm(total=len(request_ids), desc="generate", unit="req", dynamic_ncols=True)
         done: dict[str, RequestOutput] = {}
         try:
             while self.engine.has_unfinished():
@@ -85,12 +102,12 @@ class LLM:
                     if bar is not None:
                         bar.update(1)
         except BaseException:
-            self.engine.abort([r for r in rids if r not in done])
+            self.engine.abort([r for r in request_ids if r not in done])
             raise
         finally:
             if bar is not None:
                 bar.close()
-        return [done[r] for r in rids]
+        return [done[r] for r in request_ids]
 
 
 def _params_list(params, n: int) -> list[SamplingParams]:

@@ -154,7 +154,7 @@ def timed(event: str, **fields: Any) -> Iterator[dict[str, Any]]:
 class RequestClock:
     """A request's step timer: `step()` returns `duration_ms` since the previous
     step (since arrival for the first) and `since_arrival_ms`, ready to splat
-    into a log call: `log.info("first_token", request_id=rid, **clock.step())`."""
+    into a log call: `log.info("first_token", request_id=request_id, **clock.step())`."""
 
     __slots__ = ("arrival", "_last")
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from kvd.engine.engine import ModelInfo
+from kvd.model_info import KVShare, ModelInfo
 from kvd.sampling import SamplingParams
 from kvd.scheduler.output import Logprobs, ModelOutput, SchedulerOutput
 
@@ -103,17 +103,6 @@ class Shutdown(_Msg, tag="shutdown"):
 ToWorker = Step | Shutdown
 
 
-class KVShare(msgspec.Struct, frozen=True, array_like=True):
-    """Where the worker's KV cache lives, for the messenger to map it (CPU shared memory): a
-    memfd of the worker, opened through /proc. One tensor (layers, 2, blocks, block_size,
-    kv_heads, head_dim); layer l is its l-th slice."""
-
-    pid: int
-    fd: int
-    shape: list[int]
-    dtype: str
-
-
 class Ready(_Msg, tag="ready", kw_only=True):
     process: str
     pid: int
@@ -125,14 +114,10 @@ class StepDone(_Msg, tag="step_done"):
     output: ModelOutput
 
 
-class StepFailed(_Msg, tag="step_failed"):
-    step: int
-    error: str  # the step's requests fail; the worker stays up
-
-
 class Dead(_Msg, tag="dead"):
     process: str
     reason: str
+    pid: int  # which start of the process it was: a late report never ends a newer one
 
 
 # ---- daemon ⇄ cache messenger -------------------------------------------------------------
@@ -173,7 +158,7 @@ class CacheTaskDone(_Msg, tag="cache_task_done", kw_only=True):
                    error=error)  # fmt: skip
 
 
-FromChild = Ready | StepDone | StepFailed | Dead | CacheTaskDone
+FromChild = Ready | StepDone | Dead | CacheTaskDone
 ToMessenger = MapKV | CacheTask | Shutdown
 
 

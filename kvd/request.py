@@ -66,7 +66,6 @@ class Request:
         self.status = RequestStatus.WAITING
         self.num_preemptions = 0
         self.block_hashes: list[bytes] = []  # chained hashes of the full blocks of all_token_ids
-        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         # PD handoff. kv_send: a prefill instance's request — it ends after its first token and
         # its blocks stay held while the messenger writes them to the pool. kv_recv_tokens: how
         # many leading tokens' KV is to be read from the pool into preallocated blocks before

@@ -53,12 +53,12 @@ async def ttft(endpoint: str, prompt: list[int], max_tokens: int = 4) -> tuple[f
     async with AsyncClient(endpoint, timeout=600) as c:
         t0 = time.perf_counter()
         first = None
-        rid = None
+        request_id = None
         async for chunk in c.stream(prompt_token_ids=prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True):
-            rid = chunk.request_id
+            request_id = chunk.request_id
             if first is None and chunk.token_ids:
                 first = time.perf_counter() - t0
-        return first, time.perf_counter() - t0, rid
+        return first, time.perf_counter() - t0, request_id
 
 
 async def throughput(endpoint: str, prompts: list[list[int]], max_tokens: int) -> float:
@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> None:
         tt_u = [asyncio.run(ttft(eu, q))[0] for q in prompt_set(args.trials, n, salt=1)]
         pd_runs = [asyncio.run(ttft(ed, q)) for q in prompt_set(args.trials, n, salt=2)]
         tt_pd = [r[0] for r in pd_runs]
-        rids = {r[2] for r in pd_runs}
-        drecs = [r for r in log_records(d / "kvd.log") if r.get("request_id") in rids]
+        request_ids = {r[2] for r in pd_runs}
+        drecs = [r for r in log_records(d / "kvd.log") if r.get("request_id") in request_ids]
         write_ms = [r["write_ms"] for r in drecs if r["event"] == "prefill_done"]
         read_ms = [r["duration_ms"] for r in drecs if r["event"] == "kv_read"]
         admit_ms = [r["duration_ms"] for r in drecs if r["event"] == "kv_admitted"]

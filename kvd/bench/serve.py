@@ -246,9 +246,9 @@ class ServedDaemon:
 
 
 # ---- served modes ------------------------------------------------------------------------
-async def stream_one(client: AsyncClient, rid: str, prompt: list[int], max_tokens: int) -> Sample:
-    sample = Sample(rid, perf_counter())
-    async for chunk in client.stream(prompt_token_ids=prompt, request_id=rid, max_tokens=max_tokens,
+async def stream_one(client: AsyncClient, request_id: str, prompt: list[int], max_tokens: int) -> Sample:
+    sample = Sample(request_id, perf_counter())
+    async for chunk in client.stream(prompt_token_ids=prompt, request_id=request_id, max_tokens=max_tokens,
                                      temperature=0.0, ignore_eos=True):  # fmt: skip
         if chunk.token_ids:
             sample.chunk_times.append(perf_counter())

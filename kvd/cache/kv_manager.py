@@ -122,10 +122,10 @@ class KVCacheManager:
         """The pool's own invariants, and every held reference accounted for by exactly one request list."""
         self.pool.check_integrity()
         refs: dict[int, int] = {}
-        for rid, blocks in self.req_blocks.items():
+        for request_id, blocks in self.req_blocks.items():
             ids = [b.block_id for b in blocks]
             if len(set(ids)) != len(ids):
-                raise RuntimeError(f"kv manager: request {rid} holds a block twice: {ids}")
+                raise RuntimeError(f"kv manager: request {request_id} holds a block twice: {ids}")
             for i in ids:
                 refs[i] = refs.get(i, 0) + 1
         for block in self.pool.blocks:

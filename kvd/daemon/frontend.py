@@ -1,11 +1,13 @@
-"""Frontend: the client-facing ROUTER socket — validate, admit, stream back, abort.
+"""Frontend: the client-facing ROUTER socket — decode, submit, stream back, abort.
 
 Every frame is decoded against the client message union; anything malformed (random
 bytes, wrong types, unknown tags or fields, oversize frames) gets one Error 400 reply
-naming the field, and the daemon goes on. A Generate that passes validation is
-Accepted and then receives Chunks until the one carrying `finish_reason`, or a single
-Error: exactly one final message. A client that disconnects has its requests aborted
-so their blocks return at once.
+naming the field, and the daemon goes on. A Generate goes to `Serving.submit`; once it is
+queued the client gets Accepted and then Chunks until the one carrying `finish_reason`,
+or a single Error: exactly one final message. The frontend is the ZeroMQ `Outbox`: it
+knows which client identity each request came from and whether it streams, and nothing
+of the engine. A client that disconnects has its requests aborted so their blocks return
+at once.
 
 Disconnects: libzmq's ROUTER_NOTIFY is a draft API that release builds lack, so the
 frontend watches the socket's monitor for EVENT_DISCONNECTED (which names the
@@ -17,9 +19,8 @@ descriptor is never blamed on the new client.
 
 from __future__ import annotations
 
-import asyncio
-import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any
 
 import msgspec
 import structlog
@@ -27,8 +28,8 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from kvd.daemon.serving import Rejected, Serving
 from kvd.engine.engine import Delta
-from kvd.logs import RequestClock
 from kvd.messages import (
     Abort,
     Accepted,
@@ -41,9 +42,6 @@ from kvd.messages import (
     Status,
     StatusReply,
 )
-
-if TYPE_CHECKING:
-    from kvd.daemon.main import Daemon
 
 log = structlog.get_logger("kvd.frontend")
 
@@ -60,27 +58,26 @@ def _field_error(e: msgspec.ValidationError) -> str:
     return f"frame: {text}"
 
 
-class _Live:
-    __slots__ = ("identity", "stream", "clock", "first_token", "scheduled")
+class _Client:
+    __slots__ = ("identity", "stream")
 
     def __init__(self, identity: bytes, stream: bool) -> None:
         self.identity = identity
         self.stream = stream
-        self.clock = RequestClock()  # duration_ms / since_arrival_ms of each logged step
-        self.first_token: float | None = None
-        self.scheduled = False
 
 
 class Frontend:
-    def __init__(self, daemon: Daemon, sock: zmq.asyncio.Socket, max_frame_bytes: int) -> None:
-        self.daemon = daemon
+    """The ZeroMQ client socket and the requests that came through it (an Outbox)."""
+
+    def __init__(self, sock: zmq.asyncio.Socket, serving: Serving, status: Callable[[], dict[str, Any]],
+                 max_frame_bytes: int) -> None:  # fmt: skip
         self.sock = sock
+        self.serving = serving
+        self.status = status
         self.max_frame_bytes = max_frame_bytes
         self._dec = msgspec.msgpack.Decoder(ClientMessage)
         self._enc = msgspec.msgpack.Encoder()
-        self.live: dict[str, _Live] = {}
-        self.idle = asyncio.Event()  # set while no request is live (the drain awaits it)
-        self.idle.set()
+        self.clients: dict[str, _Client] = {}  # request id -> who asked
         self.num_malformed = 0
         self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         # Blocking twins of both sockets for non-blocking reads once the poller says ready.
@@ -144,97 +141,59 @@ class Frontend:
         if isinstance(msg, Generate):
             await self.on_generate(identity, msg)
         elif isinstance(msg, Abort):
-            self.daemon.abort(msg.request_id, identity)
+            self.on_abort(msg.request_id, identity)
         elif isinstance(msg, Status):
-            await self.send(identity, StatusReply(self.daemon.status()))
+            await self.send(identity, StatusReply(self.status()))
 
     async def on_generate(self, identity: bytes, msg: Generate) -> None:
-        rid = msg.request_id
-        with structlog.contextvars.bound_contextvars(request_id=rid):
-            refusal = self.daemon.refusal()
-            if refusal is None and rid in self.live:
-                refusal = (ErrorCode.BAD_REQUEST, f"request_id: {rid!r} is already in use")
-            if refusal is None:
-                try:
-                    self.daemon.admit(msg)
-                except ValueError as e:
-                    refusal = (ErrorCode.BAD_REQUEST, str(e))
-            if refusal is not None:
-                code, text = refusal
-                log.warning("request_rejected", code=int(code), error=text)
-                await self.send(identity, Error(rid, code, text))
-                return
-            self.live[rid] = _Live(identity, msg.stream)
-            self.idle.clear()
-            log.info("request_queued", stream=msg.stream)
-            await self.send(identity, Accepted(rid))
+        try:
+            self.serving.submit(msg, self)
+        except Rejected as e:
+            await self.send(identity, Error(msg.request_id, e.code, e.message))
+            return
+        self.clients[msg.request_id] = _Client(identity, msg.stream)
+        await self.send(identity, Accepted(msg.request_id))
+
+    def on_abort(self, request_id: str, identity: bytes) -> None:
+        client = self.clients.get(request_id)
+        if client is None or client.identity != identity:
+            log.info("abort_ignored", request_id=request_id, reason="not a live request of this client")
+            return
+        self.serving.abort(request_id)
 
     def on_disconnect(self, identity: bytes) -> None:
-        gone = [rid for rid, lv in self.live.items() if lv.identity == identity]
+        gone = [r for r, c in self.clients.items() if c.identity == identity]
         if gone:
             log.info("client_disconnected", request_ids=gone)
-            for rid in gone:
-                self.daemon.abort(rid, identity)
+            for request_id in gone:
+                self.serving.abort(request_id)
 
-    def on_scheduled(self, rid: str, num_cached_tokens: int) -> None:
-        lv = self.live.get(rid)
-        if lv is not None and not lv.scheduled:
-            lv.scheduled = True
-            log.info("request_scheduled", request_id=rid, num_cached_tokens=num_cached_tokens, **lv.clock.step())
-
+    # ---- Outbox ------------------------------------------------------------------------
     async def deliver(self, delta: Delta) -> None:
         """Stream one step's tokens; the final delta ends the request."""
-        lv = self.live.get(delta.request_id)
-        if lv is None:
-            return  # already ended (aborted or failed): late output is dropped
-        now = time.monotonic()
-        if lv.first_token is None and delta.token_ids:
-            lv.first_token = now
-            log.info("first_token", request_id=delta.request_id, **lv.clock.step(now))
-            self.daemon.metrics_observe_ttft(now - lv.clock.arrival)
+        client = self.clients.get(delta.request_id)
+        if client is None:
+            return
         out = delta.output
         if out is None:
-            if lv.stream:
-                await self.send(lv.identity, Chunk(request_id=delta.request_id, token_ids=delta.token_ids,
-                                                   text=delta.text))  # fmt: skip
+            if client.stream:
+                await self.send(client.identity, Chunk(request_id=delta.request_id, token_ids=delta.token_ids,
+                                                       text=delta.text))  # fmt: skip
             return
-        self._end(delta.request_id)
-        e2e = now - lv.clock.arrival
-        event = "request_aborted" if out.finish_reason == "abort" else "request_finished"
-        log.info(event, request_id=delta.request_id, finish_reason=out.finish_reason,
-                 num_tokens=len(out.token_ids), **lv.clock.step(now))  # fmt: skip
-        self.daemon.metrics_observe_finish(out.finish_reason, e2e)
+        del self.clients[delta.request_id]
         chunk = Chunk(
             request_id=delta.request_id,
-            token_ids=delta.token_ids if lv.stream else out.token_ids,
-            text=delta.text if lv.stream else out.text,
+            token_ids=delta.token_ids if client.stream else out.token_ids,
+            text=delta.text if client.stream else out.text,
             finish_reason=out.finish_reason,
-            logprobs=out.logprobs if not lv.stream else None,
+            logprobs=out.logprobs if not client.stream else None,
             num_prompt_tokens=len(out.prompt_token_ids),
             num_cached_tokens=out.num_cached_tokens,
         )
-        await self.send(lv.identity, chunk)
+        await self.send(client.identity, chunk)
 
-    async def fail(self, rid: str, code: ErrorCode, message: str) -> None:
-        """End a live request with one Error (worker death, deadline, shutdown)."""
-        lv = self.live.get(rid)
-        if lv is None:
-            return
-        self._end(rid)
-        log.error("request_failed", request_id=rid, code=int(code), error=message,
-                  **lv.clock.step())  # fmt: skip
-        self.daemon.metrics_observe_finish("error", time.monotonic() - lv.clock.arrival)
-        await self.send(lv.identity, Error(rid, code, message))
-
-    def _end(self, rid: str) -> None:
-        del self.live[rid]
-        if not self.live:
-            self.idle.set()
-
-    def owner(self, rid: str) -> bytes | None:
-        lv = self.live.get(rid)
-        return lv.identity if lv else None
-
-    def expired(self, timeout_s: float) -> list[str]:
-        now = time.monotonic()
-        return [rid for rid, lv in self.live.items() if now - lv.clock.arrival > timeout_s]
+    async def fail(self, request_id: str, code: ErrorCode, message: str) -> None:
+        """End a live request with one Error (worker death, deadline, shutdown, failed handoff)."""
+        client = self.clients.pop(request_id, None)
+        if client is not None:
+            await self.send(client.identity, Error(request_id, code, message))

@@ -19,12 +19,10 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from kvd.cache.kv_manager import cdiv
+
 MAX_CHUNK_TOKENS = 1024  # tokens one rank runs through a layer at once: bounds attention memory
 ROUNDS_PER_STAGE = 4  # pipeline rounds per stage when pp > 1: the bubble is (pp-1)/(rounds+pp-1)
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class LayerMap:

@@ -1,7 +1,7 @@
 """Engine: requests in, deltas out — validation, the scheduler, stop strings and detokenizing.
 
-The model runs elsewhere: in-process for the offline LLM (`LocalEngine.step`), in a
-worker process for the daemon. Either way one step is
+The model runs elsewhere: in-process for the offline LLM (`kvd.llm.LocalEngine.step`),
+in a worker process for the daemon. Either way one step is
 
     so = engine.schedule()          # SchedulerOutput, a diff
     mo = runner.execute(so)         # in-process call or a ZeroMQ round trip
@@ -23,6 +23,7 @@ import structlog
 from kvd.cache.kv_manager import KVCacheManager, cdiv
 from kvd.config import EngineConfig
 from kvd.engine.detokenizer import IncrementalDetokenizer
+from kvd.model_info import ModelInfo
 from kvd.outputs import RequestOutput
 from kvd.request import Request, RequestStatus
 from kvd.sampling import SamplingParams
@@ -32,19 +33,6 @@ from kvd.scheduler.scheduler import Scheduler
 log = structlog.get_logger(__name__)
 
 Prompt = str | list[int]
-
-
-class ModelInfo(msgspec.Struct, frozen=True):
-    """The facts of a loaded model and its KV cache that the scheduler side needs."""
-
-    vocab_size: int
-    max_model_len: int
-    eos_token_ids: list[int]
-    num_blocks: int
-    block_size: int
-    fingerprint: str = ""
-    num_host_slots: int = 0  # blocks the worker's host swap pool holds (preempt = "swap")
-    kv_dtype: str = "float32"  # of the KV cache (part of the storage namespace)
 
 
 class Delta(msgspec.Struct):
@@ -152,36 +140,66 @@ class Engine:
         kv_recv: str | None = None,
     ) -> str:
         """`add_request` for token ids that `validate` already passed (a batch checked whole)."""
-        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if rid in self._outputs:
-            raise ValueError(f"request_id: {rid!r} is already in use")
-        request = Request(rid, token_ids, params, eos_token_ids=self.eos_token_ids)
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+        if request_id in self._outputs:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        request = Request(request_id, token_ids, params, eos_token_ids=self.eos_token_ids)
         request.kv_send = kv_send
         if kv_recv == "prompt":
             request.kv_recv_tokens = len(token_ids)
         elif kv_recv == "prefix":
             request.kv_recv_tokens = (len(token_ids) - 1) // self.kv.block_size * self.kv.block_size
         self.scheduler.add_request(request)
-        self._requests[rid] = request
-        self._outputs[rid] = RequestOutput(request_id=rid, prompt_token_ids=token_ids, token_ids=[], text="",
-                                           finish_reason=None)  # fmt: skip
+        self._requests[request_id] = request
+        self._outputs[request_id] = RequestOutput(request_id=request_id, prompt_token_ids=token_ids, token_ids=[],
+                                                  text="", finish_reason=None)  # fmt: skip
         self.num_prompt_tokens += len(token_ids)
-        return rid
+        return request_id
 
     def abort(self, request_ids: list[str], reason: str = "abort") -> list[Delta]:
         """End requests (abort, or error when their step failed). Unknown ids are ignored."""
         status = RequestStatus.FINISHED_ERROR if reason == "error" else RequestStatus.FINISHED_ABORTED
         self.scheduler.finish_requests(request_ids, status)
-        return [self._finish(rid, reason, [], "") for rid in request_ids if rid in self._outputs]
+        return [self._finish(request_id, reason, [], "") for request_id in request_ids if request_id in self._outputs]
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def request(self, request_id: str) -> Request | None:
+        """A live request (None once it finished)."""
+        return self.scheduler.requests.get(request_id)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ---- the PD handoff (the daemon's PD roles drive it; see Scheduler) ------------------
+    def take_preallocated(self) -> list[Request]:
+        """Requests whose blocks were preallocated since the last call: their KV may now be read."""
+        return self.scheduler.take_preallocated()
+
+    def kv_arrived(self, request_id: str, num_tokens: int) -> bool:
+        """The pool KV of `num_tokens` leading tokens is in the request's blocks."""
+        return self.scheduler.kv_arrived(request_id, num_tokens)
+
+    def kv_failed(self, request_id: str) -> bool:
+        """Give up on pool KV: the request computes its prompt here."""
+        return self.scheduler.kv_failed(request_id)
+
+    def begin_transfer(self, request_id: str) -> None:
+        """A transfer may write the request's blocks: none of them is freed until it ends."""
+        self.scheduler.begin_transfer(request_id)
+
+    def end_transfer(self, request_id: str) -> None:
+        """The transfer ended (or can no longer write); idempotent."""
+        self.scheduler.end_transfer(request_id)
 
     # ---- the step ----------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         so = self.scheduler.schedule()
         for new in so.new_reqs:
-            out = self._outputs.get(new.req_id)
+            out = self._outputs.get(new.request_id)
             if out is not None and new.num_computed_tokens:
                 out.num_cached_tokens = max(out.num_cached_tokens, new.num_computed_tokens)
         return so
@@ -206,16 +224,16 @@ class Engine:
         return [delta] if delta is not None else []
 
     def _on_output(self, eo: EngineOutput) -> Delta | None:
-        out = self._outputs.get(eo.req_id)
+        out = self._outputs.get(eo.request_id)
         if out is None:
             return None
         out.token_ids += eo.new_token_ids
         if eo.new_logprobs:
             out.logprobs = (out.logprobs or []) + list(eo.new_logprobs)
-        stops = self._requests[eo.req_id].sampling_params.stop
-        detok = self._detok.get(eo.req_id)
+        stops = self._requests[eo.request_id].sampling_params.stop
+        detok = self._detok.get(eo.request_id)
         if detok is None and (self.stream_text or stops):
-            detok = self._detok[eo.req_id] = IncrementalDetokenizer(self.tokenizer)
+            detok = self._detok[eo.request_id] = IncrementalDetokenizer(self.tokenizer)
             new_ids = out.token_ids  # all of them: out already holds this step's tokens
         else:
             new_ids = eo.new_token_ids
@@ -227,33 +245,33 @@ class Engine:
         if stops and eo.finish_reason in (None, "length"):
             cut = _stop_cut(stops, detok.text, old_len)
             if cut is not None:
-                self.scheduler.finish_requests([eo.req_id], RequestStatus.FINISHED_STOPPED)
-                return self._finish(eo.req_id, "stop", eo.new_token_ids, cut)
+                self.scheduler.finish_requests([eo.request_id], RequestStatus.FINISHED_STOPPED)
+                return self._finish(eo.request_id, "stop", eo.new_token_ids, cut)
         if eo.finish_reason is not None:
-            return self._finish(eo.req_id, eo.finish_reason, eo.new_token_ids)
+            return self._finish(eo.request_id, eo.finish_reason, eo.new_token_ids)
         if not self.stream_text:
-            return Delta(eo.req_id, eo.new_token_ids, "")
+            return Delta(eo.request_id, eo.new_token_ids, "")
         # The last len(longest stop) - 1 characters may be the start of a stop string that
         # the next token completes: they wait, so the stream never shows text the cut removes.
         end = len(detok.text) - (max(map(len, stops)) - 1 if stops else 0)
-        sent = self._sent_text.get(eo.req_id, 0)
+        sent = self._sent_text.get(eo.request_id, 0)
         if end <= sent:
-            return Delta(eo.req_id, eo.new_token_ids, "")
-        self._sent_text[eo.req_id] = end
+            return Delta(eo.request_id, eo.new_token_ids, "")
+        self._sent_text[eo.request_id] = end
         out.text = detok.text[:end]
-        return Delta(eo.req_id, eo.new_token_ids, detok.text[sent:end])
+        return Delta(eo.request_id, eo.new_token_ids, detok.text[sent:end])
 
-    def _finish(self, rid: str, reason: str, new_ids: list[int], text: str | None = None) -> Delta:
-        out = self._outputs[rid]
+    def _finish(self, request_id: str, reason: str, new_ids: list[int], text: str | None = None) -> Delta:
+        out = self._outputs[request_id]
         # The final text is one whole decode (authoritative); the stream gets what it lacks.
         final = text if text is not None else self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
-        delta_text = final[self._sent_text.pop(rid, 0) :] if self.stream_text else ""
+        delta_text = final[self._sent_text.pop(request_id, 0) :] if self.stream_text else ""
         out.text = final
         out.finish_reason = reason
-        del self._outputs[rid]
-        self._requests.pop(rid, None)
-        self._detok.pop(rid, None)
-        return Delta(rid, list(new_ids), delta_text, reason, out)
+        del self._outputs[request_id]
+        self._requests.pop(request_id, None)
+        self._detok.pop(request_id, None)
+        return Delta(request_id, list(new_ids), delta_text, reason, out)
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
@@ -271,6 +289,7 @@ class Engine:
             "prefix_hit_rate": self.kv.prefix_hit_rate,
             "prefix_hit_tokens": self.kv.prefix_hits,
             "preemptions": self.scheduler.num_preemptions,
+            "swaps": self.scheduler.num_swaps,
             "generated_tokens": self.num_generated,
             "prompt_tokens": self.num_prompt_tokens,
             "time": time.time(),
@@ -282,21 +301,3 @@ def _stop_cut(stops: list[str], text: str, old_len: int) -> str | None:
     start = max(0, old_len - max(map(len, stops)) + 1)
     hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
     return text[: min(hits)] if hits else None
-
-
-class LocalEngine(Engine):
-    """An Engine with its ModelRunner in the same process (the offline LLM)."""
-
-    def __init__(self, config: EngineConfig) -> None:
-        from kvd.worker.model_runner import ModelRunner
-        from kvd.worker.models import load_tokenizer, resolve_model
-
-        model_dir = resolve_model(config.model.model, config.model.cache_dir)
-        tokenizer = load_tokenizer(model_dir)
-        self.runner = ModelRunner(model_dir, config.model, config.cache)
-        super().__init__(config, tokenizer, self.runner.model_info())
-
-    def step(self) -> list[RequestOutput]:
-        """One step: schedule → run → process. Returns the requests finished in it."""
-        deltas = self.process(self.runner.execute(self.schedule()))
-        return [d.output for d in deltas if d.output is not None]

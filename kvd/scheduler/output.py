@@ -15,7 +15,7 @@ from kvd.sampling import SamplingParams
 
 
 class NewRequestData(msgspec.Struct, array_like=True, frozen=True):
-    req_id: str
+    request_id: str
     token_ids: list[int]  # prompt, plus the outputs so far for a resumed request
     num_prompt_tokens: int
     block_ids: list[int]
@@ -24,7 +24,7 @@ class NewRequestData(msgspec.Struct, array_like=True, frozen=True):
 
 
 class CachedRequestData(msgspec.Struct, array_like=True, frozen=True):
-    req_id: str
+    request_id: str
     new_block_ids: list[int]
     num_computed_tokens: int
 
@@ -34,8 +34,8 @@ class SchedulerOutput(msgspec.Struct, array_like=True, frozen=True):
     new_reqs: list[NewRequestData]
     cached_reqs: list[CachedRequestData]
     num_scheduled_tokens: dict[str, int]  # in schedule order
-    finished_req_ids: list[str]  # finished or aborted since the last step: drop all state
-    preempted_req_ids: list[str]  # drop the KV state; the request comes back as new
+    finished_request_ids: list[str]  # finished or aborted since the last step: drop all state
+    preempted_request_ids: list[str]  # drop the KV state; the request comes back as new
     # Host swap tier: (block id, host slot) pairs, copied before the step's forward —
     # swap_out first (preempted requests' KV to host), then swap_in (resumed ones' back).
     swap_out: list[tuple[int, int]] = []
@@ -58,15 +58,15 @@ class Logprobs(msgspec.Struct, array_like=True, frozen=True):
 
 class ModelOutput(msgspec.Struct, array_like=True, frozen=True):
     step: int
-    req_ids: list[str]  # requests that sampled a token this step (prefill chunks short of the end did not)
+    request_ids: list[str]  # requests that sampled a token this step (prefill chunks short of the end did not)
     token_ids: list[int]
-    logprobs: list[Logprobs | None] | None = None  # aligned with req_ids when any request asked for them
+    logprobs: list[Logprobs | None] | None = None  # aligned with request_ids when any request asked for them
 
 
 class EngineOutput(msgspec.Struct, array_like=True, frozen=True):
     """What the scheduler reports for one request after a step."""
 
-    req_id: str
+    request_id: str
     new_token_ids: list[int]
     finish_reason: str | None = None
     new_logprobs: list[Logprobs] | None = None

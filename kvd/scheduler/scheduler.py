@@ -29,11 +29,24 @@ the free to `end_transfer`.
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass, field
 
-from kvd.cache.kv_manager import KVCacheManager
+from kvd.cache.kv_manager import KVCacheManager, cdiv
 from kvd.config import SchedulerConfig
 from kvd.request import Request, RequestStatus
 from kvd.scheduler.output import CachedRequestData, EngineOutput, ModelOutput, NewRequestData, SchedulerOutput
+
+
+@dataclass
+class _Step:
+    """What one schedule() call has decided so far, and the token budget it has left."""
+
+    budget: int
+    scheduled: dict[str, int] = field(default_factory=dict)  # request id -> tokens, in schedule order
+    new_reqs: list[NewRequestData] = field(default_factory=list)
+    cached_reqs: list[CachedRequestData] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
 
 
 class Scheduler:
@@ -84,14 +97,14 @@ class Scheduler:
         """End requests from outside (abort, stop string, error). Unknown or finished ids are ignored."""
         assert status.finished
         done = []
-        for rid in request_ids:
-            request = self.requests.get(rid)
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
             if request is None or request.status.finished:
                 continue
             if request.status == RequestStatus.RUNNING:
                 self.running.remove(request)
             elif request.status == RequestStatus.WAITING_FOR_KV:
-                del self.kv_waiting[rid]
+                del self.kv_waiting[request_id]
             else:
                 self.waiting.remove(request)
             self._finish(request, status)
@@ -140,8 +153,6 @@ class Scheduler:
         if request is None or request.status.finished:
             return None
         request.append_token(token)
-        if logprobs is not None:
-            request.logprobs.append(logprobs)
         status = request.check_stop()
         if status is not None:
             self.finish_requests([request_id], status)
@@ -165,13 +176,13 @@ class Scheduler:
 
     @property
     def num_kv_wait_blocks(self) -> int:
-        return sum(len(self.kv.req_blocks.get(rid, ())) for rid in self.kv_waiting)
+        return sum(len(self.kv.req_blocks.get(request_id, ())) for request_id in self.kv_waiting)
 
     def _preallocate(self, request: Request) -> bool:
         """Hold blocks for the whole prompt (local prefix hits first), within the KV-wait budget."""
         computed = self.kv.get_computed_blocks(request)
         hit_tokens = len(computed) * self.kv.block_size
-        need = -(-request.num_tokens // self.kv.block_size) - len(computed)
+        need = cdiv(request.num_tokens, self.kv.block_size) - len(computed)
         if self.num_kv_wait_blocks + need > self.kv_wait_blocks:
             return False
         if self.kv.allocate_slots(request, request.num_tokens - hit_tokens, computed) is None:
@@ -187,97 +198,93 @@ class Scheduler:
 
     # ---- the step ----------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        budget = self.config.max_num_batched_tokens
-        scheduled: dict[str, int] = {}
-        new_reqs: list[NewRequestData] = []
-        cached_reqs: list[CachedRequestData] = []
-        preempted: list[str] = []
+        step = _Step(self.config.max_num_batched_tokens)
+        self._schedule_running(step)
+        # Waiting requests are admitted only while nothing was preempted in this step.
+        while self.waiting and not step.preempted and step.budget > 0 and len(self.running) < self.config.max_num_seqs:
+            if not self._admit(self.waiting[0], step):
+                break  # FCFS: it waits for blocks (or KV-wait budget), and nothing behind it jumps the queue
+        for request_id, n in step.scheduled.items():
+            self.requests[request_id].num_computed_tokens += n
+        self._step += 1
+        out = SchedulerOutput(
+            step=self._step,
+            new_reqs=step.new_reqs,
+            cached_reqs=step.cached_reqs,
+            num_scheduled_tokens=step.scheduled,
+            finished_request_ids=self._finished_ids,
+            preempted_request_ids=step.preempted,
+            swap_out=self._swap_out,
+            swap_in=step.swap_in,
+        )
+        self._finished_ids = []
+        self._swap_out = []
+        return out
 
-        # 1. Running requests, oldest first; preempt from the newest end when blocks run out.
+    def _schedule_running(self, step: _Step) -> None:
+        """Running requests, oldest first; preempt from the newest end when blocks run out."""
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and step.budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = min(request.num_tokens - request.num_computed_tokens, step.budget)
             if num_new <= 0:  # can happen only transiently; nothing to compute
                 i += 1
                 continue
             while self.kv.allocate_slots(request, num_new) is None:
                 victim = self.running.pop()
                 self._preempt(victim)
-                preempted.append(victim.request_id)
+                step.preempted.append(victim.request_id)
                 if victim is request:
-                    break
-            else:
-                scheduled[request.request_id] = num_new
-                budget -= num_new
-                cached_reqs.append(self._cached_data(request))
-                self.kv.cache_blocks(request, request.num_computed_tokens + num_new)
-                i += 1
-                continue
-            break  # the request preempted itself: nothing newer is left to run
-
-        # 2. Waiting requests, in order, while nothing was preempted and room remains.
-        swap_in: list[tuple[int, int]] = []
-        while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
-            if request.kv_recv_tokens:
-                if not self._preallocate(request):
-                    break  # FCFS: wait for blocks (or KV-wait budget)
-                if request.status == RequestStatus.WAITING_FOR_KV:
-                    self.waiting.popleft()
-                    continue
-            slots = self.swapped.get(request.request_id)
-            # A request that already holds blocks (its pool KV arrived) or was swapped out
-            # resumes at its computed count; anything else looks up the prefix cache.
-            resumes = slots is not None or request.request_id in self.kv.req_blocks
-            computed = [] if resumes else self.kv.get_computed_blocks(request)
-            num_cached_tokens = request.num_computed_tokens if resumes else len(computed) * self.kv.block_size
-            num_new = min(request.num_tokens - num_cached_tokens, budget)
-            if self.group_min_tokens and num_cached_tokens == 0 and request.num_tokens >= self.group_min_tokens:
-                num_new = request.num_tokens  # on the group, whole (see __init__)
-            if self.kv.allocate_slots(request, num_new, computed) is None:
-                break  # wait for blocks; FCFS, so nothing behind it jumps the queue
-            self.waiting.popleft()
-            if slots is not None:  # copy its KV back from the host pool before this step runs
-                del self.swapped[request.request_id]
-                swap_in += zip(self.kv.block_ids(request.request_id), slots)
-                self.host_free += slots
-            request.num_computed_tokens = num_cached_tokens
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            scheduled[request.request_id] = num_new
-            budget = max(0, budget - num_new)
-            new_reqs.append(self._new_data(request))
+                    return  # the request preempted itself: nothing newer is left to run
+            step.scheduled[request.request_id] = num_new
+            step.budget -= num_new
+            step.cached_reqs.append(self._cached_data(request))
             self.kv.cache_blocks(request, request.num_computed_tokens + num_new)
+            i += 1
 
-        for rid, n in scheduled.items():
-            self.requests[rid].num_computed_tokens += n
-        self._step += 1
-        out = SchedulerOutput(
-            step=self._step,
-            new_reqs=new_reqs,
-            cached_reqs=cached_reqs,
-            num_scheduled_tokens=scheduled,
-            finished_req_ids=self._finished_ids,
-            preempted_req_ids=preempted,
-            swap_out=self._swap_out,
-            swap_in=swap_in,
-        )
-        self._finished_ids = []
-        self._swap_out = []
-        return out
+    def _admit(self, request: Request, step: _Step) -> bool:
+        """Take the head of the queue into this step; False when it must wait for blocks. A PD
+        request whose blocks were just preallocated leaves the queue to wait for its KV."""
+        if request.kv_recv_tokens:
+            if not self._preallocate(request):
+                return False
+            if request.status == RequestStatus.WAITING_FOR_KV:
+                self.waiting.popleft()
+                return True
+        slots = self.swapped.get(request.request_id)
+        # A request that already holds blocks (its pool KV arrived) or was swapped out
+        # resumes at its computed count; anything else looks up the prefix cache.
+        resumes = slots is not None or request.request_id in self.kv.req_blocks
+        computed = [] if resumes else self.kv.get_computed_blocks(request)
+        num_cached_tokens = request.num_computed_tokens if resumes else len(computed) * self.kv.block_size
+        num_new = min(request.num_tokens - num_cached_tokens, step.budget)
+        if self.group_min_tokens and num_cached_tokens == 0 and request.num_tokens >= self.group_min_tokens:
+            num_new = request.num_tokens  # on the group, whole (see __init__)
+        if self.kv.allocate_slots(request, num_new, computed) is None:
+            return False
+        self.waiting.popleft()
+        if slots is not None:  # copy its KV back from the host pool before this step runs
+            del self.swapped[request.request_id]
+            step.swap_in += zip(self.kv.block_ids(request.request_id), slots)
+            self.host_free += slots
+        request.num_computed_tokens = num_cached_tokens
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        step.scheduled[request.request_id] = num_new
+        step.budget = max(0, step.budget - num_new)
+        step.new_reqs.append(self._new_data(request))
+        self.kv.cache_blocks(request, request.num_computed_tokens + num_new)
+        return True
 
     def update(self, output: ModelOutput) -> list[EngineOutput]:
         """Append sampled tokens, finish requests that stop, cache completed blocks."""
         results: list[EngineOutput] = []
-        logprobs = output.logprobs or [None] * len(output.req_ids)
-        for rid, token, lp in zip(output.req_ids, output.token_ids, logprobs):
-            request = self.requests.get(rid)
+        logprobs = output.logprobs or [None] * len(output.request_ids)
+        for request_id, token, lp in zip(output.request_ids, output.token_ids, logprobs):
+            request = self.requests.get(request_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # finished or preempted meanwhile: the token is stale
             request.append_token(token)
-            if lp is not None:
-                request.logprobs.append(lp)
             status = request.check_stop()
             if status is None and request.kv_send:
                 status = RequestStatus.FINISHED_LENGTH  # a prefill instance samples only the first token
@@ -285,7 +292,7 @@ class Scheduler:
                 self.running.remove(request)
                 self._finish(request, status)
             results.append(
-                EngineOutput(rid, [token], status.finish_reason if status else None, [lp] if lp else None)
+                EngineOutput(request_id, [token], status.finish_reason if status else None, [lp] if lp else None)
             )
         return results
 
@@ -294,7 +301,7 @@ class Scheduler:
         block_ids = self.kv.block_ids(request.request_id)
         self._sent_blocks[request.request_id] = len(block_ids)
         return NewRequestData(
-            req_id=request.request_id,
+            request_id=request.request_id,
             token_ids=list(request.all_token_ids),
             num_prompt_tokens=request.num_prompt_tokens,
             block_ids=block_ids,
@@ -311,7 +318,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         # Victims come from the newest end and are not yet scheduled this step, so their
         # computed count covers exactly the KV written in earlier steps.
-        blocks = self.kv.block_ids(request.request_id)[: -(-request.num_computed_tokens // self.kv.block_size)]
+        blocks = self.kv.block_ids(request.request_id)[: cdiv(request.num_computed_tokens, self.kv.block_size)]
         if self.num_host_slots and blocks and len(blocks) <= len(self.host_free):
             slots = [self.host_free.pop() for _ in blocks]
             self._swap_out += zip(blocks, slots)  # copied before this step's forward reuses the blocks
@@ -345,19 +352,19 @@ class Scheduler:
         live = {r.request_id for r in self.waiting} | {r.request_id for r in self.running} | set(self.kv_waiting)
         if len(live) != len(self.waiting) + len(self.running) + len(self.kv_waiting) or live != set(self.requests):
             raise RuntimeError("scheduler: request table, waiting queue, KV-wait table and running list disagree")
-        for rid in self.kv.req_blocks:
-            request = self.requests.get(rid) or self.deferred.get(rid)
+        for request_id in self.kv.req_blocks:
+            request = self.requests.get(request_id) or self.deferred.get(request_id)
             if request is None:
-                raise RuntimeError(f"scheduler: finished request {rid} still holds blocks")
+                raise RuntimeError(f"scheduler: finished request {request_id} still holds blocks")
             if request.status == RequestStatus.PREEMPTED or (
                 request.status == RequestStatus.WAITING and request.kv_recv_tokens
             ):
-                raise RuntimeError(f"scheduler: request {rid} holds blocks while {request.status.name}")
-        for rid, request in self.deferred.items():
-            if not request.transfer_in_flight or rid in self.requests:
-                raise RuntimeError(f"scheduler: request {rid} is deferred but no transfer holds it")
+                raise RuntimeError(f"scheduler: request {request_id} holds blocks while {request.status.name}")
+        for request_id, request in self.deferred.items():
+            if not request.transfer_in_flight or request_id in self.requests:
+                raise RuntimeError(f"scheduler: request {request_id} is deferred but no transfer holds it")
         held = [s for slots in self.swapped.values() for s in slots]
         if sorted(self.host_free + held) != list(range(self.num_host_slots)):
             raise RuntimeError("scheduler: host swap slots are lost or held twice")
-        if any(rid not in self.requests for rid in self.swapped):
+        if any(request_id not in self.requests for request_id in self.swapped):
             raise RuntimeError("scheduler: a finished request still holds host swap slots")

@@ -10,19 +10,21 @@ The same class serves the offline LLM in-process and the daemon's worker process
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 import torch
 
 from kvd import ops, shm
+from kvd.cache.kv_manager import cdiv
 from kvd.config import CacheConfig, ModelConfig
+from kvd.model_info import KVShare, ModelInfo
 from kvd.sampling import SamplingParams
-from kvd.scheduler.output import ModelOutput, SchedulerOutput
+from kvd.scheduler.output import Logprobs, ModelOutput, SchedulerOutput
 from kvd.worker import attention
 from kvd.worker.attention import AttentionMetadata, PrefillChunk
-from kvd.worker.models import load_config, load_model
+from kvd.worker.models import load_config, load_model, model_fingerprint
 from kvd.worker.sampler import Sampler
 
 log = structlog.get_logger(__name__)
@@ -64,6 +66,35 @@ class _RequestState:
     block_ids: list[int]
     num_computed_tokens: int
     params: SamplingParams
+
+
+@dataclass
+class _Batch:
+    """One step's scheduled tokens packed into one sequence, for one forward pass."""
+
+    input_ids: torch.Tensor  # (1, N)
+    positions: torch.Tensor  # (1, N)
+    meta: AttentionMetadata
+    sample_ids: list[str]  # requests that sample a token this step
+    sample_rows: torch.Tensor  # (B,) their last token's index in the packed batch
+
+
+@dataclass
+class _Sampled:
+    """The step's sampled tokens, in the order they were sampled (group prefills first)."""
+
+    request_ids: list[str] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[Logprobs | None] = field(default_factory=list)
+
+    def add(self, request_ids: list[str], tokens: list[int], logprobs: list[Logprobs | None]) -> None:
+        self.request_ids += request_ids
+        self.tokens += tokens
+        self.logprobs += logprobs
+
+    def output(self, step: int) -> ModelOutput:
+        logprobs = self.logprobs if any(lp is not None for lp in self.logprobs) else None
+        return ModelOutput(step, self.request_ids, self.tokens, logprobs)
 
 
 class ModelRunner:
@@ -126,20 +157,15 @@ class ModelRunner:
             num_blocks=self.num_blocks, block_size=self.block_size, kv_cache_mb=round(self.kv_cache_bytes / 2**20),
         )  # fmt: skip
 
-    def kv_share(self):
+    def kv_share(self) -> KVShare | None:
         """The KVShare the worker's Ready message carries (None when the cache is private)."""
-        from kvd.messages import KVShare
-
         if self.kv_fd is None:
             return None
         return KVShare(os.getpid(), self.kv_fd, list(self.kv_all.shape), str(self.dtype).removeprefix("torch."))
 
-    def model_info(self):
+    def model_info(self) -> ModelInfo:
         """What the scheduler side needs to know (the worker's Ready message carries it). The
         end-of-sequence ids are the model's; the Engine adds its tokenizer's."""
-        from kvd.engine.engine import ModelInfo
-        from kvd.worker.models import model_fingerprint
-
         eos: set[int] = set()
         gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         for src in (gen_eos, self.hf_config.eos_token_id):
@@ -175,16 +201,16 @@ class ModelRunner:
 
     # ---- the step ----------------------------------------------------------------------
     def _apply(self, so: SchedulerOutput) -> None:
-        for rid in so.finished_req_ids:
-            self.requests.pop(rid, None)
-        for rid in so.preempted_req_ids:
-            self.requests.pop(rid, None)
+        for request_id in so.finished_request_ids:
+            self.requests.pop(request_id, None)
+        for request_id in so.preempted_request_ids:
+            self.requests.pop(request_id, None)
         for r in so.new_reqs:
-            self.requests[r.req_id] = _RequestState(
+            self.requests[r.request_id] = _RequestState(
                 list(r.token_ids), r.num_prompt_tokens, list(r.block_ids), r.num_computed_tokens, r.sampling_params
             )
         for r in so.cached_reqs:
-            state = self.requests[r.req_id]
+            state = self.requests[r.request_id]
             state.block_ids += r.new_block_ids
             state.num_computed_tokens = r.num_computed_tokens
 
@@ -199,15 +225,21 @@ class ModelRunner:
         # Preempted requests' KV leaves before resumed requests' KV (or anything else) lands.
         self._swap(so.swap_out, to_host=True)
         self._swap(so.swap_in, to_host=False)
-        if so.is_empty:
-            return ModelOutput(so.step, [], [])
-        group_ids, group_tokens, group_lps = self._group_prefills(so)
-        if len(group_ids) == len(so.num_scheduled_tokens):
-            return ModelOutput(so.step, group_ids, group_tokens, group_lps if any(group_lps) else None)
+        sampled = self._group_prefills(so)
+        rest = {r: n for r, n in so.num_scheduled_tokens.items() if r not in sampled.request_ids}
+        if rest:
+            batch = self._pack(rest)
+            with attention.forward_context(self.kv_caches, batch.meta):
+                hidden = self.decoder(input_ids=batch.input_ids, position_ids=batch.positions,
+                                      use_cache=False).last_hidden_state  # (1, N, E)  # fmt: skip
+            if batch.sample_ids:
+                self._sample(hidden[0, batch.sample_rows], batch.sample_ids, sampled)
+        return sampled.output(so.step)
+
+    def _pack(self, scheduled: dict[str, int]) -> _Batch:
+        """Every scheduled token in one sequence, decode tokens first (one batched attention
+        call), then prefill chunks; logits rows only where a request caught up with its tokens."""
         bs = self.block_size
-        # Decode tokens first (one batched attention call), then prefill chunks.
-        order = sorted(((r, n) for r, n in so.num_scheduled_tokens.items() if r not in group_ids),
-                       key=lambda kv: kv[1] != 1)  # fmt: skip
         token_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -216,8 +248,8 @@ class ModelRunner:
         prefills: list[PrefillChunk] = []
         sample_ids: list[str] = []
         sample_rows: list[int] = []
-        for rid, n in order:
-            state = self.requests[rid]
+        for request_id, n in sorted(scheduled.items(), key=lambda kv: kv[1] != 1):
+            state = self.requests[request_id]
             nc = state.num_computed_tokens
             start = len(token_ids)
             token_ids += state.token_ids[nc : nc + n]
@@ -225,7 +257,7 @@ class ModelRunner:
             positions += pos
             table = state.block_ids
             slots += [table[p // bs] * bs + p % bs for p in pos]
-            num_used = -(-(nc + n) // bs)
+            num_used = cdiv(nc + n, bs)
             if n == 1:
                 decode_tables.append(table[:num_used])
                 decode_lens.append(nc + 1)
@@ -240,9 +272,8 @@ class ModelRunner:
                 ))  # fmt: skip
             state.num_computed_tokens = nc + n
             if nc + n == len(state.token_ids):  # caught up: this token's logits give the next token
-                sample_ids.append(rid)
+                sample_ids.append(request_id)
                 sample_rows.append(start + n - 1)
-
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, device=self.device), prefills=prefills, num_decodes=len(decode_tables)
         )
@@ -251,38 +282,37 @@ class ModelRunner:
             table = [t + [0] * (max_blocks - len(t)) for t in decode_tables]
             meta.decode_block_table = torch.tensor(table, device=self.device)  # (Bd, MB)
             meta.decode_lens = torch.tensor(decode_lens, device=self.device)  # (Bd,)
+        return _Batch(
+            input_ids=torch.tensor(token_ids, device=self.device).unsqueeze(0),  # (1, N)
+            positions=torch.tensor(positions, device=self.device).unsqueeze(0),  # (1, N)
+            meta=meta,
+            sample_ids=sample_ids,
+            sample_rows=torch.tensor(sample_rows, device=self.device),
+        )
 
-        ids = torch.tensor(token_ids, device=self.device).unsqueeze(0)  # (1, N)
-        pos_t = torch.tensor(positions, device=self.device).unsqueeze(0)  # (1, N)
-        with attention.forward_context(self.kv_caches, meta):
-            hidden = self.decoder(input_ids=ids, position_ids=pos_t, use_cache=False).last_hidden_state  # (1, N, E)
-        if not sample_ids:
-            return ModelOutput(so.step, group_ids, group_tokens, group_lps if any(group_lps) else None)
-        rows = torch.tensor(sample_rows, device=self.device)
-        logits = self.model.lm_head(hidden[0, rows]).float()  # (B, V)
-        states = [self.requests[rid] for rid in sample_ids]
+    def _sample(self, hidden: torch.Tensor, request_ids: list[str], into: _Sampled) -> None:
+        """Sample one token per row of `hidden` (B, E) and append it to its request."""
+        logits = self.model.lm_head(hidden).float()  # (B, V)
+        states = [self.requests[r] for r in request_ids]
         tokens, logprobs = self.sampler(
             logits, [s.params for s in states], [len(s.token_ids) - s.num_prompt_tokens for s in states]
         )
         for state, tok in zip(states, tokens):
             state.token_ids.append(tok)
-        if group_ids:
-            lps = (group_lps + list(logprobs or [None] * len(tokens))) if (logprobs or any(group_lps)) else None
-            return ModelOutput(so.step, group_ids + sample_ids, group_tokens + tokens, lps)
-        return ModelOutput(so.step, sample_ids, tokens, logprobs)
+        into.add(request_ids, tokens, logprobs or [None] * len(tokens))
 
-    def _group_prefills(self, so: SchedulerOutput) -> tuple[list[str], list[int], list]:
+    def _group_prefills(self, so: SchedulerOutput) -> _Sampled:
         """Whole prompts scheduled for the prefill group: prefill there, copy the KV into the
         request's blocks, sample the first token here. A GroupFailed propagates: the worker
         dies, its requests fail, and the daemon restarts it with a new group."""
+        sampled = _Sampled()
         if self.group is None:
-            return [], [], []
+            return sampled
         from kvd.distributed.handoff import write_kv_to_blocks
 
-        ids, tokens, lps = [], [], []
         for r in so.new_reqs:
-            state = self.requests[r.req_id]
-            n = so.num_scheduled_tokens.get(r.req_id, 0)
+            state = self.requests[r.request_id]
+            n = so.num_scheduled_tokens.get(r.request_id, 0)
             if r.num_computed_tokens or n != len(state.token_ids) or n < self.group_min_tokens:
                 continue
             result = self.group.prefill(state.token_ids)
@@ -290,7 +320,5 @@ class ModelRunner:
             state.num_computed_tokens = n
             tok, lp = self.sampler(result.logits[None].to(self.device), [state.params], [0])
             state.token_ids.append(tok[0])
-            ids.append(r.req_id)
-            tokens.append(tok[0])
-            lps.append(lp[0] if lp else None)
-        return ids, tokens, lps
+            sampled.add([r.request_id], tok, [lp[0] if lp else None])
+        return sampled

@@ -10,7 +10,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from kvd.daemon.peers import PrefillLink
+from kvd.daemon.pd.peers import PrefillLink
 from kvd.ipc import bind_random, publish_endpoint
 from kvd.messages import Pong, ToPrefill
 

@@ -54,7 +54,7 @@ def test_budget_shared_between_decodes_and_a_new_prefill():
     s.add_request(make_request("b", 40, first=100))
     so = s.schedule()
     assert so.num_scheduled_tokens == {"a": 1, "b": 15}
-    assert [r.req_id for r in so.new_reqs] == ["b"] and [r.req_id for r in so.cached_reqs] == ["a"]
+    assert [r.request_id for r in so.new_reqs] == ["b"] and [r.request_id for r in so.cached_reqs] == ["a"]
 
 
 def test_max_num_seqs():
@@ -88,8 +88,8 @@ def test_finished_ids_reported_once_at_the_next_schedule():
     so = s.schedule()
     s.update(fake_run(s, so))
     assert "a" not in s.requests
-    assert s.schedule().finished_req_ids == ["a"]
-    assert s.schedule().finished_req_ids == []
+    assert s.schedule().finished_request_ids == ["a"]
+    assert s.schedule().finished_request_ids == []
 
 
 def test_preempts_newest_and_resumes_with_all_tokens():
@@ -103,9 +103,9 @@ def test_preempts_newest_and_resumes_with_all_tokens():
         if not s.has_unfinished():
             break
         so = s.schedule()
-        preempted += so.preempted_req_ids
-        resumed += [(r.req_id, len(r.token_ids)) for r in so.new_reqs if r.token_ids != list(range(50, 58))
-                    and r.req_id == "new"]  # fmt: skip
+        preempted += so.preempted_request_ids
+        resumed += [(r.request_id, len(r.token_ids)) for r in so.new_reqs if r.token_ids != list(range(50, 58))
+                    and r.request_id == "new"]  # fmt: skip
         s.update(fake_run(s, so))
         s.check_integrity()
     assert preempted and set(preempted) == {"new"}
@@ -160,7 +160,7 @@ def test_swap_preemption_keeps_computed_tokens_and_returns_host_slots():
             assert s.requests["new"].num_computed_tokens > 0  # kept: its KV is on the host
         if so.swap_in:
             assert sorted(slot for _, slot in so.swap_in) == sorted(swapped_slots.values())
-            resumed = next(r for r in so.new_reqs if r.req_id == "new")
+            resumed = next(r for r in so.new_reqs if r.request_id == "new")
             assert resumed.num_computed_tokens >= 8 and resumed.block_ids[: len(so.swap_in)] == [
                 b for b, _ in so.swap_in
             ]

@@ -12,6 +12,7 @@ leaving a request behind a dead peer.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -85,6 +86,7 @@ class PrefillLink:
         self.spec = spec
         self.endpoint: str | None = None
         self.sock: zmq.asyncio.Socket | None = None
+        self.connected = asyncio.Event()  # set while `sock` is connected (its reader awaits it)
         self.alive = False
         self.seen = False  # answered at least once
         self.instance = spec
@@ -107,6 +109,7 @@ class PrefillLink:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IMMEDIATE, 1)
         self.sock.connect(self.endpoint)
+        self.connected.set()
         return True
 
     def reset(self) -> None:
@@ -115,6 +118,7 @@ class PrefillLink:
         if self.sock is not None:
             self.sock.close(linger=0)
         self.sock = None
+        self.connected.clear()
 
     def send(self, msg: ToPrefill) -> bool:
         """Queue `msg` for a connected peer at once; False if it cannot go out now."""

@@ -1,0 +1,65 @@
+"""Role: what an instance's role adds to serving. This base is the unified role: it adds nothing.
+
+`Serving` calls these hooks at the points where a role may act: a client request queued
+or ended, each schedule(), each messenger report, the worker or the messenger lost, every
+tick, the drain. The PD roles (`kvd.daemon.pd`) override what they need; an instance
+chooses its role's class once, at start-up, and no role string is compared after that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine
+from typing import Any
+
+import structlog
+
+from kvd.engine.engine import Engine
+from kvd.messages import CacheTaskDone
+
+log = structlog.get_logger("kvd.role")
+
+
+class Role:
+    """The hooks a role implements, each a no-op here; the class attributes say how client
+    requests are admitted."""
+
+    client_kv: str | None = None  # how a client request's KV arrives: computed here, or "prompt" (pool)
+    reads_pool = False  # requests may wait for pool KV: they get their own block budget (pd.kv_wait_fraction)
+    client_refusal: str | None = None  # why this role takes no client requests (a prefill instance)
+
+    def attach(self, engine: Engine) -> None:
+        """The engine was (re)built."""
+
+    def admitted(self, request_id: str) -> None:
+        """A client request was queued."""
+
+    def scheduled(self) -> None:
+        """After each schedule()."""
+
+    def ended(self, request_id: str) -> None:
+        """A request ended by abort or failure (the engine already finished it)."""
+
+    async def on_cache_done(self, done: CacheTaskDone) -> None:
+        log.info("late_message_ignored", message="CacheTaskDone", task_id=done.task_id)
+
+    async def messenger_lost(self) -> None:
+        """The messenger died: the transfers in flight failed."""
+
+    async def engine_lost(self) -> None:
+        """The worker died; its live requests have been failed already."""
+
+    def tick(self) -> None:
+        """Every second: leases, heartbeats."""
+
+    async def drain(self, timeout_s: float) -> None:
+        """SIGTERM: finish or hand back what the role holds."""
+
+    def readers(self) -> list[Coroutine[Any, Any, None]]:
+        """Readers the role runs beside the step loop."""
+        return []
+
+    def close(self) -> None:
+        """Release sockets."""
+
+    def status(self) -> dict[str, Any] | None:
+        return None

@@ -1,0 +1,329 @@
+"""Supervisor: the daemon's child processes, their channels, the Ready handshake and restarts.
+
+    supervisor.start()               # worker (+ messenger) spawned; returns the worker's Ready
+    await supervisor.run_step(so)    # Step to the worker, its ModelOutput back (ChildDied if it dies)
+    supervisor.send_cache_task(task) # to the messenger; its CacheTaskDone comes to the events
+    await supervisor.run()           # reads reports, awaits exits, applies the restart policy
+
+Children are spawned with multiprocessing's spawn context (a fresh interpreter: no forked
+torch or ZeroMQ state) and named by the dotted path of their entry function, imported in
+the child: the daemon itself never imports torch. Their exit is awaited on the process
+sentinel, never polled, so a kill -9 is seen at once; a child that fails says Dead with
+its reason first, and that report ends the wait (an exit without one is named by its
+exit code). In the prefill and decode roles the messenger starts beside the worker and
+maps the worker's KV cache from its first message, MapKV, once the worker is Ready.
+
+A lost child is reported to `ChildEvents` (the serving layer): a lost worker fails every
+live request, and a new worker brings a new engine; a lost messenger fails only the
+transfers in flight. Then the child is restarted, or, per `daemon.on_worker_death` and
+`daemon.max_worker_restarts`, the supervisor gives up and the daemon exits 1 for systemd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import msgspec
+import structlog
+import zmq
+import zmq.asyncio
+
+from kvd.config import KvdConfig
+from kvd.ipc import AsyncChannel, bind_random
+from kvd.logs import ms_since
+from kvd.messages import CacheTask, CacheTaskDone, Dead, FromChild, MapKV, Ready, Shutdown, Step, StepDone
+from kvd.scheduler.output import ModelOutput, SchedulerOutput
+
+log = structlog.get_logger("kvd.supervisor")
+
+STARTUP_TIMEOUT_S = 900.0  # a first start converts the embedded model
+CHILD_STOP_TIMEOUT_S = 5.0
+_spawn = multiprocessing.get_context("spawn")
+
+
+class ChildDied(Exception):
+    """A child ended (or never became Ready); the message names it and why."""
+
+
+def _enter(target: str, *args) -> None:
+    """In the child: import `module:function` and run it."""
+    module, _, function = target.partition(":")
+    getattr(importlib.import_module(module), function)(*args)
+
+
+class ChildProcess:
+    """One spawned child, restartable: its process, a future for its exit code and one for
+    the reason its Dead report gives (each start makes new ones)."""
+
+    def __init__(self, name: str, target: str, args: tuple) -> None:
+        self.name = name
+        self._target = target
+        self._args = args
+        self.proc: multiprocessing.process.BaseProcess | None = None
+        self.exited: asyncio.Future[int] | None = None
+        self.dead: asyncio.Future[str] | None = None
+        self.ready = False
+        self.started_at = 0.0  # time.monotonic() of the last start
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.ready = False
+        self.started_at = time.monotonic()
+        self.proc = _spawn.Process(target=_enter, args=(self._target, self.name, *self._args), name=self.name)
+        self.proc.start()
+        self.exited = loop.create_future()
+        self.dead = loop.create_future()
+        sentinel = self.proc.sentinel
+        proc, fut = self.proc, self.exited
+
+        def on_exit() -> None:
+            loop.remove_reader(sentinel)
+            proc.join(0)
+            if not fut.done():
+                fut.set_result(proc.exitcode if proc.exitcode is not None else -1)
+
+        loop.add_reader(sentinel, on_exit)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.exited is not None and not self.exited.done()
+
+    def said_dead(self, reason: str) -> None:
+        if self.dead is not None and not self.dead.done():
+            self.dead.set_result(reason)
+
+    async def stop(self, timeout: float) -> None:
+        """Wait for a clean exit (after Shutdown was sent, or after Dead), then SIGKILL."""
+        if not self.alive:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self.exited), timeout)
+        except TimeoutError:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            await self.exited
+
+
+class ChildEvents(Protocol):
+    """What the supervisor tells the serving layer."""
+
+    def on_worker_ready(self, ready: Ready) -> None: ...
+
+    async def on_worker_lost(self, message: str, details: dict[str, Any]) -> None: ...
+
+    async def on_messenger_lost(self) -> None: ...
+
+    async def on_cache_done(self, done: CacheTaskDone) -> None: ...
+
+
+class Supervisor:
+    """Owns the worker and the cache messenger: their processes, channels, Ready handshakes,
+    the step round trip, and the restart policy."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, cfg: KvdConfig, give_up: Callable[[], None]) -> None:
+        self.cfg = cfg
+        self.shares_kv = cfg.daemon.role != "unified"  # the PD roles' messenger maps the worker's KV cache
+        self.events: ChildEvents | None = None
+        self.stopping = False  # set by the drain: a child lost now is not restarted
+        self.restarts = 0
+        self._give_up = give_up
+        cfg_json = msgspec.json.encode(cfg)
+        self.reports: AsyncChannel[FromChild] = AsyncChannel(ctx.socket(zmq.PULL), FromChild)
+        report_ep = bind_random(self.reports.sock)
+        self.to_worker = AsyncChannel(ctx.socket(zmq.PUSH), None)
+        self.to_messenger = AsyncChannel(ctx.socket(zmq.PUSH), None)
+        self.worker = ChildProcess("worker-0", "kvd.worker.main:worker_main",
+                                   (cfg_json, bind_random(self.to_worker.sock), report_ep))  # fmt: skip
+        self.messenger = ChildProcess("messenger", "kvd.messenger.main:messenger_main",
+                                      (cfg_json, bind_random(self.to_messenger.sock), report_ep))  # fmt: skip
+        self.children = (self.worker, self.messenger)
+        self._channels = {self.worker.name: self.to_worker, self.messenger.name: self.to_messenger}
+        self._ready: dict[str, asyncio.Future[Ready]] = {}
+        self._worker_ready: Ready | None = None  # the running worker's (its KV share, for a new messenger)
+        self._step: asyncio.Future[StepDone] | None = None
+        self.step_started: float | None = None  # time.monotonic() of the step in flight
+        self._reader: asyncio.Task | None = None
+        self._sends: set[asyncio.Task] = set()
+
+    # ---- start-up ----------------------------------------------------------------------
+    async def start(self) -> Ready:
+        """Start the children; the worker's Ready once both are Ready (ChildDied otherwise)."""
+        self._reader = asyncio.create_task(self._read_reports())
+        return await self._start_worker()
+
+    async def _start_worker(self) -> Ready:
+        """The worker and, beside it, a new messenger unless one runs that maps no KV cache
+        (the unified role's)."""
+        messenger = await self._launch_messenger() if self.shares_kv or not self.messenger.alive else None
+        worker = await self._wait_ready(self.worker, self._launch(self.worker))
+        self._worker_ready = worker
+        if messenger is not None:
+            await self._messenger_ready(messenger, worker)
+        return worker
+
+    async def _launch_messenger(self) -> asyncio.Future[Ready]:
+        """A new messenger (the old one, if alive, is stopped: it maps a dead worker's KV cache)."""
+        if self.messenger.alive:
+            await self._stop_child(self.messenger)
+        return self._launch(self.messenger)
+
+    async def _messenger_ready(self, fut: asyncio.Future[Ready], worker: Ready) -> Ready:
+        """In the PD roles the messenger maps the worker's KV cache first (MapKV), then is Ready."""
+        if self.shares_kv:  # a PUSH to a messenger that died meanwhile would wait forever
+            send = asyncio.ensure_future(self.to_messenger.send(MapKV(worker.kv)))
+            await asyncio.wait([send, self.messenger.exited], return_when=asyncio.FIRST_COMPLETED)
+            send.cancel()  # a no-op once sent
+        return await self._wait_ready(self.messenger, fut)
+
+    def _launch(self, child: ChildProcess) -> asyncio.Future[Ready]:
+        fut = asyncio.get_running_loop().create_future()
+        self._ready[child.name] = fut
+        child.start()
+        return fut
+
+    async def _wait_ready(self, child: ChildProcess, fut: asyncio.Future[Ready]) -> Ready:
+        done, _ = await asyncio.wait([fut, child.exited], timeout=STARTUP_TIMEOUT_S,
+                                     return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        if fut not in done:
+            raise ChildDied(f"{child.name} did not become ready (exit code {child.proc.exitcode})")
+        child.ready = True
+        return fut.result()
+
+    # ---- what the serving layer calls ----------------------------------------------------
+    async def run_step(self, so: SchedulerOutput) -> ModelOutput:
+        """One step on the worker; ChildDied if the worker dies before it answers."""
+        self._step = asyncio.get_running_loop().create_future()
+        self.step_started = time.monotonic()
+        try:
+            await self.to_worker.send(Step(so))
+            return (await self._step).output
+        finally:
+            self._step = None
+            self.step_started = None
+
+    def send_cache_task(self, task: CacheTask) -> None:
+        """Hand a task to the messenger; one that cannot reach it fails at once."""
+
+        async def send() -> None:
+            if self.messenger.alive and self.messenger.ready:
+                try:
+                    await self.to_messenger.send(task)
+                    return
+                except zmq.ZMQError:
+                    pass
+            await self.events.on_cache_done(CacheTaskDone.failed(task.task_id, task.request_id,
+                                                                 "the cache messenger is not running"))  # fmt: skip
+
+        t = asyncio.get_running_loop().create_task(send())
+        self._sends.add(t)
+        t.add_done_callback(self._sends.discard)
+
+    def stuck(self, limit_s: float) -> bool:
+        """Whether the step in flight has run longer than `limit_s` (the watchdog stops)."""
+        return self.step_started is not None and time.monotonic() - self.step_started > limit_s
+
+    # ---- reports and exits ---------------------------------------------------------------
+    async def _read_reports(self) -> None:
+        by_name = {c.name: c for c in self.children}
+        while True:
+            msg = await self.reports.recv()
+            if isinstance(msg, Ready):
+                fut = self._ready.pop(msg.process, None)
+                if fut is not None and not fut.done():
+                    child = by_name[msg.process]
+                    log.info("child_ready", child=child.name, child_pid=msg.pid, duration_ms=ms_since(child.started_at))
+                    fut.set_result(msg)
+            elif isinstance(msg, StepDone):
+                if self._step is not None and not self._step.done():
+                    self._step.set_result(msg)
+                else:
+                    log.warning("late_step_result", step=msg.output.step)
+            elif isinstance(msg, CacheTaskDone):
+                await self.events.on_cache_done(msg)
+            elif isinstance(msg, Dead):
+                log.error("child_reported_dead", child=msg.process, reason=msg.reason)
+                child = by_name.get(msg.process)
+                if child is not None and child.pid == msg.pid:
+                    child.said_dead(msg.reason)
+
+    async def run(self) -> None:
+        """Watch the children until the daemon stops; a lost child is handled, then restarted."""
+        while True:
+            pending = {}
+            for c in self.children:
+                if c.alive:
+                    pending[c.exited] = pending[c.dead] = c
+            if not pending:  # nothing left to watch: the daemon is on its way out
+                await asyncio.Event().wait()
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for child in {pending[f] for f in done}:
+                if not await self._on_lost(child):
+                    return
+
+    async def _on_lost(self, child: ChildProcess) -> bool:
+        """Handle one lost child and restart it; False when the supervisor gave up."""
+        if child.dead.done():
+            reason = child.dead.result()
+        else:
+            reason = f"exited with code {child.exited.result()}"
+        message = f"{child.name} died: {reason}"
+        details = {"child": child.name, "child_pid": child.pid, "reason": reason,
+                   "exit_code": child.exited.result() if child.exited.done() else None}  # fmt: skip
+        if child is self.messenger:
+            # Only the transfers in flight fail (or recompute); requests in decode go on.
+            log.error("child_dead", **details)
+            await self.events.on_messenger_lost()
+        else:
+            if self._step is not None and not self._step.done():
+                self._step.set_exception(ChildDied(message))
+            await self.events.on_worker_lost(message, details)
+        await child.stop(CHILD_STOP_TIMEOUT_S)  # it said Dead: it is on its way out
+        policy = self.cfg.daemon.on_worker_death
+        if self.stopping or policy == "exit" or self.restarts >= self.cfg.daemon.max_worker_restarts:
+            log.error("daemon_exiting", reason=message, policy=policy, restarts=self.restarts)
+            self._give_up()
+            return False
+        self.restarts += 1
+        try:
+            if child is self.worker:
+                ready = await self._start_worker()  # the old messenger maps the dead worker's KV cache
+                self.events.on_worker_ready(ready)
+            else:
+                ready = await self._messenger_ready(await self._launch_messenger(), self._worker_ready)
+        except ChildDied as e:
+            log.error("daemon_exiting", reason=str(e))
+            self._give_up()
+            return False
+        log.info("child_restarted", child=child.name, child_pid=ready.pid, restarts=self.restarts)
+        return True
+
+    # ---- shutdown and status -------------------------------------------------------------
+    async def _stop_child(self, child: ChildProcess) -> None:
+        with contextlib.suppress(TimeoutError, zmq.ZMQError):
+            await asyncio.wait_for(self._channels[child.name].send(Shutdown()), 1.0)
+        await child.stop(CHILD_STOP_TIMEOUT_S)
+
+    async def shutdown(self) -> None:
+        """Shutdown to every child (SIGKILL for one that lingers), then close the channels."""
+        if self._reader is not None:
+            self._reader.cancel()
+        await asyncio.gather(*(self._stop_child(c) for c in self.children if c.alive))
+        for chan in (self.reports, self.to_worker, self.to_messenger):
+            chan.close()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "worker_restarts": self.restarts,
+            "processes": {c.name: {"pid": c.pid, "alive": c.alive and c.ready} for c in self.children},
+        }
