@@ -41,9 +41,28 @@ class Stopped(Exception):
 
 
 class Started(NamedTuple):
+    """What a child's start function returns: its Ready, its message handler, what releases the rest."""
+
     ready: Ready
     handle: Handler
     close: Callable[[], None] | None = None  # releases what the OS would not: a pool client, rank processes
+
+
+def _receiver(inbox: SyncChannel, parent: int) -> Callable[[], Any]:
+    def recv() -> Any:
+        """The next message; Stopped on Shutdown or when the daemon (`parent`) is gone."""
+        while True:
+            msg = inbox.recv(PARENT_POLL_MS)
+            if isinstance(msg, Shutdown):
+                log.info("child_stopping")
+                raise Stopped(0)
+            if msg is not None:
+                return msg
+            if os.getppid() != parent:
+                log.error("child_orphaned", reason="the daemon process is gone")
+                raise Stopped(1)
+
+    return recv
 
 
 def run_child(
@@ -58,7 +77,6 @@ def run_child(
     from kvd.logs import configure_logging
 
     configure_logging(cfg.log, process=name, role=cfg.daemon.role)
-    parent = os.getppid()
     ctx = zmq.Context()
     inbox = SyncChannel(ctx.socket(zmq.PULL), recv_type)
     inbox.sock.connect(in_endpoint)
@@ -67,18 +85,7 @@ def run_child(
     code = 0
     started: Started | None = None
 
-    def recv() -> Any:
-        """The next message; Stopped on Shutdown or when the daemon is gone."""
-        while True:
-            msg = inbox.recv(PARENT_POLL_MS)
-            if isinstance(msg, Shutdown):
-                log.info("child_stopping")
-                raise Stopped(0)
-            if msg is not None:
-                return msg
-            if os.getppid() != parent:
-                log.error("child_orphaned", reason="the daemon process is gone")
-                raise Stopped(1)
+    recv = _receiver(inbox, os.getppid())
 
     try:
         started = start(cfg, recv)

@@ -43,6 +43,8 @@ DEFAULT_TIMEOUT_S = 600.0
 
 
 class KvdError(Exception):
+    """Every failure a client sees: `.code` (400, 429, 500, 502, 503, 504) and `.message`."""
+
     def __init__(self, code: int, message: str) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code

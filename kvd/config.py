@@ -44,10 +44,12 @@ ROLES = ("unified", "prefill", "decode")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    pass
+    """A config table: frozen, keyword-only, unknown keys rejected."""
 
 
 class ModelConfig(_Section):
+    """`[model]`: which checkpoint, its dtype and device, context length, threads."""
+
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct; else a local HF checkpoint dir
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     device: str = "auto"  # auto: cuda if available, else cpu
@@ -65,6 +67,8 @@ class ModelConfig(_Section):
 
 
 class CacheConfig(_Section):
+    """`[cache]`: KV block size and count, prefix caching, preemption mode, swap space."""
+
     block_size: int = 16
     num_blocks: int | None = None  # None: sized from memory_gb
     memory_gb: float = 1.0  # KV cache budget when num_blocks is None
@@ -89,6 +93,8 @@ class CacheConfig(_Section):
 
 
 class SchedulerConfig(_Section):
+    """`[scheduler]`: the per-step limits (sequences, batched tokens)."""
+
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
 
@@ -100,6 +106,8 @@ class SchedulerConfig(_Section):
 
 
 class EngineConfig(_Section):
+    """What the engine and the offline LLM take: the model, cache and scheduler sections."""
+
     model: ModelConfig = ModelConfig()
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()

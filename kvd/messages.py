@@ -26,6 +26,8 @@ from kvd.scheduler.output import Logprobs, ModelOutput, SchedulerOutput
 
 
 class ErrorCode(enum.IntEnum):
+    """The typed error codes, HTTP-like."""
+
     BAD_REQUEST = 400
     QUEUE_FULL = 429
     INTERNAL = 500
@@ -35,16 +37,20 @@ class ErrorCode(enum.IntEnum):
 
 
 class _Msg(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type"):
-    pass
+    """The base of every wire message: frozen, tagged by `type`, unknown fields rejected."""
 
 
 # ---- client ⇄ frontend -------------------------------------------------------------------
 class ChatMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One chat turn."""
+
     role: str
     content: str
 
 
 class Generate(_Msg, tag="generate", kw_only=True):
+    """A client's request: one prompt source, sampling parameters, streaming or not."""
+
     request_id: str  # chosen by the client (unique per client), so it can abort at once
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
@@ -54,21 +60,27 @@ class Generate(_Msg, tag="generate", kw_only=True):
 
 
 class Abort(_Msg, tag="abort"):
+    """End a live request of this client."""
+
     request_id: str
 
 
 class Status(_Msg, tag="status"):
-    pass
+    """Ask for the daemon's status."""
 
 
 ClientMessage = Generate | Abort | Status
 
 
 class Accepted(_Msg, tag="accepted"):
+    """The request is queued; chunks or one error follow."""
+
     request_id: str
 
 
 class Chunk(_Msg, tag="chunk", kw_only=True):
+    """New tokens and text of a request; the last one carries finish_reason."""
+
     request_id: str
     token_ids: list[int]  # new ones (all of them in the final chunk of a non-streaming request)
     text: str  # new text
@@ -79,12 +91,16 @@ class Chunk(_Msg, tag="chunk", kw_only=True):
 
 
 class Error(_Msg, tag="error"):
+    """A request (or a frame, with request_id None) failed: the only final message it gets."""
+
     request_id: str | None
     code: ErrorCode
     message: str
 
 
 class StatusReply(_Msg, tag="status_reply"):
+    """The status dict, as `kvd status --json` prints it."""
+
     status: dict[str, Any]
 
 
@@ -93,17 +109,21 @@ ServerMessage = Accepted | Chunk | Error | StatusReply
 
 # ---- daemon ⇄ children -------------------------------------------------------------------
 class Step(_Msg, tag="step"):
+    """Run one scheduled step."""
+
     output: SchedulerOutput
 
 
 class Shutdown(_Msg, tag="shutdown"):
-    pass
+    """Exit cleanly."""
 
 
 ToWorker = Step | Shutdown
 
 
 class Ready(_Msg, tag="ready", kw_only=True):
+    """A child is loaded and serving; the worker's carries its model and KV facts."""
+
     process: str
     pid: int
     info: ModelInfo | None = None  # the worker's model and KV cache facts
@@ -111,10 +131,14 @@ class Ready(_Msg, tag="ready", kw_only=True):
 
 
 class StepDone(_Msg, tag="step_done"):
+    """The step's sampled tokens."""
+
     output: ModelOutput
 
 
 class Dead(_Msg, tag="dead"):
+    """A child is failing and exits; the reason names the exception."""
+
     process: str
     reason: str
     pid: int  # which start of the process it was: a late report never ends a newer one
@@ -142,6 +166,8 @@ class CacheTask(_Msg, tag="cache_task", kw_only=True):
 
 
 class CacheTaskDone(_Msg, tag="cache_task_done", kw_only=True):
+    """How a CacheTask ended: blocks and bytes moved, or the first key that failed."""
+
     task_id: int
     request_id: str
     ok: bool
@@ -164,6 +190,8 @@ ToMessenger = MapKV | CacheTask | Shutdown
 
 # ---- decode instance ⇄ prefill instance --------------------------------------------------
 class PrefillRequest(_Msg, tag="prefill_request", kw_only=True):
+    """Decode asks a prefill instance to compute a prompt and write its KV to the pool."""
+
     handoff_id: str  # unique per attempt: late replies of an earlier attempt are told apart
     request_id: str  # the client's, for the logs of both instances
     token_ids: list[int]
@@ -173,6 +201,8 @@ class PrefillRequest(_Msg, tag="prefill_request", kw_only=True):
 
 
 class PrefillDone(_Msg, tag="prefill_done", kw_only=True):
+    """Every block is in the pool: the first token and the keys to read."""
+
     handoff_id: str
     request_id: str
     first_token: int
@@ -185,6 +215,8 @@ class PrefillDone(_Msg, tag="prefill_done", kw_only=True):
 
 
 class PrefillFailed(_Msg, tag="prefill_failed", kw_only=True):
+    """The handoff failed (or was refused): code and cause."""
+
     handoff_id: str
     request_id: str
     code: ErrorCode
@@ -192,14 +224,20 @@ class PrefillFailed(_Msg, tag="prefill_failed", kw_only=True):
 
 
 class PrefillAbort(_Msg, tag="prefill_abort"):
+    """Decode gave up on a handoff: stop and free its blocks."""
+
     handoff_id: str
 
 
 class Ping(_Msg, tag="ping"):
+    """Decode's heartbeat."""
+
     seq: int
 
 
 class Pong(_Msg, tag="pong"):
+    """A prefill instance's answer: who it is, its namespace, its queue, whether it drains."""
+
     seq: int
     instance: str  # the prefill instance's name (host:pid)
     namespace: str

@@ -8,6 +8,8 @@ from kvd.scheduler.output import Logprobs
 
 
 class RequestOutput(msgspec.Struct, kw_only=True):
+    """One request's result: its generated ids and text, why it finished, prefix hits, logprobs."""
+
     request_id: str
     prompt_token_ids: list[int]
     token_ids: list[int]  # generated ids

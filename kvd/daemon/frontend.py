@@ -59,6 +59,8 @@ def _field_error(e: msgspec.ValidationError) -> str:
 
 
 class _Client:
+    """Which client identity a request came from and whether it streams."""
+
     __slots__ = ("identity", "stream")
 
     def __init__(self, identity: bytes, stream: bool) -> None:

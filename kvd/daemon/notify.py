@@ -16,6 +16,8 @@ log = structlog.get_logger("kvd.notify")
 
 
 class Notifier:
+    """The sd_notify socket named at start-up (or none: every call is a no-op)."""
+
     def __init__(self, notify_socket: str | None) -> None:
         self._warned = False
         self._addr = None

@@ -58,6 +58,8 @@ class Rejected(Exception):
 
 
 class _Live:
+    """One live request: its outbox, its clock, and what was logged of it."""
+
     __slots__ = ("outbox", "client", "clock", "first_token", "scheduled")
 
     def __init__(self, outbox: Outbox, client: bool) -> None:

@@ -70,6 +70,8 @@ class GroupFailed(RuntimeError):
 
 @dataclass
 class PrefillResult:
+    """One prompt prefilled by the group: the first token, its logits and the KV."""
+
     num_tokens: int
     first_token: int  # greedy argmax of `logits`; sample from `logits` for other parameters
     logits: torch.Tensor  # (V,) float32, the last prompt token's (a copy)

@@ -68,11 +68,15 @@ class KVSync:
 
 
 class LocalSync(KVSync):
+    """No sequence group (sp = 1): the chunk's KV goes straight into the buffer."""
+
     def _exchange(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         self.buffer.cat(layer, k, v)
 
 
 class AllGatherSync(KVSync):
+    """Every rank's chunk KV gathered at once, in place into the buffer."""
+
     def _exchange(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         keys, values = self.buffer.reserve(layer, self.sp * k.shape[0])  # (sp*chunk, KVH, D), in place
         works = [
@@ -84,6 +88,8 @@ class AllGatherSync(KVSync):
 
 
 class RingSync(KVSync):
+    """Chunk KV passed around the sequence ranks in sp - 1 neighbour exchanges."""
+
     def _exchange(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         n, sp, i = k.shape[0], self.sp, self.sp_rank
         keys, values = self.buffer.reserve(layer, sp * n)  # (sp*chunk, KVH, D), in place

@@ -31,16 +31,20 @@ class RankSpec(msgspec.Struct, array_like=True, frozen=True):
 
 
 class Prefill(msgspec.Struct, array_like=True, frozen=True, tag=True):
+    """Prefill these tokens (one prompt) on every rank."""
+
     seq: int  # the group's prefill counter: a Done for another seq is stale
     token_ids: list[int]
     sync: str  # "all_gather" | "ring"
 
 
 class Shutdown(msgspec.Struct, array_like=True, frozen=True, tag=True):
-    pass
+    """Leave the group and exit."""
 
 
 class Ready(msgspec.Struct, array_like=True, frozen=True, tag=True):
+    """A rank joined the group and loaded its stage."""
+
     rank: int
     pid: int
     stage: int
@@ -67,6 +71,8 @@ class RankStats(msgspec.Struct, array_like=True, frozen=True):
 
 
 class Done(msgspec.Struct, array_like=True, frozen=True, tag=True):
+    """A rank finished one prefill."""
+
     rank: int
     seq: int
     first_token: int  # greedy; -1 on every rank but the head (rank 0)
@@ -74,6 +80,8 @@ class Done(msgspec.Struct, array_like=True, frozen=True, tag=True):
 
 
 class Failed(msgspec.Struct, array_like=True, frozen=True, tag=True):
+    """A rank failed: the group is down."""
+
     rank: int
     reason: str
 

@@ -94,12 +94,16 @@ class LayerMap:
 
 @dataclass(frozen=True)
 class Round:
+    """One round of the chunk plan: where it starts and how many tokens each sequence rank takes."""
+
     start: int  # position of the round's first token
     chunk: int  # tokens per sequence rank (the last round may be padded)
 
 
 @dataclass(frozen=True)
 class ChunkPlan:
+    """How a prompt is split into rounds that flow through the pipeline."""
+
     num_tokens: int
     sp: int
     rounds: tuple[Round, ...]

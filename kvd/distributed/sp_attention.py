@@ -29,6 +29,8 @@ ATTN_IMPLEMENTATION = "kvd_sp"
 
 @dataclass
 class RoundContext:
+    """What the attention of one round needs: the KV sync, the layer map, the visible context."""
+
     sync: KVSync
     to_local: Callable[[int], int]  # global layer index -> index in the stage's buffer
     context_len: int  # hi: keys [0, hi) are visible to this chunk

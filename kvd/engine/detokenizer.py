@@ -16,6 +16,8 @@ REPLACEMENT = "\ufffd"
 
 
 class IncrementalDetokenizer:
+    """One request's text so far and the window of tokens its next decode starts from."""
+
     def __init__(self, tokenizer, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens

@@ -17,6 +17,8 @@ log = structlog.get_logger("kvd.messenger")
 
 
 class TransferError(Exception):
+    """A task that failed: its error code and a message naming the key and how."""
+
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code

@@ -15,6 +15,8 @@ from kvd.sampling import SamplingParams
 
 
 class NewRequestData(msgspec.Struct, array_like=True, frozen=True):
+    """A request the runner has not seen (or sees again after preemption): all of it."""
+
     request_id: str
     token_ids: list[int]  # prompt, plus the outputs so far for a resumed request
     num_prompt_tokens: int
@@ -24,12 +26,16 @@ class NewRequestData(msgspec.Struct, array_like=True, frozen=True):
 
 
 class CachedRequestData(msgspec.Struct, array_like=True, frozen=True):
+    """A request the runner knows: only its new blocks and progress."""
+
     request_id: str
     new_block_ids: list[int]
     num_computed_tokens: int
 
 
 class SchedulerOutput(msgspec.Struct, array_like=True, frozen=True):
+    """One step's work, as a diff against what the runner already holds."""
+
     step: int
     new_reqs: list[NewRequestData]
     cached_reqs: list[CachedRequestData]
@@ -51,12 +57,16 @@ class SchedulerOutput(msgspec.Struct, array_like=True, frozen=True):
 
 
 class Logprobs(msgspec.Struct, array_like=True, frozen=True):
+    """The sampled token's logprob and the top alternatives."""
+
     logprob: float  # of the sampled token
     top_ids: list[int]
     top_logprobs: list[float]
 
 
 class ModelOutput(msgspec.Struct, array_like=True, frozen=True):
+    """One step's sampled tokens, per request."""
+
     step: int
     request_ids: list[str]  # requests that sampled a token this step (prefill chunks short of the end did not)
     token_ids: list[int]

@@ -43,6 +43,8 @@ class PrefillChunk:
 
 @dataclass
 class AttentionMetadata:
+    """Where one step's packed tokens go in the paged cache and which blocks each query reads."""
+
     slot_mapping: torch.Tensor  # (N,) int64
     num_decodes: int = 0  # the first num_decodes packed tokens are single decode queries
     decode_block_table: torch.Tensor | None = None  # (Bd, max_blocks) int64, padded with block 0
@@ -52,6 +54,8 @@ class AttentionMetadata:
 
 @dataclass
 class _Context:
+    """The KV tensors and metadata of the forward pass in progress."""
+
     kv_caches: list[torch.Tensor]
     meta: AttentionMetadata
 

@@ -61,6 +61,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 @dataclass
 class _RequestState:
+    """The runner's copy of one request: its tokens, blocks, progress and sampling parameters."""
+
     token_ids: list[int]
     num_prompt_tokens: int
     block_ids: list[int]
@@ -121,28 +123,13 @@ class ModelRunner:
         self.max_model_len = min(model_config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.block_size = cache_config.block_size
         self.num_blocks = cache_config.num_blocks or self._blocks_for_budget(cache_config.memory_gb)
-        # One tensor per layer: (2, num_blocks, block_size, kv_heads, head_dim), as slices of one
-        # allocation — in a memfd when the cache messenger must map it too (PD roles).
-        shape = (self.num_layers, 2, self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-        self.kv_fd: int | None = None
-        if share_kv:
-            if self.device.type != "cpu":
-                raise ValueError("daemon.role: prefill/decode roles share the KV cache with the messenger "
-                                 "through CPU shared memory; CUDA IPC sharing is not built yet")  # fmt: skip
-            kv_all, self.kv_fd = shm.create(shape, self.dtype)
-        else:
-            kv_all = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.kv_all = kv_all  # (L, 2, NB, BS, KVH, D)
-        self.kv_caches = list(kv_all.unbind(0))
-        # The host swap pool, block-major: (slots, layers, 2, block_size, kv_heads, head_dim).
+        self.kv_all, self.kv_fd = self._allocate_kv(share_kv)  # (L, 2, NB, BS, KVH, D)
+        self.kv_caches = list(self.kv_all.unbind(0))
         self.num_host_slots = 0
         self.host_pool: torch.Tensor | None = None
         if cache_config.preempt == "swap":
             self.num_host_slots = max(1, int(cache_config.swap_space_gb * 2**30) // self.bytes_per_block)
-            self.host_pool = torch.zeros(
-                self.num_host_slots, self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim,
-                dtype=self.dtype, pin_memory=self.device.type == "cuda",
-            )  # fmt: skip
+            self.host_pool = self._host_pool(self.num_host_slots)
         self.sampler = Sampler(self.device)
         self.requests: dict[str, _RequestState] = {}
         self.group = None  # a kvd.distributed PrefillGroup the worker owns (`[prefill.parallel]`)
@@ -155,6 +142,24 @@ class ModelRunner:
         log.info(
             "model_runner_ready", device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
             num_blocks=self.num_blocks, block_size=self.block_size, kv_cache_mb=round(self.kv_cache_bytes / 2**20),
+        )  # fmt: skip
+
+    def _allocate_kv(self, share_kv: bool) -> tuple[torch.Tensor, int | None]:
+        """One tensor per layer, (2, num_blocks, block_size, kv_heads, head_dim), as slices of one
+        allocation — in a memfd when the cache messenger must map it too (PD roles)."""
+        shape = (self.num_layers, 2, self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        if not share_kv:
+            return torch.zeros(shape, dtype=self.dtype, device=self.device), None
+        if self.device.type != "cpu":
+            raise ValueError("daemon.role: prefill/decode roles share the KV cache with the messenger "
+                             "through CPU shared memory; CUDA IPC sharing is not built yet")  # fmt: skip
+        return shm.create(shape, self.dtype)
+
+    def _host_pool(self, num_slots: int) -> torch.Tensor:
+        """The host swap pool, block-major: (slots, layers, 2, block_size, kv_heads, head_dim)."""
+        return torch.zeros(
+            num_slots, self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim,
+            dtype=self.dtype, pin_memory=self.device.type == "cuda",
         )  # fmt: skip
 
     def kv_share(self) -> KVShare | None:

@@ -18,6 +18,8 @@ _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, index) over t
 
 
 class Sampler:
+    """The random generators of greedy and sampled rows (seeded ones per request and output index)."""
+
     def __init__(self, device: torch.device, seed: int = 0) -> None:
         self.device = device
         self._generator = torch.Generator(device=device)

@@ -30,6 +30,8 @@ Buffer = bytes | bytearray | memoryview
 
 
 class ReadStatus(enum.IntEnum):
+    """How one key's read ended; anything but OK is a failed read, never bytes for the model."""
+
     OK = 0
     MISSING = 1
     CORRUPT = 2  # bad magic, version, length or digest

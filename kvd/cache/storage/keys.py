@@ -23,6 +23,8 @@ LAYOUT_VERSION = 1  # bump when the stored block layout changes
 
 
 class ParallelLayout(msgspec.Struct, frozen=True):
+    """The tensor/pipeline rank of the KV a key names (part of the storage namespace)."""
+
     tp_rank: int = 0
     tp_size: int = 1
     pp_rank: int = 0

@@ -46,6 +46,8 @@ _SLACK = 64 * 2**20
 
 
 class LocalPool(StoragePool):
+    """The embedded pool: one LMDB environment per host, bounded, oldest-first eviction."""
+
     def __init__(self, path: str | Path, capacity_bytes: int = 2 * 2**30) -> None:
         if capacity_bytes < 1:
             raise ValueError(f"capacity_bytes: must be >= 1, got {capacity_bytes}")

@@ -103,6 +103,8 @@ class _Health(enum.IntEnum):  # MooncakeDistributedStore.health_check()
 
 
 def _address(mv: memoryview) -> int | None:
+    """What MooncakeDistributedStore.health_check() returns."""
+
     """Address of a writable, non-empty buffer; None for read-only ones (bytes)."""
     if mv.readonly or mv.nbytes == 0:
         return None
@@ -126,6 +128,8 @@ def _check_in_place(header: memoryview, payload: memoryview) -> ReadStatus:
 
 
 class MooncakePool(StoragePool):
+    """A Mooncake Store client: its mounted segment, a registered staging buffer, the partial blocks' TTL."""
+
     def __init__(self, master_address: str, metadata_server: str = "P2PHANDSHAKE", segment_bytes: int = 2**30,
                  staging_bytes: int = 64 * 2**20, local_hostname: str = "127.0.0.1", protocol: str = "tcp",
                  rdma_devices: str = "", timeout_s: float = 5.0, partial_ttl_s: float = 600.0) -> None:  # fmt: skip

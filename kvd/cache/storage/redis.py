@@ -20,6 +20,8 @@ from kvd.cache.storage.base import Buffer, ReadStatus, StoragePool, StorageUnava
 
 
 class RedisPool(StoragePool):
+    """A Redis client: SET NX pipelines for writes, MGET for reads, a TTL on partial blocks."""
+
     def __init__(self, url: str, partial_ttl_s: float = 600.0, timeout_s: float = 5.0) -> None:
         self.url = url
         self.partial_ttl_s = max(1, round(partial_ttl_s))  # SET EX takes whole seconds

@@ -38,6 +38,8 @@ log = structlog.get_logger("kvd.pd")
 
 
 class Phase(enum.IntEnum):
+    """Where a handoff is in the chain."""
+
     QUEUED = 0  # waiting for blocks to preallocate
     UNDISPATCHED = 1  # decode: blocks held; no prefill instance has answered yet
     PREFILLING = 2  # decode: PrefillRequest sent
