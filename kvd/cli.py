@@ -1,10 +1,10 @@
 """The `kvd` command line (DESIGN.md §9): serve, generate, status, trace, bench.
 
-    kvd serve --config conf/kvd.toml [--role unified|prefill|decode] [--port 0] [--run-dir DIR]
+    kvd serve --config conf/kvd.toml [--role unified|prefill|decode] [--port 0] [--run-dir DIR] [--http-port P]
     kvd generate [--endpoint E | --run-dir DIR] (--prompt TEXT | --chat TEXT) [--max-tokens N]
                  [--temperature T] [--json]
     kvd status [--endpoint E | --run-dir DIR] [--json]
-    kvd launch pd --prefill N --decode M --pool local|mooncake|redis --run-dir DIR [--config FILE]
+    kvd launch pd --prefill N --decode M --pool local|mooncake|redis --run-dir DIR [--config FILE] [--http-port P]
     kvd trace REQUEST_ID [LOG ...]
     kvd bench offline|serve|pd|swap|pool [ARGS ...]
 
@@ -45,6 +45,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         overrides["daemon.port"] = args.port
     if args.run_dir:
         overrides["daemon.run_dir"] = args.run_dir
+    if args.http_port is not None:
+        overrides["http.port"] = args.http_port
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
@@ -112,7 +114,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
     from kvd.launch import launch_pd
 
-    return launch_pd(args.prefill, args.decode, args.pool, Path(args.run_dir), args.config, args.redis_url)
+    return launch_pd(args.prefill, args.decode, args.pool, Path(args.run_dir), args.config, args.redis_url,
+                     args.http_port)
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
@@ -138,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--role", choices=["unified", "prefill", "decode"])
     s.add_argument("--port", type=int, help="client port; 0 = a random free port on 127.0.0.1")
     s.add_argument("--run-dir", help="where the endpoint file goes")
+    s.add_argument("--http-port", type=int, help="also serve the OpenAI HTTP API; 0 = a random free port")
     s.set_defaults(fn=cmd_serve)
 
     for name, fn, help_ in (("generate", cmd_generate, "stream a completion"), ("status", cmd_status, "daemon status")):
@@ -163,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--run-dir", required=True, help="DIR/endpoint gets the decode side's client endpoint")
     la.add_argument("--config", help="a TOML file every instance starts from (role and pool are set per instance)")
     la.add_argument("--redis-url", help="use this Redis server instead of starting one")
+    la.add_argument("--http-port", type=int, help="the first decode instance also serves the OpenAI HTTP API "
+                                                  "(0 = a random free port; its URL goes to DIR/http_endpoint)")
     la.set_defaults(fn=cmd_launch)
 
     t = sub.add_parser("trace", help="rebuild a request's timeline from JSON logs")

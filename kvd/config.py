@@ -1,7 +1,7 @@
 """Configuration: frozen msgspec Structs, validated once at start-up and passed explicitly.
 
 Sections mirror conf/*.toml: `[daemon]`, `[model]`, `[cache]`, `[scheduler]`,
-`[log]`, `[metrics]`, gathered in `KvdConfig`. `EngineConfig` (model, cache,
+`[log]`, `[metrics]`, `[http]`, `[pd]`, `[prefill]`, gathered in `KvdConfig`. `EngineConfig` (model, cache,
 scheduler) is what the offline `LLM` and the engine take; `KvdConfig.engine`
 derives it.
 
@@ -184,6 +184,28 @@ class MetricsConfig(_Section):
             raise ValueError("metrics.host: must not be empty")
 
 
+class HttpConfig(_Section):
+    """`[http]`: the OpenAI-compatible HTTP API (off unless a port is set)."""
+
+    port: int = -1  # -1: off; 0: a random free port, published in <run_dir>/http_endpoint
+    host: str = "127.0.0.1"
+    api_key: str = ""  # "": no auth; else every /v1 request needs `Authorization: Bearer <api_key>`
+    max_body_bytes: int = 4 * 2**20  # larger request bodies are refused with 413
+    served_model_name: str = ""  # "": the model directory's name (the embedded model's: SmolLM2-135M-Instruct)
+
+    def __post_init__(self) -> None:
+        if not -1 <= self.port <= 65535:
+            raise ValueError(f"http.port: must be -1 (off) or in [0, 65535], got {self.port}")
+        if not self.host:
+            raise ValueError("http.host: must not be empty")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"http.max_body_bytes: must be >= 1024, got {self.max_body_bytes}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.port >= 0
+
+
 SYNC_STRATEGIES = ("all_gather", "ring")
 
 
@@ -295,6 +317,7 @@ class KvdConfig(_Section):
     scheduler: SchedulerConfig = SchedulerConfig()
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
+    http: HttpConfig = HttpConfig()
     pd: PDConfig = PDConfig()
     prefill: PrefillConfig = PrefillConfig()
 

@@ -74,3 +74,23 @@ class SyncChannel(Generic[T]):
 
     def close(self, linger_ms: int = 0) -> None:
         self.sock.close(linger=linger_ms)
+
+
+def field_error(e: msgspec.ValidationError, whole: str = "frame") -> str:
+    """msgspec says `Expected int, got str - at `$.params.max_tokens``: put the field first, as
+    kvd's errors do (`whole` names what failed when no field does: a ZeroMQ frame, an HTTP body)."""
+    text, _, path = str(e).partition(" - at `$.")
+    path = path.rstrip("`")
+    for prefix, what in (("Object contains unknown field `", "unknown field"),
+                         ("Object missing required field `", "required field missing")):  # fmt: skip
+        if text.startswith(prefix):  # the field is named in the text: put it in the path
+            name = text.removeprefix(prefix).rstrip("`")
+            return f"{path + '.' if path else ''}{name}: {what}"
+    if not path:
+        return f"{whole}: {text}"
+    head = text.partition(":")[0]
+    if head == path.rsplit(".", 1)[-1]:
+        return text  # our own validation already names the field
+    if head.isidentifier():  # ... or a field inside it
+        return f"{path}.{text}"
+    return f"{path}: {text}"

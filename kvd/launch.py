@@ -1,6 +1,7 @@
 """`kvd launch pd`: a whole PD deployment on one host, started and stopped as one.
 
     kvd launch pd --prefill N --decode M --pool local|mooncake|redis --run-dir DIR [--config FILE]
+                  [--http-port PORT]
 
 It starts the pool's servers where the pool needs them (the local pool: an LMDB
 directory of its own on /dev/shm, removed at exit) (`redis-server`, or
@@ -8,7 +9,9 @@ directory of its own on /dev/shm, removed at exit) (`redis-server`, or
 MC_TCP_BIND_ADDRESS=127.0.0.1; see kvd.cache.storage.servers), then N prefill instances
 (`DIR/prefill-<i>`), waits for their PD endpoints, then M decode instances
 (`DIR/decode-<j>`) pointed at every prefill instance, and writes the first decode
-instance's client endpoint to `DIR/endpoint` (all of them to `DIR/endpoints`). Each
+instance's client endpoint to `DIR/endpoint` (all of them to `DIR/endpoints`). The first
+decode instance also serves the OpenAI HTTP API with `--http-port` (or the config's
+`[http] port`; no other instance does) and its URL goes to `DIR/http_endpoint`. Each
 instance is a `kvd serve` process configured by `--config` (default: the built-in
 defaults) plus `KVD_*` variables for its role, run directory, pool and log file
 (`DIR/<instance>/kvd.log`, which `kvd trace` reads). SIGTERM or Ctrl-C stops everything
@@ -121,8 +124,10 @@ class Readiness:
 class Deployment:
     """The processes of one PD deployment: pool servers, prefill and decode instances."""
 
-    def __init__(self, run_dir: Path, pool: str, config: str | None, redis_url: str | None = None) -> None:
+    def __init__(self, run_dir: Path, pool: str, config: str | None, redis_url: str | None = None,
+                 http_port: int | None = None) -> None:  # fmt: skip
         self.run_dir = run_dir.resolve()
+        self.http_port = http_port
         self.pool = pool
         self.config = config
         self.redis_url = redis_url
@@ -163,7 +168,7 @@ class Deployment:
     def start_instance(self, name: str, role: str, extra: dict[str, str]) -> Path:
         inst_dir = self.run_dir / name
         inst_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ("endpoint", "pd_endpoint"):
+        for stale in ("endpoint", "pd_endpoint", "http_endpoint"):
             (inst_dir / stale).unlink(missing_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("KVD_") or k == "KVD_CACHE_DIR"}
         env |= self.pool_env | extra | self.readiness.env
@@ -187,14 +192,20 @@ class Deployment:
         deadline = time.monotonic() + START_TIMEOUT_S
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.start_pool()
-        prefill_dirs = [self.start_instance(f"prefill-{i}", "prefill", {}) for i in range(n_prefill)]
+        no_http = {"KVD_HTTP_PORT": "-1"}  # only the clients' entry point serves HTTP
+        prefill_dirs = [self.start_instance(f"prefill-{i}", "prefill", no_http) for i in range(n_prefill)]
         self.wait_ready([f"prefill-{i}" for i in range(n_prefill)], deadline)
         specs = "[" + ", ".join(f'"{d}"' for d in prefill_dirs) + "]"
-        decode_dirs = [self.start_instance(f"decode-{j}", "decode", {"KVD_PD_PREFILL_ENDPOINTS": specs})
+        first_http = {} if self.http_port is None else {"KVD_HTTP_PORT": str(self.http_port)}
+        decode_dirs = [self.start_instance(f"decode-{j}", "decode", {"KVD_PD_PREFILL_ENDPOINTS": specs}
+                                           | (first_http if j == 0 else no_http))
                        for j in range(n_decode)]  # fmt: skip
         self.wait_ready([f"decode-{j}" for j in range(n_decode)], deadline)
         endpoints = [(d / "endpoint").read_text().strip() for d in decode_dirs]
         (self.run_dir / "endpoints").write_text("\n".join(endpoints) + "\n")
+        http = decode_dirs[0] / "http_endpoint"
+        if http.exists():  # written before the endpoint file, so before READY=1
+            publish_endpoint(self.run_dir / "http_endpoint", http.read_text().strip())
         publish_endpoint(self.run_dir / "endpoint", endpoints[0])
         return endpoints[0]
 
@@ -219,12 +230,13 @@ class Deployment:
             server.stop()
         if self.local_pool is not None:
             shutil.rmtree(self.local_pool, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            (self.run_dir / "endpoint").unlink()
+        for name in ("endpoint", "http_endpoint"):
+            with contextlib.suppress(OSError):
+                (self.run_dir / name).unlink()
 
 
 def launch_pd(n_prefill: int, n_decode: int, pool: str, run_dir: Path, config: str | None = None,
-              redis_url: str | None = None) -> int:  # fmt: skip
+              redis_url: str | None = None, http_port: int | None = None) -> int:  # fmt: skip
     """Run a deployment in the foreground until SIGTERM/SIGINT or an instance exits."""
     from kvd.config import LogConfig
     from kvd.logs import configure_logging
@@ -233,7 +245,7 @@ def launch_pd(n_prefill: int, n_decode: int, pool: str, run_dir: Path, config: s
     if n_prefill < 1 or n_decode < 1:
         print("kvd launch: --prefill and --decode must be >= 1", file=sys.stderr)
         return 2
-    dep = Deployment(run_dir, pool, config, redis_url)
+    dep = Deployment(run_dir, pool, config, redis_url, http_port)
     wake_r, wake_w = os.pipe()  # the signal handler's byte wakes the wait below
     os.set_blocking(wake_w, False)
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -112,14 +112,15 @@ def _reaches(start: str) -> set[str]:
 
 
 def test_daemon_layers_import_downwards():
-    """main → {frontend, pd} → serving → supervisor → ipc/messages."""
+    """main → {frontend, http, pd} → serving → supervisor → ipc/messages."""
     daemon = {m for m in MODULES if m.startswith("kvd.daemon.")}
     pd = {m for m in daemon if m.startswith("kvd.daemon.pd")}
     above = {
         "kvd.daemon.supervisor": {"kvd.daemon.serving", "kvd.daemon.frontend", "kvd.daemon.main", *pd},
         "kvd.daemon.serving": {"kvd.daemon.frontend", "kvd.daemon.main", *pd},
-        "kvd.daemon.frontend": {"kvd.daemon.main", *pd},
-        **{m: {"kvd.daemon.main", "kvd.daemon.frontend"} for m in pd},
+        "kvd.daemon.frontend": {"kvd.daemon.main", "kvd.daemon.http", *pd},
+        "kvd.daemon.http": {"kvd.daemon.main", "kvd.daemon.frontend", *pd},
+        **{m: {"kvd.daemon.main", "kvd.daemon.frontend", "kvd.daemon.http"} for m in pd},
     }
     for module, forbidden in above.items():
         assert not (_reaches(module) & forbidden), f"{module} imports upwards: {_reaches(module) & forbidden}"

@@ -30,6 +30,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from kvd.daemon.serving import Rejected, Serving
 from kvd.engine.engine import Delta
+from kvd.ipc import field_error
 from kvd.messages import (
     Abort,
     Accepted,
@@ -44,18 +45,6 @@ from kvd.messages import (
 )
 
 log = structlog.get_logger("kvd.frontend")
-
-
-def _field_error(e: msgspec.ValidationError) -> str:
-    """msgspec says `... - at `$.params.max_tokens``: put the field first, as kvd's errors do."""
-    text = str(e)
-    if " - at `$." in text:
-        msg, path = text.rsplit(" - at `$.", 1)
-        path = path.rstrip("`")
-        if msg.startswith(path.rsplit(".", 1)[-1] + ":"):
-            return msg  # our own validation already names the field
-        return f"{path}: {msg}"
-    return f"frame: {text}"
 
 
 class _Client:
@@ -136,7 +125,7 @@ class Frontend:
             msg = self._dec.decode(payload)
         except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as e:
             self.num_malformed += 1
-            text = _field_error(e) if isinstance(e, msgspec.ValidationError) else f"frame: {e}"
+            text = field_error(e) if isinstance(e, msgspec.ValidationError) else f"frame: {e}"
             log.warning("frame_rejected", reason=text)
             await self.send(identity, Error(None, ErrorCode.BAD_REQUEST, text))
             return

@@ -9,11 +9,14 @@ the tokenizer; serving builds the Engine; the role starts (a prefill instance bi
 ROUTER binds and `<run_dir>/endpoint` is written; systemd hears READY=1. The daemon
 itself never imports torch.
 
+With `[http] port` set, the OpenAI HTTP API (`kvd.daemon.http`) serves beside it and its
+base URL goes to `<run_dir>/http_endpoint` first.
+
 Then a TaskGroup runs the frontend's reader, the step loop, the supervisor's watch of the
 children, the role's readers and a one-second ticker (deadlines, leases, idle integrity
 checks, watchdog pings, metrics). SIGTERM drains: new requests get 503, in-flight ones
 get `drain_timeout_s` to finish, the rest get 503, the children get Shutdown, exit 0.
-The layers import downwards only: main → frontend, pd → serving → supervisor.
+The layers import downwards only: main → frontend, http, pd → serving → supervisor.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import asyncio
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -30,6 +34,7 @@ import zmq.asyncio
 
 from kvd.config import KvdConfig, resolve_run_dir
 from kvd.daemon.frontend import Frontend
+from kvd.daemon.http import HttpFrontend
 from kvd.daemon.notify import Notifier
 from kvd.daemon.pd.decode import DecodeRole
 from kvd.daemon.pd.prefill import PrefillRole
@@ -57,7 +62,7 @@ class Daemon:
         self._t_stop: float | None = None  # when the drain (or a stop without one) began
         self.metrics = None
         self.metrics_url: str | None = None
-        if cfg.metrics.prometheus_port >= 0:
+        if cfg.metrics.prometheus_port >= 0 or cfg.http.enabled:
             from kvd.metrics import Metrics
 
             self.metrics = Metrics()
@@ -66,6 +71,7 @@ class Daemon:
         self.supervisor.events = self.serving
         self.frontend: Frontend | None = None
         self.endpoint: str | None = None
+        self.http: HttpFrontend | None = None
 
     def _fatal(self) -> None:
         """Stop with exit code 1 (systemd restarts us): a child lost for good, a broken invariant."""
@@ -94,10 +100,11 @@ class Daemon:
             self.serving.tokenizer = await tokenizer
             self.serving.role = self._role()
             self.serving.on_worker_ready(ready)
-            self._bind_frontend()
             self._start_metrics()
-        except ChildDied as e:
-            log.error("daemon_start_failed", reason=str(e))
+            await self._start_http()
+            self._bind_frontend()  # last: its endpoint file says the instance serves
+        except (ChildDied, OSError) as e:  # a child that never became Ready, a port taken
+            log.error("daemon_start_failed", reason=f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e))
             await self._shutdown()
             return 1
         self.notifier.ready(f"serving on {self.endpoint}")
@@ -135,19 +142,29 @@ class Daemon:
         self.frontend = Frontend(sock, self.serving, self.status, d.max_frame_bytes)
         publish_endpoint(self.run_dir / "endpoint", self.endpoint)
 
-    def _start_metrics(self) -> None:
-        if self.metrics is None:
+    async def _start_http(self) -> None:
+        if not self.cfg.http.enabled:
             return
+        from kvd.worker.models import served_model_name
+
+        self.http = HttpFrontend(self.cfg, self.serving, self.cfg.http.served_model_name or
+                                 served_model_name(self.cfg.model.model), self.metrics)  # fmt: skip
+        publish_endpoint(self.run_dir / "http_endpoint", await self.http.start())
+
+    def _start_metrics(self) -> None:
         m = self.cfg.metrics
+        if self.metrics is None or m.prometheus_port < 0:
+            return
         port = self.metrics.start_http(m.host, m.prometheus_port)
         self.metrics_url = f"http://{m.host}:{port}/metrics"
         log.info("metrics_serving", url=self.metrics_url)
 
     async def _shutdown(self) -> None:
+        if self.http is not None:
+            await self.http.close()  # its handlers write their last events first
+            _unpublish(self.run_dir / "http_endpoint", self.http.url)
         await self.supervisor.shutdown()
-        endpoint_file = self.run_dir / "endpoint"
-        if self.endpoint and endpoint_file.exists() and endpoint_file.read_text().strip() == self.endpoint:
-            endpoint_file.unlink()
+        _unpublish(self.run_dir / "endpoint", self.endpoint)
         if self.frontend:
             self.frontend.sock.close(linger=0)
         if self.metrics is not None:
@@ -203,8 +220,18 @@ class Daemon:
             "worker_restarts": children["worker_restarts"],
             **({"pd": role} if role is not None else {}),
             "metrics_url": self.metrics_url,
+            "http_url": self.http.url if self.http is not None else None,
             "processes": {"daemon": {"pid": os.getpid(), "alive": True}, **children["processes"]},
         }
+
+
+def _unpublish(path: Path, endpoint: str | None) -> None:
+    """Remove an endpoint file if it still names ours (a newer instance may have replaced it)."""
+    try:
+        if endpoint and path.read_text().strip() == endpoint:
+            path.unlink()
+    except OSError:
+        pass
 
 
 def serve(cfg: KvdConfig, notify_socket: str | None = None) -> int:

@@ -33,6 +33,7 @@ from kvd.scheduler.scheduler import Scheduler
 log = structlog.get_logger(__name__)
 
 Prompt = str | list[int]
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 class Delta(msgspec.Struct):
@@ -93,6 +94,9 @@ class Engine:
             for m in messages
         ):
             raise ValueError("chat: must be a non-empty list of {'role': str, 'content': str} messages")
+        bad = next((i for i, m in enumerate(messages) if m["role"] not in CHAT_ROLES), None)
+        if bad is not None:
+            raise ValueError(f"chat[{bad}].role: expected one of {'|'.join(CHAT_ROLES)}, got {messages[bad]['role']!r}")
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
@@ -114,6 +118,11 @@ class Engine:
                 f"max_tokens: prompt + max_tokens ({total} tokens) needs more blocks than the KV cache has"
                 f" ({self.kv.num_blocks} of {self.kv.block_size} tokens)"
             )
+
+    def max_new_tokens(self, num_prompt_tokens: int) -> int:
+        """The largest max_tokens `validate` accepts after a prompt of this length (0: none)."""
+        room = min(self.max_model_len, self.kv.num_blocks * self.kv.block_size)
+        return max(0, room - num_prompt_tokens)
 
     def add_request(
         self,

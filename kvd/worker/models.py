@@ -184,6 +184,14 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 # --- any supported checkpoint -------------------------------------------------------
 
 
+def served_model_name(model: str | None) -> str:
+    """The name a model is served under (the OpenAI API's `model`): the embedded one's, or
+    the checkpoint directory's."""
+    if model is None or model in EMBEDDED_NAMES:
+        return "SmolLM2-135M-Instruct"
+    return Path(model).expanduser().resolve().name
+
+
 def resolve_model(model: str | None, cache_dir: Path | None = None) -> Path:
     """The checkpoint directory for a model name: None or "smollm2" is the
     embedded default; anything else is a local transformers checkpoint directory

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import os
+import urllib.request
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -68,7 +69,7 @@ def test_launch_pd_with_redis_two_prefill_instances(tmp_path, prompts, refs):
     run_dir = tmp_path / "pd"
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVD_") or k == "KVD_CACHE_DIR"}
     proc = subprocess.Popen([sys.executable, "-m", "kvd.cli", "launch", "pd", "--prefill", "2", "--decode", "1",
-                             "--pool", "redis", "--run-dir", str(run_dir)], env=env,
+                             "--pool", "redis", "--run-dir", str(run_dir), "--http-port", "0"], env=env,
                             stdout=(tmp_path / "launch.txt").open("w"), stderr=subprocess.STDOUT)  # fmt: skip
     try:
         wait_for(lambda: (run_dir / "endpoint").exists() or proc.poll() is not None, 300, "kvd launch")
@@ -88,6 +89,13 @@ def test_launch_pd_with_redis_two_prefill_instances(tmp_path, prompts, refs):
         stats = wait_clean(decode, *prefills)
         assert all(s["pd"]["handoffs"] >= 1 for s in stats[1:]), "both prefill instances served"
         pids = [e["pid"] for e in log_events(tmp_path / "launch.txt", "pool_server_started")] or []
+        # The OpenAI HTTP API on the decode instance, the deployment's entry point.
+        url = (run_dir / "http_endpoint").read_text().strip()
+        assert url == (run_dir / "decode-0" / "http_endpoint").read_text().strip()
+        assert not any((run_dir / f"prefill-{i}" / "http_endpoint").exists() for i in range(2))
+        body = json.dumps({"prompt": prompts[0], "max_tokens": 10, "temperature": 0}).encode()
+        with urllib.request.urlopen(urllib.request.Request(url + "/v1/completions", data=body), timeout=60) as r:
+            assert json.loads(r.read())["choices"][0]["text"] == refs[0].text
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(90)

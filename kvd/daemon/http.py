@@ -1,0 +1,291 @@
+"""The OpenAI-compatible HTTP API, served by aiohttp in the daemon's own event loop.
+
+    GET  /v1/models             the served model
+    POST /v1/completions        prompt: a string, token ids, or a list of either
+    POST /v1/chat/completions   messages through the model's chat template
+    GET  /health                200 when ready, 503 while a worker restarts or the daemon drains
+    GET  /metrics               the daemon's Prometheus registry
+
+One prompt of an HTTP request is one kvd request, admitted through the same
+`Serving.submit` as a ZeroMQ client's: its id (`cmpl-…` / `chatcmpl-…`, or the client's
+own `X-Request-Id`; `<id>-<i>` for the i-th of several prompts) comes back in the
+`X-Request-Id` header and the response's `id`, so `kvd trace` finds it. The frontend is an
+`Outbox`: deltas land in the request's queue and the handler turns them into the JSON
+response or server-sent events ending in `data: [DONE]`. A streamed response starts with
+its first token, so a request that fails before it (a refused or failed PD handoff, a
+deadline) still gets its HTTP status. Every error is an OpenAI error body. A client that
+disconnects cancels its handler (aiohttp's handler cancellation), which aborts its
+requests: their blocks return at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+import uuid
+from typing import Any
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from kvd.config import KvdConfig
+from kvd.daemon.openai_api import DONE, JSON, ChatRequest, CompletionRequest, Shape, error_body, sse
+from kvd.daemon.serving import Rejected, Serving
+from kvd.engine.engine import Delta
+from kvd.ipc import field_error
+from kvd.messages import ChatMessage, ErrorCode, Generate
+
+log = structlog.get_logger("kvd.http")
+
+MAX_REQUEST_ID = 128
+SHUTDOWN_TIMEOUT_S = 5.0  # after the drain: handlers still writing their last event get this long
+
+
+class HttpError(Exception):
+    """A request refused before any kvd request exists: its status and message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class _Failure:
+    __slots__ = ("code", "message")
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        self.code = code
+        self.message = message
+
+
+def _json(status: int, obj: Any, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=JSON.encode(obj), content_type="application/json", headers=headers)
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return _json(status, error_body(status, message), headers)
+
+
+class HttpFrontend:
+    """The HTTP server and the requests that came through it (an Outbox): a queue per HTTP
+    request, fed by their kvd requests' deltas."""
+
+    def __init__(self, cfg: KvdConfig, serving: Serving, model_name: str, metrics) -> None:
+        self.cfg = cfg.http
+        self.serving = serving
+        self.model_name = model_name
+        self.accepted_models = {model_name} | ({cfg.model.model} if cfg.model.model else set())
+        self.metrics = metrics
+        self.created = int(time.time())
+        self.url: str | None = None
+        self._routes: dict[str, tuple[asyncio.Queue, int]] = {}  # kvd request id -> (its HTTP request's queue, choice)
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> str:
+        """Bind (port 0: a free one) and serve; returns the base URL."""
+        app = web.Application(client_max_size=self.cfg.max_body_bytes, middlewares=[self._guard])
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics_page)
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://{self.cfg.host}:{port}"
+        log.info("http_serving", url=self.url, auth=bool(self.cfg.api_key))
+        return self.url
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # ---- Outbox ------------------------------------------------------------------------
+    async def deliver(self, delta: Delta) -> None:
+        route = self._routes.get(delta.request_id)
+        if route is None:
+            return
+        if delta.output is not None:
+            del self._routes[delta.request_id]
+        route[0].put_nowait((route[1], delta))
+
+    async def fail(self, request_id: str, code: ErrorCode, message: str) -> None:
+        route = self._routes.pop(request_id, None)
+        if route is not None:
+            route[0].put_nowait((route[1], _Failure(code, message)))
+
+    # ---- middleware: auth and error bodies ---------------------------------------------
+    @web.middleware
+    async def _guard(self, request: web.Request, handler) -> web.StreamResponse:
+        try:
+            if self.cfg.api_key and request.path.startswith("/v1/"):
+                given = request.headers.get("Authorization", "").encode()
+                if not hmac.compare_digest(given, f"Bearer {self.cfg.api_key}".encode()):
+                    return error_response(401, "Authorization: a valid 'Bearer <api_key>' is required")
+            return await handler(request)
+        except HttpError as e:
+            return error_response(e.status, e.message)
+        except web.HTTPException as e:  # aiohttp's own: no route, wrong method, body too large
+            if e.status < 400:
+                raise
+            return error_response(e.status, _describe(request, e, self.cfg.max_body_bytes))
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise  # the client left; its requests were aborted
+        except Exception as e:  # noqa: BLE001 - one line in the log, an error body to the client
+            log.error("http_handler_failed", path=request.path, error=f"{type(e).__name__}: {e}")
+            return error_response(500, f"internal: {type(e).__name__}: {e}")
+
+    # ---- endpoints ---------------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        refusal = self.serving.refusal()
+        if refusal is not None and refusal[0] == ErrorCode.UNAVAILABLE:
+            return error_response(503, refusal[1])
+        return _json(200, {"status": "ok"})
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def models(self, request: web.Request) -> web.Response:
+        engine = self.serving.engine
+        card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "kvd",
+                "max_model_len": engine.max_model_len if engine is not None else None}  # fmt: skip
+        return _json(200, {"object": "list", "data": [card]})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await self._decode(request, CompletionRequest)
+        try:
+            prompts = body.prompts()
+            params = body.sampling(16 if body.max_tokens is None else body.max_tokens)
+        except ValueError as e:
+            raise HttpError(400, str(e)) from None
+        base = self._request_id(request, "cmpl")
+        gens = [Generate(request_id=rid, params=params, stream=body.stream,
+                         **({"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p}))
+                for rid, p in zip(_ids(base, len(prompts)), prompts)]  # fmt: skip
+        return await self._serve(request, Shape(False, base, self.model_name), gens, body)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        body = await self._decode(request, ChatRequest)
+        base = self._request_id(request, "chatcmpl")
+        try:
+            messages = body.chat()
+            max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+            source: dict[str, Any] = {"chat": [ChatMessage(m["role"], m["content"]) for m in messages]}
+            if max_tokens is None:  # as much as the context leaves
+                engine = self._engine()
+                ids = engine.apply_chat_template(messages)
+                max_tokens, source = max(1, engine.max_new_tokens(len(ids))), {"prompt_token_ids": ids}
+            params = body.sampling(max_tokens)
+        except ValueError as e:
+            raise HttpError(400, str(e)) from None
+        gen = Generate(request_id=base, params=params, stream=body.stream, **source)
+        return await self._serve(request, Shape(True, base, self.model_name), [gen], body)
+
+    # ---- helpers -----------------------------------------------------------------------
+    async def _decode(self, request: web.Request, kind: type):
+        length = request.content_length
+        if length is not None and length > self.cfg.max_body_bytes:
+            raise HttpError(413, f"body: {length} bytes exceeds max_body_bytes {self.cfg.max_body_bytes}")
+        raw = await request.read()
+        try:
+            body = msgspec.json.decode(raw, type=kind)
+        except msgspec.ValidationError as e:
+            raise HttpError(400, field_error(e, "body")) from None
+        except msgspec.DecodeError as e:
+            raise HttpError(400, f"body: invalid JSON: {e}") from None
+        if body.model is not None and body.model not in self.accepted_models:
+            raise HttpError(404, f"model: the model {body.model!r} does not exist (this server has "
+                                 f"{self.model_name!r})")  # fmt: skip
+        bad = body.unsupported()
+        if bad is not None:
+            raise HttpError(400, f"{bad[0]}: {bad[1]}")
+        return body
+
+    def _engine(self):
+        refusal = self.serving.refusal()
+        if refusal is not None and self.serving.engine is None:
+            raise HttpError(int(refusal[0]), refusal[1])
+        return self.serving.engine
+
+    def _request_id(self, request: web.Request, kind: str) -> str:
+        given = request.headers.get("X-Request-Id")
+        if given is None:
+            return f"{kind}-{uuid.uuid4().hex}"
+        if not 0 < len(given) <= MAX_REQUEST_ID or not given.isprintable():
+            raise HttpError(400, f"X-Request-Id: must be 1 to {MAX_REQUEST_ID} printable characters")
+        return given
+
+    async def _serve(self, request: web.Request, shape: Shape, gens: list[Generate], body) -> web.StreamResponse:
+        """Submit every prompt, then answer; a client that leaves aborts what is still running."""
+        q: asyncio.Queue = asyncio.Queue()
+        try:
+            for i, gen in enumerate(gens):
+                try:
+                    self.serving.submit(gen, self)
+                except Rejected as e:
+                    return error_response(int(e.code), e.message, {"X-Request-Id": shape.request_id})
+                self._routes[gen.request_id] = (q, i)
+            if body.stream:
+                return await self._stream(request, shape, q, len(gens), body.include_usage)
+            return await self._collect(shape, q, len(gens))
+        finally:
+            for gen in gens:
+                if self._routes.pop(gen.request_id, None) is not None:
+                    self.serving.abort(gen.request_id)
+
+    async def _collect(self, shape: Shape, q: asyncio.Queue, n: int) -> web.Response:
+        outputs: list = [None] * n
+        while any(out is None for out in outputs):
+            index, item = await q.get()
+            if isinstance(item, _Failure):
+                return error_response(int(item.code), item.message, {"X-Request-Id": shape.request_id})
+            if item.output is not None:
+                outputs[index] = item.output
+        return _json(200, shape.response(outputs), {"X-Request-Id": shape.request_id})
+
+    async def _stream(self, request: web.Request, shape: Shape, q: asyncio.Queue, n: int,
+                      include_usage: bool) -> web.StreamResponse:  # fmt: skip
+        resp: web.StreamResponse | None = None
+        prompt_tokens = completion_tokens = 0
+        while n:
+            index, item = await q.get()
+            if isinstance(item, _Failure):
+                if resp is None:  # nothing sent yet: the status says it
+                    return error_response(int(item.code), item.message, {"X-Request-Id": shape.request_id})
+                await resp.write(sse(error_body(int(item.code), item.message)))
+                break
+            if resp is None:
+                resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                                   "X-Request-Id": shape.request_id})  # fmt: skip
+                await resp.prepare(request)
+            if item.text or item.output is not None:
+                await resp.write(shape.chunk(index, item))
+            if item.output is not None:
+                n -= 1
+                prompt_tokens += len(item.output.prompt_token_ids)
+                completion_tokens += len(item.output.token_ids)
+        if include_usage and n == 0:
+            await resp.write(shape.usage_chunk(prompt_tokens, completion_tokens))
+        await resp.write(DONE)
+        await resp.write_eof()
+        return resp
+
+
+def _ids(base: str, n: int) -> list[str]:
+    return [base] if n == 1 else [f"{base}-{i}" for i in range(n)]
+
+
+def _describe(request: web.Request, e: web.HTTPException, max_body: int) -> str:
+    if isinstance(e, web.HTTPRequestEntityTooLarge):
+        return f"body: exceeds max_body_bytes {max_body}"
+    if isinstance(e, web.HTTPNotFound):
+        return f"path: no endpoint {request.path!r} (see /v1/models, /v1/completions, /v1/chat/completions)"
+    if isinstance(e, web.HTTPMethodNotAllowed):
+        return f"method: {request.method} is not allowed on {request.path}"
+    return e.reason or f"HTTP {e.status}"

@@ -1,0 +1,223 @@
+"""The OpenAI API's request and response shapes, and their mapping onto kvd's own.
+
+Requests decode into frozen msgspec Structs that reject unknown fields, so a typo is a 400
+naming the field. What kvd does not implement (n > 1, penalties, logit_bias, echo,
+best_of, suffix, logprobs) is accepted only at the value that means "off", and refused
+with a 400 naming the field otherwise: a client never gets a silently different answer.
+vLLM's extensions that SDK users and `vllm bench serve` send (`top_k`, `ignore_eos`,
+`stop_token_ids`) map onto kvd's SamplingParams. A completion's prompt is a string, a
+list of token ids, or a list of either (each prompt one choice); a chat's messages go
+through the model's chat template (text content only).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+
+from kvd.engine.engine import Delta
+from kvd.sampling import SamplingParams
+
+JSON = msgspec.json.Encoder()
+
+
+class StreamOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`stream_options`: a last chunk with the usage."""
+
+    include_usage: bool = False
+    continuous_usage_stats: bool = False  # accepted (vLLM sends it); usage comes in the last chunk
+
+
+class _Request(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The fields completions and chat share."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None  # None: 1.0, as OpenAI's
+    top_p: float | None = None  # None: 1.0
+    top_k: int | None = None  # vLLM's extension: None, 0 or -1 turn it off
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, why) for an option kvd cannot honour, or None."""
+        if self.n != 1:
+            return "n", "only n=1 is supported"
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) != 0:
+                return name, "not supported (only 0)"
+        if self.logit_bias:
+            return "logit_bias", "not supported"
+        return None
+
+    def sampling(self, max_tokens: int) -> SamplingParams:
+        """kvd's SamplingParams; ValueError names the field."""
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
+                              top_p=1.0 if self.top_p is None else self.top_p,
+                              top_k=0 if self.top_k in (None, -1) else self.top_k, seed=self.seed, stop=stop,
+                              stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos)  # fmt: skip
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_Request):
+    """POST /v1/completions."""
+
+    prompt: Any  # str | list[int] | list[str] | list[list[int]]: checked by `prompts()`
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.echo:
+            return "echo", "not supported"
+        if self.logprobs is not None:
+            return "logprobs", "not supported by kvd's HTTP API"
+        if self.best_of not in (None, 1):
+            return "best_of", "only 1 is supported"
+        if self.suffix:
+            return "suffix", "not supported"
+        return super().unsupported()
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, one per choice; ValueError naming `prompt` for anything else."""
+        p = self.prompt
+        if isinstance(p, str) or (isinstance(p, list) and p and all(_is_token(t) for t in p)):
+            return [p]
+        if isinstance(p, list) and p and all(
+            isinstance(x, str) or (isinstance(x, list) and x and all(_is_token(t) for t in x)) for x in p
+        ):
+            return list(p)
+        raise ValueError("prompt: must be a string, a non-empty list of token ids, or a non-empty list of either")
+
+
+def _is_token(t: Any) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)
+
+
+class ContentPart(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One part of a message's content; only text parts are supported."""
+
+    type: str
+    text: str | None = None
+
+
+class ChatTurn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One message of a chat."""
+
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class ChatRequest(_Request):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatTurn]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.logprobs or self.top_logprobs:
+            return "logprobs", "not supported by kvd's HTTP API"
+        return super().unsupported()
+
+    def chat(self) -> list[dict[str, str]]:
+        """The messages as the chat template takes them; ValueError naming the message."""
+        out = []
+        for i, turn in enumerate(self.messages):
+            content = turn.content
+            if isinstance(content, list):
+                if any(part.type != "text" or part.text is None for part in content):
+                    raise ValueError(f"messages[{i}].content: only text parts are supported")
+                content = "".join(part.text for part in content)
+            if content is None:
+                raise ValueError(f"messages[{i}].content: required")
+            out.append({"role": turn.role, "content": content})
+        return out
+
+
+# ---- responses ---------------------------------------------------------------------------
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+
+
+class Shape:
+    """How one endpoint's responses and stream chunks look."""
+
+    def __init__(self, chat: bool, request_id: str, model: str) -> None:
+        self.chat = chat
+        self.request_id = request_id
+        self.model = model
+        self.created = int(time.time())
+        self._started: set[int] = set()  # chat choices whose first chunk (with the role) went out
+
+    def _envelope(self, obj: str, **fields: Any) -> dict[str, Any]:
+        return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model, **fields}
+
+    def chunk(self, index: int, delta: Delta) -> bytes:
+        """One SSE event for a delta of choice `index`."""
+        finish = delta.output.finish_reason if delta.output is not None else None
+        if self.chat:
+            body: dict[str, Any] = {"content": delta.text}
+            if index not in self._started:
+                self._started.add(index)
+                body["role"] = "assistant"
+            choice = {"index": index, "delta": body, "logprobs": None, "finish_reason": finish}
+            return sse(self._envelope("chat.completion.chunk", choices=[choice]))
+        choice = {"index": index, "text": delta.text, "logprobs": None, "finish_reason": finish}
+        return sse(self._envelope("text_completion", choices=[choice]))
+
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return sse(self._envelope(obj, choices=[], usage=usage(prompt_tokens, completion_tokens)))
+
+    def response(self, outputs: list) -> dict[str, Any]:
+        """The whole (non-streaming) response from each choice's RequestOutput."""
+        if self.chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": out.text}, "logprobs": None,
+                        "finish_reason": out.finish_reason} for i, out in enumerate(outputs)]  # fmt: skip
+        else:
+            choices = [{"index": i, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
+                       for i, out in enumerate(outputs)]  # fmt: skip
+        n_prompt = sum(len(out.prompt_token_ids) for out in outputs)
+        n_out = sum(len(out.token_ids) for out in outputs)
+        obj = "chat.completion" if self.chat else "text_completion"
+        return self._envelope(obj, choices=choices, usage=usage(n_prompt, n_out))
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + JSON.encode(obj) + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+                413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}  # fmt: skip
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    """The OpenAI error object; `param` defaults to the field a kvd message starts with."""
+    if param is None:
+        head, sep, _ = message.partition(":")
+        if sep and head and all(c.isalnum() or c in "_-.[]" for c in head):
+            param = head
+    kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
