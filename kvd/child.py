@@ -23,7 +23,7 @@ import structlog
 import zmq
 
 from kvd.config import KvdConfig
-from kvd.ipc import SyncChannel
+from kvd.ipc import BadFrame, SyncChannel
 from kvd.messages import Dead, Ready, Shutdown
 
 log = structlog.get_logger("kvd.child")
@@ -52,7 +52,11 @@ def _receiver(inbox: SyncChannel, parent: int) -> Callable[[], Any]:
     def recv() -> Any:
         """The next message; Stopped on Shutdown or when the daemon (`parent`) is gone."""
         while True:
-            msg = inbox.recv(PARENT_POLL_MS)
+            try:
+                msg = inbox.recv(PARENT_POLL_MS)
+            except BadFrame as e:  # logged and dropped: the channel reads on
+                log.warning("frame_rejected", channel="inbox", reason=str(e))
+                continue
             if isinstance(msg, Shutdown):
                 log.info("child_stopping")
                 raise Stopped(0)

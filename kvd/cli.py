@@ -6,7 +6,7 @@
     kvd status [--endpoint E | --run-dir DIR] [--json]
     kvd launch pd --prefill N --decode M --pool local|mooncake|redis --run-dir DIR [--config FILE] [--http-port P]
     kvd trace REQUEST_ID [LOG ...]
-    kvd bench offline|serve|pd|swap|pool [ARGS ...]
+    kvd bench offline|serve|serve_http|versus|pd|swap|pool|prefill_group|soak [ARGS ...]
 
 Without --endpoint, the client commands read `<run_dir>/endpoint`, which `kvd serve`
 writes once every process is Ready.
@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import sys
-
 
 
 def _endpoint(args: argparse.Namespace) -> str:
@@ -62,37 +61,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from kvd.client import Client, KvdError
+    from kvd.client import Client
 
     options = {"max_tokens": args.max_tokens, "temperature": args.temperature}
     source = {"chat": [{"role": "user", "content": args.chat}]} if args.chat is not None else {"prompt": args.prompt}
     with Client(_endpoint(args), timeout=args.timeout) as c:
-        try:
-            if args.json:
-                r = c.generate(**source, **options)
-                print(json.dumps({"request_id": r.request_id, "token_ids": r.token_ids, "text": r.text,
-                                  "finish_reason": r.finish_reason}))  # fmt: skip
-                return 0
-            finish = None
-            for chunk in c.stream(**source, **options):
-                print(chunk.text, end="", flush=True)
-                finish = chunk.finish_reason
-            print(f"\n[{finish}]", file=sys.stderr)
-        except KvdError as e:
-            print(f"kvd: error {e.code}: {e.message}", file=sys.stderr)
-            return 1
+        if args.json:
+            r = c.generate(**source, **options)
+            print(json.dumps({"request_id": r.request_id, "token_ids": r.token_ids, "text": r.text,
+                              "finish_reason": r.finish_reason}))  # fmt: skip
+            return 0
+        finish = None
+        for chunk in c.stream(**source, **options):
+            print(chunk.text, end="", flush=True)
+            finish = chunk.finish_reason
+        print(f"\n[{finish}]", file=sys.stderr)
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from kvd.client import Client, KvdError
+    from kvd.client import Client
 
     with Client(_endpoint(args), timeout=args.timeout) as c:
-        try:
-            status = c.status()
-        except KvdError as e:
-            print(f"kvd: error {e.code}: {e.message}", file=sys.stderr)
-            return 1
+        status = c.status()
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
@@ -104,6 +95,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"prefix     hit rate {status['prefix_hit_rate']:.1%}   preemptions {status['preemptions']}")
     print(f"throughput {status['throughput_tok_s']:.1f} tok/s   generated {status['generated_tokens']} tokens")
     print(f"integrity  {status['integrity']}")
+    if status.get("not_ready"):
+        print(f"not ready  {'; '.join(status['not_ready'])}")
     procs = "  ".join(f"{n} pid {p['pid']} {'up' if p['alive'] else 'DOWN'}" for n, p in status["processes"].items())
     print(f"processes  {procs}")
     return 0
@@ -177,15 +170,29 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_trace)
 
     b = sub.add_parser("bench", help="benchmarks: offline (engine vs transformers) or serve (daemon)")
-    b.add_argument("kind", choices=["offline", "serve", "pd", "swap", "pool"])
+    b.add_argument("kind", choices=["offline", "serve", "serve_http", "versus", "pd", "swap", "pool",
+                                      "prefill_group", "soak"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=cmd_bench)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Every failure is one line on stderr and a non-zero exit, never a traceback."""
+    from kvd.client import KvdError
+
     args = build_parser().parse_args(argv)
-    sys.exit(args.fn(args))
+    try:
+        code = args.fn(args)
+    except KvdError as e:
+        print(f"kvd: error {e.code}: {e.message}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    except (OSError, ValueError) as e:
+        print(f"kvd: {e}", file=sys.stderr)
+        code = 1
+    sys.exit(code)
 
 
 if __name__ == "__main__":

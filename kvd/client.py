@@ -8,9 +8,12 @@
         await c.abort(request_id)
 
 Sampling options are SamplingParams fields given as keywords. Every failure raises
-KvdError with `.code` (400, 429, 500, 502, 503, 504) and `.message`; a daemon that does
-not answer within `timeout` seconds is a 504, never a hang. Leaving a stream early
-aborts its request.
+KvdError with `.code` (400, 429, 500, 502, 503, 504) and `.message`: a request the client
+can tell is bad (a field the daemon would refuse, a request id already streaming on this
+client) is refused here, before anything is sent; no daemon accepting connections at the
+endpoint within `connect_timeout` is a 503, and one that does not answer within
+`timeout` seconds a 504, never a hang. Leaving a stream early aborts its request. An
+error the daemon cannot tie to one request reaches no request's stream.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from kvd.ipc import field_error
 from kvd.messages import (
     Abort,
-    ChatMessage,
     Chunk,
+    ClientMessage,
     Error,
     ErrorCode,
     Generate,
@@ -40,6 +44,8 @@ from kvd.outputs import RequestOutput
 from kvd.sampling import SamplingParams
 
 DEFAULT_TIMEOUT_S = 600.0
+CONNECT_TIMEOUT_S = 5.0
+_CHECK = msgspec.msgpack.Decoder(ClientMessage)  # the daemon's own decoder: what it refuses, we refuse first
 
 
 class KvdError(Exception):
@@ -58,14 +64,47 @@ def _generate_msg(
     request_id: str | None,
     stream: bool,
     options: dict[str, Any],
-) -> Generate:
+) -> bytes:
+    """The encoded Generate, checked as the daemon will check it; KvdError(400) naming the field."""
     try:
         params = SamplingParams.from_options(options)
-        msgs = None if chat is None else [ChatMessage(m["role"], m["content"]) for m in chat]
-    except (ValueError, KeyError, TypeError) as e:
-        raise KvdError(ErrorCode.BAD_REQUEST, str(e)) from None
-    return Generate(request_id=request_id or uuid.uuid4().hex, prompt=prompt, prompt_token_ids=prompt_token_ids,
-                    chat=msgs, params=params, stream=stream)  # fmt: skip
+        msg = Generate(request_id=uuid.uuid4().hex if request_id is None else request_id, prompt=prompt,
+                       prompt_token_ids=prompt_token_ids, chat=chat, params=params, stream=stream)  # fmt: skip
+        frame = _ENC.encode(msg)
+        _CHECK.decode(frame)
+    except msgspec.ValidationError as e:
+        raise KvdError(ErrorCode.BAD_REQUEST, field_error(e, "request")) from None
+    except (ValueError, TypeError, OverflowError) as e:
+        raise KvdError(ErrorCode.BAD_REQUEST, _named(e)) from None
+    return frame
+
+
+def _named(e: Exception) -> str:
+    """An error's text with a field first, as the daemon's are (an integer too large to send)."""
+    text = str(e)
+    return text if ":" in text.split(" ", 1)[0] else f"request: {text}"
+
+
+_ENC = msgspec.msgpack.Encoder()
+
+
+def _connect(ctx, endpoint: str):
+    """A DEALER connected to `endpoint` (IMMEDIATE: nothing queues for a daemon that is not
+    there); KvdError(400) for an endpoint ZeroMQ cannot parse."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IMMEDIATE, 1)
+    try:
+        sock.connect(endpoint)
+    except zmq.ZMQError as e:
+        sock.close(linger=0)
+        raise KvdError(ErrorCode.BAD_REQUEST, f"endpoint: {endpoint!r} is not a ZeroMQ endpoint "
+                                              f"such as tcp://127.0.0.1:PORT ({e})") from None  # fmt: skip
+    return sock
+
+
+def _unreachable(endpoint: str, seconds: float) -> KvdError:
+    return KvdError(ErrorCode.UNAVAILABLE, f"no daemon accepting connections at {endpoint} within {seconds} s")
 
 
 class _Collector:
@@ -98,12 +137,17 @@ def _ends(reply: ServerMessage) -> bool:
 class AsyncClient:
     """Many concurrent requests over one DEALER socket; a reader task routes replies."""
 
-    def __init__(self, endpoint: str, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, endpoint: str, timeout: float = DEFAULT_TIMEOUT_S,
+                 connect_timeout: float = CONNECT_TIMEOUT_S) -> None:  # fmt: skip
         self.endpoint = endpoint
         self.timeout = timeout
+        self.connect_timeout = connect_timeout
         self._ctx = zmq.asyncio.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
+        try:
+            self._sock = _connect(self._ctx, endpoint)
+        except KvdError:
+            self._ctx.term()
+            raise
         self._enc = msgspec.msgpack.Encoder()
         self._dec = msgspec.msgpack.Decoder(ServerMessage)
         self._queues: dict[str, asyncio.Queue] = {}
@@ -111,7 +155,6 @@ class AsyncClient:
         self._reader: asyncio.Task | None = None
 
     async def __aenter__(self) -> AsyncClient:
-        self._sock.connect(self.endpoint)
         self._reader = asyncio.create_task(self._read())
         return self
 
@@ -125,18 +168,31 @@ class AsyncClient:
         self._sock.close(linger=0)
         self._ctx.term()
 
+    async def _send(self, frame: bytes) -> None:
+        """Send once a daemon is connected (503 if none within connect_timeout)."""
+        if not await self._sock.poll(int(self.connect_timeout * 1000), zmq.POLLOUT):
+            raise _unreachable(self.endpoint, self.connect_timeout)
+        await self._sock.send(frame)
+
+    def _send_now(self, frame: bytes) -> None:
+        """Send if it can go out at once (an abort: a daemon that is gone has ended the request)."""
+        fut = self._sock.send(frame, flags=zmq.NOBLOCK)
+        if fut.done():
+            fut.exception()  # EAGAIN with no daemon connected: nothing to abort there
+
     async def _read(self) -> None:
         while True:
-            msg = self._dec.decode(await self._sock.recv())
+            try:
+                msg = self._dec.decode(await self._sock.recv())
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue  # not a reply of this protocol: no request's business
             if isinstance(msg, StatusReply):
                 self._status.put_nowait(msg)
                 continue
+            # An error with no request id belongs to no request: it reaches no stream.
             q = self._queues.get(msg.request_id) if msg.request_id is not None else None
             if q is not None:
                 q.put_nowait(msg)
-            elif isinstance(msg, Error) and msg.request_id is None:
-                for q in self._queues.values():  # a frame-level error: whoever is waiting hears it
-                    q.put_nowait(msg)
 
     async def _next(self, q: asyncio.Queue, deadline: float) -> ServerMessage:
         try:
@@ -155,13 +211,16 @@ class AsyncClient:
         **options: Any,
     ) -> AsyncIterator[Chunk]:
         """Yield chunks as tokens are sampled; the last carries finish_reason."""
-        msg = _generate_msg(prompt, prompt_token_ids, chat, request_id, _stream, options)
-        request_id = msg.request_id
+        frame = _generate_msg(prompt, prompt_token_ids, chat, request_id, _stream, options)
+        request_id = _CHECK.decode(frame).request_id
+        if request_id in self._queues:  # the live one keeps its stream
+            raise KvdError(ErrorCode.BAD_REQUEST, f"request_id: {request_id!r} is already in use on this client")
         q: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = q
-        finished = False
+        finished = sent = False
         try:
-            await self._sock.send(self._enc.encode(msg))
+            await self._send(frame)
+            sent = True
             deadline = time.monotonic() + self.timeout
             while not finished:
                 reply = await self._next(q, deadline)
@@ -170,12 +229,12 @@ class AsyncClient:
                     yield chunk
         finally:
             self._queues.pop(request_id, None)
-            if not finished and not self._sock.closed:
-                await self._sock.send(self._enc.encode(Abort(request_id)))
+            if sent and not finished and not self._sock.closed:
+                self._send_now(self._enc.encode(Abort(request_id)))
 
     async def generate(self, prompt: str | None = None, **kwargs: Any) -> RequestOutput:
         """The whole result at once (sent as a non-streaming request)."""
-        request_id = kwargs.get("request_id") or uuid.uuid4().hex
+        request_id = kwargs["request_id"] if kwargs.get("request_id") is not None else uuid.uuid4().hex
         kwargs["request_id"] = request_id
         col = _Collector(request_id)
         async for chunk in self.stream(prompt, _stream=False, **kwargs):
@@ -183,10 +242,10 @@ class AsyncClient:
         return col.out
 
     async def abort(self, request_id: str) -> None:
-        await self._sock.send(self._enc.encode(Abort(request_id)))
+        self._send_now(self._enc.encode(Abort(request_id)))
 
     async def status(self) -> dict[str, Any]:
-        await self._sock.send(self._enc.encode(Status()))
+        await self._send(self._enc.encode(Status()))
         reply = await self._next(self._status, time.monotonic() + self.timeout)
         return reply.status
 
@@ -194,13 +253,17 @@ class AsyncClient:
 class Client:
     """The blocking client: one request at a time over a DEALER socket."""
 
-    def __init__(self, endpoint: str, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, endpoint: str, timeout: float = DEFAULT_TIMEOUT_S,
+                 connect_timeout: float = CONNECT_TIMEOUT_S) -> None:  # fmt: skip
         self.endpoint = endpoint
         self.timeout = timeout
+        self.connect_timeout = connect_timeout
         self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(endpoint)
+        try:
+            self._sock = _connect(self._ctx, endpoint)
+        except KvdError:
+            self._ctx.term()
+            raise
         self._enc = msgspec.msgpack.Encoder()
         self._dec = msgspec.msgpack.Decoder(ServerMessage)
 
@@ -214,11 +277,20 @@ class Client:
         self._sock.close(linger=0)
         self._ctx.term()
 
-    def _recv(self, deadline: float) -> ServerMessage:
+    def _send(self, frame: bytes) -> None:
+        if not self._sock.poll(int(self.connect_timeout * 1000), zmq.POLLOUT):
+            raise _unreachable(self.endpoint, self.connect_timeout)
+        self._sock.send(frame)
+
+    def _recv(self, deadline: float) -> ServerMessage | None:
+        """The next reply (None for a frame of another protocol); 504 past the deadline."""
         left_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
         if not self._sock.poll(left_ms, zmq.POLLIN):
             raise KvdError(ErrorCode.DEADLINE, f"no reply from {self.endpoint} within {self.timeout} s")
-        return self._dec.decode(self._sock.recv())
+        try:
+            return self._dec.decode(self._sock.recv())
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
 
     def stream(
         self,
@@ -230,25 +302,28 @@ class Client:
         _stream: bool = True,
         **options: Any,
     ) -> Iterator[Chunk]:
-        msg = _generate_msg(prompt, prompt_token_ids, chat, request_id, _stream, options)
-        request_id = msg.request_id
-        self._sock.send(self._enc.encode(msg))
+        frame = _generate_msg(prompt, prompt_token_ids, chat, request_id, _stream, options)
+        request_id = _CHECK.decode(frame).request_id
+        self._send(frame)
         deadline = time.monotonic() + self.timeout
         finished = False
         try:
             while not finished:
                 reply = self._recv(deadline)
-                if isinstance(reply, StatusReply) or getattr(reply, "request_id", request_id) not in (request_id, None):
-                    continue  # a reply to an earlier, abandoned request
+                if reply is None or isinstance(reply, StatusReply) or reply.request_id != request_id:
+                    continue  # a reply to an earlier, abandoned request, or to no request
                 finished = _ends(reply)
                 if (chunk := _chunk(reply)) is not None:
                     yield chunk
         finally:
             if not finished:
-                self._sock.send(self._enc.encode(Abort(request_id)))
+                try:
+                    self._sock.send(self._enc.encode(Abort(request_id)), flags=zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # the daemon is gone: the request ended with it
 
     def generate(self, prompt: str | None = None, **kwargs: Any) -> RequestOutput:
-        request_id = kwargs.get("request_id") or uuid.uuid4().hex
+        request_id = kwargs["request_id"] if kwargs.get("request_id") is not None else uuid.uuid4().hex
         kwargs["request_id"] = request_id
         col = _Collector(request_id)
         for chunk in self.stream(prompt, _stream=False, **kwargs):
@@ -256,10 +331,10 @@ class Client:
         return col.out
 
     def abort(self, request_id: str) -> None:
-        self._sock.send(self._enc.encode(Abort(request_id)))
+        self._send(self._enc.encode(Abort(request_id)))
 
     def status(self) -> dict[str, Any]:
-        self._sock.send(self._enc.encode(Status()))
+        self._send(self._enc.encode(Status()))
         deadline = time.monotonic() + self.timeout
         while True:
             reply = self._recv(deadline)

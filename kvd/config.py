@@ -272,6 +272,7 @@ class PDConfig(_Section):
     host: str = "127.0.0.1"  # prefill: where decode instances connect (written to <run_dir>/pd_endpoint)
     port: int = 0  # prefill: 0 picks a random free port
     prefill_endpoints: list[str] = []  # decode: the prefill instances' pd endpoints
+    secret: str = ""  # shared by a deployment's instances: the link is CURVE-encrypted and admits only holders
     lease_s: float = 60.0  # a handoff (prefill, write, read) must end within this; past it: 504
     transfer_grace_s: float = 2.0  # after a lease expires, blocks of a silent transfer return this much later
     on_kv_failure: str = "fail"  # fail: the client gets 502/504 | recompute: decode prefills the prompt itself

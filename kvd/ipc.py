@@ -1,14 +1,21 @@
 """Typed ZeroMQ channels: one small wrapper per socket, one message union per direction.
 
 Each wrapper owns a prebuilt msgpack encoder and a decoder for the union it receives,
-so a socket can only carry its channel's messages. Sockets close with linger 0: a
-stopping process never waits on a peer that is gone. Endpoints are tcp on 127.0.0.1
-with ports picked by the kernel, so two daemons never collide.
+so a socket can only carry its channel's messages; a frame that does not decode is the
+receiver's to log and count (`BadFrame`), never a reason to stop reading. Sockets close
+with linger 0: a stopping process never waits on a peer that is gone.
+
+Endpoints: an instance's internal channels (daemon ⇄ worker, messenger) are ipc://
+sockets in a directory only the instance's user can enter (`private_dir`, mode 0700), so
+no other local user can connect to them at all; the client and PD endpoints are tcp on
+127.0.0.1 by default, with ports picked by the kernel, so two daemons never collide.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -25,12 +32,51 @@ def bind_random(sock: zmq.Socket, host: str = "127.0.0.1") -> str:
     return f"tcp://{host}:{port}"
 
 
+def ipc_base() -> Path:
+    """Where instances make their private ipc directories: $XDG_RUNTIME_DIR, else the temp dir."""
+    return Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
+
+
+def private_dir() -> Path:
+    """A new directory for one instance's ipc:// sockets that only this user can enter (0700),
+    with a short path (a unix socket's is limited to 107 bytes). Directories that instances
+    which died by kill -9 left behind (their pid is gone) are removed first."""
+    base = ipc_base()
+    for old in base.glob("kvd-ipc-*-*"):
+        pid = old.name.split("-")[2]
+        try:
+            ours = old.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if ours and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"kvd-ipc-{os.getpid()}-", dir=base))
+
+
+def bind_ipc(sock: zmq.Socket, directory: Path, name: str) -> str:
+    """Bind `sock` to `directory/name`; returns the endpoint peers connect to."""
+    endpoint = f"ipc://{directory / name}"
+    sock.bind(endpoint)
+    return endpoint
+
+
 def publish_endpoint(path: Path, endpoint: str) -> None:
     """Write `endpoint` to the file `path` atomically: a reader sees the old one or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(endpoint + "\n")
     os.replace(tmp, path)
+
+
+class BadFrame(Exception):
+    """A received frame that is not a message of the channel's union (the reason says why)."""
+
+
+def _decode(dec: msgspec.msgpack.Decoder, frame: memoryview):
+    try:
+        return dec.decode(frame)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise BadFrame(f"{len(frame)} bytes: {e}") from None
 
 
 class AsyncChannel(Generic[T]):
@@ -46,8 +92,9 @@ class AsyncChannel(Generic[T]):
         await self.sock.send(self._enc.encode(msg), copy=False)
 
     async def recv(self) -> T:
+        """The next message; BadFrame for a frame that does not decode (the socket reads on)."""
         frame = await self.sock.recv(copy=False)
-        return self._dec.decode(frame.buffer)
+        return _decode(self._dec, frame.buffer)
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -70,7 +117,7 @@ class SyncChannel(Generic[T]):
         if timeout_ms is not None and not self.sock.poll(timeout_ms, zmq.POLLIN):
             return None
         frame = self.sock.recv(copy=False)
-        return self._dec.decode(frame.buffer)
+        return _decode(self._dec, frame.buffer)
 
     def close(self, linger_ms: int = 0) -> None:
         self.sock.close(linger=linger_ms)

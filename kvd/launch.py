@@ -133,7 +133,9 @@ class Deployment:
         self.redis_url = redis_url
         self.servers: list = []
         self.procs: dict[str, subprocess.Popen] = {}
-        self.pool_env: dict[str, str] = {"KVD_PD_POOL": pool}
+        # One CURVE secret per deployment (kept if the caller gave one): its link admits no one else.
+        self.pool_env: dict[str, str] = {"KVD_PD_POOL": pool,
+                                         "KVD_PD_SECRET": os.environ.get("KVD_PD_SECRET") or secrets.token_hex(16)}
         self.local_pool: Path | None = None
         self.readiness = Readiness()
 
@@ -255,8 +257,9 @@ def launch_pd(n_prefill: int, n_decode: int, pool: str, run_dir: Path, config: s
         endpoint = dep.start(n_prefill, n_decode)
         log.info("deployment_ready", endpoint=endpoint, run_dir=str(dep.run_dir), prefill=n_prefill, decode=n_decode)
         dep.readiness.wait(dep.procs, [], math.inf, stop_fd=wake_r)  # until a signal; an exit raises
-    except RuntimeError as e:
+    except (RuntimeError, OSError, ValueError) as e:  # a server that would not start, a dead instance
         log.error("deployment_failed", error=str(e))
+        print(f"kvd launch: {e}", file=sys.stderr)
         code = 1
     finally:
         dep.stop()

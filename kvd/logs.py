@@ -31,12 +31,16 @@ Event vocabulary (the names `kvd trace` and operators rely on):
 | request_finished | request | finish_reason, duration_ms, since_arrival_ms (= e2e), generated_tokens |
 | request_failed | request | code, error, duration_ms, since_arrival_ms |
 | request_aborted | request | reason (client, deadline, drain), duration_ms, since_arrival_ms |
+| request_rejected | request | code, error (refused at admission: nothing was queued) |
+| frame_rejected | request or none | channel, reason, request_id when the frame's could be read |
 | worker_ready | process | num_blocks, duration_ms (start-up: imports, weights, KV cache) |
 | child_ready | process | child, child_pid, duration_ms (the daemon's view: launch to Ready) |
 | worker_dead | process | reason, exit_code, request_ids (the requests it takes down) |
 | daemon_ready | process | endpoint, num_blocks, duration_ms (start-up) |
 | daemon_draining | process | in_flight, timeout_s |
 | daemon_stopped | process | exit_code, duration_ms (drain and shutdown) |
+| channel_broken | process | channel, error (an internal channel's reader ended: the daemon stops) |
+| library_log | process | logger, message (a third-party library's line, e.g. transformers') |
 
 Request-scoped lines carry `request_id`; batch-level lines carry `request_ids`.
 """
@@ -63,12 +67,16 @@ EVENTS = (
     "request_finished",
     "request_failed",
     "request_aborted",
+    "request_rejected",
+    "frame_rejected",
     "worker_ready",
     "worker_dead",
     "child_ready",
     "daemon_ready",
     "daemon_draining",
     "daemon_stopped",
+    "channel_broken",
+    "library_log",
 )
 
 _FIRST_KEYS = ("ts", "level", "event", "process", "role", "pid", "request_id")
@@ -109,6 +117,24 @@ def configure_logging(cfg: LogConfig, process: str, role: str = "unified", strea
         logger_factory=structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=True,
     )
+    # Libraries that log through the standard library (transformers, once kvd.worker.models
+    # has adopted it) and Python's warnings become kvd lines too: nothing else writes text.
+    root = logging.getLogger()
+    root.handlers[:] = [_ToStructlog()]
+    root.setLevel(logging.WARNING)
+    logging.captureWarnings(True)
+
+
+class _ToStructlog(logging.Handler):
+    """A standard-library record as one kvd log line: event `library_log`, its logger, its text."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage().strip()
+            structlog.get_logger("kvd.library").log(record.levelno, "library_log", logger=record.name,
+                                                     message=message)  # fmt: skip
+        except Exception:  # noqa: BLE001 - logging must never raise into the caller
+            self.handleError(record)
 
 
 def reset_logging() -> None:

@@ -11,18 +11,25 @@ Channels:
   heartbeats. KV bytes never travel here: they go through the storage pool.
 
 Errors are typed: an `ErrorCode` IntEnum and a message naming the field or the cause.
+
+Request ids are the client's: 1 to 128 characters, unique among the daemon's live requests
+(across all clients, so `kvd trace` and `kvd status` name one request by it). A request
+whose id is live already gets a 400 and the live one goes on untouched.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
 from kvd.model_info import KVShare, ModelInfo
 from kvd.sampling import SamplingParams
 from kvd.scheduler.output import Logprobs, ModelOutput, SchedulerOutput
+
+
+MAX_REQUEST_ID = 128  # characters
 
 
 class ErrorCode(enum.IntEnum):
@@ -48,10 +55,13 @@ class ChatMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     content: str
 
 
+RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_REQUEST_ID)]
+
+
 class Generate(_Msg, tag="generate", kw_only=True):
     """A client's request: one prompt source, sampling parameters, streaming or not."""
 
-    request_id: str  # chosen by the client (unique per client), so it can abort at once
+    request_id: RequestId  # chosen by the client, so it can abort at once; unique across all live requests
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
     chat: list[ChatMessage] | None = None
@@ -62,7 +72,7 @@ class Generate(_Msg, tag="generate", kw_only=True):
 class Abort(_Msg, tag="abort"):
     """End a live request of this client."""
 
-    request_id: str
+    request_id: RequestId
 
 
 class Status(_Msg, tag="status"):

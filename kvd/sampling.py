@@ -13,6 +13,9 @@ from typing import Any
 import msgspec
 
 
+INT32 = 2**31 - 1
+
+
 class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """Greedy when temperature == 0; otherwise temperature, top-k and top-p sampling."""
 
@@ -27,17 +30,19 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
     logprobs: int | None = None  # None: off; N: the sampled token's logprob and the top N
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens: must be an integer >= 1, got {self.max_tokens!r}")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or not 1 <= self.max_tokens <= INT32:
+            raise ValueError(f"max_tokens: must be an integer in [1, {INT32}], got {self.max_tokens!r}")
         if not 0 <= self.temperature < float("inf"):
             raise ValueError(f"temperature: must be finite and >= 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p: must be in (0, 1], got {self.top_p!r}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k: must be >= 0 (0 turns it off), got {self.top_k!r}")
+        if not 0 <= self.top_k <= INT32:
+            raise ValueError(f"top_k: must be in [0, {INT32}] (0 turns it off), got {self.top_k!r}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            raise ValueError(f"seed: must fit in 64 bits, got {self.seed!r}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs: must be in [0, 20], got {self.logprobs!r}")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+        if any(not isinstance(t, int) or not 0 <= t <= INT32 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids: must be non-negative integers, got {self.stop_token_ids!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop: must be non-empty strings, got {self.stop!r}")

@@ -10,11 +10,17 @@ Contract:
 - The timeline is sorted by `ts`; each entry shows its offset from the first
   entry, where it was logged (`role/process`), the event, its `duration_ms`,
   and the other fields.
-- Verdict: FAILED when a line is at level error/critical, is a
-  `request_failed`, `request_aborted` or `worker_dead` line, or carries
-  finish_reason error|abort, unless a successful `request_finished` comes after
-  every such line (the request recovered, e.g. by recompute); else finished
-  when a `request_finished` is there; else incomplete (still running, or lost).
+- Verdict, by what happened:
+  - FAILED when a line is at level error/critical, is a `request_failed` or
+    `worker_dead` line, or carries finish_reason error, unless a successful
+    `request_finished` comes after every such line (the request recovered, e.g.
+    by recompute);
+  - ABORTED when it ended by abort (`request_aborted`, finish_reason abort: the
+    client aborted it or went away), naming the reason;
+  - REJECTED when it was refused at admission (`request_rejected`, or a
+    `frame_rejected` that could read its id) and never queued, naming the code;
+  - finished when a `request_finished` is there; else incomplete (still
+    running, or lost).
 - `main` exits 0 when a line of the request was found, 1 when none was, 2 when
   a log cannot be read.
 """
@@ -29,9 +35,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-_FAILURE_EVENTS = frozenset({"request_failed", "request_aborted", "worker_dead"})
+_FAILURE_EVENTS = frozenset({"request_failed", "worker_dead"})
 _FAILURE_LEVELS = frozenset({"error", "critical"})
-_BAD_FINISH = frozenset({"error", "abort"})
+_ABORT_EVENTS = frozenset({"request_aborted", "client_disconnected"})
+_REJECT_EVENTS = frozenset({"request_rejected", "frame_rejected"})
 _CAUSE_KEYS = ("error", "code", "cause", "reason")
 _HIDDEN = frozenset({"ts", "level", "event", "process", "role", "pid", "request_id", "request_ids", "duration_ms"})
 _MAX_VALUE = 160
@@ -55,12 +62,20 @@ class Entry:
         return (
             self.level in _FAILURE_LEVELS
             or self.event in _FAILURE_EVENTS
-            or self.fields.get("finish_reason") in _BAD_FINISH
+            or self.fields.get("finish_reason") == "error"
         )
 
     @property
+    def is_abort(self) -> bool:
+        return self.event in _ABORT_EVENTS or self.fields.get("finish_reason") == "abort"
+
+    @property
+    def is_rejection(self) -> bool:
+        return self.event in _REJECT_EVENTS
+
+    @property
     def is_success(self) -> bool:
-        return self.event == "request_finished" and not self.is_failure
+        return self.event == "request_finished" and not (self.is_failure or self.is_abort)
 
 
 @dataclass
@@ -79,24 +94,33 @@ class Timeline:
 
     @property
     def status(self) -> str:
-        """"finished", "failed", "incomplete" or "not found"."""
+        """"finished", "failed", "aborted", "rejected", "incomplete" or "not found"."""
         if not self.entries:
             return "not found"
         failures = [i for i, e in enumerate(self.entries) if e.is_failure]
         successes = [i for i, e in enumerate(self.entries) if e.is_success]
         if failures and not (successes and successes[-1] > failures[-1]):
             return "failed"
-        return "finished" if successes else "incomplete"
+        if any(e.is_abort for e in self.entries):
+            return "aborted"
+        if successes:
+            return "finished"
+        queued = any(e.event == "request_queued" for e in self.entries)
+        return "rejected" if not queued and any(e.is_rejection for e in self.entries) else "incomplete"
 
     @property
     def verdict(self) -> str:
         status = self.status
         if status == "not found":
             return f"no log line mentions request {self.request_id}"
-        if status == "failed":
-            first = _first_failure(self)
+        if status in ("failed", "aborted", "rejected"):
+            first = next(e for e in self.entries if (e.is_failure, e.is_abort, e.is_rejection)[
+                ("failed", "aborted", "rejected").index(status)])  # fmt: skip
             cause = " ".join(f"{k}={_show(first.fields[k])}" for k in _CAUSE_KEYS if k in first.fields)
-            return f"FAILED at {first.event} after {first.offset_ms:.1f} ms: {cause or 'level ' + first.level}"
+            if status == "aborted" and not cause:
+                cause = "the client left" if first.event == "client_disconnected" else "the client aborted it"
+            where = "at admission" if status == "rejected" else f"at {first.event}"
+            return f"{status.upper()} {where} after {first.offset_ms:.1f} ms: {cause or 'level ' + first.level}"
         if status == "finished":
             done = [e for e in self.entries if e.is_success][-1]
             errors = sum(e.is_failure for e in self.entries)
@@ -149,7 +173,7 @@ def format_timeline(tl: Timeline) -> str:
     width_event = max(len(e.event) for e in tl.entries)
     for e in tl.entries:
         duration = f"{e.duration_ms:.1f} ms" if e.duration_ms is not None else ""
-        mark = "!" if e.is_failure else " "
+        mark = "!" if e.is_failure or e.is_abort or e.is_rejection else " "
         details = " ".join(f"{k}={_show(v)}" for k, v in e.fields.items())
         out.append(
             f"{mark}{e.offset_ms:+11.1f} ms  {e.where:<{width_where}}  {e.event:<{width_event}}  {duration:>11}  {details}"

@@ -117,7 +117,7 @@ def test_recovered_request_is_finished():
     assert tl.verdict == "finished (length) in 50.0 ms after 1 error(s), first at storage_read"
 
 
-def test_aborted_request_is_a_failure(tmp_path):
+def test_aborted_request_is_labelled_aborted(tmp_path):
     path = tmp_path / "a.jsonl"
     emit(
         path,
@@ -127,7 +127,16 @@ def test_aborted_request_is_a_failure(tmp_path):
         ("info", "request_finished", {"request_id": "r-abort", "finish_reason": "abort", "reason": "client"}),
     )
     tl = trace("r-abort", [str(path)])
-    assert tl.status == "failed" and tl.verdict.startswith("FAILED at request_finished") and "reason=client" in tl.verdict
+    assert tl.status == "aborted" and tl.verdict.startswith("ABORTED at request_finished") and "reason=client" in tl.verdict
+
+
+def test_rejected_request_is_labelled_rejected(tmp_path):
+    path = tmp_path / "r.jsonl"
+    emit(path, "daemon", "unified",
+         ("warning", "request_rejected", {"request_id": "r-no", "code": 400, "error": "max_tokens: too many"}))
+    tl = trace("r-no", [str(path)])
+    assert tl.status == "rejected"
+    assert tl.verdict.startswith("REJECTED at admission") and "code=400" in tl.verdict, tl.verdict
 
 
 def test_main_exit_codes(logs, capsys, tmp_path):

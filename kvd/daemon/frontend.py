@@ -32,6 +32,7 @@ from kvd.daemon.serving import Rejected, Serving
 from kvd.engine.engine import Delta
 from kvd.ipc import field_error
 from kvd.messages import (
+    MAX_REQUEST_ID,
     Abort,
     Accepted,
     Chunk,
@@ -45,6 +46,23 @@ from kvd.messages import (
 )
 
 log = structlog.get_logger("kvd.frontend")
+
+
+class _Loose(msgspec.Struct):
+    """Any map with a string request_id: what can be read of a frame that failed to decode."""
+
+    request_id: str | None = None
+
+
+_LOOSE = msgspec.msgpack.Decoder(_Loose)
+
+
+def _readable_request_id(payload: memoryview | bytes) -> str | None:
+    try:
+        request_id = _LOOSE.decode(payload).request_id
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return request_id if request_id and len(request_id) <= MAX_REQUEST_ID else None
 
 
 class _Client:
@@ -98,7 +116,11 @@ class Frontend:
                     self._drain_monitor()
                     identity = frames[0].bytes
                     self._fd_clients.setdefault(frames[-1].get(zmq.SRCFD), set()).add(identity)
-                    await self.handle(identity, frames[-1].buffer)
+                    if len(frames) != 2:  # a message is one part: extra parts make it ambiguous
+                        await self.reject(identity, frames[1].buffer if len(frames) > 1 else b"",
+                                          f"frame: a message is one part, got {len(frames) - 1}")  # fmt: skip
+                        continue
+                    await self.handle(identity, frames[1].buffer)
         finally:
             self.sock.disable_monitor()
             self._monitor.close(linger=0)
@@ -115,19 +137,14 @@ class Frontend:
 
     async def handle(self, identity: bytes, payload: memoryview) -> None:
         if len(payload) > self.max_frame_bytes:
-            self.num_malformed += 1
-            log.warning("frame_rejected", bytes=len(payload), reason="too large")
-            await self.send(identity, Error(None, ErrorCode.BAD_REQUEST,
-                                            f"frame: {len(payload)} bytes exceeds max_frame_bytes "
-                                            f"{self.max_frame_bytes}"))  # fmt: skip
+            await self.reject(identity, b"", f"frame: {len(payload)} bytes exceeds max_frame_bytes "
+                                             f"{self.max_frame_bytes}")  # fmt: skip
             return
         try:
             msg = self._dec.decode(payload)
         except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as e:
-            self.num_malformed += 1
             text = field_error(e) if isinstance(e, msgspec.ValidationError) else f"frame: {e}"
-            log.warning("frame_rejected", reason=text)
-            await self.send(identity, Error(None, ErrorCode.BAD_REQUEST, text))
+            await self.reject(identity, payload, text)
             return
         if isinstance(msg, Generate):
             await self.on_generate(identity, msg)
@@ -135,6 +152,16 @@ class Frontend:
             self.on_abort(msg.request_id, identity)
         elif isinstance(msg, Status):
             await self.send(identity, StatusReply(self.status()))
+
+    async def reject(self, identity: bytes, payload: memoryview | bytes, reason: str) -> None:
+        """One Error for a frame that is no valid message, tied to its request when its
+        request_id can be read, so the client's other requests never hear of it."""
+        self.num_malformed += 1
+        request_id = _readable_request_id(payload)
+        log.warning("frame_rejected", request_id=request_id, bytes=len(payload), reason=reason)
+        if request_id in self.clients:  # a live request's id: the error must not end that stream
+            request_id = None
+        await self.send(identity, Error(request_id, ErrorCode.BAD_REQUEST, reason))
 
     async def on_generate(self, identity: bytes, msg: Generate) -> None:
         try:

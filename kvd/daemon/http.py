@@ -35,11 +35,10 @@ from kvd.daemon.openai_api import DONE, JSON, ChatRequest, CompletionRequest, Sh
 from kvd.daemon.serving import Rejected, Serving
 from kvd.engine.engine import Delta
 from kvd.ipc import field_error
-from kvd.messages import ChatMessage, ErrorCode, Generate
+from kvd.messages import MAX_REQUEST_ID, ChatMessage, ErrorCode, Generate
 
 log = structlog.get_logger("kvd.http")
 
-MAX_REQUEST_ID = 128
 SHUTDOWN_TIMEOUT_S = 5.0  # after the drain: handlers still writing their last event get this long
 
 
@@ -141,9 +140,10 @@ class HttpFrontend:
 
     # ---- endpoints ---------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
-        refusal = self.serving.refusal()
-        if refusal is not None and refusal[0] == ErrorCode.UNAVAILABLE:
-            return error_response(503, refusal[1])
+        state = self.serving.state
+        if state != "ready":
+            reasons = self.serving.problems() or [state]
+            return error_response(503, f"health: {state} ({'; '.join(reasons)})")
         return _json(200, {"status": "ok"})
 
     async def metrics_page(self, request: web.Request) -> web.Response:

@@ -60,6 +60,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._t_start = time.monotonic()
         self._t_stop: float | None = None  # when the drain (or a stop without one) began
+        self._released = False
         self.metrics = None
         self.metrics_url: str | None = None
         if cfg.metrics.prometheus_port >= 0 or cfg.http.enabled:
@@ -105,26 +106,30 @@ class Daemon:
             self._bind_frontend()  # last: its endpoint file says the instance serves
         except (ChildDied, OSError) as e:  # a child that never became Ready, a port taken
             log.error("daemon_start_failed", reason=f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e))
-            await self._shutdown()
+            await self._release()
+            self._close()
             return 1
         self.notifier.ready(f"serving on {self.endpoint}")
         log.info("daemon_ready", endpoint=self.endpoint, num_blocks=self.serving.engine.kv.num_blocks,
                  run_dir=str(self.run_dir), duration_ms=ms_since(self._t_start))  # fmt: skip
         try:
             async with asyncio.TaskGroup() as tg:
-                work = [self.frontend.run(), self.serving.run(), self._ticker(), self.supervisor.run(),
-                        *self.serving.role.readers()]  # fmt: skip
+                frontend = tg.create_task(self.frontend.run())
+                work = [self.serving.run(), self._ticker(), self.supervisor.run(), *self.serving.role.readers()]
                 tasks = [tg.create_task(coro) for coro in work]
                 await self._stop.wait()
                 for t in tasks:
                     t.cancel()
+                await self._release()  # meanwhile the frontend still answers: 503, shutting down
+                frontend.cancel()
         except* Exception as eg:
             for e in eg.exceptions:
                 log.error("daemon_crashed", error=f"{type(e).__name__}: {e}", exc_info=e)
             self.exit_code = 1
         if self._t_stop is None:  # stopped without a drain (a crash, an exit policy)
             self._t_stop = time.monotonic()
-        await self._shutdown()
+        await self._release()
+        self._close()
         log.info("daemon_stopped", exit_code=self.exit_code, duration_ms=ms_since(self._t_stop))
         return self.exit_code
 
@@ -159,17 +164,24 @@ class Daemon:
         self.metrics_url = f"http://{m.host}:{port}/metrics"
         log.info("metrics_serving", url=self.metrics_url)
 
-    async def _shutdown(self) -> None:
+    async def _release(self) -> None:
+        """Stop serving and stop the children (once); new requests get 503 from here on."""
+        if self._released:
+            return
+        self._released = True
+        self.serving.draining = self.supervisor.stopping = True
         if self.http is not None:
             await self.http.close()  # its handlers write their last events first
             _unpublish(self.run_dir / "http_endpoint", self.http.url)
         await self.supervisor.shutdown()
         _unpublish(self.run_dir / "endpoint", self.endpoint)
-        if self.frontend:
-            self.frontend.sock.close(linger=0)
         if self.metrics is not None:
             self.metrics.close()
         self.serving.role.close()
+
+    def _close(self) -> None:
+        if self.frontend:
+            self.frontend.sock.close(linger=0)
         self.ctx.term()
 
     # ---- drain -------------------------------------------------------------------------
@@ -217,6 +229,7 @@ class Daemon:
             "uptime_s": round(time.monotonic() - self._t_start, 3),
             **serving,
             "malformed_frames": self.frontend.num_malformed if self.frontend else 0,
+            "internal_frames_rejected": children["internal_frames_rejected"],
             "worker_restarts": children["worker_restarts"],
             **({"pd": role} if role is not None else {}),
             "metrics_url": self.metrics_url,

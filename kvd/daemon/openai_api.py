@@ -5,7 +5,8 @@ naming the field. What kvd does not implement (n > 1, penalties, logit_bias, ech
 best_of, suffix, logprobs) is accepted only at the value that means "off", and refused
 with a 400 naming the field otherwise: a client never gets a silently different answer.
 vLLM's extensions that SDK users and `vllm bench serve` send (`top_k`, `ignore_eos`,
-`stop_token_ids`) map onto kvd's SamplingParams. A completion's prompt is a string, a
+`stop_token_ids`; `repetition_penalty`, `min_p` and `min_tokens` at their neutral values)
+map onto kvd's SamplingParams. A completion's prompt is a string, a
 list of token ids, or a list of either (each prompt one choice); a chat's messages go
 through the model's chat template (text content only).
 """
@@ -48,15 +49,19 @@ class _Request(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     user: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # vLLM's extension (its benchmark client sends 1.0)
+    min_p: float = 0.0  # vLLM's extension
+    min_tokens: int = 0  # vLLM's extension
     logit_bias: dict[str, float] | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, why) for an option kvd cannot honour, or None."""
         if self.n != 1:
             return "n", "only n=1 is supported"
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) != 0:
-                return name, "not supported (only 0)"
+        for name, off in (("presence_penalty", 0), ("frequency_penalty", 0), ("repetition_penalty", 1),
+                          ("min_p", 0), ("min_tokens", 0)):  # fmt: skip
+            if getattr(self, name) != off:
+                return name, f"not supported (only {off})"
         if self.logit_bias:
             return "logit_bias", "not supported"
         return None

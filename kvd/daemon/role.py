@@ -63,3 +63,7 @@ class Role:
 
     def status(self) -> dict[str, Any] | None:
         return None
+
+    def problems(self) -> list[str]:
+        """What the role depends on that is broken now (the instance is not ready while any is)."""
+        return []

@@ -314,6 +314,20 @@ class Serving:
         """The engine's figures (empty while a worker restarts), for status and metrics."""
         return self.engine.stats() if self.engine is not None else {}
 
+    def problems(self) -> list[str]:
+        """Broken dependencies: a child down, the role's own (e.g. no prefill instance answering)."""
+        down = [f"{name} is down" for name, p in self.supervisor.status()["processes"].items() if not p["alive"]]
+        return down + self.role.problems()
+
+    @property
+    def state(self) -> str:
+        """ready | draining | restarting (no worker) | degraded (a dependency is broken)."""
+        if self.draining:
+            return "draining"
+        if self.engine is None:
+            return "restarting"
+        return "degraded" if self.problems() else "ready"
+
     def status(self) -> dict[str, Any]:
         self.check_integrity()
         stats = self.stats()
@@ -322,7 +336,8 @@ class Serving:
             (t0, n0), (t1, n1) = self._throughput[0], self._throughput[-1]
             tput = (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
         return {
-            "state": "draining" if self.draining else ("ready" if self.engine is not None else "restarting"),
+            "state": self.state,
+            "not_ready": self.problems(),
             "queue": stats.get("waiting", 0),
             "running": stats.get("running", 0),
             "live_requests": self.num_client_requests,

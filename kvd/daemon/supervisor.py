@@ -26,6 +26,7 @@ import contextlib
 import importlib
 import multiprocessing
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -37,7 +38,7 @@ import zmq
 import zmq.asyncio
 
 from kvd.config import KvdConfig
-from kvd.ipc import AsyncChannel, bind_random
+from kvd.ipc import AsyncChannel, BadFrame, bind_ipc, private_dir
 from kvd.logs import ms_since
 from kvd.messages import CacheTask, CacheTaskDone, Dead, FromChild, MapKV, Ready, Shutdown, Step, StepDone
 from kvd.scheduler.output import ModelOutput, SchedulerOutput
@@ -71,11 +72,13 @@ class ChildProcess:
         self.exited: asyncio.Future[int] | None = None
         self.dead: asyncio.Future[str] | None = None
         self.ready = False
+        self.handled = True  # the loss of the last start was handled (nothing to watch before a start)
         self.started_at = 0.0  # time.monotonic() of the last start
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.ready = False
+        self.handled = False
         self.started_at = time.monotonic()
         self.proc = _spawn.Process(target=_enter, args=(self._target, self.name, *self._args), name=self.name)
         self.proc.start()
@@ -84,11 +87,18 @@ class ChildProcess:
         sentinel = self.proc.sentinel
         proc, fut = self.proc, self.exited
 
+        def reap(tries: int) -> None:
+            # The sentinel closes as the process ends; the kernel may take a moment to have
+            # its exit status: look again shortly rather than report a code it does not have.
+            proc.join(0)
+            if proc.exitcode is None and tries:
+                loop.call_later(0.005, reap, tries - 1)
+            elif not fut.done():
+                fut.set_result(proc.exitcode if proc.exitcode is not None else -1)
+
         def on_exit() -> None:
             loop.remove_reader(sentinel)
-            proc.join(0)
-            if not fut.done():
-                fut.set_result(proc.exitcode if proc.exitcode is not None else -1)
+            reap(200)
 
         loop.add_reader(sentinel, on_exit)
 
@@ -139,14 +149,18 @@ class Supervisor:
         self.restarts = 0
         self._give_up = give_up
         cfg_json = msgspec.json.encode(cfg)
+        # ipc:// in a directory only this user can enter: no other local user reaches these.
+        self.ipc_dir = private_dir()
         self.reports: AsyncChannel[FromChild] = AsyncChannel(ctx.socket(zmq.PULL), FromChild)
-        report_ep = bind_random(self.reports.sock)
+        report_ep = bind_ipc(self.reports.sock, self.ipc_dir, "reports")
         self.to_worker = AsyncChannel(ctx.socket(zmq.PUSH), None)
         self.to_messenger = AsyncChannel(ctx.socket(zmq.PUSH), None)
         self.worker = ChildProcess("worker-0", "kvd.worker.main:worker_main",
-                                   (cfg_json, bind_random(self.to_worker.sock), report_ep))  # fmt: skip
+                                   (cfg_json, bind_ipc(self.to_worker.sock, self.ipc_dir, "worker-0"), report_ep))
         self.messenger = ChildProcess("messenger", "kvd.messenger.main:messenger_main",
-                                      (cfg_json, bind_random(self.to_messenger.sock), report_ep))  # fmt: skip
+                                      (cfg_json, bind_ipc(self.to_messenger.sock, self.ipc_dir, "messenger"),
+                                       report_ep))  # fmt: skip
+        self.rejected_frames = 0  # report frames that did not decode (logged, dropped)
         self.children = (self.worker, self.messenger)
         self._channels = {self.worker.name: self.to_worker, self.messenger.name: self.to_messenger}
         self._ready: dict[str, asyncio.Future[Ready]] = {}
@@ -160,7 +174,15 @@ class Supervisor:
     async def start(self) -> Ready:
         """Start the children; the worker's Ready once both are Ready (ChildDied otherwise)."""
         self._reader = asyncio.create_task(self._read_reports())
+        self._reader.add_done_callback(self._reader_ended)
         return await self._start_worker()
+
+    def _reader_ended(self, task: asyncio.Task) -> None:
+        """The report channel is what every step and handoff depends on: its reader never
+        ends while the daemon runs; if it does, the daemon stops loudly (systemd restarts it)."""
+        if not task.cancelled():
+            log.critical("channel_broken", channel="reports", error=repr(task.exception()))
+            self._give_up()
 
     async def _start_worker(self) -> Ready:
         """The worker and, beside it, a new messenger unless one runs that maps no KV cache
@@ -196,6 +218,8 @@ class Supervisor:
         done, _ = await asyncio.wait([fut, child.exited], timeout=STARTUP_TIMEOUT_S,
                                      return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
         if fut not in done:
+            if child.alive:  # still loading after STARTUP_TIMEOUT_S: it goes before anything new starts
+                await child.stop(0)
             raise ChildDied(f"{child.name} did not become ready (exit code {child.proc.exitcode})")
         child.ready = True
         return fut.result()
@@ -237,7 +261,12 @@ class Supervisor:
     async def _read_reports(self) -> None:
         by_name = {c.name: c for c in self.children}
         while True:
-            msg = await self.reports.recv()
+            try:
+                msg = await self.reports.recv()
+            except BadFrame as e:
+                self.rejected_frames += 1
+                log.warning("frame_rejected", channel="reports", reason=str(e))
+                continue
             if isinstance(msg, Ready):
                 fut = self._ready.pop(msg.process, None)
                 if fut is not None and not fut.done():
@@ -261,8 +290,8 @@ class Supervisor:
         """Watch the children until the daemon stops; a lost child is handled, then restarted."""
         while True:
             pending = {}
-            for c in self.children:
-                if c.alive:
+            for c in self.children:  # a child lost before this loop looked is handled too
+                if not c.handled:
                     pending[c.exited] = pending[c.dead] = c
             if not pending:  # nothing left to watch: the daemon is on its way out
                 await asyncio.Event().wait()
@@ -273,6 +302,7 @@ class Supervisor:
 
     async def _on_lost(self, child: ChildProcess) -> bool:
         """Handle one lost child and restart it; False when the supervisor gave up."""
+        child.handled = True
         if child.dead.done():
             reason = child.dead.result()
         else:
@@ -290,21 +320,25 @@ class Supervisor:
             await self.events.on_worker_lost(message, details)
         await child.stop(CHILD_STOP_TIMEOUT_S)  # it said Dead: it is on its way out
         policy = self.cfg.daemon.on_worker_death
-        if self.stopping or policy == "exit" or self.restarts >= self.cfg.daemon.max_worker_restarts:
-            log.error("daemon_exiting", reason=message, policy=policy, restarts=self.restarts)
-            self._give_up()
-            return False
-        self.restarts += 1
-        try:
-            if child is self.worker:
-                ready = await self._start_worker()  # the old messenger maps the dead worker's KV cache
-                self.events.on_worker_ready(ready)
-            else:
-                ready = await self._messenger_ready(await self._launch_messenger(), self._worker_ready)
-        except ChildDied as e:
-            log.error("daemon_exiting", reason=str(e))
-            self._give_up()
-            return False
+        while True:  # a restart that dies before it is Ready (killed again, say) is tried again
+            if self.stopping or policy == "exit" or self.restarts >= self.cfg.daemon.max_worker_restarts:
+                log.error("daemon_exiting", reason=message, policy=policy, restarts=self.restarts)
+                self._give_up()
+                return False
+            self.restarts += 1
+            try:
+                if child is self.worker:
+                    ready = await self._start_worker()  # the old messenger maps the dead worker's KV cache
+                    self.events.on_worker_ready(ready)
+                else:
+                    ready = await self._messenger_ready(await self._launch_messenger(), self._worker_ready)
+                break
+            except ChildDied as e:
+                message = str(e)
+                log.error("child_restart_failed", child=child.name, reason=message, restarts=self.restarts)
+                for c in self.children:  # whatever died in the attempt is started again with it
+                    if not c.alive:
+                        c.handled = True
         log.info("child_restarted", child=child.name, child_pid=ready.pid, restarts=self.restarts)
         return True
 
@@ -321,9 +355,11 @@ class Supervisor:
         await asyncio.gather(*(self._stop_child(c) for c in self.children if c.alive))
         for chan in (self.reports, self.to_worker, self.to_messenger):
             chan.close()
+        shutil.rmtree(self.ipc_dir, ignore_errors=True)
 
     def status(self) -> dict[str, Any]:
         return {
             "worker_restarts": self.restarts,
+            "internal_frames_rejected": self.rejected_frames,
             "processes": {c.name: {"pid": c.pid, "alive": c.alive and c.ready} for c in self.children},
         }

@@ -221,10 +221,20 @@ def _check_family(path: str | os.PathLike, model_type: str | None) -> None:
         )
 
 
+def _adopt_hf_logging() -> None:
+    """transformers prints plain text to stderr through a handler of its own; its lines go
+    through kvd's structured logs instead (kvd.logs forwards the standard library's)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+
+
 def load_config(path: str | os.PathLike) -> PretrainedConfig:
     """The checkpoint's config; ValueError unless it is a supported family."""
     from transformers import AutoConfig
 
+    _adopt_hf_logging()
     config = AutoConfig.from_pretrained(path)
     _check_family(path, config.model_type)
     return config
@@ -233,6 +243,7 @@ def load_config(path: str | os.PathLike) -> PretrainedConfig:
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
+    _adopt_hf_logging()
     return AutoTokenizer.from_pretrained(path)
 
 

@@ -17,6 +17,7 @@ FAST = {"heartbeat_interval_s": 0.5, "integrity_check_interval_s": 1.0}
 # Several instances share this machine's cores: one thread each, or their OpenMP threads spin
 # against each other and starve the daemons' event loops (false heartbeat deaths).
 ONE_THREAD = {"threads": 1}
+SECRET = "pd-tests-shared-secret"  # every PD test's link runs CURVE, as deployments should
 
 
 @dataclass
@@ -26,7 +27,7 @@ class Deployment:
 
 
 def start_prefill(root: Path, model_dir: Path, pd: dict, cache: dict | None = None, **sections) -> DaemonHandle:
-    return start_daemon(root, model_dir, daemon={"role": "prefill", **FAST}, pd=pd, model=ONE_THREAD,
+    return start_daemon(root, model_dir, daemon={"role": "prefill", **FAST}, pd={"secret": SECRET, **pd}, model=ONE_THREAD,
                         cache=cache or {"num_blocks": 512}, **sections)  # fmt: skip
 
 
@@ -35,7 +36,8 @@ def start_decode(root: Path, model_dir: Path, prefill: DaemonHandle | str, pd: d
     spec = str(prefill.run_dir) if isinstance(prefill, DaemonHandle) else prefill
     daemon = {"role": "decode", **FAST, **sections.pop("daemon", {})}
     return start_daemon(root, model_dir, daemon=daemon, cache=cache or {"num_blocks": 512}, model=ONE_THREAD,
-                        pd={"prefill_endpoints": [spec], "heartbeat_timeout_s": 3.0, **pd}, **sections)  # fmt: skip
+                        pd={"prefill_endpoints": [spec], "heartbeat_timeout_s": 3.0, "secret": SECRET, **pd},
+                        **sections)  # fmt: skip
 
 
 def wait_linked(decode: DaemonHandle, timeout: float = 30.0) -> dict:

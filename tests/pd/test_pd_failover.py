@@ -46,11 +46,11 @@ def start_prefill_of_two(root, model_dir, pool):
 
 def start_daemon_two(root, model_dir, prefills, pool):
     from harness import start_daemon
-    from pd_harness import FAST, ONE_THREAD
+    from pd_harness import FAST, ONE_THREAD, SECRET
 
     return start_daemon(root, model_dir, daemon={"role": "decode", **FAST}, cache={"num_blocks": 512}, model=ONE_THREAD,
                         pd={**pool, "prefill_endpoints": [str(p.run_dir) for p in prefills],
-                            "heartbeat_timeout_s": 3.0})  # fmt: skip
+                            "heartbeat_timeout_s": 3.0, "secret": SECRET})  # fmt: skip
 
 
 async def generate(endpoint, prompt, max_tokens=10):

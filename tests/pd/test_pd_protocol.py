@@ -22,9 +22,10 @@ import zmq
 from harness import wait_for
 from kvd.cache.storage.keys import request_keys
 from kvd.client import AsyncClient, Client, KvdError
+from kvd.daemon.pd.peers import LinkKeys
 from kvd.messages import ErrorCode, FromPrefill, Ping, Pong, PrefillAbort, PrefillDone, PrefillFailed, PrefillRequest
 from kvd.messages import ToPrefill
-from pd_harness import start_decode, wait_clean, wait_linked
+from pd_harness import SECRET, start_decode, wait_clean, wait_linked
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -36,6 +37,10 @@ class ScriptedPrefill:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        keys = LinkKeys.derive(SECRET)  # the deployment's CURVE keys, as a real prefill instance has
+        self.sock.curve_server = True
+        self.sock.curve_secretkey = keys.server_secret
+        self.sock.curve_publickey = keys.server_public
         self.endpoint = f"tcp://127.0.0.1:{self.sock.bind_to_random_port('tcp://127.0.0.1')}"
         self.inbox: queue.Queue = queue.Queue()
         self._out: queue.Queue = queue.Queue()

@@ -167,7 +167,8 @@ class RedisServer(ServerProcess):
     def __init__(self, maxmemory: str | None = None, policy: str | None = None, port: int = 0, **kw) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            raise FileNotFoundError("redis-server not installed (make system installs it)")
+            raise ServerStartError("redis-server: not found on PATH (`make system` or `apt-get install redis-server` "
+                                   "installs it; or give the URL of a running server)")
         super().__init__(**kw)
         self.port = 0
         extra = (["--maxmemory", maxmemory] if maxmemory else []) + (["--maxmemory-policy", policy] if policy else [])

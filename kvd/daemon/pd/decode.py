@@ -63,7 +63,7 @@ class DecodeRole(PDRole):
     def __init__(self, cfg: KvdConfig, serving: Serving, ctx: zmq.asyncio.Context) -> None:
         super().__init__(cfg, serving)
         self.heartbeat_interval_s = cfg.daemon.heartbeat_interval_s
-        self.links = [PrefillLink(ctx, spec) for spec in cfg.pd.prefill_endpoints]
+        self.links = [PrefillLink(ctx, spec, cfg.pd.secret) for spec in cfg.pd.prefill_endpoints]
         self._rr = itertools.count()
         self._last_tick = time.monotonic()
         for link in self.links:
@@ -173,7 +173,7 @@ class DecodeRole(PDRole):
             elif link.draining and not was_draining:
                 log.info("prefill_instance_draining", instance=link.instance, endpoint=link.endpoint)
             return
-        h = self.handoffs.get(msg.handoff_id.split("#", 1)[0])
+        h = self.handoffs.get(msg.handoff_id.rpartition("#")[0])  # the id may hold a '#' itself
         if h is None or h.handoff_id != msg.handoff_id or h.phase != Phase.PREFILLING:
             self.counts["late_messages"] += 1
             log.info("late_message_ignored", message=type(msg).__name__, handoff_id=msg.handoff_id,
@@ -292,6 +292,11 @@ class DecodeRole(PDRole):
             self._abandon(h)
         self.handoffs.clear()
         self.tasks.clear()
+
+    def problems(self) -> list[str]:
+        if self.links and not any(link.alive for link in self.links):
+            return ["pd: no prefill instance is answering"]
+        return []
 
     def status(self) -> dict[str, Any]:
         out = super().status()

@@ -8,19 +8,29 @@ not answered for `pd.heartbeat_timeout_s` is dead until it answers again. Sends 
 block: DEALERs are IMMEDIATE (nothing queues for a peer that is not connected) and a
 send that cannot go out at once reports False, so the caller fails over instead of
 leaving a request behind a dead peer.
+
+With `pd.secret` set (`kvd launch` makes one per deployment), the link is ZeroMQ CURVE:
+both sides derive one key pair for prefill instances and one for decode instances from
+the secret, the prefill ROUTER encrypts and admits only the decode key (a ZAP handler),
+so a peer without the secret can neither read the link nor put a frame on it, on one
+host or across machines. A frame that does not decode is logged and dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import msgspec
 import structlog
 import zmq
 import zmq.asyncio
+from zmq.auth.asyncio import AsyncioAuthenticator
+from zmq.utils import z85
 
 from kvd.ipc import bind_random, publish_endpoint
 from kvd.messages import FromPrefill, Ping, Pong, ToPrefill
@@ -39,12 +49,50 @@ def resolve_endpoint(spec: str) -> str | None:
         return None
 
 
+class LinkKeys(NamedTuple):
+    """The CURVE keys of a PD deployment, all derived from its shared secret (z85)."""
+
+    server_public: bytes
+    server_secret: bytes
+    client_public: bytes
+    client_secret: bytes
+
+    @classmethod
+    def derive(cls, secret: str) -> LinkKeys:
+        def pair(who: bytes) -> tuple[bytes, bytes]:
+            sk = z85.encode(hashlib.blake2b(secret.encode(), digest_size=32, person=b"kvd-pd-" + who).digest())
+            return zmq.curve_public(sk), sk
+
+        return cls(*pair(b"prefill"), *pair(b"decode"))
+
+
+class _OnlyKey:
+    """The ZAP check of a prefill instance: a connecting peer must hold the decode key."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        if key != self.key:
+            log.warning("pd_peer_refused", reason="CURVE key not derived from this deployment's pd.secret")
+        return key == self.key
+
+
 class PrefillServer:
     """The prefill side: decode instances' requests in, replies out, by DEALER identity."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, host: str, port: int, run_dir: Path) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, host: str, port: int, run_dir: Path, secret: str = "") -> None:
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self._auth: AsyncioAuthenticator | None = None
+        if secret:
+            keys = LinkKeys.derive(secret)
+            self._auth = AsyncioAuthenticator(ctx)
+            self._auth.configure_curve_callback("*", _OnlyKey(keys.client_public))
+            self._auth.start()
+            self.sock.curve_server = True
+            self.sock.curve_secretkey = keys.server_secret
+            self.sock.curve_publickey = keys.server_public
         self.endpoint = bind_random(self.sock, host) if port == 0 else f"tcp://{host}:{port}"
         if port:
             self.sock.bind(self.endpoint)
@@ -71,6 +119,8 @@ class PrefillServer:
 
     def close(self, linger_ms: int = 0) -> None:
         self.sock.close(linger=linger_ms)
+        if self._auth is not None:
+            self._auth.stop()
         try:
             if self._file.read_text().strip() == self.endpoint:
                 self._file.unlink()
@@ -81,9 +131,10 @@ class PrefillServer:
 class PrefillLink:
     """The decode side's connection to one prefill instance, with its heartbeat state."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, spec: str) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, spec: str, secret: str = "") -> None:
         self.ctx = ctx
         self.spec = spec
+        self._keys = LinkKeys.derive(secret) if secret else None
         self.endpoint: str | None = None
         self.sock: zmq.asyncio.Socket | None = None
         self.connected = asyncio.Event()  # set while `sock` is connected (its reader awaits it)
@@ -108,6 +159,10 @@ class PrefillLink:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IMMEDIATE, 1)
+        if self._keys is not None:
+            self.sock.curve_serverkey = self._keys.server_public
+            self.sock.curve_publickey = self._keys.client_public
+            self.sock.curve_secretkey = self._keys.client_secret
         self.sock.connect(self.endpoint)
         self.connected.set()
         return True

@@ -69,8 +69,8 @@ class PrefillRole(PDRole):
 
     def __init__(self, cfg: KvdConfig, serving: Serving, ctx: zmq.asyncio.Context, run_dir: Path) -> None:
         super().__init__(cfg, serving)
-        self.server = PrefillServer(ctx, cfg.pd.host, cfg.pd.port, run_dir)
-        log.info("pd_serving", pd_endpoint=self.server.endpoint, pool=cfg.pd.pool)
+        self.server = PrefillServer(ctx, cfg.pd.host, cfg.pd.port, run_dir, cfg.pd.secret)
+        log.info("pd_serving", pd_endpoint=self.server.endpoint, pool=cfg.pd.pool, curve=bool(cfg.pd.secret))
 
     def readers(self) -> list[Coroutine[Any, Any, None]]:
         return [self.server.run(self.on_decode_message)]
