@@ -51,13 +51,16 @@ class ModelConfig(_Section):
     """`[model]`: which checkpoint, its dtype and device, context length, threads."""
 
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct; else a local HF checkpoint dir
-    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    dtype: str = "auto"  # auto: bfloat16 on CUDA and on CPUs with AVX512-BF16 or AMX, else float32
     device: str = "auto"  # auto: cuda if available, else cpu
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     cache_dir: str | None = None  # None: $KVD_CACHE_DIR or ~/.cache/kvd
     threads: int = 0  # CPU threads of the model's ops; 0: torch's default (every core)
+    implementation: str = "auto"  # auto: kvd's CPU decoder where it applies, else transformers'; kvd | transformers
 
     def __post_init__(self) -> None:
+        if self.implementation not in ("auto", "kvd", "transformers"):
+            raise ValueError(f"model.implementation: expected auto|kvd|transformers, got {self.implementation!r}")
         if self.threads < 0:
             raise ValueError(f"model.threads: must be >= 0, got {self.threads}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -409,7 +412,9 @@ def resolve_run_dir(cfg: KvdConfig) -> Path:
         return Path(cfg.daemon.run_dir).expanduser()
     if cfg.model.cache_dir:
         return Path(cfg.model.cache_dir).expanduser() / "run"
-    from kvd.worker.models import default_cache_dir  # lazy: config sits below the worker layer
+    from kvd.worker.models import (
+        default_cache_dir,  # lazy: config sits below the worker layer
+    )
 
     return default_cache_dir() / "run"
 

@@ -7,7 +7,8 @@ which gives the same results. `make` builds it during set-up (`python -m kvd.ops
 tests and the daemon only load it.
 
 - `paged_decode_attention(q, cache, block_table, lens, scale)`: one query token per
-  sequence against its paged K/V, reading the blocks in place (CPU, float32).
+  sequence against its paged K/V, reading the blocks in place (CPU, float32 or bfloat16,
+  accumulating in float32).
 - `swap_cache_layout(caches, host, block_ids, slot_ids, to_host)`: move blocks between
   the worker's per-layer layout `(2, num_blocks, block_size, KVH, D)` and the block-major
   host layout `(num_slots, L, 2, block_size, KVH, D)`; registered as
@@ -31,11 +32,11 @@ import torch.nn.functional as F
 log = structlog.get_logger(__name__)
 
 NATIVE_DIR = Path(__file__).resolve().parent.parent / "native"
-_SOURCES = ["paged_attention.cpp", "swap_cache_layout.cpp"]
+_SOURCES = ["paged_attention.cpp", "fused.cpp", "swap_cache_layout.cpp"]
 
 
 _CUDA_SOURCES = ["swap_cache_layout.cu"]
-_HEADERS = ["swap_cache_layout.h"]  # included by both builds: part of their cache key
+_HEADERS = ["swap_cache_layout.h", "kvd_math.h"]  # included by both builds: part of their cache key
 
 
 def _build_dir(sources: list[str] = _SOURCES) -> Path:
@@ -155,8 +156,8 @@ def paged_decode_attention_ref(
 def paged_decode_attention(
     q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, lens: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """Native where it applies (CPU, float32, extension built), else the reference."""
-    mod = native() if q.device.type == "cpu" and q.dtype == torch.float32 else None
+    """Native where it applies (CPU, float32 or bfloat16, extension built), else the reference."""
+    mod = native() if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) else None
     if mod is None:
         return paged_decode_attention_ref(q, cache, block_table, lens, scale)
     q = q.contiguous()

@@ -2,37 +2,53 @@
 //
 // The decode step's attention reads each sequence's K/V straight from the paged cache:
 // no gather into a padded copy first (which costs a write and a second read of every
-// byte). Parallel over (sequence, kv head); each task scores its G = H / KVH query heads
-// against the sequence's tokens, softmaxes in float32 and accumulates V.
+// byte). Parallel over sequences (over (sequence, kv head) when there are fewer sequences
+// than threads); each task scores its query heads against the sequence's tokens, reading
+// each token's K and V row once for all its kv heads, softmaxes in float32 and
+// accumulates V.
 //
-//   out   (B, H, D)                         float32, written
-//   q     (B, H, D)                         float32
-//   cache (2, num_blocks, block_size, KVH, D) float32, K then V, contiguous
+//   out   (B, H, D)                         written, q's dtype
+//   q     (B, H, D)                         float32 or bfloat16
+//   cache (2, num_blocks, block_size, KVH, D) K then V, contiguous, q's dtype
+// bfloat16 inputs are widened to float32 as they are read: scores, softmax and the V
+// accumulation are float32 either way, and only the output is rounded back.
 //   block_table (B, max_blocks) int64; lens (B,) int64 (tokens of context, query included)
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstring>
+
+#include "kvd_math.h"
 #include <limits>
 #include <vector>
 
 namespace {
 
+using kvd::exp_neg;
+using kvd::widen;
+
 // 16 independent lanes: the compiler vectorizes this without -ffast-math.
-inline float dot(const float* a, const float* b, int64_t n) {
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
   float acc[16] = {0.f};
   int64_t i = 0;
   for (; i + 16 <= n; i += 16)
-    for (int j = 0; j < 16; ++j) acc[j] += a[i + j] * b[i + j];
+    for (int j = 0; j < 16; ++j) acc[j] += a[i + j] * widen(b[i + j]);
   float s = 0.f;
   for (int j = 0; j < 16; ++j) s += acc[j];
-  for (; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += a[i] * widen(b[i]);
   return s;
 }
 
-inline void axpy(float* y, float a, const float* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+template <typename T>
+inline void axpy(float* y, float a, const T* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * widen(x[i]);
 }
+
+template <typename T>
+void attend(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::Tensor block_table,
+            torch::Tensor lens, double scale);
 
 }  // namespace
 
@@ -40,8 +56,9 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor ca
                             torch::Tensor block_table, torch::Tensor lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "q and out must be (B, H, D) of one shape");
   TORCH_CHECK(cache.dim() == 5 && cache.size(0) == 2, "cache must be (2, num_blocks, block_size, KVH, D)");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && cache.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
-              "paged_decode_attention: float32 only");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK((dt == at::kFloat || dt == at::kBFloat16) && cache.scalar_type() == dt && out.scalar_type() == dt,
+              "paged_decode_attention: q, cache and out must all be float32 or all bfloat16");
   TORCH_CHECK(block_table.scalar_type() == at::kLong && lens.scalar_type() == at::kLong, "int64 tables");
   TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && cache.is_contiguous() && block_table.is_contiguous() &&
                   lens.is_contiguous(), "contiguous tensors only");
@@ -49,7 +66,7 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor ca
   const int64_t NB = cache.size(1), BS = cache.size(2), KVH = cache.size(3);
   TORCH_CHECK(cache.size(4) == D && H % KVH == 0, "head sizes disagree");
   TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == B && lens.size(0) == B, "one table row per sequence");
-  const int64_t MB = block_table.size(1), G = H / KVH;
+  const int64_t MB = block_table.size(1);
   const int64_t* table = block_table.data_ptr<int64_t>();
   const int64_t* len = lens.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
@@ -57,53 +74,96 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor ca
     for (int64_t i = 0; i < (len[b] + BS - 1) / BS; ++i)
       TORCH_CHECK(table[b * MB + i] >= 0 && table[b * MB + i] < NB, "block id out of range");
   }
-  const float* qp = q.data_ptr<float>();
-  const float* kp = cache.data_ptr<float>();
-  const float* vp = kp + NB * BS * KVH * D;
-  float* op = out.data_ptr<float>();
+  if (dt == at::kFloat)
+    attend<float>(out, q, cache, block_table, lens, scale);
+  else
+    attend<c10::BFloat16>(out, q, cache, block_table, lens, scale);
+}
+
+namespace {
+
+using kvd::exp_neg;
+using kvd::widen;
+
+template <typename T>
+void attend(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::Tensor block_table,
+            torch::Tensor lens, double scale) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t NB = cache.size(1), BS = cache.size(2), KVH = cache.size(3);
+  const int64_t MB = block_table.size(1), G = H / KVH;
+  const int64_t* table = block_table.data_ptr<int64_t>();
+  const int64_t* len = lens.data_ptr<int64_t>();
+  const T* qp = q.data_ptr<T>();
+  const T* kp = cache.data_ptr<T>();
+  const T* vp = kp + NB * BS * KVH * D;
+  T* op = out.data_ptr<T>();
   const float fscale = static_cast<float>(scale);
   const int64_t tok_stride = KVH * D;
 
-  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
+  // A task is one sequence, all its kv heads: a token's K (and V) row of every head is one
+  // contiguous run, read once. With fewer sequences than threads, a task is (sequence,
+  // kv head) instead, so a single stream still uses every core.
+  const int64_t split = B < at::get_num_threads() ? KVH : 1;
+  const int64_t heads_per_task = KVH / split;
+  const int64_t R = heads_per_task * G;  // query rows of a task
+  at::parallel_for(0, B * split, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, qf(R * D), acc(R * D), denom(R);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / KVH, kh = task % KVH, L = len[b];
-      scores.resize(G * L);
-      const float* qb = qp + (b * H + kh * G) * D;  // the G query heads of this kv head
+      const int64_t b = task / split, kh0 = (task % split) * heads_per_task, L = len[b];
+      scores.resize(R * L);
+      const T* qb = qp + (b * H + kh0 * G) * D;  // the query heads of kv heads kh0 ... in order
+      for (int64_t i = 0; i < R * D; ++i) qf[i] = widen(qb[i]);
       for (int64_t t0 = 0, blk = 0; t0 < L; t0 += BS, ++blk) {
         const int64_t n = std::min(BS, L - t0);
-        const float* k = kp + table[b * MB + blk] * BS * tok_stride + kh * D;
+        const T* k = kp + table[b * MB + blk] * BS * tok_stride + kh0 * D;
         for (int64_t o = 0; o < n; ++o)
-          for (int64_t g = 0; g < G; ++g) scores[g * L + t0 + o] = dot(qb + g * D, k + o * tok_stride, D) * fscale;
+          for (int64_t h = 0; h < heads_per_task; ++h)
+            for (int64_t g = 0; g < G; ++g) {
+              const int64_t r = h * G + g;
+              scores[r * L + t0 + o] = dot(qf.data() + r * D, k + o * tok_stride + h * D, D) * fscale;
+            }
       }
-      std::vector<float> denom(G);
-      for (int64_t g = 0; g < G; ++g) {
-        float* s = scores.data() + g * L;
+      for (int64_t r = 0; r < R; ++r) {
+        float* sc = scores.data() + r * L;
         float m = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < L; ++t) m = std::max(m, s[t]);
+        for (int64_t t = 0; t < L; ++t) m = std::max(m, sc[t]);
         float sum = 0.f;
-        for (int64_t t = 0; t < L; ++t) {
-          s[t] = std::exp(s[t] - m);
-          sum += s[t];
-        }
-        denom[g] = sum;
-        std::fill(op + (b * H + kh * G + g) * D, op + (b * H + kh * G + g + 1) * D, 0.f);
+        for (int64_t t = 0; t < L; ++t) sc[t] = exp_neg(sc[t] - m);
+        for (int64_t t = 0; t < L; ++t) sum += sc[t];
+        denom[r] = sum;
       }
+      std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t0 = 0, blk = 0; t0 < L; t0 += BS, ++blk) {
         const int64_t n = std::min(BS, L - t0);
-        const float* v = vp + table[b * MB + blk] * BS * tok_stride + kh * D;
+        const T* v = vp + table[b * MB + blk] * BS * tok_stride + kh0 * D;
         for (int64_t o = 0; o < n; ++o)
-          for (int64_t g = 0; g < G; ++g) axpy(op + (b * H + kh * G + g) * D, scores[g * L + t0 + o], v + o * tok_stride, D);
+          for (int64_t h = 0; h < heads_per_task; ++h)
+            for (int64_t g = 0; g < G; ++g) {
+              const int64_t r = h * G + g;
+              axpy(acc.data() + r * D, scores[r * L + t0 + o], v + o * tok_stride + h * D, D);
+            }
       }
-      for (int64_t g = 0; g < G; ++g) {
-        float* o = op + (b * H + kh * G + g) * D;
-        const float inv = 1.f / denom[g];
-        for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+      for (int64_t r = 0; r < R; ++r) {
+        T* o = op + (b * H + kh0 * G + r) * D;
+        const float inv = 1.f / denom[r];
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[r * D + d] * inv);
       }
     }
   });
 }
 
+}  // namespace
+
+// fused.cpp
+void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor weight, double eps);
+void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
+void rope_neox(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin);
+void silu_and_mul(torch::Tensor out, torch::Tensor x);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over paged KV (CPU, float32)");
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over paged KV (CPU, float32 or bfloat16)");
+  m.def("rms_norm", &rms_norm, "out = RMSNorm(x) * weight, row by row (transformers' rounding)");
+  m.def("add_rms_norm", &add_rms_norm, "residual += x; x = RMSNorm(residual) * weight, in place");
+  m.def("rope_neox", &rope_neox, "rotary embedding of q and k in place (rotate-half form)");
+  m.def("silu_and_mul", &silu_and_mul, "out = silu(x[:, :I]) * x[:, I:]");
 }

@@ -49,7 +49,7 @@ def start_daemon(tmp_path: Path, model_dir: Path | None, env: dict | None = None
     run_dir = tmp_path / "run"
     log_file = tmp_path / "kvd.log"
     conf = {
-        "model": {"model": str(model_dir)} if model_dir else {},
+        "model": {"dtype": "float32"} | ({"model": str(model_dir)} if model_dir else {}),
         "log": {"format": "json", "file": str(log_file)},
         "daemon": {"run_dir": str(run_dir), "port": 0},
     }

@@ -27,6 +27,21 @@ def test_paged_decode_attention_matches_reference(heads, kv_heads, head_dim, blo
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (8, 2, 80)])
+def test_paged_decode_attention_in_bfloat16_matches_the_float32_reference(heads, kv_heads, head_dim):
+    # bf16 in, float32 arithmetic inside, rounded once at the output: within one bf16 step
+    g = torch.Generator().manual_seed(heads)
+    block_size, num_blocks = 16, 160
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=g).bfloat16()
+    lens = torch.tensor([1, 17, 200, 513])
+    table = torch.randperm(num_blocks, generator=g)[: 4 * 33].view(4, 33)
+    q = torch.randn(4, heads, head_dim, generator=g).bfloat16()
+    got = ops.paged_decode_attention(q, cache, table, lens, head_dim**-0.5)
+    assert got.dtype == torch.bfloat16
+    ref = ops.paged_decode_attention_ref(q.float(), cache.float(), table, lens, head_dim**-0.5)
+    torch.testing.assert_close(got.float(), ref, rtol=1.6e-2, atol=1.6e-2)
+
 def test_bad_inputs_raise_instead_of_reading_out_of_bounds():
     mod = ops.native()
     cache = torch.zeros(2, 4, 4, 1, 8)

@@ -59,12 +59,14 @@ from kvd.bench.serve import (
     render_table,
     served_mode,
 )
-from kvd.bench.versus import KV_CACHE_GB, PEER_PYTHON, machine_flags, skip_reason
+from kvd.bench.versus import KV_CACHE_GB, PEER_PYTHON, skip_reason
 from kvd.client import AsyncClient
+from kvd.cpu import machine_flags
 from kvd.worker.models import resolve_model
 
 VLLM_START_TIMEOUT_S = 900.0  # vLLM compiles its model at every start (minutes on 2 cores)
 MODEL_NAME = "smol"  # what both servers are asked for
+VLLM_CLI = [str(PEER_PYTHON), str(Path(__file__).with_name("vllm_cli.py"))]  # `vllm ...` (see vllm_cli.py)
 
 
 def modes(cfg, n: int) -> list[tuple[str, str, list[float], int]]:
@@ -143,7 +145,8 @@ def free_port() -> int:
 def peer_env(threads: int) -> dict[str, str]:
     cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:threads])
     return os.environ | {"OMP_NUM_THREADS": str(threads), "VLLM_CPU_OMP_THREADS_BIND": cpus, "HF_HUB_OFFLINE": "1",
-                         "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}  # fmt: skip
+                         "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+                         "VLLM_TARGET_DEVICE": "cpu"}  # fmt: skip
 
 
 class VllmServer:
@@ -153,8 +156,7 @@ class VllmServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / f"vllm-serve-{dtype}.log"
-        vllm = PEER_PYTHON.parent / "vllm"
-        self.argv = [str(vllm), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port),
+        self.argv = [*VLLM_CLI, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port),
                      "--dtype", dtype, "--served-model-name", MODEL_NAME, "--seed", "0",
                      "--kv-cache-memory-bytes", str(int(KV_CACHE_GB * 2**30)), "--no-enable-prefix-caching"]  # fmt: skip
         self.env = peer_env(threads)
@@ -194,7 +196,7 @@ def vllm_bench(url: str, model_dir: Path, work: Workload, cfg, workdir: Path, la
     prompts, max_tokens = work
     mean_in, mean_out = sum(map(len, prompts)) // len(prompts), sum(max_tokens) // len(max_tokens)
     result = workdir / f"vllm-bench-{label}.json"
-    argv = [str(PEER_PYTHON.parent / "vllm"), "bench", "serve", "--backend", "openai", "--base-url", url,
+    argv = [*VLLM_CLI, "bench", "serve", "--backend", "openai", "--base-url", url,
             "--endpoint", "/v1/completions", "--model", MODEL_NAME, "--tokenizer", str(model_dir),
             "--dataset-name", "random", "--random-input-len", str(mean_in), "--random-output-len", str(mean_out),
             "--random-range-ratio", "0.5", "--num-prompts", str(len(prompts)), "--max-concurrency",
@@ -212,8 +214,8 @@ def vllm_bench(url: str, model_dir: Path, work: Workload, cfg, workdir: Path, la
 def run_dtype(dtype: str, work: Workload, warm: Workload, cfg, workdir: Path, threads: int, peer: bool):
     """(kvd modes, vLLM modes, vllm-bench results by server) for one dtype."""
     model_dir = resolve_model(None)
-    daemon = ServedDaemon(workdir / f"kvd-{dtype}", cfg.max_num_seqs, dtype=dtype, http_model=MODEL_NAME)
     (workdir / f"kvd-{dtype}").mkdir()
+    daemon = ServedDaemon(workdir / f"kvd-{dtype}", cfg.max_num_seqs, dtype=dtype, http_model=MODEL_NAME)
     bench: dict[str, dict] = {}
     try:
         endpoint = daemon.start()

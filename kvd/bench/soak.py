@@ -79,6 +79,7 @@ class SoakConfig:
     seed: int = 0
     pd: bool = False
     pool: str = "redis"
+    dtype: str = "float32"  # daemon and references alike: float32 output is batch-invariant enough to compare
 
 
 @dataclass
@@ -112,8 +113,9 @@ class Target:
         conf.write_text(
             f"[daemon]\nmax_worker_restarts = 100000\nrequest_timeout_s = {cfg.request_timeout_s}\n"
             "integrity_check_interval_s = 1.0\n[scheduler]\nmax_num_seqs = 32\n"
+            f'[model]\ndtype = "{cfg.dtype}"\n' + ("threads = 1\n" if cfg.pd else "")
             + ('[log]\nformat = "json"\n' if cfg.pd else f'[log]\nformat = "json"\nfile = "{workdir / "kvd.log"}"\n')
-            + ("[pd]\nlease_s = 6.0\nheartbeat_timeout_s = 3.0\n[model]\nthreads = 1\n" if cfg.pd else "")
+            + ("[pd]\nlease_s = 6.0\nheartbeat_timeout_s = 3.0\n" if cfg.pd else "")
         )  # fmt: skip
         self.config = conf
 
@@ -162,10 +164,10 @@ def make_prompts(cfg: SoakConfig) -> list[list[int]]:
     return src.workload(cfg.prompts, (16, 96), cfg.max_tokens)[0]
 
 
-def references(prompts: list[list[int]], max_tokens: int):
+def references(prompts: list[list[int]], max_tokens: int, dtype: str):
     from kvd import LLM, SamplingParams
 
-    llm = LLM()
+    llm = LLM(dtype=dtype)
     return llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=2),
                         use_tqdm=False)  # fmt: skip
 
@@ -490,7 +492,7 @@ def render(report: Report) -> str:
 def soak(cfg: SoakConfig, workdir: Path) -> Report:
     """One whole run: start, load with faults, settle the books, stop."""
     prompts = make_prompts(cfg)
-    refs = references(prompts, cfg.max_tokens[1])
+    refs = references(prompts, cfg.max_tokens[1], cfg.dtype)
     target = Target(cfg, workdir)
     try:
         endpoint = target.start()

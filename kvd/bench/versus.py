@@ -57,13 +57,13 @@ from kvd.bench.offline import (
     measure,
     record,
 )
+from kvd.cpu import machine_flags, no_bf16_reason
 from kvd.worker.models import load_tokenizer, resolve_model
 
 log = structlog.get_logger(__name__)
 
 SECTIONS = ("mixed", "single", "prefill")
 DTYPES = ("float32", "bfloat16")
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 PEER_PYTHON = Path(".venv-vllm/bin/python")  # relative to the repository root, like RECORD_PATH
 PEER_SCRIPT = Path(__file__).with_name("vllm_peer.py")
 PEER_TIMEOUT_S = 3600  # a full run takes minutes; a hung peer must not hang `make bench`
@@ -77,25 +77,9 @@ Batch = tuple[list[list[int]], list[int]]  # (prompts as token ids, max_tokens),
 
 
 # ---- which dtypes run ----------------------------------------------------------------------
-def cpu_flags(cpuinfo: str) -> frozenset[str]:
-    """The flags of the first processor in a /proc/cpuinfo text."""
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return frozenset(value.split())
-    return frozenset()
-
-
 def skip_reason(dtype: str, flags: AbstractSet[str]) -> str | None:
     """Why `dtype` does not run on a CPU with these flags; None: it runs."""
-    if dtype == "bfloat16" and not flags & set(BF16_FLAGS):
-        return f"no bf16 hardware (neither {' nor '.join(BF16_FLAGS)} in the CPU flags)"
-    return None
-
-
-def machine_flags() -> frozenset[str]:
-    path = Path("/proc/cpuinfo")
-    return cpu_flags(path.read_text()) if path.exists() else frozenset()
+    return no_bf16_reason(flags) if dtype == "bfloat16" else None
 
 
 # ---- the request sets ------------------------------------------------------------------------

@@ -74,6 +74,42 @@ def forward_context(kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> I
         _ctx = prev
 
 
+def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """One layer's attention for the step's packed tokens: write k, v into the paged cache,
+    attend, return (N, H, D). q (N, H, D), k and v (N, KVH, D)."""
+    if _ctx is None:
+        raise RuntimeError("kvd paged attention called outside forward_context()")
+    meta = _ctx.meta
+    cache = _ctx.kv_caches[layer]  # (2, NB, BS, KVH, D)
+    n, h, d = q.shape
+    kvh = k.shape[1]
+
+    # 1. Write this step's K/V into their slots.
+    flat = cache.view(2, -1, kvh, d)  # (2, NB*BS, KVH, D)
+    flat[0].index_copy_(0, meta.slot_mapping, k)
+    flat[1].index_copy_(0, meta.slot_mapping, v)
+
+    out = q.new_empty(n, h, d)  # (N, H, D)
+    # 2a. Decode queries: one batched call that reads each request's blocks in place.
+    bd = meta.num_decodes
+    if bd:
+        out[:bd] = ops.paged_decode_attention(q[:bd], cache, meta.decode_block_table, meta.decode_lens, scale)
+    # 2b. Prefill chunks: causal over cached context + the chunk.
+    for p in meta.prefills:
+        qc = q[p.start : p.end].transpose(0, 1).unsqueeze(0)  # (1, H, T, D)
+        if p.num_computed == 0:
+            kc = k[p.start : p.end].transpose(0, 1).unsqueeze(0)  # (1, KVH, T, D)
+            vc = v[p.start : p.end].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            ctx_len = p.num_computed + (p.end - p.start)
+            kc = cache[0][p.block_table].view(-1, kvh, d)[:ctx_len].transpose(0, 1).unsqueeze(0)  # (1, KVH, C, D)
+            vc = cache[1][p.block_table].view(-1, kvh, d)[:ctx_len].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=p.mask, scale=scale, enable_gqa=True)
+        out[p.start : p.end] = o[0].transpose(0, 1)  # (T, H, D)
+    return out
+
+
 def paged_attention(
     module: torch.nn.Module,
     query: torch.Tensor,  # (1, H, N, D)
@@ -84,36 +120,9 @@ def paged_attention(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    if _ctx is None:
-        raise RuntimeError("kvd_paged attention called outside forward_context()")
-    meta = _ctx.meta
-    cache = _ctx.kv_caches[module.layer_idx]  # (2, NB, BS, KVH, D)
-    _, _, n, d = query.shape
-    kvh = key.shape[1]
-
-    # 1. Write this step's K/V into their slots.
-    flat = cache.view(2, -1, kvh, d)  # (2, NB*BS, KVH, D)
-    flat[0].index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1))
-    flat[1].index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1))
-
-    out = query.new_empty(n, query.shape[1], d)  # (N, H, D)
-    # 2a. Decode queries: one batched call that reads each request's blocks in place.
-    bd = meta.num_decodes
-    if bd:
-        q = query[0, :, :bd].transpose(0, 1)  # (Bd, H, D)
-        out[:bd] = ops.paged_decode_attention(q, cache, meta.decode_block_table, meta.decode_lens, scaling)
-    # 2b. Prefill chunks: causal over cached context + the chunk.
-    for p in meta.prefills:
-        q = query[:, :, p.start : p.end]  # (1, H, T, D)
-        if p.num_computed == 0:
-            k, v = key[:, :, p.start : p.end], value[:, :, p.start : p.end]
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
-        else:
-            ctx_len = p.num_computed + (p.end - p.start)
-            k = cache[0][p.block_table].view(-1, kvh, d)[:ctx_len].transpose(0, 1).unsqueeze(0)  # (1, KVH, C, D)
-            v = cache[1][p.block_table].view(-1, kvh, d)[:ctx_len].transpose(0, 1).unsqueeze(0)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=p.mask, scale=scaling, enable_gqa=True)
-        out[p.start : p.end] = o[0].transpose(0, 1)  # (T, H, D)
+    """transformers' attention-function signature over `attend`."""
+    out = attend(module.layer_idx, query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+                 scaling)  # fmt: skip
     return out.unsqueeze(0), None  # (1, N, H, D), as transformers' attention functions return
 
 

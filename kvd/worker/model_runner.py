@@ -10,13 +10,14 @@ The same class serves the offline LLM in-process and the daemon's worker process
 from __future__ import annotations
 
 import os
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 import torch
 
-from kvd import ops, shm
+from kvd import cpu, ops, shm
 from kvd.cache.kv_manager import cdiv
 from kvd.config import CacheConfig, ModelConfig
 from kvd.model_info import KVShare, ModelInfo
@@ -24,6 +25,8 @@ from kvd.sampling import SamplingParams
 from kvd.scheduler.output import Logprobs, ModelOutput, SchedulerOutput
 from kvd.worker import attention
 from kvd.worker.attention import AttentionMetadata, PrefillChunk
+from kvd.worker.decoder import Decoder
+from kvd.worker.linear import prepack
 from kvd.worker.models import load_config, load_model, model_fingerprint
 from kvd.worker.sampler import Sampler
 
@@ -38,24 +41,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX); without it bf16 matmuls
-    are emulated and run several times slower than float32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bfloat16 on CUDA, float32 on CPU (what the parity tests use)."""
+def resolve_dtype(name: str, device: torch.device, flags: AbstractSet[str] | None = None) -> torch.dtype:
+    """auto: bfloat16 on CUDA and on CPUs with bf16 hardware (AVX512-BF16 or AMX), float32 on
+    other CPUs, where bf16 matmuls are emulated and several times slower (`kvd.cpu`)."""
+    flags = cpu.machine_flags() if flags is None else flags
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        chosen, why = cpu.auto_cpu_dtype(flags)
+        log.info("dtype_chosen", dtype=chosen, device="cpu", reason=why)
+        return _DTYPES[chosen]
     dtype = _DTYPES[name]
-    if device.type == "cpu" and dtype != torch.float32 and not cpu_has_fast_bf16():
-        log.warning("slow_cpu_dtype", dtype=name, reason="this CPU has no native bf16/fp16; float32 is faster")
+    if device.type == "cpu" and dtype == torch.bfloat16 and cpu.no_bf16_reason(flags):
+        log.warning("slow_cpu_dtype", dtype=name, reason=f"{cpu.no_bf16_reason(flags)}: float32 is faster here")
+    if device.type == "cpu" and dtype == torch.float16:
+        log.warning("slow_cpu_dtype", dtype=name, reason="float16 runs transformers' forward on the CPU; "
+                                                         "bfloat16 or float32 take kvd's")  # fmt: skip
     return dtype
 
 
@@ -114,7 +115,8 @@ class ModelRunner:
         if getattr(self.hf_config, "use_sliding_window", False):
             raise ValueError("model: sliding-window attention is not supported by kvd's paged attention")
         self.model = load_model(model_dir, self.dtype, self.device, attn_implementation=attention.ATTN_IMPLEMENTATION)
-        self.decoder = self.model.get_decoder()
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.fast = self._fast_path(model_config.implementation)
         cfg = self.hf_config
         self.num_layers = cfg.num_hidden_layers
         self.num_kv_heads = cfg.num_key_value_heads
@@ -143,6 +145,24 @@ class ModelRunner:
             "model_runner_ready", device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
             num_blocks=self.num_blocks, block_size=self.block_size, kv_cache_mb=round(self.kv_cache_bytes / 2**20),
         )  # fmt: skip
+
+    def _fast_path(self, implementation: str) -> Decoder | None:
+        """kvd's own decoder where it applies (then transformers' copies of the layer weights
+        are dropped: the decoder holds them packed); else transformers' forward, its linear
+        layers prepacked on the CPU. Either way a log line says which and why."""
+        fast = None
+        if implementation == "transformers":
+            log.info("kvd_decoder_off", reason="model.implementation = transformers")
+        else:
+            fast = Decoder.build(self.model)
+        if fast is None and implementation == "kvd":
+            raise ValueError("model.implementation: kvd's decoder does not apply here (the log line kvd_decoder_off "
+                             "says why); use auto or transformers")  # fmt: skip
+        if fast is not None:
+            del self.model.get_decoder().layers  # transformers' forward is not called again
+        elif self.device.type == "cpu":
+            prepack(self.model)
+        return fast
 
     def _allocate_kv(self, share_kv: bool) -> tuple[torch.Tensor, int | None]:
         """One tensor per layer, (2, num_blocks, block_size, kv_heads, head_dim), as slices of one
@@ -235,11 +255,17 @@ class ModelRunner:
         if rest:
             batch = self._pack(rest)
             with attention.forward_context(self.kv_caches, batch.meta):
-                hidden = self.decoder(input_ids=batch.input_ids, position_ids=batch.positions,
-                                      use_cache=False).last_hidden_state  # (1, N, E)  # fmt: skip
+                hidden = self._forward(batch)  # (N, E)
             if batch.sample_ids:
-                self._sample(hidden[0, batch.sample_rows], batch.sample_ids, sampled)
+                self._sample(hidden[batch.sample_rows], batch.sample_ids, sampled)
         return sampled.output(so.step)
+
+    def _forward(self, batch: _Batch) -> torch.Tensor:
+        """The final hidden state of every packed token, (N, E)."""
+        if self.fast is not None:
+            return self.fast.forward(batch.input_ids[0], batch.positions[0])
+        out = self.model.get_decoder()(input_ids=batch.input_ids, position_ids=batch.positions, use_cache=False)
+        return out.last_hidden_state[0]
 
     def _pack(self, scheduled: dict[str, int]) -> _Batch:
         """Every scheduled token in one sequence, decode tokens first (one batched attention
@@ -297,7 +323,8 @@ class ModelRunner:
 
     def _sample(self, hidden: torch.Tensor, request_ids: list[str], into: _Sampled) -> None:
         """Sample one token per row of `hidden` (B, E) and append it to its request."""
-        logits = self.model.lm_head(hidden).float()  # (B, V)
+        head = self.fast.lm_head if self.fast is not None else self.model.lm_head
+        logits = head(hidden).float()  # (B, V)
         states = [self.requests[r] for r in request_ids]
         tokens, logprobs = self.sampler(
             logits, [s.params for s in states], [len(s.token_ids) - s.num_prompt_tokens for s in states]

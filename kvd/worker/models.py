@@ -318,7 +318,12 @@ def tiny_model_dir(family: str, path: str | os.PathLike, seed: int = 0, tokenize
     """Build a tiny random float32 model of `family` ("llama" or "qwen3") with
     `tokenizer` (default: the embedded SmolLM2 one), save it into `path` and return `path`."""
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen3Config
+    from transformers import (
+        AutoModelForCausalLM,
+        GenerationConfig,
+        LlamaConfig,
+        Qwen3Config,
+    )
 
     if family == "llama":
         config = LlamaConfig(**_TINY_COMMON)

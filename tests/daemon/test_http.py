@@ -37,7 +37,7 @@ def http_daemon(tmp_path_factory, smollm2_dir):
 
 @pytest.fixture(scope="module")
 def offline(smollm2_dir):
-    return LLM(str(smollm2_dir))
+    return LLM(str(smollm2_dir), dtype="float32")
 
 
 def sdk(d, **kw) -> openai.OpenAI:

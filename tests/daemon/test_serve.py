@@ -61,7 +61,7 @@ def test_32_concurrent_streams_match_offline_engine(smol_daemon, smollm2_dir):
         return await asyncio.gather(*(one(c) for c in convs))
 
     served = asyncio.run(all_streams())
-    llm = LLM(str(smollm2_dir))
+    llm = LLM(str(smollm2_dir), dtype="float32")
     offline = llm.chat(convs, SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=2))
     for i, ((ids, text, finish), ref) in enumerate(zip(served, offline)):
         assert finish == ref.finish_reason

@@ -37,7 +37,7 @@ def test_daemon_prefills_long_prompts_on_the_group_token_identical(group_daemon,
     prompts = [ids[:17], ids[:300], ids[5:305][::-1]]  # 17: below group_min_tokens, on the worker
     with Client(group_daemon.endpoint, timeout=180) as c:
         got = [c.generate(prompt_token_ids=p, max_tokens=10, temperature=0.0).token_ids for p in prompts]
-    refs = LLM(str(smollm2_dir)).generate(prompts, SamplingParams(max_tokens=10, temperature=0.0, logprobs=2))
+    refs = LLM(str(smollm2_dir), dtype="float32").generate(prompts, SamplingParams(max_tokens=10, temperature=0.0, logprobs=2))
     for g, ref in zip(got, refs):
         for step, (a, b) in enumerate(zip(g, ref.token_ids)):
             if a != b:  # only a near tie may flip a greedy token

@@ -9,7 +9,7 @@ from kvd import LLM, SamplingParams
 
 @pytest.fixture(scope="module")
 def llm(tiny_llama_dir):
-    return LLM(str(tiny_llama_dir), block_size=4, num_blocks=256, max_model_len=512)
+    return LLM(str(tiny_llama_dir), dtype="float32", block_size=4, num_blocks=256, max_model_len=512)
 
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -51,7 +51,7 @@ def test_bad_input_names_the_field_and_leaks_nothing(llm, prompt, options, field
 
 
 def test_prompt_beyond_cache_capacity(tiny_llama_dir):
-    small = LLM(str(tiny_llama_dir), block_size=4, num_blocks=8)
+    small = LLM(str(tiny_llama_dir), dtype="float32", block_size=4, num_blocks=8)
     with pytest.raises(ValueError, match="blocks"):
         small.generate([[5] * 30], SamplingParams(max_tokens=8))
     small.check_integrity()

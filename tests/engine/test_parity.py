@@ -23,7 +23,7 @@ MAX_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def smol(smollm2_dir):
-    return LLM(str(smollm2_dir), max_num_batched_tokens=512)
+    return LLM(str(smollm2_dir), dtype="float32", max_num_batched_tokens=512)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_smollm2_batch_matches_transformers_with_prefix_hits(smol, smol_ref, smo
 def test_smollm2_preemption_gives_identical_output(smollm2_dir, smol_ref, smol_outs):
     prompts, baseline = smol_outs
     # The long prompt alone needs ~90 blocks: 110 blocks cannot hold the batch at once.
-    small = LLM(str(smollm2_dir), num_blocks=110, max_num_batched_tokens=512)
+    small = LLM(str(smollm2_dir), dtype="float32", num_blocks=110, max_num_batched_tokens=512)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
     outs = small.generate(prompts, params)
     small.check_integrity()
@@ -106,7 +106,7 @@ def test_smollm2_preemption_gives_identical_output(smollm2_dir, smol_ref, smol_o
 def test_smollm2_swap_preemption_gives_identical_output(smollm2_dir, smol_outs):
     prompts, baseline = smol_outs
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
-    swapping = LLM(str(smollm2_dir), num_blocks=110, max_num_batched_tokens=512, preempt="swap", swap_space_gb=0.5)
+    swapping = LLM(str(smollm2_dir), dtype="float32", num_blocks=110, max_num_batched_tokens=512, preempt="swap", swap_space_gb=0.5)
     outs = swapping.generate(prompts, params)
     swapping.check_integrity()
     sched = swapping.engine.scheduler
@@ -114,8 +114,9 @@ def test_smollm2_swap_preemption_gives_identical_output(smollm2_dir, smol_outs):
     assert [o.token_ids for o in outs] == [o.token_ids for o in baseline]
 
 
+@pytest.mark.parametrize("implementation", ["kvd", "transformers"])  # kvd's decoder, transformers' forward
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_tiny_models_match_transformers(family, tiny_llama_dir, tiny_qwen3_dir):
+def test_tiny_models_match_transformers(family, implementation, tiny_llama_dir, tiny_qwen3_dir):
     path = tiny_llama_dir if family == "llama" else tiny_qwen3_dir
     ref = load_model(path, torch.float32, "cpu")
     rng = random.Random(0)
@@ -124,10 +125,11 @@ def test_tiny_models_match_transformers(family, tiny_llama_dir, tiny_qwen3_dir):
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     # The second and third runs are short of blocks: they preempt by recompute, then by swap.
     for num_blocks, preempt in ((None, "recompute"), (100, "recompute"), (100, "swap")):
-        llm = LLM(str(path), block_size=4, num_blocks=num_blocks, max_num_batched_tokens=128, max_num_seqs=6,
-                  preempt=preempt, swap_space_gb=0.05)  # fmt: skip
+        llm = LLM(str(path), dtype="float32", implementation=implementation, block_size=4, num_blocks=num_blocks,
+                  max_num_batched_tokens=128, max_num_seqs=6, preempt=preempt, swap_space_gb=0.05)  # fmt: skip
         outs = llm.generate(prompts, params)
         llm.check_integrity()
+        assert (llm.engine.runner.fast is not None) == (implementation == "kvd")
         if num_blocks:
             assert llm.engine.scheduler.num_preemptions > 0
             assert (llm.engine.scheduler.num_swaps > 0) == (preempt == "swap")

@@ -11,7 +11,7 @@ from kvd import LLM, SamplingParams
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama_dir):
-    llm = LLM(str(tiny_llama_dir), block_size=4, num_blocks=1024, max_model_len=1024)
+    llm = LLM(str(tiny_llama_dir), dtype="float32", block_size=4, num_blocks=1024, max_model_len=1024)
     llm.engine.stream_text = True  # as the daemon's Engine
     return llm.engine
 

@@ -64,7 +64,7 @@ def wait_clean(*daemons: DaemonHandle, timeout: float = 30.0) -> list[dict]:
 
 @functools.cache
 def _offline(model_dir: Path) -> LLM:
-    return LLM(str(model_dir))  # loaded once per test process (a few seconds each time otherwise)
+    return LLM(str(model_dir), dtype="float32")  # loaded once per test process (a few seconds each time otherwise)
 
 
 def reference(model_dir: Path, prompts: list, max_tokens: int):

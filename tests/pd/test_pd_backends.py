@@ -68,8 +68,11 @@ def endpoint_of(d) -> str:
 def test_launch_pd_with_redis_two_prefill_instances(tmp_path, prompts, refs):
     run_dir = tmp_path / "pd"
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVD_") or k == "KVD_CACHE_DIR"}
+    conf = tmp_path / "kvd.toml"
+    conf.write_text('[model]\ndtype = "float32"\n')  # as the references
     proc = subprocess.Popen([sys.executable, "-m", "kvd.cli", "launch", "pd", "--prefill", "2", "--decode", "1",
-                             "--pool", "redis", "--run-dir", str(run_dir), "--http-port", "0"], env=env,
+                             "--pool", "redis", "--run-dir", str(run_dir), "--http-port", "0",
+                             "--config", str(conf)], env=env,
                             stdout=(tmp_path / "launch.txt").open("w"), stderr=subprocess.STDOUT)  # fmt: skip
     try:
         wait_for(lambda: (run_dir / "endpoint").exists() or proc.poll() is not None, 300, "kvd launch")

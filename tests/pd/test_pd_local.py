@@ -89,7 +89,7 @@ def test_pd_greedy_output_matches_the_offline_engine(pd, prompts, smollm2_dir):
         r = c.generate(chat=conv, max_tokens=10, temperature=0.0)
     from kvd import LLM, SamplingParams
 
-    ref = LLM(str(smollm2_dir)).chat([conv], SamplingParams(max_tokens=10, temperature=0.0))[0]
+    ref = LLM(str(smollm2_dir), dtype="float32").chat([conv], SamplingParams(max_tokens=10, temperature=0.0))[0]
     assert r.token_ids == ref.token_ids and r.text == ref.text
     pst, dst = wait_clean(p, d)
     assert dst["pd"]["handoffs"] >= len(prompts) + 1 and dst["pd"]["kv_failures"] == 0

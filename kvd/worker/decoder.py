@@ -1,0 +1,144 @@
+"""Decoder: kvd's own forward pass over a transformers Llama or Qwen3 model's weights (CPU).
+
+transformers' modules spend most of a small decode step in Python and in small tensor
+ops: per layer, two RMSNorms of eight ops each, a rotary embedding of fourteen, three
+projections where one would do, the activation and its product, the residual adds, and
+the module machinery around them. On SmolLM2-135M at batch 1 that was three quarters
+of the step. `Decoder` runs the same computation from the same weights with:
+- one prepacked oneDNN projection for q, k and v, and one for gate and up
+  (`kvd.worker.linear`: weights concatenated, then reordered once);
+- the native fused ops of native/fused.cpp: RMSNorm with the residual add, the
+  rotary embedding in place, silu-and-mul; each rounds where transformers rounds, so
+  float32 outputs are transformers' up to float32's own rounding;
+- kvd's paged attention (`attention.attend`), as the transformers path uses it.
+
+`Decoder.build(model)` returns None — and the runner keeps transformers' forward,
+with the reason logged — where this path does not apply: not on the CPU, no native
+ops, another model family or a configuration it does not cover (sliding windows,
+biases it does not know, rope that is not plain rotate-half).
+"""
+
+from __future__ import annotations
+
+import structlog
+import torch
+
+from kvd import ops
+from kvd.worker import attention
+from kvd.worker.linear import PackedLinear, available
+
+log = structlog.get_logger(__name__)
+
+FAMILIES = ("llama", "qwen3")
+
+
+class _Layer:
+    """One decoder layer's weights, fused and packed."""
+
+    def __init__(self, layer, head_norms: bool) -> None:
+        a, m = layer.self_attn, layer.mlp
+        self.qkv = PackedLinear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+                                   _cat_bias(a.q_proj, a.k_proj, a.v_proj))  # fmt: skip
+        self.o = PackedLinear(a.o_proj.weight, a.o_proj.bias)
+        self.gate_up = PackedLinear(torch.cat([m.gate_proj.weight, m.up_proj.weight]),
+                                       _cat_bias(m.gate_proj, m.up_proj))  # fmt: skip
+        self.down = PackedLinear(m.down_proj.weight, m.down_proj.bias)
+        self.input_norm = layer.input_layernorm.weight.detach()
+        self.post_norm = layer.post_attention_layernorm.weight.detach()
+        self.q_norm = a.q_norm.weight.detach() if head_norms else None
+        self.k_norm = a.k_norm.weight.detach() if head_norms else None
+        self.intermediate = m.gate_proj.out_features
+
+
+def _cat_bias(*linears) -> torch.Tensor | None:
+    if all(lin.bias is None for lin in linears):
+        return None
+    return torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features) for lin in linears])
+
+
+class Decoder:
+    """The layers of one CPU model, run as one packed sequence of the step's tokens."""
+
+    def __init__(self, model, native) -> None:
+        cfg = model.config
+        inner = model.get_decoder()
+        self.native = native
+        self.embed = inner.embed_tokens
+        self.rotary = inner.rotary_emb
+        self.final_norm = inner.norm.weight.detach()
+        self.eps = float(cfg.rms_norm_eps)
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scale = self.head_dim**-0.5
+        head_norms = cfg.model_type == "qwen3"
+        self.layers = [_Layer(layer, head_norms) for layer in inner.layers[: cfg.num_hidden_layers]]
+        self.lm_head = PackedLinear(model.lm_head.weight, model.lm_head.bias)
+
+    def linears(self) -> list[PackedLinear]:
+        """Every projection of a step, lm_head last (what `kvd bench offline` times as the bound)."""
+        return [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [self.lm_head]
+
+    @classmethod
+    def build(cls, model) -> Decoder | None:
+        reason = cls._why_not(model)
+        if reason is not None:
+            log.info("kvd_decoder_off", reason=reason)
+            return None
+        decoder = cls(model, ops.native())
+        log.info("kvd_decoder_on", layers=len(decoder.layers), family=model.config.model_type)
+        return decoder
+
+    @staticmethod
+    def _why_not(model) -> str | None:
+        cfg = model.config
+        first = next(model.parameters())
+        if first.device.type != "cpu":
+            return f"the model is on {first.device.type}: transformers' forward serves it"
+        if cfg.model_type not in FAMILIES:
+            return f"model_type {cfg.model_type!r} is not one of {', '.join(FAMILIES)}"
+        if ops.native() is None:
+            return "the native ops are not built"
+        reason = available(first.dtype)
+        if reason is not None:
+            return reason
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            return f"hidden_act {cfg.hidden_act!r} is not silu"
+        if getattr(cfg, "mlp_bias", False):
+            return "mlp_bias is not covered"
+        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", False):
+            return "sliding-window attention is not covered"
+        return None
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(N,) token ids at (N,) positions -> (N, E) final hidden states; the attention
+        metadata comes from `attention.forward_context`, as for transformers' forward."""
+        nat = self.native
+        h = self.embed(input_ids)  # (N, E)
+        cos, sin = self.rotary(h, positions.unsqueeze(0))  # (1, N, D) each, in h's dtype
+        cos, sin = cos[0].contiguous(), sin[0].contiguous()
+        n = h.shape[0]
+        H, KVH, D = self.heads, self.kv_heads, self.head_dim
+        residual = h
+        x = torch.empty_like(h)
+        nat.rms_norm(x, h, self.layers[0].input_norm, self.eps)
+        for i, layer in enumerate(self.layers):
+            qkv = layer.qkv(x)  # (N, (H + 2 KVH) D)
+            q = qkv[:, : H * D].reshape(n, H, D)
+            k = qkv[:, H * D : (H + KVH) * D].reshape(n, KVH, D)
+            v = qkv[:, (H + KVH) * D :].reshape(n, KVH, D)
+            if layer.q_norm is not None:  # Qwen3 normalises each head before the rotation
+                q, k = q.contiguous(), k.contiguous()
+                nat.rms_norm(q.view(-1, D), q.view(-1, D), layer.q_norm, self.eps)
+                nat.rms_norm(k.view(-1, D), k.view(-1, D), layer.k_norm, self.eps)
+            nat.rope_neox(q, k, cos, sin)
+            o = attention.attend(i, q, k, v, self.scale)  # (N, H, D)
+            x = layer.o(o.view(n, H * D))  # (N, E)
+            nat.add_rms_norm(x, residual, layer.post_norm, self.eps)  # residual += attention; x = norm
+            gu = layer.gate_up(x)  # (N, 2I)
+            act = gu.new_empty(n, layer.intermediate)
+            nat.silu_and_mul(act, gu)
+            x = layer.down(act)  # (N, E)
+            nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.final_norm
+            nat.add_rms_norm(x, residual, nxt, self.eps)  # residual += mlp; x = the next norm
+        return x

@@ -1,0 +1,170 @@
+// Fused row-wise ops of a decoder layer, on the CPU: what transformers spells as five to
+// ten small tensor ops (each a dispatch and a pass over memory) done in one pass.
+//
+//   rms_norm(out, x, w, eps)          out = w * RMSNorm(x)
+//   add_rms_norm(x, residual, w, eps) residual = residual + x; x = w * RMSNorm(residual)
+//   rope_neox(q, k, cos, sin)         q, k rotated in place (rotate-half form)
+//   silu_and_mul(out, x)              out = silu(x[:, :I]) * x[:, I:]
+//
+// float32 or bfloat16, all tensors of one dtype. Arithmetic is float32 and every value is
+// rounded to the storage dtype where transformers' Llama/Qwen3 code rounds it (after the
+// residual add, after the normalisation before the weight, after each rotary product, after
+// the activation), so the results are transformers' to float32's own rounding and, in
+// bfloat16, the same bits up to that. Rows run in parallel.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include "kvd_math.h"
+
+namespace {
+
+using kvd::narrow;
+using kvd::widen;
+
+void check_rows(const torch::Tensor& t, const char* name, at::ScalarType dt) {
+  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, ": must be 2-D with contiguous rows");
+  TORCH_CHECK(t.scalar_type() == dt, name, ": dtype differs from the others");
+}
+
+void check_dtype(at::ScalarType dt, const char* op) {
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, op, ": float32 or bfloat16 only");
+}
+
+template <typename T>
+inline void norm_row(T* out, const T* x, const T* w, int64_t E, float eps) {
+  float ss = 0.f;
+  for (int64_t e = 0; e < E; ++e) ss += widen(x[e]) * widen(x[e]);
+  const float inv = 1.f / std::sqrt(ss / static_cast<float>(E) + eps);
+  for (int64_t e = 0; e < E; ++e) out[e] = narrow<T>(widen(w[e]) * widen(narrow<T>(widen(x[e]) * inv)));
+}
+
+template <typename T>
+void rms_norm_impl(torch::Tensor out, torch::Tensor x, torch::Tensor w, float eps) {
+  const int64_t R = x.size(0), E = x.size(1);
+  T* op = out.data_ptr<T>();
+  const T* xp = x.data_ptr<T>();
+  const T* wp = w.data_ptr<T>();
+  const int64_t so = out.stride(0), sx = x.stride(0);
+  at::parallel_for(0, R, 16, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) norm_row(op + r * so, xp + r * sx, wp, E, eps);
+  });
+}
+
+template <typename T>
+void add_rms_norm_impl(torch::Tensor x, torch::Tensor res, torch::Tensor w, float eps) {
+  const int64_t R = x.size(0), E = x.size(1);
+  T* xp = x.data_ptr<T>();
+  T* rp = res.data_ptr<T>();
+  const T* wp = w.data_ptr<T>();
+  const int64_t sx = x.stride(0), sr = res.stride(0);
+  at::parallel_for(0, R, 16, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      T* xr = xp + r * sx;
+      T* rr = rp + r * sr;
+      for (int64_t i = 0; i < E; ++i) rr[i] = narrow<T>(widen(rr[i]) + widen(xr[i]));
+      norm_row(xr, rr, wp, E, eps);
+    }
+  });
+}
+
+template <typename T>
+inline void rotate(T* x, const T* c, const T* s, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = widen(x[i]), b = widen(x[i + half]);
+    // x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1), each product rounded
+    x[i] = narrow<T>(widen(narrow<T>(a * widen(c[i]))) + widen(narrow<T>(-b * widen(s[i]))));
+    x[i + half] = narrow<T>(widen(narrow<T>(b * widen(c[i + half]))) + widen(narrow<T>(a * widen(s[i + half]))));
+  }
+}
+
+template <typename T>
+void rope_impl(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin) {
+  const int64_t N = q.size(0), H = q.size(1), KVH = k.size(1), D = q.size(2);
+  T* qp = q.data_ptr<T>();
+  T* kp = k.data_ptr<T>();
+  const T* cp = cos.data_ptr<T>();
+  const T* sp = sin.data_ptr<T>();
+  at::parallel_for(0, N, 8, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) {
+      const T* c = cp + n * D;
+      const T* s = sp + n * D;
+      for (int64_t h = 0; h < H; ++h) rotate(qp + n * q.stride(0) + h * q.stride(1), c, s, D);
+      for (int64_t h = 0; h < KVH; ++h) rotate(kp + n * k.stride(0) + h * k.stride(1), c, s, D);
+    }
+  });
+}
+
+template <typename T>
+void silu_and_mul_impl(torch::Tensor out, torch::Tensor x) {
+  const int64_t R = out.size(0), I = out.size(1);
+  T* op = out.data_ptr<T>();
+  const T* xp = x.data_ptr<T>();
+  const int64_t so = out.stride(0), sx = x.stride(0);
+  at::parallel_for(0, R, 8, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const T* g = xp + r * sx;
+      const T* u = g + I;
+      T* o = op + r * so;
+      for (int64_t i = 0; i < I; ++i) o[i] = narrow<T>(widen(narrow<T>(kvd::silu(widen(g[i])))) * widen(u[i]));
+    }
+  });
+}
+
+}  // namespace
+
+void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor weight, double eps) {
+  const auto dt = x.scalar_type();
+  check_dtype(dt, "rms_norm");
+  check_rows(x, "x", dt);
+  check_rows(out, "out", dt);
+  TORCH_CHECK(out.sizes() == x.sizes(), "rms_norm: out and x differ in shape");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.is_contiguous() && weight.scalar_type() == dt,
+              "rms_norm: weight must be a contiguous (E,) of x's dtype");
+  if (dt == at::kFloat)
+    rms_norm_impl<float>(out, x, weight, static_cast<float>(eps));
+  else
+    rms_norm_impl<c10::BFloat16>(out, x, weight, static_cast<float>(eps));
+}
+
+void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps) {
+  const auto dt = x.scalar_type();
+  check_dtype(dt, "add_rms_norm");
+  check_rows(x, "x", dt);
+  check_rows(residual, "residual", dt);
+  TORCH_CHECK(residual.sizes() == x.sizes(), "add_rms_norm: residual and x differ in shape");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.is_contiguous() && weight.scalar_type() == dt,
+              "add_rms_norm: weight must be a contiguous (E,) of x's dtype");
+  if (dt == at::kFloat)
+    add_rms_norm_impl<float>(x, residual, weight, static_cast<float>(eps));
+  else
+    add_rms_norm_impl<c10::BFloat16>(x, residual, weight, static_cast<float>(eps));
+}
+
+void rope_neox(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin) {
+  const auto dt = q.scalar_type();
+  check_dtype(dt, "rope_neox");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.stride(2) == 1 && k.stride(2) == 1,
+              "rope_neox: q and k must be (N, heads, D) with contiguous heads");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2) && q.size(2) % 2 == 0, "rope_neox: q and k disagree");
+  TORCH_CHECK(k.scalar_type() == dt && cos.scalar_type() == dt && sin.scalar_type() == dt, "rope_neox: one dtype");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.dim() == 2 && cos.sizes() == sin.sizes() &&
+                  cos.size(0) == q.size(0) && cos.size(1) == q.size(2),
+              "rope_neox: cos and sin must be contiguous (N, D)");
+  if (dt == at::kFloat)
+    rope_impl<float>(q, k, cos, sin);
+  else
+    rope_impl<c10::BFloat16>(q, k, cos, sin);
+}
+
+void silu_and_mul(torch::Tensor out, torch::Tensor x) {
+  const auto dt = x.scalar_type();
+  check_dtype(dt, "silu_and_mul");
+  check_rows(x, "x", dt);
+  check_rows(out, "out", dt);
+  TORCH_CHECK(x.size(0) == out.size(0) && x.size(1) == 2 * out.size(1), "silu_and_mul: x must be (R, 2I), out (R, I)");
+  if (dt == at::kFloat)
+    silu_and_mul_impl<float>(out, x);
+  else
+    silu_and_mul_impl<c10::BFloat16>(out, x);
+}

@@ -1,0 +1,60 @@
+// What kvd's CPU kernels share: reading bfloat16 as float32, and a vectorizable exp.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace kvd {
+
+inline float widen(float x) { return x; }
+
+// bf16 is the top half of a float32: widening is a shift, which the compiler vectorizes
+// (c10's own conversion, through a function call per element, it did not).
+inline float widen(c10::BFloat16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// Round to the storage type the way torch does (round to nearest even for bf16).
+template <typename T>
+inline T narrow(float x) {
+  return static_cast<T>(x);
+}
+
+// e^x for x <= 0, branch-free so that a loop calling it vectorizes: 2^(x log2 e) split
+// into 2^n (built in the exponent bits) and 2^f, f in [-0.5, 0.5], by a degree-6
+// polynomial. Relative error about 2e-7 (float32's own rounding); libm's scalar expf was
+// most of these kernels' time.
+inline float exp_neg(float x) {
+  x = std::max(x, -87.f);
+  const float t = x * 1.44269504088896341f;
+  const float n = std::nearbyint(t);
+  const float f = t - n;
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.f;
+  int32_t bits;
+  std::memcpy(&bits, &p, sizeof(bits));
+  bits += static_cast<int32_t>(n) << 23;
+  std::memcpy(&p, &bits, sizeof(bits));
+  return p;
+}
+
+// x * sigmoid(x) for any x, through exp_neg of -|x|.
+inline float silu(float x) {
+  const float e = exp_neg(-std::fabs(x));
+  const float sig = x >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
+  return x * sig;
+}
+
+}  // namespace kvd
