@@ -10,8 +10,10 @@
 //   out   (B, H, D)                         written, q's dtype
 //   q     (B, H, D)                         float32 or bfloat16
 //   cache (2, num_blocks, block_size, KVH, D) K then V, contiguous, q's dtype
-// bfloat16 inputs are widened to float32 as they are read: scores, softmax and the V
-// accumulation are float32 either way, and only the output is rounded back.
+// bfloat16 inputs are widened to float32 as they are read (each K and V row once for the
+// query heads that share it): scores, softmax and the V accumulation are float32 either
+// way, and only the output is rounded back. Where the build has AVX512-BF16 and D is a
+// multiple of 32, bf16 q . k runs as vdpbf16ps (exact bf16 products, float32 sums).
 //   block_table (B, max_blocks) int64; lens (B,) int64 (tokens of context, query included)
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -20,7 +22,11 @@
 #include <cstring>
 
 #include "kvd_math.h"
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -28,22 +34,50 @@ namespace {
 using kvd::exp_neg;
 using kvd::widen;
 
-// 16 independent lanes: the compiler vectorizes this without -ffast-math.
-template <typename T>
-inline float dot(const float* a, const T* b, int64_t n) {
-  float acc[16] = {0.f};
+// q . k over a head's D values. With AVX-512 one vector accumulator and one horizontal
+// sum per dot; without it 16 independent lanes the compiler vectorizes (no -ffast-math).
+inline float dot(const float* a, const float* b, int64_t n) {
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int j = 0; j < 16; ++j) acc[j] += a[i + j] * widen(b[i + j]);
   float s = 0.f;
-  for (int j = 0; j < 16; ++j) s += acc[j];
-  for (; i < n; ++i) s += a[i] * widen(b[i]);
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  s = _mm512_reduce_add_ps(acc);
+#else
+  float lanes[16] = {0.f};
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) lanes[j] += a[i + j] * b[i + j];
+  for (int j = 0; j < 16; ++j) s += lanes[j];
+#endif
+  for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
 
-template <typename T>
-inline void axpy(float* y, float a, const T* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * widen(x[i]);
+// bf16 q . bf16 k where the CPU has AVX512-BF16: pairs of exact bf16 products summed into
+// float32 lanes (vdpbf16ps); n a multiple of 32. Called only where kDotBf16 is true.
+#if defined(__AVX512BF16__)
+constexpr bool kDotBf16 = true;
+inline float dot_bf16(const c10::BFloat16* a, const c10::BFloat16* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 32)
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(a + i), (__m512bh)_mm512_loadu_si512(b + i));
+  return _mm512_reduce_add_ps(acc);
+}
+#else
+constexpr bool kDotBf16 = false;
+inline float dot_bf16(const c10::BFloat16*, const c10::BFloat16*, int64_t) { return 0.f; }
+#endif
+
+inline void axpy(float* y, float a, const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+// A K or V row as float32: float32 rows are used in place, bfloat16 rows widened once
+// into `buf` for all the query heads that read them.
+inline const float* as_float(const float* row, int64_t, float*) { return row; }
+inline const float* as_float(const c10::BFloat16* row, int64_t n, float* buf) {
+  for (int64_t i = 0; i < n; ++i) buf[i] = widen(row[i]);
+  return buf;
 }
 
 template <typename T>
@@ -99,6 +133,7 @@ void attend(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::Tens
   T* op = out.data_ptr<T>();
   const float fscale = static_cast<float>(scale);
   const int64_t tok_stride = KVH * D;
+  const bool native_bf16 = std::is_same_v<T, c10::BFloat16> && kDotBf16 && D % 32 == 0;
 
   // A task is one sequence, all its kv heads: a token's K (and V) row of every head is one
   // contiguous run, read once. With fewer sequences than threads, a task is (sequence,
@@ -107,7 +142,7 @@ void attend(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::Tens
   const int64_t heads_per_task = KVH / split;
   const int64_t R = heads_per_task * G;  // query rows of a task
   at::parallel_for(0, B * split, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, qf(R * D), acc(R * D), denom(R);
+    std::vector<float> scores, qf(R * D), acc(R * D), denom(R), row(D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / split, kh0 = (task % split) * heads_per_task, L = len[b];
       scores.resize(R * L);
@@ -117,11 +152,18 @@ void attend(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::Tens
         const int64_t n = std::min(BS, L - t0);
         const T* k = kp + table[b * MB + blk] * BS * tok_stride + kh0 * D;
         for (int64_t o = 0; o < n; ++o)
-          for (int64_t h = 0; h < heads_per_task; ++h)
-            for (int64_t g = 0; g < G; ++g) {
-              const int64_t r = h * G + g;
-              scores[r * L + t0 + o] = dot(qf.data() + r * D, k + o * tok_stride + h * D, D) * fscale;
+          for (int64_t h = 0; h < heads_per_task; ++h) {
+            const T* krow = k + o * tok_stride + h * D;
+            float* sc = scores.data() + h * G * L + t0 + o;  // row r = h * G + g at sc[g * L]
+            if constexpr (std::is_same_v<T, c10::BFloat16>) {
+              if (native_bf16) {
+                for (int64_t g = 0; g < G; ++g) sc[g * L] = dot_bf16(qb + (h * G + g) * D, krow, D) * fscale;
+                continue;
+              }
             }
+            const float* kf = as_float(krow, D, row.data());
+            for (int64_t g = 0; g < G; ++g) sc[g * L] = dot(qf.data() + (h * G + g) * D, kf, D) * fscale;
+          }
       }
       for (int64_t r = 0; r < R; ++r) {
         float* sc = scores.data() + r * L;
@@ -137,11 +179,13 @@ void attend(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::Tens
         const int64_t n = std::min(BS, L - t0);
         const T* v = vp + table[b * MB + blk] * BS * tok_stride + kh0 * D;
         for (int64_t o = 0; o < n; ++o)
-          for (int64_t h = 0; h < heads_per_task; ++h)
+          for (int64_t h = 0; h < heads_per_task; ++h) {
+            const float* vf = as_float(v + o * tok_stride + h * D, D, row.data());
             for (int64_t g = 0; g < G; ++g) {
               const int64_t r = h * G + g;
-              axpy(acc.data() + r * D, scores[r * L + t0 + o], v + o * tok_stride + h * D, D);
+              axpy(acc.data() + r * D, scores[r * L + t0 + o], vf, D);
             }
+          }
       }
       for (int64_t r = 0; r < R; ++r) {
         T* o = op + (b * H + kh0 * G + r) * D;

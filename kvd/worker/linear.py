@@ -43,7 +43,14 @@ def available(dtype: torch.dtype) -> str | None:
         return "this torch has no oneDNN weight prepacking op"
     if dtype not in (torch.float32, torch.bfloat16):
         return f"{dtype} is not packed"
+    if dtype == torch.bfloat16 and not bf16_kernels():
+        return "oneDNN has no bf16 kernels for this CPU (they need AVX512BW/VL/DQ or AVX-NE-CONVERT)"
     return None
+
+
+def bf16_kernels() -> bool:
+    """Whether oneDNN runs bf16 linears on this CPU (torch's own check; without it they raise)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def prepack(model: torch.nn.Module) -> int:

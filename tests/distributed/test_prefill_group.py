@@ -32,6 +32,8 @@ pytestmark = pytest.mark.timeout(120)  # tests that start processes set their ow
 PROMPT_LENGTHS = (1, 17, 300, 1500)
 DECODE_STEPS = 8  # tokens decoded after the first one
 GREEDY = SamplingParams(max_tokens=DECODE_STEPS + 1, temperature=0.0, ignore_eos=True)
+GREEDY_LOGPROBS = SamplingParams(max_tokens=DECODE_STEPS + 1, temperature=0.0, ignore_eos=True, logprobs=2)
+BF16_TIE_GAP = 0.3  # logits, as tests/engine/test_bf16.py
 # (1, 2) last: the pipeline test below reuses its group.
 CASES = [(2, 1, "all_gather"), (2, 1, "ring"), (2, 2, "all_gather"), (2, 2, "ring"), (1, 2, "all_gather")]
 
@@ -40,19 +42,23 @@ CASES = [(2, 1, "all_gather"), (2, 1, "ring"), (2, 2, "all_gather"), (2, 2, "rin
 class Decoder:
     """Drives a ModelRunner with hand-built SchedulerOutputs: one request at a time."""
 
-    def __init__(self, runner: ModelRunner) -> None:
+    def __init__(self, runner: ModelRunner, params: SamplingParams = GREEDY) -> None:
         self.runner = runner
+        self.params = params
         self.step = 0
         self.blocks = list(range(runner.num_blocks))
+        self.gaps: list[float] = []  # top-2 logprob gap of each token sampled (with params.logprobs)
 
     def _run(self, new=(), cached=(), scheduled=None, finished=()) -> list[int]:
         self.step += 1
         so = SchedulerOutput(self.step, list(new), list(cached), scheduled or {}, list(finished), [])
-        return self.runner.execute(so).token_ids
+        out = self.runner.execute(so)
+        self.gaps += [lp.top_logprobs[0] - lp.top_logprobs[1] for lp in out.logprobs or ()]
+        return out.token_ids
 
     def prefill(self, rid: str, prompt: list[int]) -> tuple[int, torch.Tensor]:
         """The first token and the prompt's KV (L, 2, T, KVH, D), computed in this process."""
-        new = NewRequestData(rid, prompt, len(prompt), self.blocks, 0, GREEDY)
+        new = NewRequestData(rid, prompt, len(prompt), self.blocks, 0, self.params)
         (first,) = self._run(new=[new], scheduled={rid: len(prompt)})
         kvh, d = self.runner.num_kv_heads, self.runner.head_dim
         kv = torch.stack([c.view(2, -1, kvh, d)[:, : len(prompt)] for c in self.runner.kv_caches])
@@ -64,7 +70,7 @@ class Decoder:
         if kv is not None:
             write_kv_to_blocks(kv, self.runner.kv_caches, self.blocks)
         n = len(prompt)
-        new = NewRequestData(rid, prompt + [first], n, self.blocks, n, GREEDY)
+        new = NewRequestData(rid, prompt + [first], n, self.blocks, n, self.params)
         tokens = [first, *self._run(new=[new], scheduled={rid: 1})]
         for i in range(1, DECODE_STEPS):
             tokens += self._run(cached=[CachedRequestData(rid, [], n + i)], scheduled={rid: 1})
@@ -272,3 +278,33 @@ def test_write_kv_to_blocks():
         assert cache[:, [0, 2, 4]].abs().sum() == 0
     with pytest.raises(ValueError, match="block_ids"):
         write_kv_to_blocks(kv, caches, [5, 1])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_group_prefill_in_bf16_matches_one_bf16_process_within_ties(smollm2_dir, prompts, decoder):
+    """bf16 ranks hand bf16 KV to a bf16 runner: its tokens are the runner's own prefill's until
+    the first step whose top-2 gap is below BF16_TIE_GAP (bf16 rounds logits to 1/8 here).
+    (`decoder` holds this process to one thread while the ranks run.)"""
+    blocks = -(-(300 + DECODE_STEPS + 1) // 16)
+    one = Decoder(ModelRunner(smollm2_dir, ModelConfig(dtype="bfloat16"), CacheConfig(num_blocks=blocks)),
+                  GREEDY_LOGPROBS)  # fmt: skip
+    parallel = ParallelConfig(sp=2, pp=1, collective_timeout_s=60)
+    with PrefillGroup(smollm2_dir, parallel, max_tokens=512, dtype=torch.bfloat16, start_timeout_s=120) as group:
+        for n in (17, 300):
+            one.gaps = []
+            first, kv = one.prefill(f"bf16-ref-prefill-{n}", prompts[n])
+            ref = one.decode(f"bf16-ref-{n}", prompts[n], first)
+            gaps = one.gaps  # the prefill's first token, then each decoded one
+            result = group.prefill(prompts[n], sync="all_gather")
+            assert result.kv.dtype == torch.bfloat16 and result.kv.shape == kv.shape
+            # bf16 rounds each of 30 layers a step apart: the KV agree in norm, not elementwise.
+            rel = float((result.kv.float() - kv.float()).norm() / kv.float().norm())
+            assert rel < 2e-2, f"{n} tokens: KV relative difference {rel:.2e}"
+            got = one.decode(f"bf16-group-{n}", prompts[n], result.first_token, result.kv)
+            for step, (a, b) in enumerate(zip(got, ref)):
+                if a != b:
+                    assert gaps[step] < BF16_TIE_GAP, f"prompt of {n}: diverged at step {step}, gap {gaps[step]:.3f}"
+                    break
+            else:
+                assert got == ref

@@ -14,8 +14,10 @@ TIE_GAP = 0.01
 
 
 @torch.inference_mode()
-def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int] | None = None):
-    """(tokens, top-2 logit gap per step) from transformers' generate, no padding, float32."""
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int] | None = None,
+              with_logits: bool = False):  # fmt: skip
+    """(tokens, top-2 logit gap per step) from transformers' generate, no padding, in the
+    model's dtype; with_logits adds each step's logits (V,) as float32."""
     out = model.generate(
         torch.tensor([prompt_ids], device=model.device),
         attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=model.device),
@@ -31,6 +33,8 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[in
     for scores in out.scores:
         top2 = torch.topk(scores[0].float(), 2).values
         gaps.append(float(top2[0] - top2[1]))
+    if with_logits:
+        return tokens, gaps, [scores[0].float() for scores in out.scores]
     return tokens, gaps
 
 

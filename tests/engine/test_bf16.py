@@ -12,6 +12,7 @@ import torch
 
 from kvd import LLM, SamplingParams
 from kvd.cpu import auto_cpu_dtype, cpu_flags, no_bf16_reason
+from kvd.worker import linear
 from kvd.worker.decoder import Decoder
 from kvd.worker.model_runner import resolve_dtype
 from kvd.worker.models import load_model
@@ -60,6 +61,13 @@ def test_decoder_falls_back_with_the_reason_where_it_does_not_apply(tiny_llama_d
         LLM(str(tiny_llama_dir), dtype="float16", implementation="kvd", num_blocks=16)
 
 
+def test_without_onednn_bf16_kernels_bf16_takes_transformers_forward(tiny_llama_dir, monkeypatch, capsys):
+    monkeypatch.setattr(linear, "bf16_kernels", lambda: False)  # an AVX2-only CPU: the packed bf16 linear raises
+    llm = LLM(str(tiny_llama_dir), dtype="bfloat16", num_blocks=16)
+    assert llm.engine.runner.fast is None and "no bf16 kernels" in capsys.readouterr().out
+    assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0.0))[0].finish_reason == "length"
+
+
 # ---- greedy parity with transformers in bf16 -------------------------------------------------
 @pytest.fixture(scope="module")
 def bf16_ref(smollm2_dir):
@@ -73,24 +81,29 @@ def _prompts(llm):
 
 
 def _check(llm, ref, outs, prompts, label):
+    """Identical up to a tie; at the divergence, kvd's token is one transformers scored within
+    BF16_TIE_GAP of its best (the tie was between the tokens the two engines picked)."""
     eos = set(llm.engine.eos_token_ids)
-    exact = 0
     for i, (p, o) in enumerate(zip(prompts, outs)):
-        ref_tokens, gaps = hf_greedy(ref, p, MAX_TOKENS, eos)
-        exact += assert_greedy_match(o.token_ids, ref_tokens, gaps, f"{label} prompt {i}", BF16_TIE_GAP)
-    return exact
+        ref_tokens, gaps, logits = hf_greedy(ref, p, MAX_TOKENS, eos, with_logits=True)
+        if assert_greedy_match(o.token_ids, ref_tokens, gaps, f"{label} prompt {i}", BF16_TIE_GAP):
+            continue
+        step = next(s for s, (a, b) in enumerate(zip(o.token_ids, ref_tokens)) if a != b)
+        behind = float(logits[step].max() - logits[step][o.token_ids[step]])
+        assert behind < BF16_TIE_GAP, f"{label} prompt {i}: at step {step} kvd's token was {behind:.3f} behind"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("implementation", ["kvd", "transformers"])
 def test_bf16_greedy_matches_transformers_bf16_within_ties(smollm2_dir, bf16_ref, implementation):
+    if implementation == "kvd" and (reason := linear.available(torch.bfloat16)):
+        pytest.skip(reason)
     llm = LLM(str(smollm2_dir), dtype="bfloat16", implementation=implementation, max_num_batched_tokens=256)
     assert llm.engine.runner.dtype == torch.bfloat16 and llm.engine.runner.kv_all.dtype == torch.bfloat16
     prompts = _prompts(llm)
     outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0), use_tqdm=False)
     llm.check_integrity()
-    exact = _check(llm, bf16_ref, outs, prompts, implementation)
-    assert exact >= len(prompts) // 2, f"only {exact}/{len(prompts)} token-identical"
+    _check(llm, bf16_ref, outs, prompts, implementation)
 
 
 @pytest.mark.slow

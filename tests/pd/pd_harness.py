@@ -13,6 +13,7 @@ from kvd import LLM, SamplingParams
 from kvd.client import AsyncClient, Client, KvdError
 
 TIE_LOGPROB_GAP = 1e-3  # below this top-2 gap a different batch shape may flip a greedy token
+BF16_TIE_GAP = 0.3  # bf16 logits move in steps of 1/8 here (tests/engine/test_bf16.py)
 FAST = {"heartbeat_interval_s": 0.5, "integrity_check_interval_s": 1.0}
 # Several instances share this machine's cores: one thread each, or their OpenMP threads spin
 # against each other and starve the daemons' event loops (false heartbeat deaths).
@@ -27,7 +28,8 @@ class Deployment:
 
 
 def start_prefill(root: Path, model_dir: Path, pd: dict, cache: dict | None = None, **sections) -> DaemonHandle:
-    return start_daemon(root, model_dir, daemon={"role": "prefill", **FAST}, pd={"secret": SECRET, **pd}, model=ONE_THREAD,
+    model = {**ONE_THREAD, **sections.pop("model", {})}
+    return start_daemon(root, model_dir, daemon={"role": "prefill", **FAST}, pd={"secret": SECRET, **pd}, model=model,
                         cache=cache or {"num_blocks": 512}, **sections)  # fmt: skip
 
 
@@ -35,7 +37,8 @@ def start_decode(root: Path, model_dir: Path, prefill: DaemonHandle | str, pd: d
                  cache: dict | None = None, **sections) -> DaemonHandle:  # fmt: skip
     spec = str(prefill.run_dir) if isinstance(prefill, DaemonHandle) else prefill
     daemon = {"role": "decode", **FAST, **sections.pop("daemon", {})}
-    return start_daemon(root, model_dir, daemon=daemon, cache=cache or {"num_blocks": 512}, model=ONE_THREAD,
+    model = {**ONE_THREAD, **sections.pop("model", {})}
+    return start_daemon(root, model_dir, daemon=daemon, cache=cache or {"num_blocks": 512}, model=model,
                         pd={"prefill_endpoints": [spec], "heartbeat_timeout_s": 3.0, "secret": SECRET, **pd},
                         **sections)  # fmt: skip
 
@@ -63,22 +66,22 @@ def wait_clean(*daemons: DaemonHandle, timeout: float = 30.0) -> list[dict]:
 
 
 @functools.cache
-def _offline(model_dir: Path) -> LLM:
-    return LLM(str(model_dir), dtype="float32")  # loaded once per test process (a few seconds each time otherwise)
+def _offline(model_dir: Path, dtype: str) -> LLM:
+    return LLM(str(model_dir), dtype=dtype)  # loaded once per test process (a few seconds each time otherwise)
 
 
-def reference(model_dir: Path, prompts: list, max_tokens: int):
+def reference(model_dir: Path, prompts: list, max_tokens: int, dtype: str = "float32"):
     """The offline engine's greedy outputs, with the top-2 logprobs that tell a tie."""
-    llm = _offline(model_dir)
+    llm = _offline(model_dir, dtype)
     return llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=2))
 
 
-def assert_matches(got: list[int], ref, label: str) -> None:
+def assert_matches(got: list[int], ref, label: str, tie_gap: float = TIE_LOGPROB_GAP) -> None:
     """Token-identical, except after a step where the reference's top two were a near tie."""
     for step, (a, b) in enumerate(zip(got, ref.token_ids)):
         if a != b:
             lp = ref.logprobs[step].top_logprobs
-            assert lp[0] - lp[1] < TIE_LOGPROB_GAP, f"{label}: diverged at step {step} ({a} vs {b}), not a tie"
+            assert lp[0] - lp[1] < tie_gap, f"{label}: diverged at step {step} ({a} vs {b}), not a tie"
             return
     assert got == ref.token_ids, f"{label}: {got} vs {ref.token_ids}"
 

@@ -14,7 +14,7 @@ import pytest
 from harness import log_events, wait_for
 from kvd.client import AsyncClient, Client
 from kvd.worker.models import load_tokenizer
-from pd_harness import assert_matches, reference, start_decode, start_prefill, wait_clean, wait_linked
+from pd_harness import assert_matches, reference, start_prefill, wait_clean, wait_linked
 
 pytestmark = pytest.mark.timeout(300)
 
