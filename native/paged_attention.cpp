@@ -147,7 +147,8 @@ void attend(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::Tens
       const int64_t b = task / split, kh0 = (task % split) * heads_per_task, L = len[b];
       scores.resize(R * L);
       const T* qb = qp + (b * H + kh0 * G) * D;  // the query heads of kv heads kh0 ... in order
-      for (int64_t i = 0; i < R * D; ++i) qf[i] = widen(qb[i]);
+      if (!native_bf16)  // the bf16 dot reads q as it is
+        for (int64_t i = 0; i < R * D; ++i) qf[i] = widen(qb[i]);
       for (int64_t t0 = 0, blk = 0; t0 < L; t0 += BS, ++blk) {
         const int64_t n = std::min(BS, L - t0);
         const T* k = kp + table[b * MB + blk] * BS * tok_stride + kh0 * D;

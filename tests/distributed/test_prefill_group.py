@@ -26,6 +26,7 @@ from kvd.distributed import ChunkPlan, GroupFailed, LayerMap, ParallelConfig, Pr
 from kvd.sampling import SamplingParams
 from kvd.scheduler.output import CachedRequestData, NewRequestData, SchedulerOutput
 from kvd.worker.model_runner import ModelRunner
+from reference import BF16_TIE_GAP, assert_greedy_match
 
 pytestmark = pytest.mark.timeout(120)  # tests that start processes set their own, larger bound
 
@@ -33,7 +34,6 @@ PROMPT_LENGTHS = (1, 17, 300, 1500)
 DECODE_STEPS = 8  # tokens decoded after the first one
 GREEDY = SamplingParams(max_tokens=DECODE_STEPS + 1, temperature=0.0, ignore_eos=True)
 GREEDY_LOGPROBS = SamplingParams(max_tokens=DECODE_STEPS + 1, temperature=0.0, ignore_eos=True, logprobs=2)
-BF16_TIE_GAP = 0.3  # logits, as tests/engine/test_bf16.py
 # (1, 2) last: the pipeline test below reuses its group.
 CASES = [(2, 1, "all_gather"), (2, 1, "ring"), (2, 2, "all_gather"), (2, 2, "ring"), (1, 2, "all_gather")]
 
@@ -302,9 +302,4 @@ def test_group_prefill_in_bf16_matches_one_bf16_process_within_ties(smollm2_dir,
             rel = float((result.kv.float() - kv.float()).norm() / kv.float().norm())
             assert rel < 2e-2, f"{n} tokens: KV relative difference {rel:.2e}"
             got = one.decode(f"bf16-group-{n}", prompts[n], result.first_token, result.kv)
-            for step, (a, b) in enumerate(zip(got, ref)):
-                if a != b:
-                    assert gaps[step] < BF16_TIE_GAP, f"prompt of {n}: diverged at step {step}, gap {gaps[step]:.3f}"
-                    break
-            else:
-                assert got == ref
+            assert_greedy_match(got, ref, gaps, f"bf16 group, prompt of {n}", BF16_TIE_GAP)

@@ -16,9 +16,8 @@ from kvd.worker import linear
 from kvd.worker.decoder import Decoder
 from kvd.worker.model_runner import resolve_dtype
 from kvd.worker.models import load_model
-from reference import assert_greedy_match, hf_greedy
+from reference import BF16_TIE_GAP, assert_greedy_match, hf_greedy
 
-BF16_TIE_GAP = 0.3  # logits: two bf16 steps at 16-32, where SmolLM2's top logits lie
 MAX_TOKENS = 32
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
              "Explain what a KV cache is in one sentence.", "List three prime numbers."]  # fmt: skip

@@ -13,7 +13,6 @@ from kvd import LLM, SamplingParams
 from kvd.client import AsyncClient, Client, KvdError
 
 TIE_LOGPROB_GAP = 1e-3  # below this top-2 gap a different batch shape may flip a greedy token
-BF16_TIE_GAP = 0.3  # bf16 logits move in steps of 1/8 here (tests/engine/test_bf16.py)
 FAST = {"heartbeat_interval_s": 0.5, "integrity_check_interval_s": 1.0}
 # Several instances share this machine's cores: one thread each, or their OpenMP threads spin
 # against each other and starve the daemons' event loops (false heartbeat deaths).

@@ -1,6 +1,6 @@
 """PD in bfloat16 through the embedded local pool: the prefill instance writes bf16 KV
 blocks, the decode instance reads them into its bf16 cache, and the tokens are the offline
-bf16 engine's up to bf16 ties (BF16_TIE_GAP; tests/engine/test_bf16.py says why)."""
+bf16 engine's up to bf16 ties (BF16_TIE_GAP of tests/reference.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from harness import log_events
 from kvd.client import KvdError
 from kvd.worker.models import load_tokenizer
 from pd_harness import (
-    BF16_TIE_GAP,
     assert_matches,
     reference,
     run_all,
@@ -19,6 +18,7 @@ from pd_harness import (
     wait_clean,
     wait_linked,
 )
+from reference import BF16_TIE_GAP
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
