@@ -32,11 +32,11 @@ import torch.nn.functional as F
 log = structlog.get_logger(__name__)
 
 NATIVE_DIR = Path(__file__).resolve().parent.parent / "native"
-_SOURCES = ["paged_attention.cpp", "fused.cpp", "swap_cache_layout.cpp"]
+_SOURCES = ["paged_attention.cpp", "prefill_attention.cpp", "fused.cpp", "swap_cache_layout.cpp"]
 
 
 _CUDA_SOURCES = ["swap_cache_layout.cu"]
-_HEADERS = ["swap_cache_layout.h", "kvd_math.h"]  # included by both builds: part of their cache key
+_HEADERS = ["swap_cache_layout.h", "kvd_math.h", "kvd_simd.h"]  # included by both builds: part of their cache key
 
 
 def _build_dir(sources: list[str] = _SOURCES) -> Path:
@@ -164,6 +164,42 @@ def paged_decode_attention(
     out = torch.empty_like(q)
     mod.paged_decode_attention(out, q, cache, block_table, lens, scale)
     return out
+
+
+def prefill_attention_ref(
+    q: torch.Tensor,  # (T, H, D)
+    cache: torch.Tensor,  # (2, NB, BS, KVH, D)
+    block_table: torch.Tensor,  # (blocks,) int64, covering num_computed + T
+    num_computed: int,
+    scale: float,
+) -> torch.Tensor:
+    """The pure-torch reference: gather the context, causal mask offset by num_computed, SDPA. (T, H, D)."""
+    t, _, d = q.shape
+    kvh, ctx = cache.shape[3], num_computed + t
+    kv = cache[:, block_table].reshape(2, -1, kvh, d)[:, :ctx].transpose(1, 2)  # (2, KVH, C, D)
+    mask = torch.arange(ctx, device=q.device)[None] <= torch.arange(num_computed, ctx, device=q.device)[:, None]
+    o = F.scaled_dot_product_attention(q.transpose(0, 1), kv[0], kv[1], attn_mask=mask, scale=scale,
+                                       enable_gqa=True)  # fmt: skip
+    return o.transpose(0, 1)
+
+
+def prefill_attention(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, num_computed: int,
+                      scale: float, out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """A prefill chunk's causal attention over its paged KV, natively (into `out` if given);
+    only where `prefill_attention_applies(q)` (CPU, float32/bfloat16, a head size the build covers)."""
+    if q.stride(2) != 1 or q.stride(1) != q.shape[2]:  # heads not token-major (transformers' (1, H, N, D) view)
+        q = q.contiguous()
+    if out is None:
+        out = q.new_empty(q.shape)
+    native().prefill_attention(out, q, cache, block_table, num_computed, scale)
+    return out
+
+
+def prefill_attention_applies(q: torch.Tensor) -> bool:
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    mod = native()
+    return mod is not None and mod.prefill_attention_supported(q.shape[-1])
 
 
 def _check_swap(caches: list[torch.Tensor], host: torch.Tensor, block_ids: torch.Tensor,

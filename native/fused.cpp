@@ -15,11 +15,72 @@
 #include <ATen/Parallel.h>
 
 #include "kvd_math.h"
+#if defined(__AVX512F__)
+#include "kvd_simd.h"
+#endif
 
 namespace {
 
 using kvd::narrow;
 using kvd::widen;
+
+#if defined(__AVX512F__)
+// The same rows sixteen lanes at a time, where a row is a multiple of 16 wide: each value
+// rounded where the scalar code rounds (round16, store16), sums in another order.
+using kvd::load16;
+using kvd::round16;
+using kvd::store16;
+
+template <typename T>
+inline void norm_row16(T* out, const T* x, const T* w, int64_t E, float eps) {
+  __m512 ss = _mm512_setzero_ps();
+  for (int64_t e = 0; e < E; e += 16) {
+    const __m512 v = load16(x + e);
+    ss = _mm512_fmadd_ps(v, v, ss);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(E) + eps));
+  for (int64_t e = 0; e < E; e += 16)
+    store16(out + e, _mm512_mul_ps(load16(w + e), round16<T>(_mm512_mul_ps(load16(x + e), inv))));
+}
+
+template <typename T>
+inline void add_row16(T* res, const T* x, int64_t E) {
+  for (int64_t e = 0; e < E; e += 16) store16(res + e, _mm512_add_ps(load16(res + e), load16(x + e)));
+}
+
+template <typename T>
+inline void silu_mul_row16(T* o, const T* g, const T* u, int64_t I) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t i = 0; i < I; i += 16) {
+    const __m512 x = load16(g + i);
+    const __m512 e = kvd::exp_neg16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));
+    const __mmask16 pos = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ);
+    const __m512 sig = _mm512_div_ps(_mm512_mask_blend_ps(pos, e, one), _mm512_add_ps(one, e));
+    store16(o + i, _mm512_mul_ps(round16<T>(_mm512_mul_ps(x, sig)), load16(u + i)));
+  }
+}
+
+template <typename T>
+inline void rotate16(T* x, const T* c, const T* s, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < half; i += 16) {
+    const __m512 a = load16(x + i), b = load16(x + half + i);
+    const __m512 lo = _mm512_add_ps(round16<T>(_mm512_mul_ps(a, load16(c + i))),
+                                    round16<T>(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), b), load16(s + i))));
+    const __m512 hi = _mm512_add_ps(round16<T>(_mm512_mul_ps(b, load16(c + half + i))),
+                                    round16<T>(_mm512_mul_ps(a, load16(s + half + i))));
+    store16(x + i, lo);
+    store16(x + half + i, hi);
+  }
+}
+constexpr bool kRows16 = true;
+#else
+constexpr bool kRows16 = false;
+template <typename T> inline void norm_row16(T*, const T*, const T*, int64_t, float) {}
+template <typename T> inline void add_row16(T*, const T*, int64_t) {}
+template <typename T> inline void silu_mul_row16(T*, const T*, const T*, int64_t) {}
+template <typename T> inline void rotate16(T*, const T*, const T*, int64_t) {}
+#endif
 
 void check_rows(const torch::Tensor& t, const char* name, at::ScalarType dt) {
   TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, ": must be 2-D with contiguous rows");
@@ -45,8 +106,10 @@ void rms_norm_impl(torch::Tensor out, torch::Tensor x, torch::Tensor w, float ep
   const T* xp = x.data_ptr<T>();
   const T* wp = w.data_ptr<T>();
   const int64_t so = out.stride(0), sx = x.stride(0);
+  const bool vec = kRows16 && E % 16 == 0;
   at::parallel_for(0, R, 16, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) norm_row(op + r * so, xp + r * sx, wp, E, eps);
+    for (int64_t r = b; r < e; ++r)
+      vec ? norm_row16(op + r * so, xp + r * sx, wp, E, eps) : norm_row(op + r * so, xp + r * sx, wp, E, eps);
   });
 }
 
@@ -57,10 +120,16 @@ void add_rms_norm_impl(torch::Tensor x, torch::Tensor res, torch::Tensor w, floa
   T* rp = res.data_ptr<T>();
   const T* wp = w.data_ptr<T>();
   const int64_t sx = x.stride(0), sr = res.stride(0);
+  const bool vec = kRows16 && E % 16 == 0;
   at::parallel_for(0, R, 16, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       T* xr = xp + r * sx;
       T* rr = rp + r * sr;
+      if (vec) {
+        add_row16(rr, xr, E);
+        norm_row16(xr, rr, wp, E, eps);
+        continue;
+      }
       for (int64_t i = 0; i < E; ++i) rr[i] = narrow<T>(widen(rr[i]) + widen(xr[i]));
       norm_row(xr, rr, wp, E, eps);
     }
@@ -85,12 +154,15 @@ void rope_impl(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tenso
   T* kp = k.data_ptr<T>();
   const T* cp = cos.data_ptr<T>();
   const T* sp = sin.data_ptr<T>();
+  const bool vec = kRows16 && D % 32 == 0;
   at::parallel_for(0, N, 8, [&](int64_t b, int64_t e) {
     for (int64_t n = b; n < e; ++n) {
       const T* c = cp + n * D;
       const T* s = sp + n * D;
-      for (int64_t h = 0; h < H; ++h) rotate(qp + n * q.stride(0) + h * q.stride(1), c, s, D);
-      for (int64_t h = 0; h < KVH; ++h) rotate(kp + n * k.stride(0) + h * k.stride(1), c, s, D);
+      for (int64_t h = 0; h < H + KVH; ++h) {
+        T* x = h < H ? qp + n * q.stride(0) + h * q.stride(1) : kp + n * k.stride(0) + (h - H) * k.stride(1);
+        vec ? rotate16(x, c, s, D) : rotate(x, c, s, D);
+      }
     }
   });
 }
@@ -101,11 +173,16 @@ void silu_and_mul_impl(torch::Tensor out, torch::Tensor x) {
   T* op = out.data_ptr<T>();
   const T* xp = x.data_ptr<T>();
   const int64_t so = out.stride(0), sx = x.stride(0);
+  const bool vec = kRows16 && I % 16 == 0;
   at::parallel_for(0, R, 8, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const T* g = xp + r * sx;
       const T* u = g + I;
       T* o = op + r * so;
+      if (vec) {
+        silu_mul_row16(o, g, u, I);
+        continue;
+      }
       for (int64_t i = 0; i < I; ++i) o[i] = narrow<T>(widen(narrow<T>(kvd::silu(widen(g[i])))) * widen(u[i]));
     }
   });

@@ -23,7 +23,7 @@
 
 #include "kvd_math.h"
 #if defined(__AVX512F__)
-#include <immintrin.h>
+#include "kvd_simd.h"
 #endif
 #include <limits>
 #include <type_traits>
@@ -84,6 +84,128 @@ template <typename T>
 void attend(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::Tensor block_table,
             torch::Tensor lens, double scale);
 
+#if defined(__AVX512F__)
+// The vector path, for head sizes of 64 and 128 (ND = D / 16 vectors of 16 lanes).
+//
+// Scores: sixteen tokens at a time, each q . k left as a vector of partial sums and the
+// sixteen reduced together by `hsum16` (one transposing tree, instead of one horizontal
+// sum per dot, which was most of the op). Values: the probabilities of up to RB query
+// rows of one kv head times each V row, accumulated in registers over all the tokens,
+// so each V row is read once per kv head and the accumulators never go to memory.
+
+using kvd::load16;
+using kvd::prefetch_row;
+using kvd::Rows;
+using kvd::softmax_row;
+
+// Lane i of the result is the sum of a[i]'s sixteen lanes.
+inline __m512 hsum16(const __m512* a) {
+  __m512 b[8], c[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: a[2i] and a[2i+1], pairs of elements summed
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // per 128-bit lane: a[4i .. 4i+3], that lane's sum of each
+    c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // across the four 128-bit lanes
+  const __m512 e0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 e1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(e0, e1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(e0, e1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// scores[g * L + t] = scale * q_g . k_t for the G query rows of one kv head.
+template <typename T, int ND, bool BF16DOT>
+void scores_vec(const T* q, int64_t G, Rows<T> k, int64_t L, float scale, float* scores) {
+  constexpr int64_t kAhead = kvd::kAhead;
+  Rows<T> ahead = k;
+  for (int64_t t = 0; t < std::min(kAhead, L); ++t) prefetch_row<T, ND>(ahead.next());
+  for (int64_t t0 = 0; t0 < L; t0 += 16) {
+    const int64_t n = std::min<int64_t>(16, L - t0);
+    const T* rows[16];
+    for (int64_t j = 0; j < n; ++j) rows[j] = k.next();
+    for (int64_t j = t0 + kAhead; j < std::min(t0 + kAhead + 16, L); ++j) prefetch_row<T, ND>(ahead.next());
+    for (int64_t j = n; j < 16; ++j) rows[j] = rows[0];  // lanes past L: computed, not stored
+    const __mmask16 keep = static_cast<__mmask16>((1u << n) - 1);
+    for (int64_t g = 0; g < G; ++g) {
+      const T* qg = q + g * ND * 16;
+      __m512 acc[16];
+      if constexpr (BF16DOT) {
+#if defined(__AVX512BF16__)
+        __m512bh qv[ND / 2];
+        for (int i = 0; i < ND / 2; ++i) qv[i] = (__m512bh)_mm512_loadu_si512(qg + 32 * i);
+        for (int j = 0; j < 16; ++j) {
+          acc[j] = _mm512_setzero_ps();
+          for (int i = 0; i < ND / 2; ++i)
+            acc[j] = _mm512_dpbf16_ps(acc[j], qv[i], (__m512bh)_mm512_loadu_si512(rows[j] + 32 * i));
+        }
+#endif
+      } else {
+        __m512 qv[ND];
+        for (int i = 0; i < ND; ++i) qv[i] = load16(qg + 16 * i);
+        for (int j = 0; j < 16; ++j) {
+          acc[j] = _mm512_mul_ps(qv[0], load16(rows[j]));
+          for (int i = 1; i < ND; ++i) acc[j] = _mm512_fmadd_ps(qv[i], load16(rows[j] + 16 * i), acc[j]);
+        }
+      }
+      _mm512_mask_storeu_ps(scores + g * L + t0, keep, _mm512_mul_ps(hsum16(acc), _mm512_set1_ps(scale)));
+    }
+  }
+}
+
+// out_r = sum_t p[r * L + t] * v_t / denom_r for RB query rows; p already exponentiated.
+template <typename T, int ND, int RB>
+void values_vec(const float* p, const float* denom, Rows<T> v, int64_t L, T* out) {
+  __m512 acc[RB][ND];
+  for (int r = 0; r < RB; ++r)
+    for (int i = 0; i < ND; ++i) acc[r][i] = _mm512_setzero_ps();
+  constexpr int64_t kAhead = kvd::kAhead;
+  Rows<T> ahead = v;
+  for (int64_t t = 0; t < std::min(kAhead, L); ++t) prefetch_row<T, ND>(ahead.next());
+  for (int64_t t = 0; t < L; ++t) {
+    const T* row = v.next();
+    if (t + kAhead < L) prefetch_row<T, ND>(ahead.next());
+    __m512 x[ND];
+    for (int i = 0; i < ND; ++i) x[i] = load16(row + 16 * i);
+    for (int r = 0; r < RB; ++r) {
+      const __m512 w = _mm512_set1_ps(p[r * L + t]);
+      for (int i = 0; i < ND; ++i) acc[r][i] = _mm512_fmadd_ps(w, x[i], acc[r][i]);
+    }
+  }
+  for (int r = 0; r < RB; ++r) {
+    const __m512 inv = _mm512_set1_ps(1.f / denom[r]);
+    for (int i = 0; i < ND; ++i) {
+      alignas(64) float tmp[16];
+      _mm512_store_ps(tmp, _mm512_mul_ps(acc[r][i], inv));
+      T* o = out + r * ND * 16 + 16 * i;
+      for (int j = 0; j < 16; ++j) o[j] = static_cast<T>(tmp[j]);
+    }
+  }
+}
+
+// Rows of one kv head in groups that keep their accumulators in registers (32 zmm).
+template <typename T, int ND>
+void values_rows(const float* p, const float* denom, Rows<T> v, int64_t L, int64_t G, T* out) {
+  constexpr int kMax = ND <= 4 ? 4 : 2;
+  for (int64_t r = 0; r < G;) {
+    const int64_t n = std::min<int64_t>(kMax, G - r);
+    const float* pr = p + r * L;
+    T* o = out + r * ND * 16;
+    if (n == 4) values_vec<T, ND, (kMax >= 4 ? 4 : 1)>(pr, denom + r, v, L, o);
+    else if (n == 3) values_vec<T, ND, (kMax >= 3 ? 3 : 1)>(pr, denom + r, v, L, o);
+    else if (n == 2) values_vec<T, ND, 2>(pr, denom + r, v, L, o);
+    else values_vec<T, ND, 1>(pr, denom + r, v, L, o);
+    r += n;
+  }
+}
+
+template <typename T, int ND>
+void attend_vec(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::Tensor block_table,
+                torch::Tensor lens, double scale);
+#else
+#endif
+
 }  // namespace
 
 void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor cache,
@@ -108,6 +230,17 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor ca
     for (int64_t i = 0; i < (len[b] + BS - 1) / BS; ++i)
       TORCH_CHECK(table[b * MB + i] >= 0 && table[b * MB + i] < NB, "block id out of range");
   }
+#if defined(__AVX512F__)
+  if (D == 64 || D == 128) {
+    if (dt == at::kFloat)
+      D == 64 ? attend_vec<float, 4>(out, q, cache, block_table, lens, scale)
+              : attend_vec<float, 8>(out, q, cache, block_table, lens, scale);
+    else
+      D == 64 ? attend_vec<c10::BFloat16, 4>(out, q, cache, block_table, lens, scale)
+              : attend_vec<c10::BFloat16, 8>(out, q, cache, block_table, lens, scale);
+    return;
+  }
+#endif
   if (dt == at::kFloat)
     attend<float>(out, q, cache, block_table, lens, scale);
   else
@@ -197,6 +330,45 @@ void attend(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::Tens
   });
 }
 
+#if defined(__AVX512F__)
+template <typename T, int ND>
+void attend_vec(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::Tensor block_table,
+                torch::Tensor lens, double scale) {
+  constexpr int64_t D = ND * 16;
+  const int64_t B = q.size(0), H = q.size(1);
+  const int64_t NB = cache.size(1), BS = cache.size(2), KVH = cache.size(3);
+  const int64_t MB = block_table.size(1), G = H / KVH;
+  const int64_t* table = block_table.data_ptr<int64_t>();
+  const int64_t* len = lens.data_ptr<int64_t>();
+  const T* qp = q.data_ptr<T>();
+  const T* kp = cache.data_ptr<T>();
+  const T* vp = kp + NB * BS * KVH * D;
+  T* op = out.data_ptr<T>();
+  const float fscale = static_cast<float>(scale);
+  const int64_t tok_stride = KVH * D, block_elems = BS * tok_stride;
+  constexpr bool bf16dot = std::is_same_v<T, c10::BFloat16> && kDotBf16;
+
+  // Tasks as in `attend`: a sequence, or a (sequence, kv head) when sequences are fewer than threads.
+  const int64_t split = B < at::get_num_threads() ? KVH : 1;
+  const int64_t heads_per_task = KVH / split;
+  at::parallel_for(0, B * split, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> p, denom(G);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / split, kh0 = (task % split) * heads_per_task, L = len[b];
+      p.resize(G * L);
+      for (int64_t kh = kh0; kh < kh0 + heads_per_task; ++kh) {
+        const T* qh = qp + (b * H + kh * G) * D;
+        Rows<T> k{kp + kh * D, table + b * MB, BS, block_elems, tok_stride};
+        Rows<T> v{vp + kh * D, table + b * MB, BS, block_elems, tok_stride};
+        scores_vec<T, ND, bf16dot>(qh, G, k, L, fscale, p.data());
+        for (int64_t g = 0; g < G; ++g) denom[g] = softmax_row(p.data() + g * L, L);
+        values_rows<T, ND>(p.data(), denom.data(), v, L, G, op + (b * H + kh * G) * D);
+      }
+    }
+  });
+}
+#endif
+
 }  // namespace
 
 // fused.cpp
@@ -204,6 +376,10 @@ void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor weight, double e
 void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
 void rope_neox(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin);
 void silu_and_mul(torch::Tensor out, torch::Tensor x);
+// prefill_attention.cpp
+bool prefill_attention_supported(int64_t head_dim);
+void prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::Tensor block_table,
+                       int64_t num_computed, double scale);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over paged KV (CPU, float32 or bfloat16)");
@@ -211,4 +387,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "residual += x; x = RMSNorm(residual) * weight, in place");
   m.def("rope_neox", &rope_neox, "rotary embedding of q and k in place (rotate-half form)");
   m.def("silu_and_mul", &silu_and_mul, "out = silu(x[:, :I]) * x[:, I:]");
+  m.def("prefill_attention_supported", &prefill_attention_supported, "whether this build has prefill_attention for a head size");
+  m.def("prefill_attention", &prefill_attention, "a prefill chunk's causal attention over its paged KV (CPU)");
 }

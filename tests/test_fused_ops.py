@@ -37,7 +37,7 @@ def _rand(*shape, dtype, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows, width", [(1, 576), (33, 576), (7, 64)])
+@pytest.mark.parametrize("rows, width", [(1, 576), (33, 576), (7, 64), (3, 40)])  # 40: the scalar rows
 def test_rms_norm_matches_transformers(dtype, rows, width):
     x, w = _rand(rows, width, dtype=dtype, seed=1) * 3, _rand(width, dtype=dtype, seed=2)
     out = torch.empty_like(x)

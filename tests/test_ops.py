@@ -53,3 +53,75 @@ def test_bad_inputs_raise_instead_of_reading_out_of_bounds():
         mod.paged_decode_attention(out, q, cache, torch.tensor([[0]]), torch.tensor([5]), 1.0)
     with pytest.raises(RuntimeError, match="float32"):
         mod.paged_decode_attention(out.double(), q.double(), cache, torch.tensor([[0]]), torch.tensor([1]), 1.0)
+
+
+# ---- prefill attention ------------------------------------------------------------------------
+needs_prefill_kernel = pytest.mark.skipif(
+    ops.native() is None or not ops.native().prefill_attention_supported(64),
+    reason="this build has no native prefill attention (it needs AVX-512)",
+)
+
+
+def _prefill_case(heads, kv_heads, head_dim, block_size, num_computed, chunk, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    blocks = -(-(num_computed + chunk) // block_size)
+    cache = torch.randn(2, blocks + 5, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    table = torch.randperm(blocks + 5, generator=g)[:blocks]  # scattered, as a long-running pool leaves them
+    q = torch.randn(chunk, heads, head_dim, generator=g).to(dtype)
+    return q, cache, table
+
+
+@needs_prefill_kernel
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (8, 2, 128), (4, 4, 64)])
+@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("num_computed, chunk", [(0, 1), (0, 37), (0, 300), (5, 3), (100, 77), (33, 1)])
+def test_prefill_attention_matches_causal_sdpa(heads, kv_heads, head_dim, block_size, num_computed, chunk):
+    # a first chunk (num_computed 0) and later ones (causal offset by the cached context), tails
+    # of the 16-key chunks and of the 6-row tiles, GQA and plain multi-head
+    q, cache, table = _prefill_case(heads, kv_heads, head_dim, block_size, num_computed, chunk, torch.float32, chunk)
+    got = ops.prefill_attention(q, cache, table, num_computed, head_dim**-0.5)
+    ref = ops.prefill_attention_ref(q, cache, table, num_computed, head_dim**-0.5)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_prefill_kernel
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (8, 2, 128)])
+def test_prefill_attention_in_bfloat16_matches_the_float32_reference(heads, kv_heads, head_dim):
+    q, cache, table = _prefill_case(heads, kv_heads, head_dim, 16, 40, 200, torch.bfloat16, heads)
+    got = ops.prefill_attention(q, cache, table, 40, head_dim**-0.5)
+    assert got.dtype == torch.bfloat16
+    ref = ops.prefill_attention_ref(q.float(), cache.float(), table, 40, head_dim**-0.5)
+    torch.testing.assert_close(got.float(), ref, rtol=1.6e-2, atol=1.6e-2)
+
+
+@needs_prefill_kernel
+def test_prefill_attention_reads_q_rows_of_a_wider_tensor_and_writes_into_out():
+    # the decoder's q is a view of its fused qkv projection; the output goes into a slice
+    g = torch.Generator().manual_seed(7)
+    qkv = torch.randn(40, (9 + 2 * 3) * 64, generator=g)
+    q = qkv[:, : 9 * 64].reshape(40, 9, 64)
+    cache = torch.randn(2, 6, 16, 3, 64, generator=g)
+    table = torch.tensor([4, 1, 3])
+    out = torch.full((50, 9, 64), 7.0)
+    ops.prefill_attention(q, cache, table, 0, 0.125, out=out[5:45])
+    ref = ops.prefill_attention_ref(q.contiguous(), cache, table, 0, 0.125)
+    torch.testing.assert_close(out[5:45], ref, rtol=1e-5, atol=1e-5)
+    assert (out[:5] == 7).all() and (out[45:] == 7).all()
+    head_major = q.contiguous().transpose(0, 1).contiguous().transpose(0, 1)  # transformers' layout
+    torch.testing.assert_close(ops.prefill_attention(head_major, cache, table, 0, 0.125), ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_prefill_kernel
+def test_prefill_attention_refuses_bad_inputs():
+    mod = ops.native()
+    cache = torch.zeros(2, 4, 4, 1, 64)
+    q = torch.zeros(5, 1, 64)
+    out = torch.empty_like(q)
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        mod.prefill_attention(out, q, cache, torch.tensor([0, 9]), 0, 1.0)
+    with pytest.raises(RuntimeError, match="cover fewer"):
+        mod.prefill_attention(out, q, cache, torch.tensor([0]), 0, 1.0)
+    with pytest.raises(RuntimeError, match="not supported"):
+        mod.prefill_attention(torch.empty(5, 1, 8), torch.zeros(5, 1, 8), torch.zeros(2, 4, 4, 1, 8), torch.tensor([0, 1]), 0, 1.0)
+    with pytest.raises(RuntimeError, match="float32"):
+        mod.prefill_attention(out.double(), q.double(), cache, torch.tensor([0, 1]), 0, 1.0)

@@ -9,7 +9,8 @@ runner installs an `AttentionMetadata` with `forward_context`; each layer then:
 1. writes its new K/V into the paged cache at `slot_mapping` (block_id * block_size + offset);
 2. attends: decode tokens (one query per request, packed first) in one batched call of
    `ops.paged_decode_attention` (native on CPU: reads the blocks in place; else gather +
-   SDPA); each prefill chunk by itself, causal, over its cached context plus its tokens.
+   SDPA); each prefill chunk by itself, causal, over its cached context plus its tokens
+   (`ops.prefill_attention`: native on CPU, reading the blocks in place; else SDPA).
 
 The per-layer cache tensor is (2, num_blocks, block_size, kv_heads, head_dim): K then V,
 block-major so a block's tokens are contiguous and one gather by block id reads them.
@@ -37,8 +38,8 @@ class PrefillChunk:
     start: int  # index of its first token in the packed batch
     end: int
     num_computed: int  # tokens of the request already in the cache before this chunk
-    block_table: torch.Tensor | None = None  # (num_blocks,) covering num_computed + chunk; None if num_computed == 0
-    mask: torch.Tensor | None = None  # (T, num_computed + T) bool, True = attend
+    block_table: torch.Tensor | None = None  # (num_blocks,) covering num_computed + chunk
+    mask: torch.Tensor | None = None  # (T, num_computed + T) bool, True = attend; None if num_computed == 0
 
 
 @dataclass
@@ -94,8 +95,14 @@ def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     bd = meta.num_decodes
     if bd:
         out[:bd] = ops.paged_decode_attention(q[:bd], cache, meta.decode_block_table, meta.decode_lens, scale)
-    # 2b. Prefill chunks: causal over cached context + the chunk.
+    # 2b. Prefill chunks: causal over cached context + the chunk; natively from the cache
+    # where the kernel covers it (CPU, float32/bfloat16, head size 64 or 128), else SDPA.
+    native = bool(meta.prefills) and ops.prefill_attention_applies(q)
     for p in meta.prefills:
+        if native and p.block_table is not None:
+            ops.prefill_attention(q[p.start : p.end], cache, p.block_table, p.num_computed,
+                                  d**-0.5 if scale is None else scale, out=out[p.start : p.end])  # fmt: skip
+            continue
         qc = q[p.start : p.end].transpose(0, 1).unsqueeze(0)  # (1, H, T, D)
         if p.num_computed == 0:
             kc = k[p.start : p.end].transpose(0, 1).unsqueeze(0)  # (1, KVH, T, D)

@@ -293,7 +293,7 @@ class ModelRunner:
                 decode_tables.append(table[:num_used])
                 decode_lens.append(nc + 1)
             elif nc == 0:
-                prefills.append(PrefillChunk(start, start + n, 0))
+                prefills.append(PrefillChunk(start, start + n, 0, torch.tensor(table[:num_used], device=self.device)))
             else:
                 q_pos = torch.arange(nc, nc + n).unsqueeze(1)  # (T, 1)
                 mask = torch.arange(nc + n).unsqueeze(0) <= q_pos  # (T, C)

@@ -1,0 +1,120 @@
+// kvd's AVX-512 building blocks, shared by the attention kernels (included only where the
+// build has __AVX512F__): rows of a paged cache in order, bf16 widening, exp and softmax.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include <c10/util/BFloat16.h>
+
+namespace kvd {
+
+// Sixteen values of a row as float32 (bfloat16 widened: the top half of a float32).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// float32 lanes rounded to bfloat16 as c10::BFloat16 rounds (to nearest even, NaN to a
+// quiet NaN), as the sixteen bf16 bit patterns.
+inline __m256i bf16_bits16(__m512 v) {
+#if defined(__AVX512BF16__)
+  return (__m256i)_mm512_cvtneps_pbh(v);  // one instruction; NaNs stay NaN (not the canonical one)
+#endif
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)),
+                                        _mm512_set1_epi32(0x7FFF));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// Sixteen float32 lanes stored as T (bfloat16 rounded as above).
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(c10::BFloat16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bf16_bits16(v));
+}
+
+// v rounded to T and read back as float32: what storing and reloading it would give.
+template <typename T>
+inline __m512 round16(__m512 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    const __m512i wide = _mm512_cvtepu16_epi32(bf16_bits16(v));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
+}
+
+// exp_neg (kvd_math.h) on sixteen lanes (the same steps: 2^n built in the exponent bits times 2^f
+// by the same polynomial).
+inline __m512 exp_neg16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  const __m512i e = _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23);
+  return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e));
+}
+
+// sc[t] = e^(sc[t] - max) over a row of L scores; returns their sum. Sixteen lanes at a
+// time: a scalar max and sum are chains of dependent adds, which had cost more than the dots.
+inline float softmax_row(float* sc, int64_t L) {
+  const __m512 lowest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 m = lowest;
+  int64_t t = 0;
+  for (; t + 16 <= L; t += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(sc + t));
+  const __mmask16 tail = static_cast<__mmask16>((1u << (L - t)) - 1);
+  m = _mm512_max_ps(m, _mm512_mask_loadu_ps(lowest, tail, sc + t));
+  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+  __m512 sum = _mm512_setzero_ps();
+  for (t = 0; t + 16 <= L; t += 16) {
+    const __m512 e = exp_neg16(_mm512_sub_ps(_mm512_loadu_ps(sc + t), mx));
+    _mm512_storeu_ps(sc + t, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  if (tail) {
+    const __m512 e = exp_neg16(_mm512_sub_ps(_mm512_mask_loadu_ps(mx, tail, sc + t), mx));
+    _mm512_mask_storeu_ps(sc + t, tail, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+// The rows of the tokens of one sequence's blocks, in order: token t of the sequence is row
+// t % BS of block table[t / BS], each row tok_stride elements apart.
+template <typename T>
+struct Rows {
+  const T* base;  // the cache (K or V) plus the kv head's offset
+  const int64_t* table;
+  int64_t bs, block_elems, tok_stride;
+  int64_t blk = 0, off = 0;
+  const T* next() {
+    const T* p = base + table[blk] * block_elems + off * tok_stride;
+    if (++off == bs) off = 0, ++blk;
+    return p;
+  }
+};
+
+// Rows come from blocks scattered through the cache, one head's part of each token's row:
+// too irregular for the hardware prefetcher, so each pass asks for the rows kAhead tokens
+// on while it works (measured: out of cache, the loads' latency was the op's time).
+constexpr int64_t kAhead = 16;
+template <typename T, int ND>
+inline void prefetch_row(const T* row) {
+  constexpr int kLines = (ND * 16 * static_cast<int>(sizeof(T)) + 63) / 64;
+  for (int i = 0; i < kLines; ++i) _mm_prefetch(reinterpret_cast<const char*>(row) + 64 * i, _MM_HINT_T0);
+}
+
+}  // namespace kvd

@@ -1,0 +1,252 @@
+// prefill_attention: a prefill chunk's causal attention over its paged KV, on the CPU.
+//
+// The chunk's T query tokens sit at positions num_computed ... num_computed + T - 1 of
+// their request; query i attends to keys 0 ... num_computed + i, all read from the paged
+// cache (the chunk's own K and V were written there before the call), so a first chunk
+// and a later one are the same computation.
+//
+//   out, q      (T, H, D)                 q's dtype; (H, D) contiguous per token, any token stride
+//   cache       (2, num_blocks, block_size, KVH, D)
+//   block_table (blocks,) int64, covering num_computed + T tokens
+//
+// Per kv head, K is packed once into chunks of 16 keys laid out for a broadcast
+// multiply (K transposed within the chunk: d-major, 16 keys a vector; bfloat16 as
+// pairs of d for vdpbf16ps where the CPU has AVX512-BF16) and V into float32 rows.
+// Then tiles of query rows (the G query heads of a kv head, token by token) run as
+// small register-blocked GEMMs: scores for kMR rows times 32 keys at a time, an exact
+// two-pass softmax in float32 over each row's own causal length, and P times V with the
+// accumulators in registers. float32 throughout, bfloat16 rounded once at the output.
+// torch's CPU flash attention took 5.3 ms (float32) and 6.0 ms (bfloat16) per layer
+// for a 512-token SmolLM2 prompt here; see docs/benchmarks.md for this kernel's figures.
+//
+// Head sizes 64 and 128 on AVX-512 builds; elsewhere `prefill_attention_supported` says
+// no and kvd's attention keeps torch's SDPA.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "kvd_math.h"
+#if defined(__AVX512F__)
+#include "kvd_simd.h"
+#endif
+
+#if defined(__AVX512F__)
+namespace {
+
+using kvd::load16;
+using kvd::Rows;
+using kvd::softmax_row;
+
+#if defined(__AVX512BF16__)
+constexpr bool kBf16Dot = true;
+#else
+constexpr bool kBf16Dot = false;
+#endif
+
+constexpr int kMR = 6;  // query rows per tile (scores: 6 x 2 accumulators; P.V: 6 x 4 at D = 64)
+
+// The packed K of one kv head: chunk c, step j holds 16 keys' values at d = j (float32)
+// or the pair d = 2j, 2j + 1 (bfloat16 pairs, one 32-bit lane per key).
+template <typename P>
+struct PackedK {
+  std::vector<P> data;
+  int64_t steps;  // D (float32) or D / 2 (pairs)
+  const P* chunk(int64_t c) const { return data.data() + c * steps * 16; }
+};
+
+template <typename T, typename P, int ND>
+void pack_head(Rows<T> k, Rows<T> v, int64_t C, PackedK<P>& kt, float* vf) {
+  constexpr int64_t D = ND * 16;
+  const int64_t chunks = (C + 15) / 16;
+  kt.data.assign(chunks * kt.steps * 16, P{});  // keys past C stay zero: scored, never used
+  for (int64_t t = 0; t < C; ++t) {
+    const T* kr = k.next();
+    const T* vr = v.next();
+    P* dst = kt.data.data() + (t / 16) * kt.steps * 16 + t % 16;
+    if constexpr (std::is_same_v<P, uint32_t>) {  // bf16 pairs
+      const uint16_t* bits = reinterpret_cast<const uint16_t*>(kr);
+      for (int64_t j = 0; j < D / 2; ++j) dst[j * 16] = bits[2 * j] | (static_cast<uint32_t>(bits[2 * j + 1]) << 16);
+    } else {
+      for (int64_t d = 0; d < D; ++d) dst[d * 16] = kvd::widen(kr[d]);
+    }
+    for (int i = 0; i < ND; ++i) _mm512_storeu_ps(vf + t * D + 16 * i, load16(vr + 16 * i));
+  }
+}
+
+// s[r * ld + c * 16 ...] = scale * q_r . k for `chunks` chunks from c0, kNC at a time.
+template <typename P, int ND, int kNC>
+inline void score_chunks(const P* const* q, const PackedK<P>& kt, int64_t c0, float scale, float* s, int64_t ld) {
+  __m512 acc[kMR][kNC];
+  for (int r = 0; r < kMR; ++r)
+    for (int n = 0; n < kNC; ++n) acc[r][n] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < kt.steps; ++j) {
+    if constexpr (std::is_same_v<P, uint32_t>) {
+#if defined(__AVX512BF16__)
+      __m512bh kv[kNC];
+      for (int n = 0; n < kNC; ++n) kv[n] = (__m512bh)_mm512_loadu_si512(kt.chunk(c0 + n) + j * 16);
+      for (int r = 0; r < kMR; ++r) {
+        const __m512bh qb = (__m512bh)_mm512_set1_epi32(static_cast<int>(q[r][j]));
+        for (int n = 0; n < kNC; ++n) acc[r][n] = _mm512_dpbf16_ps(acc[r][n], qb, kv[n]);
+      }
+#endif
+    } else {
+      __m512 kv[kNC];
+      for (int n = 0; n < kNC; ++n) kv[n] = _mm512_loadu_ps(kt.chunk(c0 + n) + j * 16);
+      for (int r = 0; r < kMR; ++r) {
+        const __m512 qb = _mm512_set1_ps(q[r][j]);
+        for (int n = 0; n < kNC; ++n) acc[r][n] = _mm512_fmadd_ps(qb, kv[n], acc[r][n]);
+      }
+    }
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int r = 0; r < kMR; ++r)
+    for (int n = 0; n < kNC; ++n) _mm512_storeu_ps(s + r * ld + (c0 + n) * 16, _mm512_mul_ps(acc[r][n], sc));
+}
+
+// out_r = sum_t p[r * ld + t] * v_t / denom_r for kR rows, t < len (p zero past each row's own).
+template <typename T, int ND, int kR>
+inline void weigh_values(const float* p, int64_t ld, const float* denom, const float* vf, int64_t len,
+                         T* const* out) {
+  constexpr int64_t D = ND * 16;
+  __m512 acc[kR][ND];
+  for (int r = 0; r < kR; ++r)
+    for (int i = 0; i < ND; ++i) acc[r][i] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < len; ++t) {
+    __m512 x[ND];
+    for (int i = 0; i < ND; ++i) x[i] = _mm512_loadu_ps(vf + t * D + 16 * i);
+    for (int r = 0; r < kR; ++r) {
+      const __m512 w = _mm512_set1_ps(p[r * ld + t]);
+      for (int i = 0; i < ND; ++i) acc[r][i] = _mm512_fmadd_ps(w, x[i], acc[r][i]);
+    }
+  }
+  for (int r = 0; r < kR; ++r) {
+    const __m512 inv = _mm512_set1_ps(1.f / denom[r]);
+    for (int i = 0; i < ND; ++i) {
+      alignas(64) float tmp[16];
+      _mm512_store_ps(tmp, _mm512_mul_ps(acc[r][i], inv));
+      for (int j = 0; j < 16; ++j) out[r][16 * i + j] = static_cast<T>(tmp[j]);
+    }
+  }
+}
+
+template <typename T, typename P, int ND>
+void run(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::Tensor block_table, int64_t nc,
+         double scale) {
+  constexpr int64_t D = ND * 16;
+  constexpr int kPV = ND <= 4 ? kMR : kMR / 2;  // rows per P.V pass: accumulators + one V row in 32 zmm
+  const int64_t T_ = q.size(0), H = q.size(1);
+  const int64_t NB = cache.size(1), BS = cache.size(2), KVH = cache.size(3), G = H / KVH;
+  const int64_t C = nc + T_, chunks = (C + 15) / 16, ld = chunks * 16;
+  const int64_t tok_stride = KVH * D, block_elems = BS * tok_stride;
+  const T* kp = cache.data_ptr<T>();
+  const T* vp = kp + NB * block_elems;
+  const int64_t* table = block_table.data_ptr<int64_t>();
+  const T* qp = q.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t qs = q.stride(0), os = out.stride(0);  // tokens may be rows of a wider tensor (q of a fused qkv)
+  const float fscale = static_cast<float>(scale);
+
+  // 1. Pack each kv head's K (transposed per chunk) and V (float32 rows).
+  std::vector<PackedK<P>> kt(KVH);
+  std::vector<float> vf(KVH * C * D);
+  at::parallel_for(0, KVH, 1, [&](int64_t b, int64_t e) {
+    for (int64_t h = b; h < e; ++h) {
+      kt[h].steps = std::is_same_v<P, uint32_t> ? D / 2 : D;
+      pack_head<T, P, ND>(Rows<T>{kp + h * D, table, BS, block_elems, tok_stride},
+                          Rows<T>{vp + h * D, table, BS, block_elems, tok_stride}, C, kt[h], vf.data() + h * C * D);
+    }
+  });
+
+  // 2. Tiles of kMR query rows of one kv head; row r of head h is token r / G, query head h G + r % G.
+  // Later tiles see more keys: tiles are dealt to threads in turn, not in contiguous ranges.
+  const int64_t rows = T_ * G, tiles = (rows + kMR - 1) / kMR, tasks = tiles * KVH;
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), tasks);
+  at::parallel_for(0, workers, 1, [&](int64_t wb, int64_t we) {
+    std::vector<float> s(kMR * ld);
+    std::vector<P> qbuf(kMR * D);  // the tile's query rows as the score kernel reads them
+    for (int64_t w = wb; w < we; ++w)
+      for (int64_t task = w; task < tasks; task += workers) {
+        const int64_t h = task % KVH, r0 = (task / KVH) * kMR, m = std::min<int64_t>(kMR, rows - r0);
+        const P* qrow[kMR];
+        T* orow[kMR];
+        int64_t lim[kMR];
+        for (int r = 0; r < kMR; ++r) {
+          const int64_t row = r0 + std::min<int64_t>(r, m - 1);  // rows past m repeat the last: never stored
+          const int64_t tok = row / G, head = h * G + row % G;
+          const T* src = qp + tok * qs + head * D;
+          P* dst = qbuf.data() + r * D;
+          if constexpr (std::is_same_v<P, uint32_t>)
+            std::memcpy(dst, src, D * sizeof(T));  // already pairs of bf16
+          else
+            for (int64_t d = 0; d < D; ++d) dst[d] = kvd::widen(src[d]);
+          qrow[r] = dst;
+          orow[r] = op + tok * os + head * D;
+          lim[r] = nc + tok + 1;
+        }
+        const int64_t len = lim[kMR - 1], nchunks = (len + 15) / 16;
+        int64_t c = 0;
+        for (; c + 2 <= nchunks; c += 2) score_chunks<P, ND, 2>(qrow, kt[h], c, fscale, s.data(), ld);
+        if (c < nchunks) score_chunks<P, ND, 1>(qrow, kt[h], c, fscale, s.data(), ld);
+        float denom[kMR];
+        for (int r = 0; r < kMR; ++r) {
+          denom[r] = softmax_row(s.data() + r * ld, lim[r]);
+          std::fill(s.data() + r * ld + lim[r], s.data() + r * ld + len, 0.f);
+        }
+        T* tmp_out[kMR];
+        alignas(64) T scratch[kMR][D];
+        for (int r = 0; r < kMR; ++r) tmp_out[r] = r < m ? orow[r] : scratch[r];
+        for (int r = 0; r < kMR; r += kPV)
+          weigh_values<T, ND, kPV>(s.data() + r * ld, ld, denom + r, vf.data() + h * C * D, len, tmp_out + r);
+      }
+  });
+}
+
+}  // namespace
+#endif
+
+bool prefill_attention_supported(int64_t head_dim) {
+#if defined(__AVX512F__)
+  return head_dim == 64 || head_dim == 128;
+#else
+  (void)head_dim;
+  return false;
+#endif
+}
+
+void prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::Tensor block_table,
+                       int64_t num_computed, double scale) {
+  TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "prefill_attention: q and out must be (T, H, D) of one shape");
+  TORCH_CHECK(cache.dim() == 5 && cache.size(0) == 2, "prefill_attention: cache must be (2, num_blocks, block_size, KVH, D)");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK((dt == at::kFloat || dt == at::kBFloat16) && cache.scalar_type() == dt && out.scalar_type() == dt,
+              "prefill_attention: q, cache and out must all be float32 or all bfloat16");
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2) && out.stride(2) == 1 && out.stride(1) == out.size(2),
+              "prefill_attention: q and out must have contiguous (H, D) rows (any token stride)");
+  TORCH_CHECK(cache.is_contiguous() && block_table.is_contiguous(), "prefill_attention: contiguous cache and table");
+  TORCH_CHECK(block_table.scalar_type() == at::kLong && block_table.dim() == 1, "prefill_attention: int64 (blocks,) table");
+  const int64_t T_ = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t NB = cache.size(1), BS = cache.size(2), KVH = cache.size(3);
+  TORCH_CHECK(cache.size(4) == D && H % KVH == 0, "prefill_attention: head sizes disagree");
+  TORCH_CHECK(prefill_attention_supported(D), "prefill_attention: head_dim ", D, " is not supported by this build");
+  TORCH_CHECK(num_computed >= 0 && T_ >= 1, "prefill_attention: empty chunk or negative num_computed");
+  const int64_t need = (num_computed + T_ + BS - 1) / BS;
+  TORCH_CHECK(block_table.size(0) >= need, "prefill_attention: ", block_table.size(0), " blocks cover fewer than ",
+              num_computed + T_, " tokens");
+  const int64_t* table = block_table.data_ptr<int64_t>();
+  for (int64_t i = 0; i < need; ++i) TORCH_CHECK(table[i] >= 0 && table[i] < NB, "prefill_attention: block id out of range");
+#if defined(__AVX512F__)
+  if (dt == at::kFloat) {
+    if (D == 64) run<float, float, 4>(out, q, cache, block_table, num_computed, scale);
+    else run<float, float, 8>(out, q, cache, block_table, num_computed, scale);
+  } else if (kBf16Dot) {
+    if (D == 64) run<c10::BFloat16, uint32_t, 4>(out, q, cache, block_table, num_computed, scale);
+    else run<c10::BFloat16, uint32_t, 8>(out, q, cache, block_table, num_computed, scale);
+  } else {
+    if (D == 64) run<c10::BFloat16, float, 4>(out, q, cache, block_table, num_computed, scale);
+    else run<c10::BFloat16, float, 8>(out, q, cache, block_table, num_computed, scale);
+  }
+#endif
+}
