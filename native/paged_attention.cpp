@@ -89,7 +89,7 @@ void attend(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::Tens
 //
 // Scores: sixteen tokens at a time, each q . k left as a vector of partial sums and the
 // sixteen reduced together by `hsum16` (one transposing tree, instead of one horizontal
-// sum per dot, which was most of the op). Values: the probabilities of up to RB query
+// sum per dot, which was most of the op). Values: the probabilities of up to 4 query
 // rows of one kv head times each V row, accumulated in registers over all the tokens,
 // so each V row is read once per kv head and the accumulators never go to memory.
 
@@ -203,7 +203,6 @@ void values_rows(const float* p, const float* denom, Rows<T> v, int64_t L, int64
 template <typename T, int ND>
 void attend_vec(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::Tensor block_table,
                 torch::Tensor lens, double scale);
-#else
 #endif
 
 }  // namespace
