@@ -196,10 +196,14 @@ def prefill_attention(q: torch.Tensor, cache: torch.Tensor, block_table: torch.T
 
 
 def prefill_attention_applies(q: torch.Tensor) -> bool:
-    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16):
-        return False
+    """Whether `prefill_attention` runs q (asked by every layer of a step: cheap)."""
+    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and _prefill_kernel(q.shape[-1])
+
+
+@functools.cache
+def _prefill_kernel(head_dim: int) -> bool:
     mod = native()
-    return mod is not None and mod.prefill_attention_supported(q.shape[-1])
+    return mod is not None and mod.prefill_attention_supported(head_dim)
 
 
 def _check_swap(caches: list[torch.Tensor], host: torch.Tensor, block_ids: torch.Tensor,

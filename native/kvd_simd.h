@@ -24,13 +24,14 @@ inline __m512 load16(const c10::BFloat16* p) {
 inline __m256i bf16_bits16(__m512 v) {
 #if defined(__AVX512BF16__)
   return (__m256i)_mm512_cvtneps_pbh(v);  // one instruction; NaNs stay NaN (not the canonical one)
-#endif
+#else
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)),
                                         _mm512_set1_epi32(0x7FFF));
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
   r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
   return _mm512_cvtepi32_epi16(r);
+#endif
 }
 
 // Sixteen float32 lanes stored as T (bfloat16 rounded as above).
@@ -106,6 +107,25 @@ struct Rows {
     return p;
   }
 };
+
+// The P . V core of both attention kernels, kR query rows at a time with their
+// accumulators in registers: weigh_row adds w[r * ld] times one V row x (float32) to row
+// r; store_rows writes out[r] = acc[r] / denom[r] as T.
+template <int ND, int kR>
+inline void weigh_row(__m512 (&acc)[kR][ND], const __m512 (&x)[ND], const float* w, int64_t ld) {
+  for (int r = 0; r < kR; ++r) {
+    const __m512 s = _mm512_set1_ps(w[r * ld]);
+    for (int i = 0; i < ND; ++i) acc[r][i] = _mm512_fmadd_ps(s, x[i], acc[r][i]);
+  }
+}
+
+template <typename T, int ND, int kR>
+inline void store_rows(const __m512 (&acc)[kR][ND], const float* denom, T* const* out) {
+  for (int r = 0; r < kR; ++r) {
+    const __m512 inv = _mm512_set1_ps(1.f / denom[r]);
+    for (int i = 0; i < ND; ++i) store16(out[r] + 16 * i, _mm512_mul_ps(acc[r][i], inv));
+  }
+}
 
 // Rows come from blocks scattered through the cache, one head's part of each token's row:
 // a pattern the hardware prefetcher does not follow, so each pass asks for the rows

@@ -168,34 +168,28 @@ void values_vec(const float* p, const float* denom, Rows<T> v, int64_t L, T* out
     if (t + kAhead < L) prefetch_row<T, ND>(ahead.next());
     __m512 x[ND];
     for (int i = 0; i < ND; ++i) x[i] = load16(row + 16 * i);
-    for (int r = 0; r < RB; ++r) {
-      const __m512 w = _mm512_set1_ps(p[r * L + t]);
-      for (int i = 0; i < ND; ++i) acc[r][i] = _mm512_fmadd_ps(w, x[i], acc[r][i]);
-    }
+    kvd::weigh_row<ND, RB>(acc, x, p + t, L);
   }
-  for (int r = 0; r < RB; ++r) {
-    const __m512 inv = _mm512_set1_ps(1.f / denom[r]);
-    for (int i = 0; i < ND; ++i) {
-      alignas(64) float tmp[16];
-      _mm512_store_ps(tmp, _mm512_mul_ps(acc[r][i], inv));
-      T* o = out + r * ND * 16 + 16 * i;
-      for (int j = 0; j < 16; ++j) o[j] = static_cast<T>(tmp[j]);
-    }
-  }
+  T* rows[RB];
+  for (int r = 0; r < RB; ++r) rows[r] = out + r * ND * 16;
+  kvd::store_rows<T, ND, RB>(acc, denom, rows);
 }
 
-// Rows of one kv head in groups that keep their accumulators in registers (32 zmm).
+// Rows of one kv head in groups that keep their accumulators in registers (32 zmm): up
+// to 4 rows at D = 64, 2 at D = 128.
 template <typename T, int ND>
 void values_rows(const float* p, const float* denom, Rows<T> v, int64_t L, int64_t G, T* out) {
-  constexpr int kMax = ND <= 4 ? 4 : 2;
+  constexpr int64_t kMax = ND <= 4 ? 4 : 2;
   for (int64_t r = 0; r < G;) {
-    const int64_t n = std::min<int64_t>(kMax, G - r);
+    const int64_t n = std::min(kMax, G - r);
     const float* pr = p + r * L;
     T* o = out + r * ND * 16;
-    if (n == 4) values_vec<T, ND, (kMax >= 4 ? 4 : 1)>(pr, denom + r, v, L, o);
-    else if (n == 3) values_vec<T, ND, (kMax >= 3 ? 3 : 1)>(pr, denom + r, v, L, o);
-    else if (n == 2) values_vec<T, ND, 2>(pr, denom + r, v, L, o);
-    else values_vec<T, ND, 1>(pr, denom + r, v, L, o);
+    if constexpr (kMax == 4) {
+      if (n == 4) values_vec<T, ND, 4>(pr, denom + r, v, L, o);
+      if (n == 3) values_vec<T, ND, 3>(pr, denom + r, v, L, o);
+    }
+    if (n == 2) values_vec<T, ND, 2>(pr, denom + r, v, L, o);
+    if (n == 1) values_vec<T, ND, 1>(pr, denom + r, v, L, o);
     r += n;
   }
 }

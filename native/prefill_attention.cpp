@@ -117,19 +117,9 @@ inline void weigh_values(const float* p, int64_t ld, const float* denom, const f
   for (int64_t t = 0; t < len; ++t) {
     __m512 x[ND];
     for (int i = 0; i < ND; ++i) x[i] = _mm512_loadu_ps(vf + t * D + 16 * i);
-    for (int r = 0; r < kR; ++r) {
-      const __m512 w = _mm512_set1_ps(p[r * ld + t]);
-      for (int i = 0; i < ND; ++i) acc[r][i] = _mm512_fmadd_ps(w, x[i], acc[r][i]);
-    }
+    kvd::weigh_row<ND, kR>(acc, x, p + t, ld);
   }
-  for (int r = 0; r < kR; ++r) {
-    const __m512 inv = _mm512_set1_ps(1.f / denom[r]);
-    for (int i = 0; i < ND; ++i) {
-      alignas(64) float tmp[16];
-      _mm512_store_ps(tmp, _mm512_mul_ps(acc[r][i], inv));
-      for (int j = 0; j < 16; ++j) out[r][16 * i + j] = static_cast<T>(tmp[j]);
-    }
-  }
+  kvd::store_rows<T, ND, kR>(acc, denom, out);
 }
 
 template <typename T, typename P, int ND>
