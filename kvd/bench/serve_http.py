@@ -16,11 +16,17 @@ output tok/s = requested tokens / (first send → last chunk). Then vLLM's own c
 `vllm bench serve --backend openai` (random dataset of the same mean lengths, seeded,
 32 at a time), is pointed at kvd's HTTP server and at `vllm serve` in turn.
 
-Both engines get the same cores and, for vLLM, an explicit KV cache size. The headline
-ratios: HTTP TTFT p50 / ZeroMQ TTFT p50 at 1 req/s (target ≤ 1.05), HTTP / ZeroMQ output
-tok/s at 32 streams (target ≥ 0.97), kvd HTTP / vllm serve output tok/s at 32 streams
-(target ≥ 1.0). Each dtype runs where the CPU has the hardware for it (see
-kvd.bench.versus). Unless --no-record or --quick, appended to docs/benchmarks.md.
+Both engines get the same cores and, for vLLM, an explicit KV cache size. Both servers
+run side by side for the whole of a dtype (idle, each takes no CPU): every path runs the
+1 req/s mode once, then the 32-stream mode in rounds (`--rounds`, default 3), every path
+back to back in each round, the order rotated by one each round. This VM's speed drifts
+by ±10% from minute to minute, as much as the gap being measured; a ratio taken within
+a round shares the drift, so the headline is the median of the rounds' ratios, each
+round's shown. The tables show each path's median round. `vllm bench serve` runs twice
+per server, in the order kvd, vLLM, vLLM, kvd. The headline ratios: HTTP TTFT p50 /
+ZeroMQ TTFT p50 at 1 req/s (target ≤ 1.05), HTTP / ZeroMQ output tok/s at 32 streams
+(target ≥ 0.97), kvd HTTP / vllm serve output tok/s at 32 streams (target ≥ 1.0). Each
+dtype runs where the CPU has the hardware for it (see kvd.bench.versus). Unless --no-record or --quick, appended to docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -30,8 +36,10 @@ import asyncio
 import datetime
 import json
 import os
+import resource
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,6 +51,7 @@ from pathlib import Path
 from time import perf_counter
 
 import aiohttp
+import structlog
 
 from kvd.bench.offline import RECORD_PATH, machine_info, machine_summary, record
 from kvd.bench.serve import (
@@ -64,8 +73,10 @@ from kvd.client import AsyncClient
 from kvd.cpu import machine_flags
 from kvd.worker.models import resolve_model
 
+FULL_ROUNDS = 3  # rounds of the streams mode, every server in each
 VLLM_START_TIMEOUT_S = 900.0  # vLLM compiles its model at every start (minutes on 2 cores)
 MODEL_NAME = "smol"  # what both servers are asked for
+log = structlog.get_logger(__name__)
 VLLM_CLI = [str(PEER_PYTHON), str(Path(__file__).with_name("vllm_cli.py"))]  # `vllm ...` (see vllm_cli.py)
 
 
@@ -122,17 +133,111 @@ async def http_mode(url: str, name: str, tag: str, work: Workload, delays: list[
     return ModeResult(name, wall, sum(max_tokens), [list(s.text) for s in samples], samples)
 
 
-async def zmq_modes(endpoint: str, work: Workload, warm: Workload, cfg) -> list[ModeResult]:
+# ---- the modes, each server in turn -----------------------------------------------------------
+class Target:
+    """One way in to one server: a name for the tables, how to run a mode through it, and
+    the server's root process (its CPU time, and its descendants', are counted per mode)."""
+
+    def __init__(self, label: str, run, pid: int) -> None:
+        self.label = label
+        self.run = run  # async (name, tag, work, delays, limit) -> ModeResult
+        self.pid = pid
+
+
+def zmq_target(client: AsyncClient, pid: int) -> Target:
+    async def run(name, tag, work, delays, limit):
+        return await served_mode(client, name, f"zmq-{tag}", work, delays, limit)
+
+    return Target("ZeroMQ", run, pid)
+
+
+def http_target(url: str, label: str, pid: int) -> Target:
+    async def run(name, tag, work, delays, limit):
+        return await http_mode(url, name, f"{label.replace(' ', '-')}-{tag}", work, delays, limit)
+
+    return Target(label, run, pid)
+
+
+def rotated(items: list, r: int) -> list:
+    return items[r % len(items) :] + items[: r % len(items)]
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(root: int) -> tuple[float, float]:
+    """CPU seconds (user + system) so far of `root` itself and of all its descendants alive now."""
+    parent, cpu = {}, {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:  # gone meanwhile
+            continue
+        pid = int(entry.name)
+        parent[pid] = int(fields[1])
+        cpu[pid] = (int(fields[11]) + int(fields[12])) / _TICK
+    rest = 0.0
+    for pid in cpu:
+        up = parent.get(pid)
+        while up not in (None, 0, 1, root):
+            up = parent.get(up)
+        if up == root:
+            rest += cpu[pid]
+    return cpu.get(root, 0.0), rest
+
+
+class CpuUse:
+    """CPU seconds one streams run took: the server's root process, its descendants, the client."""
+
+    __slots__ = ("root", "rest", "client", "tokens")
+
+    def __init__(self, root: float, rest: float, client: float, tokens: int) -> None:
+        self.root, self.rest, self.client, self.tokens = root, rest, client, tokens
+
+
+def client_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def measure(targets: list[Target], work: Workload, warm: Workload, cfg,
+                  rounds: int) -> tuple[dict[str, list[ModeResult]], dict[str, list[CpuUse]]]:  # fmt: skip
+    """Every target's warm-up and latency mode once, then the streams mode `rounds` times.
+
+    The servers all run for the whole of it (an idle one takes no CPU), so each round of
+    the streams mode runs every target back to back, in an order rotated by one each
+    round: a drift of this machine's speed during the run falls on every target alike,
+    and no target is always first or last. Results by target label, latency mode first;
+    and the CPU each streams run took."""
+    (rate_name, rate_tag, rate_delays, rate_limit), (conc_name, conc_tag, conc_delays, conc_limit) = modes(
+        cfg, len(work[0]))  # fmt: skip
+    results: dict[str, list[ModeResult]] = {t.label: [] for t in targets}
+    cpu: dict[str, list[CpuUse]] = {t.label: [] for t in targets}
+    for t in targets:
+        await t.run("warm-up", "warmup", warm, [0.0] * len(warm[0]), len(warm[0]))
+    for t in targets:
+        results[t.label].append(await t.run(f"{t.label}, {rate_name}", rate_tag, work, rate_delays, rate_limit))
+    for r in range(rounds):
+        for t in rotated(targets, r):
+            (root0, rest0), client0 = tree_cpu(t.pid), client_cpu()
+            m = await t.run(f"{t.label}, {conc_name}", f"{conc_tag}-r{r}", work, conc_delays, conc_limit)
+            (root1, rest1), client1 = tree_cpu(t.pid), client_cpu()
+            results[t.label].append(m)
+            cpu[t.label].append(CpuUse(root1 - root0, rest1 - rest0, client1 - client0, m.tokens))
+            log.info("bench_round", target=t.label, round=r, tok_s=round(m.tok_s, 1))
+    return results, cpu
+
+
+async def measure_servers(endpoint: str, http: dict[str, tuple[str, int]], work: Workload, warm: Workload, cfg,
+                          rounds: int):  # fmt: skip
+    """`measure` over kvd's ZeroMQ endpoint and each HTTP server (label -> (url, root pid))."""
     async with AsyncClient(endpoint) as client:
-        await served_mode(client, "warm-up", "warmup", warm, [0.0] * len(warm[0]), len(warm[0]))
-        return [await served_mode(client, f"ZeroMQ, {name}", f"zmq-{tag}", work, delays, limit)
-                for name, tag, delays, limit in modes(cfg, len(work[0]))]  # fmt: skip
-
-
-async def http_modes(url: str, label: str, work: Workload, warm: Workload, cfg) -> list[ModeResult]:
-    await http_mode(url, "warm-up", f"{label}-warmup", warm, [0.0] * len(warm[0]), len(warm[0]))
-    return [await http_mode(url, f"{label}, {name}", f"{label}-{tag}", work, delays, limit)
-            for name, tag, delays, limit in modes(cfg, len(work[0]))]  # fmt: skip
+        targets = [zmq_target(client, http["kvd HTTP"][1])]
+        targets += [http_target(url, label, pid) for label, (url, pid) in http.items()]
+        return await measure(targets, work, warm, cfg, rounds)
 
 
 # ---- vllm serve ------------------------------------------------------------------------------
@@ -211,60 +316,101 @@ def vllm_bench(url: str, model_dir: Path, work: Workload, cfg, workdir: Path, la
 
 
 # ---- one dtype -------------------------------------------------------------------------------
-def run_dtype(dtype: str, work: Workload, warm: Workload, cfg, workdir: Path, threads: int, peer: bool):
-    """(kvd modes, vLLM modes, vllm-bench results by server) for one dtype."""
+def run_dtype(dtype: str, work: Workload, warm: Workload, cfg, workdir: Path, threads: int, peer: bool,
+              rounds: int) -> tuple[dict[str, list[ModeResult]], dict[str, list[CpuUse]], dict[str, list[dict]]]:  # fmt: skip
+    """Both servers up side by side for one dtype: (mode results and streams runs' CPU by
+    target, vllm-bench results by server).
+
+    `vllm serve` starts first (it compiles its model for minutes, which would disturb kvd's
+    modes), then the daemon. `vllm bench serve` then runs against each server in turn,
+    twice each, in the order kvd, vLLM, vLLM, kvd."""
     model_dir = resolve_model(None)
     (workdir / f"kvd-{dtype}").mkdir()
     daemon = ServedDaemon(workdir / f"kvd-{dtype}", cfg.max_num_seqs, dtype=dtype, http_model=MODEL_NAME)
-    bench: dict[str, dict] = {}
+    server = VllmServer(model_dir, dtype, workdir, threads) if peer else None
+    bench: dict[str, list[dict]] = {"kvd": [], "vllm": []} if peer else {}
     try:
+        http = {"vllm serve": (server.start(), server.proc.pid)} if server is not None else {}
         endpoint = daemon.start()
-        url = (daemon.run_dir / "http_endpoint").read_text().strip()
-        ours = asyncio.run(zmq_modes(endpoint, work, warm, cfg)) + asyncio.run(http_modes(url, "kvd HTTP", work,
-                                                                                          warm, cfg))  # fmt: skip
-        if peer:
-            bench["kvd"] = vllm_bench(url, model_dir, work, cfg, workdir, f"kvd-{dtype}", threads)
+        http = {"kvd HTTP": ((daemon.run_dir / "http_endpoint").read_text().strip(), daemon.proc.pid)} | http
+        results, cpu = asyncio.run(measure_servers(endpoint, http, work, warm, cfg, rounds))
+        for i, name in enumerate(("kvd", "vllm", "vllm", "kvd") if peer else ()):
+            url = http["kvd HTTP" if name == "kvd" else "vllm serve"][0]
+            bench[name].append(vllm_bench(url, model_dir, work, cfg, workdir, f"{name}-{dtype}-{i}", threads))
     finally:
         daemon.stop()
-    theirs: list[ModeResult] = []
-    if peer:
-        server = VllmServer(model_dir, dtype, workdir, threads)
-        try:
-            url = server.start()
-            theirs = asyncio.run(http_modes(url, "vllm serve", work, warm, cfg))
-            bench["vllm"] = vllm_bench(url, model_dir, work, cfg, workdir, f"vllm-{dtype}", threads)
-        finally:
+        if server is not None:
             server.stop()
-    return ours, theirs, bench
+    return results, cpu, bench
 
 
 def p50_ttft(m: ModeResult) -> float:
-    values = sorted(s.ttft for s in m.samples)
-    return values[len(values) // 2]
+    return statistics.median(s.ttft for s in m.samples)
 
 
-def ratio_lines(ours: list[ModeResult], theirs: list[ModeResult]) -> list[str]:
-    zmq_rate, zmq_conc, http_rate, http_conc = ours
+def median_run(runs: list[ModeResult]) -> ModeResult:
+    """The run of median output tok/s (the upper middle of an even count)."""
+    return sorted(runs, key=lambda m: m.tok_s)[len(runs) // 2]
+
+
+def round_ratios(results: dict[str, list[ModeResult]], a: str, b: str) -> list[float]:
+    """a / b output tok/s of the streams mode, round by round (the two ran back to back)."""
+    return [x.tok_s / y.tok_s for x, y in zip(results[a][1:], results[b][1:])]
+
+
+def ratio_line(label: str, ratios: list[float], target: str) -> str:
+    each = ", ".join(f"{r:.3f}" for r in ratios)
+    return f"**{label}: {statistics.median(ratios):.3f}** ({target}; median of {len(ratios)} rounds: {each})"
+
+
+def ratio_lines(results: dict[str, list[ModeResult]]) -> list[str]:
+    zmq_rate, http_rate = results["ZeroMQ"][0], results["kvd HTTP"][0]
+    streams = results["ZeroMQ"][1].name.split(", ")[1]
     lines = [f"**HTTP / ZeroMQ TTFT p50 at 1 req/s: {p50_ttft(http_rate) / p50_ttft(zmq_rate):.3f}** (target ≤ 1.05)",
-             f"**HTTP / ZeroMQ output tok/s at {zmq_conc.name.split(', ')[1]}: "
-             f"{http_conc.tok_s / zmq_conc.tok_s:.3f}** (target ≥ 0.97)"]  # fmt: skip
-    if theirs:
-        lines.append(f"**kvd HTTP / vllm serve output tok/s at {theirs[1].name.split(', ')[1]}: "
-                     f"{http_conc.tok_s / theirs[1].tok_s:.3f}** (target ≥ 1.0); at 1 req/s: TTFT p50 "
-                     f"{p50_ttft(http_rate) * 1e3:.0f} ms vs {p50_ttft(theirs[0]) * 1e3:.0f} ms")  # fmt: skip
+             ratio_line(f"HTTP / ZeroMQ output tok/s at {streams}", round_ratios(results, "kvd HTTP", "ZeroMQ"),
+                        "target ≥ 0.97")]  # fmt: skip
+    if "vllm serve" in results:
+        theirs = results["vllm serve"][0]
+        lines.append(ratio_line(f"kvd HTTP / vllm serve output tok/s at {streams}",
+                                round_ratios(results, "kvd HTTP", "vllm serve"), "target ≥ 1.0"))
+        lines.append(f"at 1 req/s, TTFT p50: kvd HTTP {p50_ttft(http_rate) * 1e3:.0f} ms, vllm serve "
+                     f"{p50_ttft(theirs) * 1e3:.0f} ms")  # fmt: skip
     return lines
 
 
-def bench_table(bench: dict[str, dict]) -> str:
+def cpu_line(cpu: dict[str, list[CpuUse]]) -> str:
+    """CPU seconds per 1,000 output tokens of each path's streams runs (medians over the rounds)."""
+
+    def per_k(values: list[float], uses: list[CpuUse]) -> str:
+        return f"{statistics.median(v / u.tokens * 1e3 for v, u in zip(values, uses)):.2f}"
+
+    parts = []
+    for label, uses in cpu.items():
+        root = "daemon" if label != "vllm serve" else "API server"
+        rest = "worker" if label != "vllm serve" else "engine core + worker"
+        parts.append(f"{label}: {root} {per_k([u.root for u in uses], uses)}, {rest} "
+                     f"{per_k([u.rest for u in uses], uses)}, client {per_k([u.client for u in uses], uses)}")  # fmt: skip
+    return "CPU seconds per 1,000 output tokens in the streams mode (median round): " + "; ".join(parts)
+
+
+def table_rows(results: dict[str, list[ModeResult]]) -> list[ModeResult]:
+    """Each target's latency mode, then its streams mode's median round, renamed to say so."""
+    latency = [runs[0] for runs in results.values()]
+    streams = [replace(median_run(runs[1:]), name=f"{median_run(runs[1:]).name} (median of {len(runs) - 1})")
+               for runs in results.values()]  # fmt: skip
+    return latency + streams
+
+
+def bench_table(bench: dict[str, list[dict]]) -> str:
     rows = ["| vllm bench serve → | output tok/s | TTFT ms median / p99 | TPOT ms median / p99 | ITL ms median / p99 |"
             " failed |", "|---|--:|--:|--:|--:|--:|"]  # fmt: skip
-    for name, r in bench.items():
-        rows.append(f"| {name} | {r['output_throughput']:.1f} | {r['median_ttft_ms']:.0f} / {r['p99_ttft_ms']:.0f} |"
-                    f" {r['median_tpot_ms']:.1f} / {r['p99_tpot_ms']:.1f} | {r['median_itl_ms']:.1f} /"
-                    f" {r['p99_itl_ms']:.1f} | {r.get('failed', 0)} |")  # fmt: skip
-    if len(bench) == 2:
-        rows.append(f"\nkvd / vLLM output tok/s through vLLM's client: "
-                    f"**{bench['kvd']['output_throughput'] / bench['vllm']['output_throughput']:.3f}**")
+    for name, i, r in [(name, i, r) for name, runs in bench.items() for i, r in enumerate(runs)]:
+        rows.append(f"| {name} (run {i + 1}) | {r['output_throughput']:.1f} | {r['median_ttft_ms']:.0f} /"
+                    f" {r['p99_ttft_ms']:.0f} | {r['median_tpot_ms']:.1f} / {r['p99_tpot_ms']:.1f} |"
+                    f" {r['median_itl_ms']:.1f} / {r['p99_itl_ms']:.1f} | {r.get('failed', 0)} |")  # fmt: skip
+    mean = {name: statistics.mean(r["output_throughput"] for r in runs) for name, runs in bench.items()}
+    rows.append(f"\nkvd / vLLM output tok/s through vLLM's client (means of {len(bench['kvd'])} runs each, in the order"
+                f" kvd, vLLM, vLLM, kvd): **{mean['kvd'] / mean['vllm']:.3f}**")  # fmt: skip
     return "\n".join(rows)
 
 
@@ -274,7 +420,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-record", action="store_true", help=f"do not append to {RECORD_PATH}")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--no-peer", action="store_true", help="kvd's two paths only, without vllm serve")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help=f"rounds of the streams mode (default {FULL_ROUNDS}; --quick: 1)")
     args = parser.parse_args(argv)
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else FULL_ROUNDS)
+    if rounds < 1:
+        parser.error("--rounds: must be at least 1")
     cfg = replace(QUICK, rates=(1.0,)) if args.quick else FULL
     peer = not args.no_peer
     if peer and not PEER_PYTHON.exists():
@@ -295,18 +446,19 @@ def main(argv: list[str] | None = None) -> None:
                 parts.append(f"### {dtype}\n\nnot run: {reason}")
                 continue
             try:
-                ours, theirs, bench = run_dtype(dtype, work, warm, cfg, Path(tmp), threads, peer)
+                results, cpu, bench = run_dtype(dtype, work, warm, cfg, Path(tmp), threads, peer, rounds)
             except DaemonError as e:
                 print(f"kvd bench serve_http: {e}", file=sys.stderr)
                 sys.exit(1)
-            parts += [f"### {dtype}", render_table(ours + theirs),
-                      "\n".join(f"- {line}" for line in ratio_lines(ours, theirs))]  # fmt: skip
+            parts += [f"### {dtype}", render_table(table_rows(results)),
+                      "\n".join(f"- {line}" for line in [*ratio_lines(results), cpu_line(cpu)])]  # fmt: skip
             if bench:
                 parts.append(bench_table(bench))
     prompts, max_tokens = work
     parts.append(f"- requests: {len(prompts)}, prompts {sum(map(len, prompts))} tokens in all, {sum(max_tokens)} "
                  f"requested output tokens, greedy, ignore_eos, prefix caching off on every server; {threads} "
-                 f"threads each; vLLM's KV cache {KV_CACHE_GB} GiB")  # fmt: skip
+                 f"threads each; vLLM's KV cache {KV_CACHE_GB} GiB; both servers up for the whole dtype, the "
+                 f"streams mode {rounds} rounds of every path back to back, the order rotated each round")  # fmt: skip
     body = "\n\n".join(parts)
     print(f"\n# kvd HTTP serving benchmark — {date}\n\n{body}")
     if not (args.no_record or args.quick):
