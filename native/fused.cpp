@@ -4,6 +4,9 @@
 //   rms_norm(out, x, w, eps)          out = w * RMSNorm(x)
 //   add_rms_norm(x, residual, w, eps) residual = residual + x; x = w * RMSNorm(residual)
 //   rope_neox(q, k, cos, sin)         q, k rotated in place (rotate-half form)
+//   rope_neox_cache(q, k, v, cos, sin, cache, slots)
+//                                     the same, and each token's rotated k and its v written
+//                                     into its slot of the paged cache while in L1
 //   silu_and_mul(out, x)              out = silu(x[:, :I]) * x[:, I:]
 //
 // float32 or bfloat16, all tensors of one dtype. Arithmetic is float32 and every value is
@@ -13,6 +16,8 @@
 // bfloat16, the same bits up to that. Rows run in parallel.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+
+#include <cstring>
 
 #include "kvd_math.h"
 #if defined(__AVX512F__)
@@ -147,9 +152,18 @@ inline void rotate(T* x, const T* c, const T* s, int64_t D) {
   }
 }
 
+// The paged cache rope_neox_cache writes into: K and V of (num_blocks * block_size) slots
+// of KVH * D values each, and one slot per token (checked in range before any write).
+struct CacheSlots {
+  void* k = nullptr;
+  void* v = nullptr;
+  const int64_t* slot = nullptr;
+};
+
 template <typename T>
-void rope_impl(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin) {
-  const int64_t N = q.size(0), H = q.size(1), KVH = k.size(1), D = q.size(2);
+void rope_impl(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos, torch::Tensor sin,
+               CacheSlots cache) {
+  const int64_t N = q.size(0), H = q.size(1), KVH = k.size(1), D = q.size(2), row = KVH * D;
   T* qp = q.data_ptr<T>();
   T* kp = k.data_ptr<T>();
   const T* cp = cos.data_ptr<T>();
@@ -162,6 +176,14 @@ void rope_impl(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tenso
       for (int64_t h = 0; h < H + KVH; ++h) {
         T* x = h < H ? qp + n * q.stride(0) + h * q.stride(1) : kp + n * k.stride(0) + (h - H) * k.stride(1);
         vec ? rotate16(x, c, s, D) : rotate(x, c, s, D);
+      }
+      if (cache.slot == nullptr) continue;
+      T* kc = static_cast<T*>(cache.k) + cache.slot[n] * row;
+      T* vc = static_cast<T*>(cache.v) + cache.slot[n] * row;
+      const T* vn = v.data_ptr<T>() + n * v.stride(0);
+      for (int64_t h = 0; h < KVH; ++h) {  // heads contiguous in the cache, strided in k and v
+        std::memcpy(kc + h * D, kp + n * k.stride(0) + h * k.stride(1), D * sizeof(T));
+        std::memcpy(vc + h * D, vn + h * v.stride(1), D * sizeof(T));
       }
     }
   });
@@ -218,20 +240,51 @@ void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight,
     add_rms_norm_impl<c10::BFloat16>(x, residual, weight, static_cast<float>(eps));
 }
 
-void rope_neox(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin) {
+static void check_rope(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& cos, const torch::Tensor& sin,
+                const char* op) {
   const auto dt = q.scalar_type();
-  check_dtype(dt, "rope_neox");
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.stride(2) == 1 && k.stride(2) == 1,
-              "rope_neox: q and k must be (N, heads, D) with contiguous heads");
-  TORCH_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2) && q.size(2) % 2 == 0, "rope_neox: q and k disagree");
-  TORCH_CHECK(k.scalar_type() == dt && cos.scalar_type() == dt && sin.scalar_type() == dt, "rope_neox: one dtype");
+  check_dtype(dt, op);
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.stride(2) == 1 && k.stride(2) == 1, op,
+              ": q and k must be (N, heads, D) with contiguous heads");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2) && q.size(2) % 2 == 0, op, ": q and k disagree");
+  TORCH_CHECK(k.scalar_type() == dt && cos.scalar_type() == dt && sin.scalar_type() == dt, op, ": one dtype");
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.dim() == 2 && cos.sizes() == sin.sizes() &&
                   cos.size(0) == q.size(0) && cos.size(1) == q.size(2),
-              "rope_neox: cos and sin must be contiguous (N, D)");
-  if (dt == at::kFloat)
-    rope_impl<float>(q, k, cos, sin);
+              op, ": cos and sin must be contiguous (N, D)");
+}
+
+void rope_neox(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin) {
+  check_rope(q, k, cos, sin, "rope_neox");
+  if (q.scalar_type() == at::kFloat)
+    rope_impl<float>(q, k, k, cos, sin, {});
   else
-    rope_impl<c10::BFloat16>(q, k, cos, sin);
+    rope_impl<c10::BFloat16>(q, k, k, cos, sin, {});
+}
+
+void rope_neox_cache(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos, torch::Tensor sin,
+                     torch::Tensor cache, torch::Tensor slots) {
+  check_rope(q, k, cos, sin, "rope_neox_cache");
+  TORCH_CHECK(v.dim() == 3 && v.sizes() == k.sizes() && v.stride(2) == 1 && v.scalar_type() == q.scalar_type(),
+              "rope_neox_cache: v must be (N, KVH, D) like k, with contiguous heads");
+  TORCH_CHECK(cache.dim() == 5 && cache.size(0) == 2 && cache.is_contiguous() && cache.size(3) == k.size(1) &&
+                  cache.size(4) == k.size(2) && cache.scalar_type() == q.scalar_type(),
+              "rope_neox_cache: cache must be a contiguous (2, num_blocks, block_size, KVH, D) of q's dtype");
+  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == q.size(0) && slots.scalar_type() == at::kLong &&
+                  slots.is_contiguous(),
+              "rope_neox_cache: slots must be (N,) int64, one per token");
+  const int64_t num_slots = cache.size(1) * cache.size(2);
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t n = 0; n < slots.size(0); ++n)
+    TORCH_CHECK(slot[n] >= 0 && slot[n] < num_slots, "rope_neox_cache: slot ", slot[n], " of token ", n,
+                " is outside the cache's ", num_slots, " slots");
+  const int64_t half = cache.numel() / 2;
+  if (q.scalar_type() == at::kFloat) {
+    float* base = cache.data_ptr<float>();
+    rope_impl<float>(q, k, v, cos, sin, {base, base + half, slot});
+  } else {
+    c10::BFloat16* base = cache.data_ptr<c10::BFloat16>();
+    rope_impl<c10::BFloat16>(q, k, v, cos, sin, {base, base + half, slot});
+  }
 }
 
 void silu_and_mul(torch::Tensor out, torch::Tensor x) {

@@ -368,6 +368,8 @@ void attend_vec(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::
 void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor weight, double eps);
 void add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps);
 void rope_neox(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin);
+void rope_neox_cache(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos, torch::Tensor sin,
+                     torch::Tensor cache, torch::Tensor slots);
 void silu_and_mul(torch::Tensor out, torch::Tensor x);
 // prefill_attention.cpp
 bool prefill_attention_supported(int64_t head_dim);
@@ -379,6 +381,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "out = RMSNorm(x) * weight, row by row (transformers' rounding)");
   m.def("add_rms_norm", &add_rms_norm, "residual += x; x = RMSNorm(residual) * weight, in place");
   m.def("rope_neox", &rope_neox, "rotary embedding of q and k in place (rotate-half form)");
+  m.def("rope_neox_cache", &rope_neox_cache, "rope_neox, and each token's k and v written into its cache slot");
   m.def("silu_and_mul", &silu_and_mul, "out = silu(x[:, :I]) * x[:, I:]");
   m.def("prefill_attention_supported", &prefill_attention_supported, "whether this build has prefill_attention for a head size");
   m.def("prefill_attention", &prefill_attention, "a prefill chunk's causal attention over its paged KV (CPU)");

@@ -72,6 +72,47 @@ def test_rope_neox_rotates_q_and_k_in_place(dtype, heads, kv_heads, head_dim):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (4, 2, 16)])
+def test_rope_neox_cache_is_rope_then_the_cache_write(dtype, heads, kv_heads, head_dim):
+    """q, k, v as the decoder has them (views into one qkv row per token); the cache gets
+    the rotated k and the v at each token's slot, and nothing else changes."""
+    n, blocks, block_size = 7, 5, 4
+    qkv = _rand(n, (heads + 2 * kv_heads) * head_dim, dtype=dtype, seed=10)
+    split = [heads * head_dim, (heads + kv_heads) * head_dim]
+
+    def views(t):
+        return (t[:, : split[0]].view(n, heads, head_dim), t[:, split[0] : split[1]].view(n, kv_heads, head_dim),
+                t[:, split[1] :].view(n, kv_heads, head_dim))  # fmt: skip
+
+    angles = torch.arange(n)[:, None] * torch.rand(head_dim // 2, generator=torch.Generator().manual_seed(11))
+    cos, sin = torch.cat([angles, angles], -1).cos().to(dtype), torch.cat([angles, angles], -1).sin().to(dtype)
+    cache = _rand(2, blocks, block_size, kv_heads, head_dim, dtype=dtype, seed=12)
+    slots = torch.tensor([17, 0, 3, 19, 8, 9, 12])  # scattered over the blocks, last slot included
+
+    want_qkv, want_cache = qkv.clone(), cache.clone()
+    q, k, v = views(want_qkv)
+    native.rope_neox(q, k, cos, sin)
+    flat = want_cache.view(2, -1, kv_heads, head_dim)
+    flat[0].index_copy_(0, slots, k)
+    flat[1].index_copy_(0, slots, v)
+
+    q, k, v = views(qkv)
+    native.rope_neox_cache(q, k, v, cos, sin, cache, slots)
+    assert torch.equal(qkv, want_qkv)  # q and k rotated in place, the same bits
+    assert torch.equal(cache, want_cache)
+
+    for bad, match in ((torch.tensor([0, 1, 2, 3, 4, 5, 20]), "slot 20 of token 6 is outside the cache's 20 slots"),
+                       (torch.tensor([0, -1, 2, 3, 4, 5, 6]), "slot -1 of token 1"),
+                       (slots[:3], r"\(N,\) int64"), (slots.int(), "int64")):  # fmt: skip
+        before = cache.clone()
+        with pytest.raises(RuntimeError, match=match):
+            native.rope_neox_cache(q, k, v, cos, sin, cache, bad)
+        assert torch.equal(cache, before)  # refused before any write
+    with pytest.raises(RuntimeError, match="cache must be"):
+        native.rope_neox_cache(q, k, v, cos, sin, cache[:, :, :2], slots)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_and_mul_matches_transformers(dtype):
     x = _rand(6, 2 * 1536, dtype=dtype, seed=9) * 4
     out = x.new_empty(6, 1536)

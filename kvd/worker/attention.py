@@ -75,9 +75,18 @@ def forward_context(kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> I
         _ctx = prev
 
 
-def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """One layer's attention for the step's packed tokens: write k, v into the paged cache,
-    attend, return (N, H, D). q (N, H, D), k and v (N, KVH, D)."""
+def cache_slots(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's cache (2, NB, BS, KVH, D) and the step's slot per packed token, for a caller
+    that writes K/V itself (kvd's decoder, with the rotary embedding) before `attend(written=True)`."""
+    if _ctx is None:
+        raise RuntimeError("kvd paged attention called outside forward_context()")
+    return _ctx.kv_caches[layer], _ctx.meta.slot_mapping
+
+
+def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+           written: bool = False) -> torch.Tensor:  # fmt: skip
+    """One layer's attention for the step's packed tokens: write k, v into the paged cache
+    (unless the caller has: `written`), attend, return (N, H, D). q (N, H, D), k and v (N, KVH, D)."""
     if _ctx is None:
         raise RuntimeError("kvd paged attention called outside forward_context()")
     meta = _ctx.meta
@@ -86,9 +95,10 @@ def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     kvh = k.shape[1]
 
     # 1. Write this step's K/V into their slots.
-    flat = cache.view(2, -1, kvh, d)  # (2, NB*BS, KVH, D)
-    flat[0].index_copy_(0, meta.slot_mapping, k)
-    flat[1].index_copy_(0, meta.slot_mapping, v)
+    if not written:
+        flat = cache.view(2, -1, kvh, d)  # (2, NB*BS, KVH, D)
+        flat[0].index_copy_(0, meta.slot_mapping, k)
+        flat[1].index_copy_(0, meta.slot_mapping, v)
 
     out = q.new_empty(n, h, d)  # (N, H, D)
     # 2a. Decode queries: one batched call that reads each request's blocks in place.

@@ -8,7 +8,8 @@ of the step. `Decoder` runs the same computation from the same weights with:
 - one prepacked oneDNN projection for q, k and v, and one for gate and up
   (`kvd.worker.linear`: weights concatenated, then reordered once);
 - the native fused ops of native/fused.cpp: RMSNorm with the residual add, the
-  rotary embedding in place, silu-and-mul; each rounds where transformers rounds, so
+  rotary embedding in place with each token's K and V written into its cache slot in the
+  same pass, silu-and-mul; each rounds where transformers rounds, so
   float32 outputs are transformers' up to float32's own rounding;
 - kvd's paged attention (`attention.attend`), as the transformers path uses it.
 
@@ -131,8 +132,9 @@ class Decoder:
                 q, k = q.contiguous(), k.contiguous()
                 nat.rms_norm(q.view(-1, D), q.view(-1, D), layer.q_norm, self.eps)
                 nat.rms_norm(k.view(-1, D), k.view(-1, D), layer.k_norm, self.eps)
-            nat.rope_neox(q, k, cos, sin)
-            o = attention.attend(i, q, k, v, self.scale)  # (N, H, D)
+            cache, slots = attention.cache_slots(i)
+            nat.rope_neox_cache(q, k, v, cos, sin, cache, slots)  # rotated, and k, v into their cache slots
+            o = attention.attend(i, q, k, v, self.scale, written=True)  # (N, H, D)
             x = layer.o(o.view(n, H * D))  # (N, E)
             nat.add_rms_norm(x, residual, layer.post_norm, self.eps)  # residual += attention; x = norm
             gu = layer.gate_up(x)  # (N, 2I)
