@@ -168,6 +168,7 @@ void rope_impl(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor 
   T* kp = k.data_ptr<T>();
   const T* cp = cos.data_ptr<T>();
   const T* sp = sin.data_ptr<T>();
+  const T* vp = cache.slot != nullptr ? v.data_ptr<T>() : nullptr;
   const bool vec = kRows16 && D % 32 == 0;
   at::parallel_for(0, N, 8, [&](int64_t b, int64_t e) {
     for (int64_t n = b; n < e; ++n) {
@@ -177,10 +178,10 @@ void rope_impl(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor 
         T* x = h < H ? qp + n * q.stride(0) + h * q.stride(1) : kp + n * k.stride(0) + (h - H) * k.stride(1);
         vec ? rotate16(x, c, s, D) : rotate(x, c, s, D);
       }
-      if (cache.slot == nullptr) continue;
+      if (vp == nullptr) continue;
       T* kc = static_cast<T*>(cache.k) + cache.slot[n] * row;
       T* vc = static_cast<T*>(cache.v) + cache.slot[n] * row;
-      const T* vn = v.data_ptr<T>() + n * v.stride(0);
+      const T* vn = vp + n * v.stride(0);
       for (int64_t h = 0; h < KVH; ++h) {  // heads contiguous in the cache, strided in k and v
         std::memcpy(kc + h * D, kp + n * k.stride(0) + h * k.stride(1), D * sizeof(T));
         std::memcpy(vc + h * D, vn + h * v.stride(1), D * sizeof(T));

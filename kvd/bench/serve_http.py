@@ -26,7 +26,8 @@ round's shown. The tables show each path's median round. `vllm bench serve` runs
 per server, in the order kvd, vLLM, vLLM, kvd. The headline ratios: HTTP TTFT p50 /
 ZeroMQ TTFT p50 at 1 req/s (target ≤ 1.05), HTTP / ZeroMQ output tok/s at 32 streams
 (target ≥ 0.97), kvd HTTP / vllm serve output tok/s at 32 streams (target ≥ 1.0). Each
-dtype runs where the CPU has the hardware for it (see kvd.bench.versus). Unless --no-record or --quick, appended to docs/benchmarks.md.
+dtype runs where the CPU has the hardware for it (see kvd.bench.versus). Unless
+--no-record or --quick, appended to docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from time import perf_counter
 
@@ -73,10 +74,11 @@ from kvd.client import AsyncClient
 from kvd.cpu import machine_flags
 from kvd.worker.models import resolve_model
 
+log = structlog.get_logger(__name__)
+
 FULL_ROUNDS = 3  # rounds of the streams mode, every server in each
 VLLM_START_TIMEOUT_S = 900.0  # vLLM compiles its model at every start (minutes on 2 cores)
 MODEL_NAME = "smol"  # what both servers are asked for
-log = structlog.get_logger(__name__)
 VLLM_CLI = [str(PEER_PYTHON), str(Path(__file__).with_name("vllm_cli.py"))]  # `vllm ...` (see vllm_cli.py)
 
 
@@ -189,13 +191,14 @@ def tree_cpu(root: int) -> tuple[float, float]:
     return cpu.get(root, 0.0), rest
 
 
+@dataclass(frozen=True)
 class CpuUse:
     """CPU seconds one streams run took: the server's root process, its descendants, the client."""
 
-    __slots__ = ("root", "rest", "client", "tokens")
-
-    def __init__(self, root: float, rest: float, client: float, tokens: int) -> None:
-        self.root, self.rest, self.client, self.tokens = root, rest, client, tokens
+    root: float
+    rest: float
+    client: float
+    tokens: int
 
 
 def client_cpu() -> float:
@@ -381,33 +384,31 @@ def ratio_lines(results: dict[str, list[ModeResult]]) -> list[str]:
 def cpu_line(cpu: dict[str, list[CpuUse]]) -> str:
     """CPU seconds per 1,000 output tokens of each path's streams runs (medians over the rounds)."""
 
-    def per_k(values: list[float], uses: list[CpuUse]) -> str:
-        return f"{statistics.median(v / u.tokens * 1e3 for v, u in zip(values, uses)):.2f}"
+    def per_k(uses: list[CpuUse], part: str) -> str:
+        return f"{statistics.median(getattr(u, part) / u.tokens * 1e3 for u in uses):.2f}"
 
     parts = []
     for label, uses in cpu.items():
-        root = "daemon" if label != "vllm serve" else "API server"
-        rest = "worker" if label != "vllm serve" else "engine core + worker"
-        parts.append(f"{label}: {root} {per_k([u.root for u in uses], uses)}, {rest} "
-                     f"{per_k([u.rest for u in uses], uses)}, client {per_k([u.client for u in uses], uses)}")  # fmt: skip
+        root, rest = ("API server", "engine core + worker") if label == "vllm serve" else ("daemon", "worker")
+        parts.append(f"{label}: {root} {per_k(uses, 'root')}, {rest} {per_k(uses, 'rest')}, "
+                     f"client {per_k(uses, 'client')}")  # fmt: skip
     return "CPU seconds per 1,000 output tokens in the streams mode (median round): " + "; ".join(parts)
 
 
 def table_rows(results: dict[str, list[ModeResult]]) -> list[ModeResult]:
     """Each target's latency mode, then its streams mode's median round, renamed to say so."""
-    latency = [runs[0] for runs in results.values()]
-    streams = [replace(median_run(runs[1:]), name=f"{median_run(runs[1:]).name} (median of {len(runs) - 1})")
-               for runs in results.values()]  # fmt: skip
-    return latency + streams
+    medians = [(median_run(runs[1:]), len(runs) - 1) for runs in results.values()]
+    return [runs[0] for runs in results.values()] + [replace(m, name=f"{m.name} (median of {n})") for m, n in medians]
 
 
 def bench_table(bench: dict[str, list[dict]]) -> str:
     rows = ["| vllm bench serve → | output tok/s | TTFT ms median / p99 | TPOT ms median / p99 | ITL ms median / p99 |"
             " failed |", "|---|--:|--:|--:|--:|--:|"]  # fmt: skip
-    for name, i, r in [(name, i, r) for name, runs in bench.items() for i, r in enumerate(runs)]:
-        rows.append(f"| {name} (run {i + 1}) | {r['output_throughput']:.1f} | {r['median_ttft_ms']:.0f} /"
-                    f" {r['p99_ttft_ms']:.0f} | {r['median_tpot_ms']:.1f} / {r['p99_tpot_ms']:.1f} |"
-                    f" {r['median_itl_ms']:.1f} / {r['p99_itl_ms']:.1f} | {r.get('failed', 0)} |")  # fmt: skip
+    for name, runs in bench.items():
+        for i, r in enumerate(runs):
+            rows.append(f"| {name} (run {i + 1}) | {r['output_throughput']:.1f} | {r['median_ttft_ms']:.0f} /"
+                        f" {r['p99_ttft_ms']:.0f} | {r['median_tpot_ms']:.1f} / {r['p99_tpot_ms']:.1f} |"
+                        f" {r['median_itl_ms']:.1f} / {r['p99_itl_ms']:.1f} | {r.get('failed', 0)} |")  # fmt: skip
     mean = {name: statistics.mean(r["output_throughput"] for r in runs) for name, runs in bench.items()}
     rows.append(f"\nkvd / vLLM output tok/s through vLLM's client (means of {len(bench['kvd'])} runs each, in the order"
                 f" kvd, vLLM, vLLM, kvd): **{mean['kvd'] / mean['vllm']:.3f}**")  # fmt: skip

@@ -75,22 +75,26 @@ def forward_context(kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> I
         _ctx = prev
 
 
+def _current() -> _Context:
+    if _ctx is None:
+        raise RuntimeError("kvd paged attention called outside forward_context()")
+    return _ctx
+
+
 def cache_slots(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's cache (2, NB, BS, KVH, D) and the step's slot per packed token, for a caller
     that writes K/V itself (kvd's decoder, with the rotary embedding) before `attend(written=True)`."""
-    if _ctx is None:
-        raise RuntimeError("kvd paged attention called outside forward_context()")
-    return _ctx.kv_caches[layer], _ctx.meta.slot_mapping
+    ctx = _current()
+    return ctx.kv_caches[layer], ctx.meta.slot_mapping
 
 
 def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
            written: bool = False) -> torch.Tensor:  # fmt: skip
     """One layer's attention for the step's packed tokens: write k, v into the paged cache
     (unless the caller has: `written`), attend, return (N, H, D). q (N, H, D), k and v (N, KVH, D)."""
-    if _ctx is None:
-        raise RuntimeError("kvd paged attention called outside forward_context()")
-    meta = _ctx.meta
-    cache = _ctx.kv_caches[layer]  # (2, NB, BS, KVH, D)
+    ctx = _current()
+    meta = ctx.meta
+    cache = ctx.kv_caches[layer]  # (2, NB, BS, KVH, D)
     n, h, d = q.shape
     kvh = k.shape[1]
 
