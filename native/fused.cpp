@@ -22,6 +22,8 @@
 #include "kvd_math.h"
 #if defined(__AVX512F__)
 #include "kvd_simd.h"
+#elif defined(__AVX2__) && defined(__FMA__)
+#include "kvd_avx2.h"
 #endif
 
 namespace {
@@ -30,14 +32,14 @@ using kvd::narrow;
 using kvd::widen;
 
 #if defined(__AVX512F__)
-// The same rows sixteen lanes at a time, where a row is a multiple of 16 wide: each value
+// The same rows sixteen lanes at a time on AVX-512, where a row is a multiple of 16 wide: each value
 // rounded where the scalar code rounds (round16, store16), sums in another order.
 using kvd::load16;
 using kvd::round16;
 using kvd::store16;
 
 template <typename T>
-inline void norm_row16(T* out, const T* x, const T* w, int64_t E, float eps) {
+inline void norm_row_vec(T* out, const T* x, const T* w, int64_t E, float eps) {
   __m512 ss = _mm512_setzero_ps();
   for (int64_t e = 0; e < E; e += 16) {
     const __m512 v = load16(x + e);
@@ -49,12 +51,12 @@ inline void norm_row16(T* out, const T* x, const T* w, int64_t E, float eps) {
 }
 
 template <typename T>
-inline void add_row16(T* res, const T* x, int64_t E) {
+inline void add_row_vec(T* res, const T* x, int64_t E) {
   for (int64_t e = 0; e < E; e += 16) store16(res + e, _mm512_add_ps(load16(res + e), load16(x + e)));
 }
 
 template <typename T>
-inline void silu_mul_row16(T* o, const T* g, const T* u, int64_t I) {
+inline void silu_mul_row_vec(T* o, const T* g, const T* u, int64_t I) {
   const __m512 one = _mm512_set1_ps(1.f);
   for (int64_t i = 0; i < I; i += 16) {
     const __m512 x = load16(g + i);
@@ -66,7 +68,7 @@ inline void silu_mul_row16(T* o, const T* g, const T* u, int64_t I) {
 }
 
 template <typename T>
-inline void rotate16(T* x, const T* c, const T* s, int64_t D) {
+inline void rotate_vec(T* x, const T* c, const T* s, int64_t D) {
   const int64_t half = D / 2;
   for (int64_t i = 0; i < half; i += 16) {
     const __m512 a = load16(x + i), b = load16(x + half + i);
@@ -78,14 +80,69 @@ inline void rotate16(T* x, const T* c, const T* s, int64_t D) {
     store16(x + half + i, hi);
   }
 }
-constexpr bool kRows16 = true;
+constexpr int64_t kLanes = 16;
+#elif defined(__AVX2__) && defined(__FMA__)
+// The same rows eight lanes at a time on AVX2, where a row is a multiple of 8 wide: the
+// AVX-512 functions above at half the width, under the same names.
+using kvd::avx2::load8;
+using kvd::avx2::round8;
+using kvd::avx2::store8;
+
+template <typename T>
+inline void norm_row_vec(T* out, const T* x, const T* w, int64_t E, float eps) {
+  __m256 ss = _mm256_setzero_ps();
+  for (int64_t e = 0; e < E; e += 8) {
+    const __m256 v = load8(x + e);
+    ss = _mm256_fmadd_ps(v, v, ss);
+  }
+  const __m256 inv = _mm256_set1_ps(1.f / std::sqrt(kvd::avx2::reduce_add8(ss) / static_cast<float>(E) + eps));
+  for (int64_t e = 0; e < E; e += 8)
+    store8(out + e, _mm256_mul_ps(load8(w + e), round8<T>(_mm256_mul_ps(load8(x + e), inv))));
+}
+
+template <typename T>
+inline void add_row_vec(T* res, const T* x, int64_t E) {
+  for (int64_t e = 0; e < E; e += 8) store8(res + e, _mm256_add_ps(load8(res + e), load8(x + e)));
+}
+
+template <typename T>
+inline void silu_mul_row_vec(T* o, const T* g, const T* u, int64_t I) {
+  const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (int64_t i = 0; i < I; i += 8) {
+    const __m256 x = load8(g + i);
+    const __m256 e = kvd::avx2::exp_neg8(_mm256_or_ps(x, sign));  // e^-|x|
+    const __m256 pos = _mm256_cmp_ps(x, zero, _CMP_GE_OQ);
+    const __m256 sig = _mm256_div_ps(_mm256_blendv_ps(e, one, pos), _mm256_add_ps(one, e));
+    store8(o + i, _mm256_mul_ps(round8<T>(_mm256_mul_ps(x, sig)), load8(u + i)));
+  }
+}
+
+template <typename T>
+inline void rotate_vec(T* x, const T* c, const T* s, int64_t D) {
+  const int64_t half = D / 2;
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (int64_t i = 0; i < half; i += 8) {
+    const __m256 a = load8(x + i), b = load8(x + half + i);
+    const __m256 lo = _mm256_add_ps(round8<T>(_mm256_mul_ps(a, load8(c + i))),
+                                    round8<T>(_mm256_mul_ps(_mm256_xor_ps(b, sign), load8(s + i))));
+    const __m256 hi = _mm256_add_ps(round8<T>(_mm256_mul_ps(b, load8(c + half + i))),
+                                    round8<T>(_mm256_mul_ps(a, load8(s + half + i))));
+    store8(x + i, lo);
+    store8(x + half + i, hi);
+  }
+}
+constexpr int64_t kLanes = 8;
 #else
-constexpr bool kRows16 = false;
-template <typename T> inline void norm_row16(T*, const T*, const T*, int64_t, float) {}
-template <typename T> inline void add_row16(T*, const T*, int64_t) {}
-template <typename T> inline void silu_mul_row16(T*, const T*, const T*, int64_t) {}
-template <typename T> inline void rotate16(T*, const T*, const T*, int64_t) {}
+constexpr int64_t kLanes = 0;  // no vector rows: every row takes the scalar code
+template <typename T> inline void norm_row_vec(T*, const T*, const T*, int64_t, float) {}
+template <typename T> inline void add_row_vec(T*, const T*, int64_t) {}
+template <typename T> inline void silu_mul_row_vec(T*, const T*, const T*, int64_t) {}
+template <typename T> inline void rotate_vec(T*, const T*, const T*, int64_t) {}
 #endif
+
+// Whether rows n values wide take the vector functions (their width a multiple of the lanes).
+inline bool vector_rows(int64_t n) { return kLanes > 0 && n % kLanes == 0; }
 
 void check_rows(const torch::Tensor& t, const char* name, at::ScalarType dt) {
   TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, ": must be 2-D with contiguous rows");
@@ -111,10 +168,10 @@ void rms_norm_impl(torch::Tensor out, torch::Tensor x, torch::Tensor w, float ep
   const T* xp = x.data_ptr<T>();
   const T* wp = w.data_ptr<T>();
   const int64_t so = out.stride(0), sx = x.stride(0);
-  const bool vec = kRows16 && E % 16 == 0;
+  const bool vec = vector_rows(E);
   at::parallel_for(0, R, 16, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r)
-      vec ? norm_row16(op + r * so, xp + r * sx, wp, E, eps) : norm_row(op + r * so, xp + r * sx, wp, E, eps);
+      vec ? norm_row_vec(op + r * so, xp + r * sx, wp, E, eps) : norm_row(op + r * so, xp + r * sx, wp, E, eps);
   });
 }
 
@@ -125,14 +182,14 @@ void add_rms_norm_impl(torch::Tensor x, torch::Tensor res, torch::Tensor w, floa
   T* rp = res.data_ptr<T>();
   const T* wp = w.data_ptr<T>();
   const int64_t sx = x.stride(0), sr = res.stride(0);
-  const bool vec = kRows16 && E % 16 == 0;
+  const bool vec = vector_rows(E);
   at::parallel_for(0, R, 16, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       T* xr = xp + r * sx;
       T* rr = rp + r * sr;
       if (vec) {
-        add_row16(rr, xr, E);
-        norm_row16(xr, rr, wp, E, eps);
+        add_row_vec(rr, xr, E);
+        norm_row_vec(xr, rr, wp, E, eps);
         continue;
       }
       for (int64_t i = 0; i < E; ++i) rr[i] = narrow<T>(widen(rr[i]) + widen(xr[i]));
@@ -169,14 +226,14 @@ void rope_impl(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor 
   const T* cp = cos.data_ptr<T>();
   const T* sp = sin.data_ptr<T>();
   const T* vp = cache.slot != nullptr ? v.data_ptr<T>() : nullptr;
-  const bool vec = kRows16 && D % 32 == 0;
+  const bool vec = vector_rows(D / 2);
   at::parallel_for(0, N, 8, [&](int64_t b, int64_t e) {
     for (int64_t n = b; n < e; ++n) {
       const T* c = cp + n * D;
       const T* s = sp + n * D;
       for (int64_t h = 0; h < H + KVH; ++h) {
         T* x = h < H ? qp + n * q.stride(0) + h * q.stride(1) : kp + n * k.stride(0) + (h - H) * k.stride(1);
-        vec ? rotate16(x, c, s, D) : rotate(x, c, s, D);
+        vec ? rotate_vec(x, c, s, D) : rotate(x, c, s, D);
       }
       if (vp == nullptr) continue;
       T* kc = static_cast<T*>(cache.k) + cache.slot[n] * row;
@@ -196,14 +253,14 @@ void silu_and_mul_impl(torch::Tensor out, torch::Tensor x) {
   T* op = out.data_ptr<T>();
   const T* xp = x.data_ptr<T>();
   const int64_t so = out.stride(0), sx = x.stride(0);
-  const bool vec = kRows16 && I % 16 == 0;
+  const bool vec = vector_rows(I);
   at::parallel_for(0, R, 8, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const T* g = xp + r * sx;
       const T* u = g + I;
       T* o = op + r * so;
       if (vec) {
-        silu_mul_row16(o, g, u, I);
+        silu_mul_row_vec(o, g, u, I);
         continue;
       }
       for (int64_t i = 0; i < I; ++i) o[i] = narrow<T>(widen(narrow<T>(kvd::silu(widen(g[i])))) * widen(u[i]));

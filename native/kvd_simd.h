@@ -93,21 +93,6 @@ inline float softmax_row(float* sc, int64_t L) {
   return _mm512_reduce_add_ps(sum);
 }
 
-// The rows of the tokens of one sequence's blocks, in order: token t of the sequence is row
-// t % BS of block table[t / BS], each row tok_stride elements apart.
-template <typename T>
-struct Rows {
-  const T* base;  // the cache (K or V) plus the kv head's offset
-  const int64_t* table;
-  int64_t bs, block_elems, tok_stride;
-  int64_t blk = 0, off = 0;
-  const T* next() {
-    const T* p = base + table[blk] * block_elems + off * tok_stride;
-    if (++off == bs) off = 0, ++blk;
-    return p;
-  }
-};
-
 // The P . V core of both attention kernels, kR query rows at a time with their
 // accumulators in registers: weigh_row adds w[r * ld] times one V row x (float32) to row
 // r; store_rows writes out[r] = acc[r] / denom[r] as T.
@@ -125,17 +110,6 @@ inline void store_rows(const __m512 (&acc)[kR][ND], const float* denom, T* const
     const __m512 inv = _mm512_set1_ps(1.f / denom[r]);
     for (int i = 0; i < ND; ++i) store16(out[r] + 16 * i, _mm512_mul_ps(acc[r][i], inv));
   }
-}
-
-// Rows come from blocks scattered through the cache, one head's part of each token's row:
-// a pattern the hardware prefetcher does not follow, so each pass asks for the rows
-// kAhead tokens on. (Measured out of cache at batch 64 it is worth a few percent at best,
-// within this VM's noise; it costs nothing measurable in cache.)
-constexpr int64_t kAhead = 16;
-template <typename T, int ND>
-inline void prefetch_row(const T* row) {
-  constexpr int kLines = (ND * 16 * static_cast<int>(sizeof(T)) + 63) / 64;
-  for (int i = 0; i < kLines; ++i) _mm_prefetch(reinterpret_cast<const char*>(row) + 64 * i, _MM_HINT_T0);
 }
 
 }  // namespace kvd

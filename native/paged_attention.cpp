@@ -24,6 +24,10 @@
 #include "kvd_math.h"
 #if defined(__AVX512F__)
 #include "kvd_simd.h"
+#define KVD_VEC_ATTENTION 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include "kvd_avx2.h"
+#define KVD_VEC_ATTENTION 1
 #endif
 #include <limits>
 #include <type_traits>
@@ -120,12 +124,12 @@ template <typename T, int ND, bool BF16DOT>
 void scores_vec(const T* q, int64_t G, Rows<T> k, int64_t L, float scale, float* scores) {
   constexpr int64_t kAhead = kvd::kAhead;
   Rows<T> ahead = k;
-  for (int64_t t = 0; t < std::min(kAhead, L); ++t) prefetch_row<T, ND>(ahead.next());
+  for (int64_t t = 0; t < std::min(kAhead, L); ++t) prefetch_row<T, ND * 16>(ahead.next());
   for (int64_t t0 = 0; t0 < L; t0 += 16) {
     const int64_t n = std::min<int64_t>(16, L - t0);
     const T* rows[16];
     for (int64_t j = 0; j < n; ++j) rows[j] = k.next();
-    for (int64_t j = t0 + kAhead; j < std::min(t0 + kAhead + 16, L); ++j) prefetch_row<T, ND>(ahead.next());
+    for (int64_t j = t0 + kAhead; j < std::min(t0 + kAhead + 16, L); ++j) prefetch_row<T, ND * 16>(ahead.next());
     for (int64_t j = n; j < 16; ++j) rows[j] = rows[0];  // lanes past L: computed, not stored
     const __mmask16 keep = static_cast<__mmask16>((1u << n) - 1);
     for (int64_t g = 0; g < G; ++g) {
@@ -162,10 +166,10 @@ void values_vec(const float* p, const float* denom, Rows<T> v, int64_t L, T* out
     for (int i = 0; i < ND; ++i) acc[r][i] = _mm512_setzero_ps();
   constexpr int64_t kAhead = kvd::kAhead;
   Rows<T> ahead = v;
-  for (int64_t t = 0; t < std::min(kAhead, L); ++t) prefetch_row<T, ND>(ahead.next());
+  for (int64_t t = 0; t < std::min(kAhead, L); ++t) prefetch_row<T, ND * 16>(ahead.next());
   for (int64_t t = 0; t < L; ++t) {
     const T* row = v.next();
-    if (t + kAhead < L) prefetch_row<T, ND>(ahead.next());
+    if (t + kAhead < L) prefetch_row<T, ND * 16>(ahead.next());
     __m512 x[ND];
     for (int i = 0; i < ND; ++i) x[i] = load16(row + 16 * i);
     kvd::weigh_row<ND, RB>(acc, x, p + t, L);
@@ -194,6 +198,89 @@ void values_rows(const float* p, const float* denom, Rows<T> v, int64_t L, int64
   }
 }
 
+constexpr int64_t kLanes = 16;
+#elif defined(__AVX2__) && defined(__FMA__)
+// The vector path on AVX2 (eight lanes, sixteen registers), for head sizes 64 and 128 (ND =
+// D / 8 vectors): the AVX-512 path's plan at half the width, under the same names, so
+// `attend_vec` below serves both. Scores: eight tokens at a time, reduced together by
+// `hsum8`. Values: up to kRowsMax query rows of a kv head over the V rows in column passes
+// of two vectors, so the accumulators stay in registers and each V row is still read once
+// per kv head (a pass reads its own columns of every row).
+
+using kvd::avx2::kW;
+using kvd::avx2::load8;
+using kvd::avx2::softmax_row;
+using kvd::prefetch_row;
+using kvd::Rows;
+
+// scores[g * L + t] = scale * q_g . k_t for the G query rows of one kv head (no bf16 dot
+// instruction on AVX2: BF16DOT is always false here).
+template <typename T, int ND, bool BF16DOT>
+void scores_vec(const T* q, int64_t G, Rows<T> k, int64_t L, float scale, float* scores) {
+  constexpr int64_t kAhead = kvd::kAhead;
+  Rows<T> ahead = k;
+  for (int64_t t = 0; t < std::min(kAhead, L); ++t) prefetch_row<T, ND * kW>(ahead.next());
+  for (int64_t t0 = 0; t0 < L; t0 += kW) {
+    const int64_t n = std::min<int64_t>(kW, L - t0);
+    const T* rows[kW];
+    for (int64_t j = 0; j < n; ++j) rows[j] = k.next();
+    for (int64_t j = t0 + kAhead; j < std::min(t0 + kAhead + kW, L); ++j) prefetch_row<T, ND * kW>(ahead.next());
+    for (int64_t j = n; j < kW; ++j) rows[j] = rows[0];  // lanes past L: computed, not stored
+    for (int64_t g = 0; g < G; ++g) {
+      const T* qg = q + g * ND * kW;
+      __m256 acc[kW];
+      const __m256 q0 = load8(qg);
+      for (int j = 0; j < kW; ++j) acc[j] = _mm256_mul_ps(q0, load8(rows[j]));
+      for (int i = 1; i < ND; ++i) {
+        const __m256 qv = load8(qg + kW * i);
+        for (int j = 0; j < kW; ++j) acc[j] = _mm256_fmadd_ps(qv, load8(rows[j] + kW * i), acc[j]);
+      }
+      _mm256_maskstore_ps(scores + g * L + t0, kvd::avx2::first_lanes(n),
+                          _mm256_mul_ps(kvd::avx2::hsum8(acc), _mm256_set1_ps(scale)));
+    }
+  }
+}
+
+// out_r = sum_t p[r * L + t] * v_t / denom_r for R query rows, two vectors of columns a pass.
+template <typename T, int ND, int R>
+void values_vec(const float* p, const float* denom, Rows<T> v, int64_t L, T* out) {
+  constexpr int NC = 2;
+  for (int c = 0; c < ND; c += NC) {
+    __m256 acc[R][NC];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < NC; ++i) acc[r][i] = _mm256_setzero_ps();
+    Rows<T> rows = v, ahead = v;
+    for (int64_t t = 0; t < std::min(kvd::kAhead, L); ++t) prefetch_row<T, NC * kW>(ahead.next() + c * kW);
+    for (int64_t t = 0; t < L; ++t) {
+      if (t + kvd::kAhead < L) prefetch_row<T, NC * kW>(ahead.next() + c * kW);
+      kvd::avx2::weigh_cols<NC, R>(acc, rows.next() + c * kW, p + t, L);
+    }
+    T* o[R];
+    for (int r = 0; r < R; ++r) o[r] = out + r * ND * kW + c * kW;
+    kvd::avx2::store_cols<T, NC, R>(acc, denom, o);
+  }
+}
+
+constexpr int64_t kRowsMax = 4;  // 4 rows x 2 vectors of accumulators, 2 of V, 1 weight: 11 of 16 registers
+
+template <typename T, int ND>
+void values_rows(const float* p, const float* denom, Rows<T> v, int64_t L, int64_t G, T* out) {
+  for (int64_t r = 0; r < G;) {
+    const int64_t n = std::min(kRowsMax, G - r);
+    const float* pr = p + r * L;
+    T* o = out + r * ND * kW;
+    if (n == 4) values_vec<T, ND, 4>(pr, denom + r, v, L, o);
+    if (n == 3) values_vec<T, ND, 3>(pr, denom + r, v, L, o);
+    if (n == 2) values_vec<T, ND, 2>(pr, denom + r, v, L, o);
+    if (n == 1) values_vec<T, ND, 1>(pr, denom + r, v, L, o);
+    r += n;
+  }
+}
+
+constexpr int64_t kLanes = kW;
+#endif
+
+#if defined(KVD_VEC_ATTENTION)
 template <typename T, int ND>
 void attend_vec(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::Tensor block_table,
                 torch::Tensor lens, double scale);
@@ -223,14 +310,15 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor ca
     for (int64_t i = 0; i < (len[b] + BS - 1) / BS; ++i)
       TORCH_CHECK(table[b * MB + i] >= 0 && table[b * MB + i] < NB, "block id out of range");
   }
-#if defined(__AVX512F__)
+#if defined(KVD_VEC_ATTENTION)
   if (D == 64 || D == 128) {
+    constexpr int n64 = 64 / kLanes, n128 = 128 / kLanes;  // vectors per head
     if (dt == at::kFloat)
-      D == 64 ? attend_vec<float, 4>(out, q, cache, block_table, lens, scale)
-              : attend_vec<float, 8>(out, q, cache, block_table, lens, scale);
+      D == 64 ? attend_vec<float, n64>(out, q, cache, block_table, lens, scale)
+              : attend_vec<float, n128>(out, q, cache, block_table, lens, scale);
     else
-      D == 64 ? attend_vec<c10::BFloat16, 4>(out, q, cache, block_table, lens, scale)
-              : attend_vec<c10::BFloat16, 8>(out, q, cache, block_table, lens, scale);
+      D == 64 ? attend_vec<c10::BFloat16, n64>(out, q, cache, block_table, lens, scale)
+              : attend_vec<c10::BFloat16, n128>(out, q, cache, block_table, lens, scale);
     return;
   }
 #endif
@@ -323,11 +411,12 @@ void attend(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::Tens
   });
 }
 
-#if defined(__AVX512F__)
+#if defined(KVD_VEC_ATTENTION)
+// The vector path over the build's lanes (kLanes: AVX-512 or AVX2, the pieces above).
 template <typename T, int ND>
 void attend_vec(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::Tensor block_table,
                 torch::Tensor lens, double scale) {
-  constexpr int64_t D = ND * 16;
+  constexpr int64_t D = ND * kLanes;
   const int64_t B = q.size(0), H = q.size(1);
   const int64_t NB = cache.size(1), BS = cache.size(2), KVH = cache.size(3);
   const int64_t MB = block_table.size(1), G = H / KVH;

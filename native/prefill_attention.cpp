@@ -9,18 +9,19 @@
 //   cache       (2, num_blocks, block_size, KVH, D)
 //   block_table (blocks,) int64, covering num_computed + T tokens
 //
-// Per kv head, K is packed once into chunks of 16 keys laid out for a broadcast
-// multiply (K transposed within the chunk: d-major, 16 keys a vector; bfloat16 as
-// pairs of d for vdpbf16ps where the CPU has AVX512-BF16) and V into float32 rows.
+// Per kv head, K is packed once into chunks of one vector of keys (16 on AVX-512, 8 on
+// AVX2) laid out for a broadcast multiply (K transposed within the chunk: d-major, a
+// vector of keys per d; bfloat16 as pairs of d for vdpbf16ps where the CPU has
+// AVX512-BF16) and V into float32 rows.
 // Then tiles of query rows (the G query heads of a kv head, token by token) run as
-// small register-blocked GEMMs: scores for kMR rows times 32 keys at a time, an exact
+// small register-blocked GEMMs: scores for kMR rows times two chunks of keys, an exact
 // two-pass softmax in float32 over each row's own causal length, and P times V with the
 // accumulators in registers. float32 throughout, bfloat16 rounded once at the output.
 // torch's CPU flash attention took 5.3 ms (float32) and 6.0 ms (bfloat16) per layer
 // for a 512-token SmolLM2 prompt here; see docs/benchmarks.md for this kernel's figures.
 //
-// Head sizes 64 and 128 on AVX-512 builds; elsewhere `prefill_attention_supported` says
-// no and kvd's attention keeps torch's SDPA.
+// Head sizes 64 and 128 on AVX-512 and AVX2 (with FMA) builds; elsewhere
+// `prefill_attention_supported` says no and kvd's attention keeps torch's SDPA.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -31,14 +32,16 @@
 #include "kvd_math.h"
 #if defined(__AVX512F__)
 #include "kvd_simd.h"
+#define KVD_VEC_PREFILL 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include "kvd_avx2.h"
+#define KVD_VEC_PREFILL 1
 #endif
 
-#if defined(__AVX512F__)
+#if defined(KVD_VEC_PREFILL)
 namespace {
 
-using kvd::load16;
 using kvd::Rows;
-using kvd::softmax_row;
 
 #if defined(__AVX512BF16__)
 constexpr bool kBf16Dot = true;
@@ -46,34 +49,54 @@ constexpr bool kBf16Dot = true;
 constexpr bool kBf16Dot = false;
 #endif
 
-constexpr int kMR = 6;  // query rows per tile (scores: 6 x 2 accumulators; P.V: 6 x 4 at D = 64)
+#if defined(__AVX512F__)
+constexpr int64_t kLanes = 16;  // keys per packed chunk: one vector
+#else
+constexpr int64_t kLanes = 8;
+#endif
 
-// The packed K of one kv head: chunk c, step j holds 16 keys' values at d = j (float32)
+constexpr int kMR = 6;  // query rows per tile (scores: 6 x 2 accumulators)
+
+// The packed K of one kv head: chunk c, step j holds kLanes keys' values at d = j (float32)
 // or the pair d = 2j, 2j + 1 (bfloat16 pairs, one 32-bit lane per key).
 template <typename P>
 struct PackedK {
   std::vector<P> data;
   int64_t steps;  // D (float32) or D / 2 (pairs)
-  const P* chunk(int64_t c) const { return data.data() + c * steps * 16; }
+  const P* chunk(int64_t c) const { return data.data() + c * steps * kLanes; }
 };
+
+// One V row widened to float32 (defined per instruction set below).
+template <typename T, int ND>
+inline void widen_row(float* dst, const T* src);
 
 template <typename T, typename P, int ND>
 void pack_head(Rows<T> k, Rows<T> v, int64_t C, PackedK<P>& kt, float* vf) {
-  constexpr int64_t D = ND * 16;
-  const int64_t chunks = (C + 15) / 16;
-  kt.data.assign(chunks * kt.steps * 16, P{});  // keys past C stay zero: scored, never used
+  constexpr int64_t D = ND * kLanes;
+  const int64_t chunks = (C + kLanes - 1) / kLanes;
+  kt.data.assign(chunks * kt.steps * kLanes, P{});  // keys past C stay zero: scored, never used
   for (int64_t t = 0; t < C; ++t) {
     const T* kr = k.next();
     const T* vr = v.next();
-    P* dst = kt.data.data() + (t / 16) * kt.steps * 16 + t % 16;
+    P* dst = kt.data.data() + (t / kLanes) * kt.steps * kLanes + t % kLanes;
     if constexpr (std::is_same_v<P, uint32_t>) {  // bf16 pairs
       const uint16_t* bits = reinterpret_cast<const uint16_t*>(kr);
-      for (int64_t j = 0; j < D / 2; ++j) dst[j * 16] = bits[2 * j] | (static_cast<uint32_t>(bits[2 * j + 1]) << 16);
+      for (int64_t j = 0; j < D / 2; ++j)
+        dst[j * kLanes] = bits[2 * j] | (static_cast<uint32_t>(bits[2 * j + 1]) << 16);
     } else {
-      for (int64_t d = 0; d < D; ++d) dst[d * 16] = kvd::widen(kr[d]);
+      for (int64_t d = 0; d < D; ++d) dst[d * kLanes] = kvd::widen(kr[d]);
     }
-    for (int i = 0; i < ND; ++i) _mm512_storeu_ps(vf + t * D + 16 * i, load16(vr + 16 * i));
+    widen_row<T, ND>(vf + t * D, vr);
   }
+}
+
+#if defined(__AVX512F__)
+using kvd::load16;
+using kvd::softmax_row;
+
+template <typename T, int ND>
+inline void widen_row(float* dst, const T* src) {
+  for (int i = 0; i < ND; ++i) _mm512_storeu_ps(dst + 16 * i, load16(src + 16 * i));
 }
 
 // s[r * ld + c * 16 ...] = scale * q_r . k for `chunks` chunks from c0, kNC at a time.
@@ -122,14 +145,69 @@ inline void weigh_values(const float* p, int64_t ld, const float* denom, const f
   kvd::store_rows<T, ND, kR>(acc, denom, out);
 }
 
+// Query rows per P.V pass: the accumulators and one V row in 32 zmm.
+template <int ND>
+constexpr int kPV = ND <= 4 ? kMR : kMR / 2;
+
+#else  // AVX2: the same steps at eight lanes, in sixteen registers
+using kvd::avx2::load8;
+using kvd::avx2::softmax_row;
+
+template <typename T, int ND>
+inline void widen_row(float* dst, const T* src) {
+  for (int i = 0; i < ND; ++i) _mm256_storeu_ps(dst + 8 * i, load8(src + 8 * i));
+}
+
+// s[r * ld + c * 8 ...] = scale * q_r . k for kNC chunks from c0 (float32 keys only: AVX2
+// has no bf16 dot, so bfloat16 keys are packed widened).
+template <typename P, int ND, int kNC>
+inline void score_chunks(const P* const* q, const PackedK<P>& kt, int64_t c0, float scale, float* s, int64_t ld) {
+  static_assert(std::is_same_v<P, float>, "AVX2 packs K as float32");
+  __m256 acc[kMR][kNC];
+  for (int r = 0; r < kMR; ++r)
+    for (int n = 0; n < kNC; ++n) acc[r][n] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < kt.steps; ++j) {
+    __m256 kv[kNC];
+    for (int n = 0; n < kNC; ++n) kv[n] = _mm256_loadu_ps(kt.chunk(c0 + n) + j * 8);
+    for (int r = 0; r < kMR; ++r) {
+      const __m256 qb = _mm256_broadcast_ss(q[r] + j);
+      for (int n = 0; n < kNC; ++n) acc[r][n] = _mm256_fmadd_ps(qb, kv[n], acc[r][n]);
+    }
+  }
+  const __m256 sc = _mm256_set1_ps(scale);
+  for (int r = 0; r < kMR; ++r)
+    for (int n = 0; n < kNC; ++n) _mm256_storeu_ps(s + r * ld + (c0 + n) * 8, _mm256_mul_ps(acc[r][n], sc));
+}
+
+// out_r = sum_t p[r * ld + t] * v_t / denom_r for kR rows, t < len, in column passes of two
+// vectors (kR x 2 accumulators, two of V and a weight: 15 of 16 registers at kR = 6).
+template <typename T, int ND, int kR>
+inline void weigh_values(const float* p, int64_t ld, const float* denom, const float* vf, int64_t len,
+                         T* const* out) {
+  constexpr int NC = 2;
+  constexpr int64_t D = ND * 8;
+  for (int c = 0; c < ND; c += NC) {
+    __m256 acc[kR][NC];
+    for (int r = 0; r < kR; ++r)
+      for (int i = 0; i < NC; ++i) acc[r][i] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < len; ++t) kvd::avx2::weigh_cols<NC, kR>(acc, vf + t * D + c * 8, p + t, ld);
+    T* o[kR];
+    for (int r = 0; r < kR; ++r) o[r] = out[r] + c * 8;
+    kvd::avx2::store_cols<T, NC, kR>(acc, denom, o);
+  }
+}
+
+template <int ND>
+constexpr int kPV = kMR;
+#endif
+
 template <typename T, typename P, int ND>
 void run(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::Tensor block_table, int64_t nc,
          double scale) {
-  constexpr int64_t D = ND * 16;
-  constexpr int kPV = ND <= 4 ? kMR : kMR / 2;  // rows per P.V pass: accumulators + one V row in 32 zmm
+  constexpr int64_t D = ND * kLanes;
   const int64_t T_ = q.size(0), H = q.size(1);
   const int64_t NB = cache.size(1), BS = cache.size(2), KVH = cache.size(3), G = H / KVH;
-  const int64_t C = nc + T_, chunks = (C + 15) / 16, ld = chunks * 16;
+  const int64_t C = nc + T_, chunks = (C + kLanes - 1) / kLanes, ld = chunks * kLanes;
   const int64_t tok_stride = KVH * D, block_elems = BS * tok_stride;
   const T* kp = cache.data_ptr<T>();
   const T* vp = kp + NB * block_elems;
@@ -176,7 +254,7 @@ void run(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::Tensor 
           orow[r] = op + tok * os + head * D;
           lim[r] = nc + tok + 1;
         }
-        const int64_t len = lim[kMR - 1], nchunks = (len + 15) / 16;
+        const int64_t len = lim[kMR - 1], nchunks = (len + kLanes - 1) / kLanes;
         int64_t c = 0;
         for (; c + 2 <= nchunks; c += 2) score_chunks<P, ND, 2>(qrow, kt[h], c, fscale, s.data(), ld);
         if (c < nchunks) score_chunks<P, ND, 1>(qrow, kt[h], c, fscale, s.data(), ld);
@@ -188,8 +266,8 @@ void run(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::Tensor 
         T* tmp_out[kMR];
         alignas(64) T scratch[kMR][D];
         for (int r = 0; r < kMR; ++r) tmp_out[r] = r < m ? orow[r] : scratch[r];
-        for (int r = 0; r < kMR; r += kPV)
-          weigh_values<T, ND, kPV>(s.data() + r * ld, ld, denom + r, vf.data() + h * C * D, len, tmp_out + r);
+        for (int r = 0; r < kMR; r += kPV<ND>)
+          weigh_values<T, ND, kPV<ND>>(s.data() + r * ld, ld, denom + r, vf.data() + h * C * D, len, tmp_out + r);
       }
   });
 }
@@ -198,7 +276,7 @@ void run(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::Tensor 
 #endif
 
 bool prefill_attention_supported(int64_t head_dim) {
-#if defined(__AVX512F__)
+#if defined(KVD_VEC_PREFILL)
   return head_dim == 64 || head_dim == 128;
 #else
   (void)head_dim;
@@ -227,16 +305,15 @@ void prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor cache, 
               num_computed + T_, " tokens");
   const int64_t* table = block_table.data_ptr<int64_t>();
   for (int64_t i = 0; i < need; ++i) TORCH_CHECK(table[i] >= 0 && table[i] < NB, "prefill_attention: block id out of range");
-#if defined(__AVX512F__)
+#if defined(KVD_VEC_PREFILL)
+  constexpr int n64 = 64 / kLanes, n128 = 128 / kLanes;  // vectors per head
   if (dt == at::kFloat) {
-    if (D == 64) run<float, float, 4>(out, q, cache, block_table, num_computed, scale);
-    else run<float, float, 8>(out, q, cache, block_table, num_computed, scale);
-  } else if (kBf16Dot) {
-    if (D == 64) run<c10::BFloat16, uint32_t, 4>(out, q, cache, block_table, num_computed, scale);
-    else run<c10::BFloat16, uint32_t, 8>(out, q, cache, block_table, num_computed, scale);
+    if (D == 64) run<float, float, n64>(out, q, cache, block_table, num_computed, scale);
+    else run<float, float, n128>(out, q, cache, block_table, num_computed, scale);
   } else {
-    if (D == 64) run<c10::BFloat16, float, 4>(out, q, cache, block_table, num_computed, scale);
-    else run<c10::BFloat16, float, 8>(out, q, cache, block_table, num_computed, scale);
+    using P = std::conditional_t<kBf16Dot, uint32_t, float>;  // bf16 pairs for vdpbf16ps, else widened
+    if (D == 64) run<c10::BFloat16, P, n64>(out, q, cache, block_table, num_computed, scale);
+    else run<c10::BFloat16, P, n128>(out, q, cache, block_table, num_computed, scale);
   }
 #endif
 }
