@@ -31,19 +31,20 @@ inline T narrow(float x) {
 // e^x for x <= 0, branch-free so that a loop calling it vectorizes: 2^(x log2 e) split
 // into 2^n (built in the exponent bits) and 2^f, f in [-0.5, 0.5], by a degree-6
 // polynomial. Relative error about 2e-7 (float32's own rounding); libm's scalar expf was
-// most of these kernels' time.
+// most of these kernels' time. The vector versions (exp_neg16, exp_neg8) take the same
+// steps with these constants.
+constexpr float kExpLowest = -87.f;  // e^-87 is near float32's smallest normal; below it, that
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kExp2Poly[] = {1.535336188319500e-4f, 1.339887440266574e-3f, 9.618437357674640e-3f,
+                               5.550332471162809e-2f, 2.402264791363012e-1f, 6.931472028550421e-1f,
+                               1.f};  // 2^f by Horner's rule, the highest power first
 inline float exp_neg(float x) {
-  x = std::max(x, -87.f);
-  const float t = x * 1.44269504088896341f;
+  x = std::max(x, kExpLowest);
+  const float t = x * kLog2e;
   const float n = std::nearbyint(t);
   const float f = t - n;
-  float p = 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.f;
+  float p = kExp2Poly[0];
+  for (int i = 1; i < 7; ++i) p = p * f + kExp2Poly[i];
   int32_t bits;
   std::memcpy(&bits, &p, sizeof(bits));
   bits += static_cast<int32_t>(n) << 23;

@@ -1,5 +1,6 @@
-// kvd's AVX-512 building blocks, shared by the attention kernels (included only where the
-// build has __AVX512F__): rows of a paged cache in order, bf16 widening, exp and softmax.
+// kvd's AVX-512 building blocks, shared by the kernels (included only where the build has
+// __AVX512F__; kvd_avx2.h holds the same at eight lanes): bf16 widening and rounding, exp,
+// softmax and the P . V core.
 #pragma once
 
 #include <immintrin.h>
@@ -9,6 +10,8 @@
 #include <type_traits>
 
 #include <c10/util/BFloat16.h>
+
+#include "kvd_math.h"
 
 namespace kvd {
 
@@ -51,20 +54,14 @@ inline __m512 round16(__m512 v) {
   }
 }
 
-// exp_neg (kvd_math.h) on sixteen lanes (the same steps: 2^n built in the exponent bits times 2^f
-// by the same polynomial).
+// exp_neg (kvd_math.h) on sixteen lanes: the same steps and constants.
 inline __m512 exp_neg16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  x = _mm512_max_ps(x, _mm512_set1_ps(kExpLowest));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(kLog2e));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  __m512 p = _mm512_set1_ps(kExp2Poly[0]);
+  for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[i]));
   const __m512i e = _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23);
   return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e));
 }
