@@ -33,7 +33,7 @@ inline T narrow(float x) {
 // polynomial. Relative error about 2e-7 (float32's own rounding); libm's scalar expf was
 // most of these kernels' time. The vector versions (exp_neg16, exp_neg8) take the same
 // steps with these constants.
-constexpr float kExpLowest = -87.f;  // e^-87 is near float32's smallest normal; below it, that
+constexpr float kExpLowest = -87.f;  // inputs below are taken as this: e^-87 is near float32's smallest normal
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kExp2Poly[] = {1.535336188319500e-4f, 1.339887440266574e-3f, 9.618437357674640e-3f,
                                5.550332471162809e-2f, 2.402264791363012e-1f, 6.931472028550421e-1f,
