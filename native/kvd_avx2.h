@@ -118,7 +118,7 @@ inline float softmax_row(float* sc, int64_t L) {
 
 // The P . V core of both attention kernels on columns [8 c0, 8 (c0 + NC)) of the head:
 // weigh_cols adds w[r * ld] times one V row (read from `row`) to row r's accumulators;
-// store_cols writes out[r] = acc[r] / denom[r] as T. Kept to kR * NC + NC + 1 registers.
+// store_cols writes out[r] = acc[r] / denom[r] as T.
 template <int NC, int kR, typename T>
 inline void weigh_cols(__m256 (&acc)[kR][NC], const T* row, const float* w, int64_t ld) {
   __m256 x[NC];
