@@ -37,6 +37,8 @@ namespace {
 
 using kvd::exp_neg;
 using kvd::widen;
+using kvd::prefetch_row;
+using kvd::Rows;
 
 // q . k over a head's D values. With AVX-512 one vector accumulator and one horizontal
 // sum per dot; without it 16 independent lanes the compiler vectorizes (no -ffast-math).
@@ -98,8 +100,6 @@ void attend(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::Tens
 // so each V row is read once per kv head and the accumulators never go to memory.
 
 using kvd::load16;
-using kvd::prefetch_row;
-using kvd::Rows;
 using kvd::softmax_row;
 
 // Lane i of the result is the sum of a[i]'s sixteen lanes.
@@ -210,8 +210,6 @@ constexpr int64_t kLanes = 16;
 using kvd::avx2::kW;
 using kvd::avx2::load8;
 using kvd::avx2::softmax_row;
-using kvd::prefetch_row;
-using kvd::Rows;
 
 // scores[g * L + t] = scale * q_g . k_t for the G query rows of one kv head (no bf16 dot
 // instruction on AVX2: BF16DOT is always false here).
