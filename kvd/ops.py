@@ -36,7 +36,8 @@ _SOURCES = ["paged_attention.cpp", "prefill_attention.cpp", "fused.cpp", "swap_c
 
 
 _CUDA_SOURCES = ["swap_cache_layout.cu"]
-_HEADERS = ["swap_cache_layout.h", "kvd_math.h", "kvd_simd.h"]  # included by both builds: part of their cache key
+# Every header the sources include (kvd_avx2.h among them) is part of the build's cache key.
+_HEADERS = sorted(p.name for p in NATIVE_DIR.glob("*.h"))
 
 
 def _build_dir(sources: list[str] = _SOURCES) -> Path:

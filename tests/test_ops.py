@@ -1,5 +1,7 @@
 """Native ops against their pure-torch references."""
 
+import re
+
 import pytest
 import torch
 
@@ -9,6 +11,13 @@ from kvd import ops
 def test_native_extension_builds_here():
     # `make` builds it during set-up; a machine with a C++ compiler must have it.
     assert ops.native() is not None
+
+
+def test_every_included_header_is_part_of_the_build_key():
+    # A header missing from the key left a stale build in the cache after that header changed.
+    included = {name for path in ops.NATIVE_DIR.iterdir() if path.suffix in (".cpp", ".cu", ".h")
+                for name in re.findall(r'#include "([^"]+)"', path.read_text())}  # fmt: skip
+    assert included and included <= set(ops._HEADERS)
 
 
 # 64 and 128 take the vector path (AVX-512 or AVX2), with 1 to 6 query heads per kv head
