@@ -19,120 +19,61 @@
 
 #include <cstring>
 
-#include "kvd_math.h"
-#if defined(__AVX512F__)
-#include "kvd_simd.h"
-#elif defined(__AVX2__) && defined(__FMA__)
-#include "kvd_avx2.h"
-#endif
+#include "kvd_vec.h"
 
 namespace {
 
 using kvd::narrow;
 using kvd::widen;
 
-#if defined(__AVX512F__)
-// The same rows sixteen lanes at a time on AVX-512, where a row is a multiple of 16 wide: each value
-// rounded where the scalar code rounds (round16, store16), sums in another order.
-using kvd::load16;
-using kvd::round16;
-using kvd::store16;
+#if defined(KVD_VEC)
+// The rows a vector at a time (kvd_vec.h), where a row is a multiple of the lanes wide: each
+// value rounded where the scalar code rounds (Vec::round, Vec::store), sums in another order.
+using kvd::Vec;
+using V = Vec::V;
+constexpr int64_t kLanes = Vec::kLanes;
 
 template <typename T>
 inline void norm_row_vec(T* out, const T* x, const T* w, int64_t E, float eps) {
-  __m512 ss = _mm512_setzero_ps();
-  for (int64_t e = 0; e < E; e += 16) {
-    const __m512 v = load16(x + e);
-    ss = _mm512_fmadd_ps(v, v, ss);
+  V ss = Vec::zero();
+  for (int64_t e = 0; e < E; e += kLanes) {
+    const V v = Vec::load(x + e);
+    ss = Vec::fmadd(v, v, ss);
   }
-  const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(E) + eps));
-  for (int64_t e = 0; e < E; e += 16)
-    store16(out + e, _mm512_mul_ps(load16(w + e), round16<T>(_mm512_mul_ps(load16(x + e), inv))));
+  const V inv = Vec::set1(1.f / std::sqrt(Vec::sum(ss) / static_cast<float>(E) + eps));
+  for (int64_t e = 0; e < E; e += kLanes)
+    Vec::store(out + e, Vec::mul(Vec::load(w + e), Vec::round<T>(Vec::mul(Vec::load(x + e), inv))));
 }
 
 template <typename T>
 inline void add_row_vec(T* res, const T* x, int64_t E) {
-  for (int64_t e = 0; e < E; e += 16) store16(res + e, _mm512_add_ps(load16(res + e), load16(x + e)));
+  for (int64_t e = 0; e < E; e += kLanes) Vec::store(res + e, Vec::add(Vec::load(res + e), Vec::load(x + e)));
 }
 
 template <typename T>
 inline void silu_mul_row_vec(T* o, const T* g, const T* u, int64_t I) {
-  const __m512 one = _mm512_set1_ps(1.f);
-  for (int64_t i = 0; i < I; i += 16) {
-    const __m512 x = load16(g + i);
-    const __m512 e = kvd::exp_neg16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));
-    const __mmask16 pos = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ);
-    const __m512 sig = _mm512_div_ps(_mm512_mask_blend_ps(pos, e, one), _mm512_add_ps(one, e));
-    store16(o + i, _mm512_mul_ps(round16<T>(_mm512_mul_ps(x, sig)), load16(u + i)));
+  const V one = Vec::set1(1.f);
+  for (int64_t i = 0; i < I; i += kLanes) {
+    const V x = Vec::load(g + i);
+    const V e = kvd::exp_neg(Vec::neg_abs(x));  // e^-|x|
+    const V sig = Vec::div(Vec::if_nonneg(x, one, e), Vec::add(one, e));
+    Vec::store(o + i, Vec::mul(Vec::round<T>(Vec::mul(x, sig)), Vec::load(u + i)));
   }
 }
 
 template <typename T>
 inline void rotate_vec(T* x, const T* c, const T* s, int64_t D) {
   const int64_t half = D / 2;
-  for (int64_t i = 0; i < half; i += 16) {
-    const __m512 a = load16(x + i), b = load16(x + half + i);
-    const __m512 lo = _mm512_add_ps(round16<T>(_mm512_mul_ps(a, load16(c + i))),
-                                    round16<T>(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), b), load16(s + i))));
-    const __m512 hi = _mm512_add_ps(round16<T>(_mm512_mul_ps(b, load16(c + half + i))),
-                                    round16<T>(_mm512_mul_ps(a, load16(s + half + i))));
-    store16(x + i, lo);
-    store16(x + half + i, hi);
+  for (int64_t i = 0; i < half; i += kLanes) {
+    const V a = Vec::load(x + i), b = Vec::load(x + half + i);
+    const V lo = Vec::add(Vec::round<T>(Vec::mul(a, Vec::load(c + i))),
+                          Vec::round<T>(Vec::mul(Vec::neg(b), Vec::load(s + i))));
+    const V hi = Vec::add(Vec::round<T>(Vec::mul(b, Vec::load(c + half + i))),
+                          Vec::round<T>(Vec::mul(a, Vec::load(s + half + i))));
+    Vec::store(x + i, lo);
+    Vec::store(x + half + i, hi);
   }
 }
-constexpr int64_t kLanes = 16;
-#elif defined(__AVX2__) && defined(__FMA__)
-// The same rows eight lanes at a time on AVX2, where a row is a multiple of 8 wide: the
-// AVX-512 functions above at half the width, under the same names.
-using kvd::avx2::load8;
-using kvd::avx2::round8;
-using kvd::avx2::store8;
-
-template <typename T>
-inline void norm_row_vec(T* out, const T* x, const T* w, int64_t E, float eps) {
-  __m256 ss = _mm256_setzero_ps();
-  for (int64_t e = 0; e < E; e += 8) {
-    const __m256 v = load8(x + e);
-    ss = _mm256_fmadd_ps(v, v, ss);
-  }
-  const __m256 inv = _mm256_set1_ps(1.f / std::sqrt(kvd::avx2::reduce_add8(ss) / static_cast<float>(E) + eps));
-  for (int64_t e = 0; e < E; e += 8)
-    store8(out + e, _mm256_mul_ps(load8(w + e), round8<T>(_mm256_mul_ps(load8(x + e), inv))));
-}
-
-template <typename T>
-inline void add_row_vec(T* res, const T* x, int64_t E) {
-  for (int64_t e = 0; e < E; e += 8) store8(res + e, _mm256_add_ps(load8(res + e), load8(x + e)));
-}
-
-template <typename T>
-inline void silu_mul_row_vec(T* o, const T* g, const T* u, int64_t I) {
-  const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
-  const __m256 sign = _mm256_set1_ps(-0.f);
-  for (int64_t i = 0; i < I; i += 8) {
-    const __m256 x = load8(g + i);
-    const __m256 e = kvd::avx2::exp_neg8(_mm256_or_ps(x, sign));  // e^-|x|
-    const __m256 pos = _mm256_cmp_ps(x, zero, _CMP_GE_OQ);
-    const __m256 sig = _mm256_div_ps(_mm256_blendv_ps(e, one, pos), _mm256_add_ps(one, e));
-    store8(o + i, _mm256_mul_ps(round8<T>(_mm256_mul_ps(x, sig)), load8(u + i)));
-  }
-}
-
-template <typename T>
-inline void rotate_vec(T* x, const T* c, const T* s, int64_t D) {
-  const int64_t half = D / 2;
-  const __m256 sign = _mm256_set1_ps(-0.f);
-  for (int64_t i = 0; i < half; i += 8) {
-    const __m256 a = load8(x + i), b = load8(x + half + i);
-    const __m256 lo = _mm256_add_ps(round8<T>(_mm256_mul_ps(a, load8(c + i))),
-                                    round8<T>(_mm256_mul_ps(_mm256_xor_ps(b, sign), load8(s + i))));
-    const __m256 hi = _mm256_add_ps(round8<T>(_mm256_mul_ps(b, load8(c + half + i))),
-                                    round8<T>(_mm256_mul_ps(a, load8(s + half + i))));
-    store8(x + i, lo);
-    store8(x + half + i, hi);
-  }
-}
-constexpr int64_t kLanes = 8;
 #else
 constexpr int64_t kLanes = 0;  // no vector rows: every row takes the scalar code
 template <typename T> inline void norm_row_vec(T*, const T*, const T*, int64_t, float) {}

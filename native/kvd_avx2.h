@@ -1,15 +1,14 @@
 // kvd's AVX2 building blocks (eight float32 lanes, FMA), shared by the kernels on CPUs
-// without AVX-512 (AVX2-only EPYCs and Xeons before Skylake-SP): included where the build
-// has __AVX2__ and __FMA__ but not __AVX512F__. The same pieces as kvd_simd.h at half the
-// width, with the same rounding and the same exp: a kernel gives the same values on
-// either, up to the order of its sums. AVX2 has sixteen vector registers (AVX-512 has
+// without AVX-512 (AVX2-only EPYCs and Xeons before Skylake-SP): included, through
+// kvd_vec.h, where the build has __AVX2__ and __FMA__ but not __AVX512F__. The same pieces
+// as kvd_simd.h at half the width, with the same rounding: a kernel gives the same values
+// on either, up to the order of its sums. AVX2 has sixteen vector registers (AVX-512 has
 // 32), so the kernels keep fewer accumulators live and split wide rows into column passes.
 #pragma once
 
 #include <immintrin.h>
 
 #include <cstdint>
-#include <limits>
 #include <type_traits>
 
 #include <c10/util/BFloat16.h>
@@ -55,30 +54,6 @@ inline __m256 round8(__m256 v) {
   }
 }
 
-// exp_neg (kvd_math.h) on eight lanes: the same steps and constants.
-inline __m256 exp_neg8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(kExpLowest));
-  const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(kLog2e));
-  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(t, n);
-  __m256 p = _mm256_set1_ps(kExp2Poly[0]);
-  for (int i = 1; i < 7; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Poly[i]));
-  const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
-  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
-}
-
-inline float reduce_add8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-inline float reduce_max8(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
-}
-
 // Lane i of the result is the sum of a[i]'s eight lanes (one transposing tree of adds).
 inline __m256 hsum8(const __m256* a) {
   const __m256 b0 = _mm256_hadd_ps(a[0], a[1]), b1 = _mm256_hadd_ps(a[2], a[3]);
@@ -92,29 +67,54 @@ inline __m256i first_lanes(int64_t n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-// sc[t] = e^(sc[t] - max) over a row of L scores; returns their sum.
-inline float softmax_row(float* sc, int64_t L) {
-  const __m256 lowest = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  __m256 m = lowest;
-  int64_t t = 0;
-  for (; t + kW <= L; t += kW) m = _mm256_max_ps(m, _mm256_loadu_ps(sc + t));
-  const __m256i tail = first_lanes(L - t);
-  m = _mm256_max_ps(m, _mm256_blendv_ps(lowest, _mm256_maskload_ps(sc + t, tail), _mm256_castsi256_ps(tail)));
-  const __m256 mx = _mm256_set1_ps(reduce_max8(m));
-  __m256 sum = _mm256_setzero_ps();
-  for (t = 0; t + kW <= L; t += kW) {
-    const __m256 e = exp_neg8(_mm256_sub_ps(_mm256_loadu_ps(sc + t), mx));
-    _mm256_storeu_ps(sc + t, e);
-    sum = _mm256_add_ps(sum, e);
+// The eight float32 lanes of an AVX2 register as the code written once for both widths
+// sees them (kvd_vec.h): kvd_simd.h's Vec16 at half the width.
+struct Vec8 {
+  using V = __m256;
+  static constexpr int64_t kLanes = kW;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  template <typename T>
+  static V load(const T* p) { return load8(p); }
+  template <typename T>
+  static void store(T* p, V v) { store8(p, v); }
+  template <typename T>
+  static V round(V v) { return round8<T>(v); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V div(V a, V b) { return _mm256_div_ps(a, b); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V neg(V a) { return _mm256_xor_ps(a, _mm256_set1_ps(-0.f)); }
+  static V neg_abs(V a) { return _mm256_or_ps(a, _mm256_set1_ps(-0.f)); }  // -|a|: the sign bit set
+  static V if_nonneg(V x, V a, V b) {  // x >= 0 ? a : b, lane by lane
+    return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ));
   }
-  if (t < L) {
-    const __m256 e = _mm256_and_ps(exp_neg8(_mm256_sub_ps(_mm256_maskload_ps(sc + t, tail), mx)),
-                                   _mm256_castsi256_ps(tail));
-    _mm256_maskstore_ps(sc + t, tail, e);
-    sum = _mm256_add_ps(sum, e);
+  static V nearest(V a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static V times_pow2(V p, V n) {  // p * 2^n for integral n, by adding n to p's exponent bits
+    const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+    return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
   }
-  return reduce_add8(sum);
-}
+  static float sum(V a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+  static float max_of(V a) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+  }
+  // The first n (0..7) lanes: read from p with the others `fill`, kept with the others 0,
+  // written to p.
+  static V load_first(const float* p, int64_t n, V fill) {
+    const __m256i m = first_lanes(n);
+    return _mm256_blendv_ps(fill, _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m));
+  }
+  static V keep_first(V a, int64_t n) { return _mm256_and_ps(a, _mm256_castsi256_ps(first_lanes(n))); }
+  static void store_first(float* p, int64_t n, V a) { _mm256_maskstore_ps(p, first_lanes(n), a); }
+};
 
 // The P . V core of both attention kernels on columns [8 c0, 8 (c0 + NC)) of the head:
 // weigh_cols adds w[r * ld] times one V row (read from `row`) to row r's accumulators;

@@ -31,8 +31,8 @@ inline T narrow(float x) {
 // e^x for x <= 0, branch-free so that a loop calling it vectorizes: 2^(x log2 e) split
 // into 2^n (built in the exponent bits) and 2^f, f in [-0.5, 0.5], by a degree-6
 // polynomial. Relative error about 2e-7 (float32's own rounding); libm's scalar expf was
-// most of these kernels' time. The vector versions (exp_neg16, exp_neg8) take the same
-// steps with these constants.
+// most of these kernels' time. The vector version (kvd_vec.h) takes the same steps with
+// these constants.
 constexpr float kExpLowest = -87.f;  // inputs below are taken as this: e^-87 is near float32's smallest normal
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kExp2Poly[] = {1.535336188319500e-4f, 1.339887440266574e-3f, 9.618437357674640e-3f,

@@ -1,12 +1,11 @@
-// kvd's AVX-512 building blocks, shared by the kernels (included only where the build has
-// __AVX512F__; kvd_avx2.h holds the same at eight lanes): bf16 widening and rounding, exp,
-// softmax and the P . V core.
+// kvd's AVX-512 building blocks, shared by the kernels (included, through kvd_vec.h, only
+// where the build has __AVX512F__; kvd_avx2.h holds the same at eight lanes): bf16
+// widening and rounding, the Vec16 operations and the P . V core.
 #pragma once
 
 #include <immintrin.h>
 
 #include <cstdint>
-#include <limits>
 #include <type_traits>
 
 #include <c10/util/BFloat16.h>
@@ -54,41 +53,45 @@ inline __m512 round16(__m512 v) {
   }
 }
 
-// exp_neg (kvd_math.h) on sixteen lanes: the same steps and constants.
-inline __m512 exp_neg16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(kExpLowest));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(kLog2e));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(kExp2Poly[0]);
-  for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[i]));
-  const __m512i e = _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23);
-  return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e));
-}
-
-// sc[t] = e^(sc[t] - max) over a row of L scores; returns their sum. Sixteen lanes at a
-// time: a scalar max and sum are chains of dependent adds, which had cost more than the dots.
-inline float softmax_row(float* sc, int64_t L) {
-  const __m512 lowest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  __m512 m = lowest;
-  int64_t t = 0;
-  for (; t + 16 <= L; t += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(sc + t));
-  const __mmask16 tail = static_cast<__mmask16>((1u << (L - t)) - 1);
-  m = _mm512_max_ps(m, _mm512_mask_loadu_ps(lowest, tail, sc + t));
-  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
-  __m512 sum = _mm512_setzero_ps();
-  for (t = 0; t + 16 <= L; t += 16) {
-    const __m512 e = exp_neg16(_mm512_sub_ps(_mm512_loadu_ps(sc + t), mx));
-    _mm512_storeu_ps(sc + t, e);
-    sum = _mm512_add_ps(sum, e);
+// The sixteen float32 lanes of an AVX-512 register as the code written once for both
+// widths sees them (kvd_vec.h: exp, softmax, fused.cpp's rows); kvd_avx2.h's Vec8 is the
+// same at eight lanes. Each operation is the intrinsic this header's kernels use for it.
+struct Vec16 {
+  using V = __m512;
+  static constexpr int64_t kLanes = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  template <typename T>
+  static V load(const T* p) { return load16(p); }
+  template <typename T>
+  static void store(T* p, V v) { store16(p, v); }
+  template <typename T>
+  static V round(V v) { return round16<T>(v); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V div(V a, V b) { return _mm512_div_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V neg(V a) { return _mm512_sub_ps(_mm512_setzero_ps(), a); }
+  static V neg_abs(V a) { return _mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(a)); }  // -|a|
+  static V if_nonneg(V x, V a, V b) {  // x >= 0 ? a : b, lane by lane
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ), b, a);
   }
-  if (tail) {
-    const __m512 e = exp_neg16(_mm512_sub_ps(_mm512_mask_loadu_ps(mx, tail, sc + t), mx));
-    _mm512_mask_storeu_ps(sc + t, tail, e);
-    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
+  static V nearest(V a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static V times_pow2(V p, V n) {  // p * 2^n for integral n, by adding n to p's exponent bits
+    const __m512i e = _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23);
+    return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e));
   }
-  return _mm512_reduce_add_ps(sum);
-}
+  static float sum(V a) { return _mm512_reduce_add_ps(a); }
+  static float max_of(V a) { return _mm512_reduce_max_ps(a); }
+  // The first n (0..15) lanes: read from p with the others `fill`, kept with the others 0,
+  // written to p.
+  static __mmask16 first(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
+  static V load_first(const float* p, int64_t n, V fill) { return _mm512_mask_loadu_ps(fill, first(n), p); }
+  static V keep_first(V a, int64_t n) { return _mm512_maskz_mov_ps(first(n), a); }
+  static void store_first(float* p, int64_t n, V a) { _mm512_mask_storeu_ps(p, first(n), a); }
+};
 
 // The P . V core of both attention kernels, kR query rows at a time with their
 // accumulators in registers: weigh_row adds w[r * ld] times one V row x (float32) to row

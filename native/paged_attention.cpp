@@ -21,14 +21,7 @@
 #include <cmath>
 #include <cstring>
 
-#include "kvd_math.h"
-#if defined(__AVX512F__)
-#include "kvd_simd.h"
-#define KVD_VEC_ATTENTION 1
-#elif defined(__AVX2__) && defined(__FMA__)
-#include "kvd_avx2.h"
-#define KVD_VEC_ATTENTION 1
-#endif
+#include "kvd_vec.h"
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -100,7 +93,6 @@ void attend(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::Tens
 // so each V row is read once per kv head and the accumulators never go to memory.
 
 using kvd::load16;
-using kvd::softmax_row;
 
 // Lane i of the result is the sum of a[i]'s sixteen lanes.
 inline __m512 hsum16(const __m512* a) {
@@ -209,7 +201,6 @@ constexpr int64_t kLanes = 16;
 
 using kvd::avx2::kW;
 using kvd::avx2::load8;
-using kvd::avx2::softmax_row;
 
 // scores[g * L + t] = scale * q_g . k_t for the G query rows of one kv head (no bf16 dot
 // instruction on AVX2: BF16DOT is always false here).
@@ -282,7 +273,7 @@ void values_rows(const float* p, const float* denom, Rows<T> v, int64_t L, int64
 constexpr int64_t kLanes = kW;
 #endif
 
-#if defined(KVD_VEC_ATTENTION)
+#if defined(KVD_VEC)
 template <typename T, int ND>
 void attend_vec(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::Tensor block_table,
                 torch::Tensor lens, double scale);
@@ -312,7 +303,7 @@ void paged_decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor ca
     for (int64_t i = 0; i < (len[b] + BS - 1) / BS; ++i)
       TORCH_CHECK(table[b * MB + i] >= 0 && table[b * MB + i] < NB, "block id out of range");
   }
-#if defined(KVD_VEC_ATTENTION)
+#if defined(KVD_VEC)
   if (D == 64 || D == 128) {
     constexpr int n64 = 64 / kLanes, n128 = 128 / kLanes;  // vectors per head
     if (dt == at::kFloat)
@@ -413,7 +404,9 @@ void attend(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::Tens
   });
 }
 
-#if defined(KVD_VEC_ATTENTION)
+#if defined(KVD_VEC)
+using kvd::softmax_row;
+
 // The vector path over the build's lanes (kLanes: AVX-512 or AVX2, the pieces above).
 template <typename T, int ND>
 void attend_vec(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::Tensor block_table,

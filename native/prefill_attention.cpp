@@ -29,19 +29,13 @@
 #include <type_traits>
 #include <vector>
 
-#include "kvd_math.h"
-#if defined(__AVX512F__)
-#include "kvd_simd.h"
-#define KVD_VEC_PREFILL 1
-#elif defined(__AVX2__) && defined(__FMA__)
-#include "kvd_avx2.h"
-#define KVD_VEC_PREFILL 1
-#endif
+#include "kvd_vec.h"
 
-#if defined(KVD_VEC_PREFILL)
+#if defined(KVD_VEC)
 namespace {
 
 using kvd::Rows;
+using kvd::softmax_row;
 
 #if defined(__AVX512BF16__)
 constexpr bool kBf16Dot = true;
@@ -49,11 +43,8 @@ constexpr bool kBf16Dot = true;
 constexpr bool kBf16Dot = false;
 #endif
 
-#if defined(__AVX512F__)
-constexpr int64_t kLanes = 16;  // keys per packed chunk: one vector
-#else
-constexpr int64_t kLanes = 8;
-#endif
+using kvd::Vec;
+constexpr int64_t kLanes = Vec::kLanes;  // keys per packed chunk: one vector
 
 constexpr int kMR = 6;  // query rows per tile (scores: 6 x 2 accumulators)
 
@@ -66,9 +57,11 @@ struct PackedK {
   const P* chunk(int64_t c) const { return data.data() + c * steps * kLanes; }
 };
 
-// One V row widened to float32 (defined per instruction set below).
+// One V row widened to float32.
 template <typename T, int ND>
-inline void widen_row(float* dst, const T* src);
+inline void widen_row(float* dst, const T* src) {
+  for (int i = 0; i < ND; ++i) Vec::store(dst + kLanes * i, Vec::load(src + kLanes * i));
+}
 
 template <typename T, typename P, int ND>
 void pack_head(Rows<T> k, Rows<T> v, int64_t C, PackedK<P>& kt, float* vf) {
@@ -91,14 +84,6 @@ void pack_head(Rows<T> k, Rows<T> v, int64_t C, PackedK<P>& kt, float* vf) {
 }
 
 #if defined(__AVX512F__)
-using kvd::load16;
-using kvd::softmax_row;
-
-template <typename T, int ND>
-inline void widen_row(float* dst, const T* src) {
-  for (int i = 0; i < ND; ++i) _mm512_storeu_ps(dst + 16 * i, load16(src + 16 * i));
-}
-
 // s[r * ld + c * 16 ...] = scale * q_r . k for `chunks` chunks from c0, kNC at a time.
 template <typename P, int ND, int kNC>
 inline void score_chunks(const P* const* q, const PackedK<P>& kt, int64_t c0, float scale, float* s, int64_t ld) {
@@ -150,14 +135,6 @@ template <int ND>
 constexpr int kPV = ND <= 4 ? kMR : kMR / 2;
 
 #else  // AVX2: the same steps at eight lanes, in sixteen registers
-using kvd::avx2::load8;
-using kvd::avx2::softmax_row;
-
-template <typename T, int ND>
-inline void widen_row(float* dst, const T* src) {
-  for (int i = 0; i < ND; ++i) _mm256_storeu_ps(dst + 8 * i, load8(src + 8 * i));
-}
-
 // s[r * ld + c * 8 ...] = scale * q_r . k for kNC chunks from c0 (float32 keys only: AVX2
 // has no bf16 dot, so bfloat16 keys are packed widened).
 template <typename P, int ND, int kNC>
@@ -276,7 +253,7 @@ void run(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::Tensor 
 #endif
 
 bool prefill_attention_supported(int64_t head_dim) {
-#if defined(KVD_VEC_PREFILL)
+#if defined(KVD_VEC)
   return head_dim == 64 || head_dim == 128;
 #else
   (void)head_dim;
@@ -305,7 +282,7 @@ void prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor cache, 
               num_computed + T_, " tokens");
   const int64_t* table = block_table.data_ptr<int64_t>();
   for (int64_t i = 0; i < need; ++i) TORCH_CHECK(table[i] >= 0 && table[i] < NB, "prefill_attention: block id out of range");
-#if defined(KVD_VEC_PREFILL)
+#if defined(KVD_VEC)
   constexpr int n64 = 64 / kLanes, n128 = 128 / kLanes;  // vectors per head
   if (dt == at::kFloat) {
     if (D == 64) run<float, float, n64>(out, q, cache, block_table, num_computed, scale);
