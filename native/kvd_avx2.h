@@ -13,8 +13,6 @@
 
 #include <c10/util/BFloat16.h>
 
-#include "kvd_math.h"
-
 namespace kvd::avx2 {
 
 constexpr int kW = 8;  // lanes

@@ -10,8 +10,6 @@
 
 #include <c10/util/BFloat16.h>
 
-#include "kvd_math.h"
-
 namespace kvd {
 
 // Sixteen values of a row as float32 (bfloat16 widened: the top half of a float32).

@@ -189,8 +189,6 @@ void values_rows(const float* p, const float* denom, Rows<T> v, int64_t L, int64
     r += n;
   }
 }
-
-constexpr int64_t kLanes = 16;
 #elif defined(__AVX2__) && defined(__FMA__)
 // The vector path on AVX2 (eight lanes, sixteen registers), for head sizes 64 and 128 (ND =
 // D / 8 vectors): the AVX-512 path's plan at half the width, under the same names, so
@@ -269,11 +267,11 @@ void values_rows(const float* p, const float* denom, Rows<T> v, int64_t L, int64
     r += n;
   }
 }
-
-constexpr int64_t kLanes = kW;
 #endif
 
 #if defined(KVD_VEC)
+constexpr int64_t kLanes = kvd::Vec::kLanes;  // float32 lanes of a vector (16 or 8)
+
 template <typename T, int ND>
 void attend_vec(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::Tensor block_table,
                 torch::Tensor lens, double scale);
