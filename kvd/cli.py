@@ -1,4 +1,5 @@
-"""The `kvd` command line (DESIGN.md §9): serve, generate, status, trace, bench.
+"""The `kvd` command line: serve, generate, status, trace, bench (docs/architecture.md,
+"Interfaces users see").
 
     kvd serve --config conf/kvd.toml [--role unified|prefill|decode] [--port 0] [--run-dir DIR] [--http-port P]
     kvd generate [--endpoint E | --run-dir DIR] (--prompt TEXT | --chat TEXT) [--max-tokens N]

@@ -1,4 +1,5 @@
-"""Clients of a running daemon (DESIGN.md §9): `Client` (blocking), `AsyncClient`, `KvdError`.
+"""Clients of a running daemon: `Client` (blocking), `AsyncClient`, `KvdError`
+(docs/architecture.md, "Interfaces users see").
 
     with Client(endpoint) as c:
         r = c.generate(prompt="text", max_tokens=64, temperature=0.0)   # r.token_ids, r.text, r.finish_reason

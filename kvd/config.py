@@ -243,7 +243,8 @@ class ParallelConfig(_Section):
 
 
 class PrefillConfig(_Section):
-    """`[prefill]`: how this instance prefills long prompts (a distributed group, see §6)."""
+    """`[prefill]`: how this instance prefills long prompts on a distributed group
+    (docs/architecture.md, "Distributed prefill group")."""
 
     parallel: ParallelConfig = ParallelConfig()
     group_min_tokens: int = 256  # with sp x pp > 1: prompts this long prefill on the group, whole

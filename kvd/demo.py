@@ -1,6 +1,6 @@
 """`make demo`: kvd's main job on the embedded default model, as its users run it.
 
-Starts `kvd serve` (a daemon with its worker and cache-messenger processes) on a random
+Starts `kvd serve` (a daemon with its worker process) on a random
 loopback port, streams answers to a few chat prompts through the client to the terminal,
 runs a concurrent batch for a throughput figure, prints `kvd status`, and stops the
 daemon with SIGTERM (it drains and exits 0).
@@ -9,6 +9,7 @@ daemon with SIGTERM (it drains and exits 0).
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 from kvd.client import AsyncClient, Client
+from kvd.spawn import DaemonError, start_kvd, wait_endpoint
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -31,17 +33,12 @@ def start_daemon(run_dir: Path) -> tuple[subprocess.Popen, str]:
     config = run_dir / "kvd.toml"
     config.write_text(f'[daemon]\nport = 0\nrun_dir = "{run_dir}"\n[log]\nformat = "json"\n'
                       f'file = "{run_dir / "kvd.log"}"\n')  # fmt: skip
-    log = (run_dir / "daemon.out").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "kvd.cli", "serve", "--config", str(config)],
-                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-    endpoint = run_dir / "endpoint"
-    deadline = time.monotonic() + 300
-    while not endpoint.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            sys.exit(f"kvd serve did not start:\n{(run_dir / 'daemon.out').read_text()[-2000:]}")
-        time.sleep(0.1)
-    return proc, endpoint.read_text().strip()
+    out = run_dir / "daemon.out"
+    proc = start_kvd(["serve", "--config", str(config)], dict(os.environ), out)
+    try:
+        return proc, wait_endpoint(proc, run_dir / "endpoint", 300, out)
+    except DaemonError as e:
+        sys.exit(f"kvd serve did not start: {e}")
 
 
 def stream_answers(endpoint: str) -> None:

@@ -1,4 +1,4 @@
-"""LLM: the offline, in-process API (DESIGN.md §9).
+"""LLM: the offline, in-process API (docs/architecture.md, "Interfaces users see").
 
     from kvd import LLM, SamplingParams
     llm = LLM()                                   # the embedded SmolLM2-135M-Instruct
@@ -17,6 +17,7 @@ from typing import Any
 
 from kvd.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from kvd.engine.engine import Engine, Prompt
+from kvd.engine.text import Delta, TextStage, tokenizer_eos
 from kvd.outputs import RequestOutput
 from kvd.sampling import SamplingParams
 from kvd.worker.model_runner import ModelRunner
@@ -26,18 +27,30 @@ Message = dict[str, str]
 
 
 class LocalEngine(Engine):
-    """An Engine with its ModelRunner in the same process (the offline LLM)."""
+    """An Engine with its ModelRunner and its text stage in the same process (the offline LLM)."""
 
     def __init__(self, config: EngineConfig) -> None:
         model_dir = resolve_model(config.model.model, config.model.cache_dir)
         tokenizer = load_tokenizer(model_dir)
         self.runner = ModelRunner(model_dir, config.model, config.cache)
-        super().__init__(config, tokenizer, self.runner.model_info())
+        self.text = TextStage(tokenizer)
+        super().__init__(config, self.runner.model_info(), tokenizer_eos(tokenizer))
+
+    def add(self, token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        """Queue token ids that `validate` passed; returns the request id."""
+        request = self.enqueue(token_ids, params, request_id)
+        self.text.start(request)
+        return request.request_id
 
     def step(self) -> list[RequestOutput]:
-        """One step: schedule → run → process. Returns the requests finished in it."""
-        deltas = self.process(self.runner.execute(self.schedule()))
-        return [d.output for d in deltas if d.output is not None]
+        """One step: schedule → run → process → text. Returns the requests finished in it."""
+        return [d.output for d in self.step_deltas() if d.output is not None]
+
+    def step_deltas(self) -> list[Delta]:
+        """One step's deltas; a stop string the text stage finds ends its request at once."""
+        deltas, stopped = self.text.run(self.process(self.runner.execute(self.schedule())))
+        self.stop(stopped)
+        return deltas
 
 
 class LLM:
@@ -49,7 +62,7 @@ class LLM:
 
     @property
     def tokenizer(self):
-        return self.engine.tokenizer
+        return self.engine.text.tokenizer
 
     def generate(
         self,
@@ -63,10 +76,10 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         param_list = _params_list(params, len(prompts))
-        tokenized = [self.engine.tokenize(p) for p in prompts]
+        tokenized = [self.engine.text.prompt_ids(p) for p in prompts]
         for ids, p in zip(tokenized, param_list):
             self.engine.validate(ids, p)
-        request_ids = [self.engine.enqueue(ids, p) for ids, p in zip(tokenized, param_list)]
+        request_ids = [self.engine.add(ids, p) for ids, p in zip(tokenized, param_list)]
         return self._run(request_ids, use_tqdm)
 
     def chat(
@@ -81,7 +94,7 @@ class LLM:
         return self.generate([self.apply_chat_template(c) for c in convs], params, use_tqdm=use_tqdm)
 
     def apply_chat_template(self, messages: list[Message]) -> list[int]:
-        return self.engine.apply_chat_template(messages)
+        return self.engine.text.chat_ids(messages)
 
     def check_integrity(self) -> None:
         self.engine.check_integrity()

@@ -1,8 +1,12 @@
-"""Request: the mutable, internal state of one generation, owned by the scheduler.
+"""Request: the one record of a generation, from admission to its end.
 
-A wire or API request becomes a Request once. Its tokens are the prompt followed by
-the generated tokens; `num_computed_tokens` counts those whose KV is in the cache.
-The scheduler's one rule is to let computed tokens catch up with tokens.
+A wire or API request becomes a Request once, and everything the engine-side knows of it
+hangs off this record: its tokens (the prompt followed by the generated tokens;
+`num_computed_tokens` counts those whose KV is in the cache), its status, its swap slots,
+what the runner was told of its blocks, its KV transfer (`transfer`, the connector's),
+its text and output (`text`, the text stage's) and, in the daemon, where its results go
+(`owner`, the serving layer's). Tables keyed by request id hold this record and nothing
+parallel to it. The scheduler's one rule is to let computed tokens catch up with tokens.
 """
 
 from __future__ import annotations
@@ -65,15 +69,13 @@ class Request:
         self.num_computed_tokens = 0
         self.status = RequestStatus.WAITING
         self.num_preemptions = 0
+        self.num_cached_tokens = 0  # prompt tokens it did not compute (prefix cache, pool)
         self.block_hashes: list[bytes] = []  # chained hashes of the full blocks of all_token_ids
-        # PD handoff. kv_send: a prefill instance's request — it ends after its first token and
-        # its blocks stay held while the messenger writes them to the pool. kv_recv_tokens: how
-        # many leading tokens' KV is to be read from the pool into preallocated blocks before
-        # the request computes (a decode instance: the whole prompt). transfer_in_flight: the
-        # messenger may be touching the request's blocks, so they must not be freed.
-        self.kv_send = False
-        self.kv_recv_tokens = 0
-        self.transfer_in_flight = False
+        self.host_slots: list[int] | None = None  # swapped out: the host slots holding its computed KV
+        self.num_sent_blocks: int | None = None  # block ids the runner knows (None: it knows none)
+        self.transfer = None  # its KVTransfer, when the connector moves its KV (kvd.connector)
+        self.text = None  # its TextState: detokenizer, stop strings, the output so far (kvd.engine.text)
+        self.owner = None  # the daemon's: where its results go, its clock (kvd.daemon.serving)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -82,10 +84,6 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.all_token_ids[len(self.prompt_token_ids) :]
 
     @property
     def num_output_tokens(self) -> int:

@@ -46,7 +46,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from time import perf_counter
@@ -57,6 +56,7 @@ import structlog
 from kvd import LLM
 from kvd.bench.offline import RECORD_PATH, PromptSource, kvd_generate, machine_info, machine_summary, record
 from kvd.client import AsyncClient, KvdError
+from kvd.spawn import DaemonError, daemon_env, start_kvd, wait_endpoint
 
 log = structlog.get_logger(__name__)
 
@@ -183,10 +183,6 @@ def offline_mode(work: Workload, warm: Workload, max_num_seqs: int) -> ModeResul
 
 
 # ---- the daemon --------------------------------------------------------------------------
-class DaemonError(RuntimeError):
-    pass
-
-
 class ServedDaemon:
     """`python -m kvd.cli serve` on a random loopback port, in a run dir under `workdir`.
 
@@ -212,19 +208,8 @@ class ServedDaemon:
 
     def start(self) -> str:
         # KVD_* variables would override the config and make the daemon differ from the offline side.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KVD_") or k == "KVD_CACHE_DIR"}
-        with self.stdout.open("w") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "kvd.cli", "serve", "--config", str(self.config)],
-                                         stdout=out, stderr=subprocess.STDOUT, env=env)  # fmt: skip
-        endpoint = self.run_dir / "endpoint"
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not endpoint.exists():  # a file, not a socket: nothing to await
-            if self.proc.poll() is not None:
-                raise DaemonError(f"daemon exited with code {self.proc.returncode} before it was ready")
-            if time.monotonic() > deadline:
-                raise DaemonError(f"daemon not ready within {START_TIMEOUT_S:.0f} s")
-            time.sleep(0.1)
-        return endpoint.read_text().strip()
+        self.proc = start_kvd(["serve", "--config", str(self.config)], daemon_env(), self.stdout)
+        return wait_endpoint(self.proc, self.run_dir / "endpoint", START_TIMEOUT_S)
 
     def stop(self) -> int | None:
         if self.proc is None or self.proc.poll() is not None:

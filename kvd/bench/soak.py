@@ -16,7 +16,7 @@ caching is busy and every completed request has a known answer. Clients run
 - a malformed frame on the client port, which must get its one Error back.
 
 Beside them, on a schedule: malformed frames on the daemon's internal report channel,
-kill -9 of the worker and of the messenger at random moments (the daemon restarts them;
+kill -9 of the worker and (PD) of the messenger at random moments (the daemon restarts them;
 requests in flight fail with 500 or 502, new ones get 503 meanwhile), and in PD mode
 kill -9 of the pool's server (Redis, restarted on its port) and a prefill instance frozen
 (SIGSTOP) past the lease, so handoffs in flight expire.
@@ -54,6 +54,7 @@ import zmq.asyncio
 from kvd.client import AsyncClient, Client, KvdError
 from kvd.ipc import ipc_base
 from kvd.messages import ServerMessage
+from kvd.spawn import DaemonError, daemon_env, start_kvd, wait_endpoint
 
 RECORD_PATH = Path("docs/reliability.md")
 START_TIMEOUT_S = 300.0
@@ -120,20 +121,15 @@ class Target:
         self.config = conf
 
     def start(self) -> str:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KVD_") or k == "KVD_CACHE_DIR"}
         if self.cfg.pd:
-            cmd = [sys.executable, "-m", "kvd.cli", "launch", "pd", "--pool", self.cfg.pool, "--run-dir",
-                   str(self.run_dir), "--config", str(self.config)]  # fmt: skip
+            args = ["launch", "pd", "--pool", self.cfg.pool, "--run-dir", str(self.run_dir), "--config", str(self.config)]
         else:
-            cmd = [sys.executable, "-m", "kvd.cli", "serve", "--config", str(self.config), "--run-dir", str(self.run_dir)]
-        with (self.workdir / "stdout.txt").open("w") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not (self.run_dir / "endpoint").exists():  # a file, not a socket: nothing to await
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"soak: the deployment did not start (see {self.workdir}/stdout.txt)")
-            time.sleep(0.2)
-        return (self.run_dir / "endpoint").read_text().strip()
+            args = ["serve", "--config", str(self.config), "--run-dir", str(self.run_dir)]
+        self.proc = start_kvd(args, daemon_env(), self.workdir / "stdout.txt")
+        try:
+            return wait_endpoint(self.proc, self.run_dir / "endpoint", START_TIMEOUT_S)
+        except DaemonError as e:
+            raise RuntimeError(f"soak: the deployment did not start ({e}; see {self.workdir}/stdout.txt)") from None
 
     @property
     def logs(self) -> list[str]:
@@ -367,7 +363,7 @@ class Soak:
             self.internal_junk()
         if i and i % cfg.kill_worker_every == 0:
             self.kill_child("worker-0")
-        if i and i % cfg.kill_messenger_every == 0:
+        if cfg.pd and i and i % cfg.kill_messenger_every == 0:  # only the PD roles run a messenger
             self.kill_child("messenger")
         if cfg.pd and cfg.pool == "redis" and i and i % cfg.kill_pool_every == 0:
             await self.kill_pool()

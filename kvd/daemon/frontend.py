@@ -29,7 +29,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from kvd.daemon.serving import Rejected, Serving
-from kvd.engine.engine import Delta
+from kvd.engine.text import Delta
 from kvd.ipc import field_error
 from kvd.messages import (
     MAX_REQUEST_ID,

@@ -33,7 +33,7 @@ from aiohttp import web
 from kvd.config import KvdConfig
 from kvd.daemon.openai_api import DONE, JSON, ChatRequest, CompletionRequest, Shape, error_body, sse
 from kvd.daemon.serving import Rejected, Serving
-from kvd.engine.engine import Delta
+from kvd.engine.text import Delta
 from kvd.ipc import field_error
 from kvd.messages import MAX_REQUEST_ID, ChatMessage, ErrorCode, Generate
 
@@ -176,16 +176,13 @@ class HttpFrontend:
         try:
             messages = body.chat()
             max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-            source: dict[str, Any] = {"chat": [ChatMessage(m["role"], m["content"]) for m in messages]}
-            if max_tokens is None:  # as much as the context leaves
-                engine = self._engine()
-                ids = engine.apply_chat_template(messages)
-                max_tokens, source = max(1, engine.max_new_tokens(len(ids))), {"prompt_token_ids": ids}
-            params = body.sampling(max_tokens)
+            params = body.sampling(1 if max_tokens is None else max_tokens)
         except ValueError as e:
             raise HttpError(400, str(e)) from None
-        gen = Generate(request_id=base, params=params, stream=body.stream, **source)
-        return await self._serve(request, Shape(True, base, self.model_name), [gen], body)
+        gen = Generate(request_id=base, params=params, stream=body.stream,
+                       chat=[ChatMessage(m["role"], m["content"]) for m in messages])  # fmt: skip
+        # No max_tokens: as much as the context leaves after the templated prompt.
+        return await self._serve(request, Shape(True, base, self.model_name), [gen], body, max_tokens is None)
 
     # ---- helpers -----------------------------------------------------------------------
     async def _decode(self, request: web.Request, kind: type):
@@ -207,12 +204,6 @@ class HttpFrontend:
             raise HttpError(400, f"{bad[0]}: {bad[1]}")
         return body
 
-    def _engine(self):
-        refusal = self.serving.refusal()
-        if refusal is not None and self.serving.engine is None:
-            raise HttpError(int(refusal[0]), refusal[1])
-        return self.serving.engine
-
     def _request_id(self, request: web.Request, kind: str) -> str:
         given = request.headers.get("X-Request-Id")
         if given is None:
@@ -221,13 +212,14 @@ class HttpFrontend:
             raise HttpError(400, f"X-Request-Id: must be 1 to {MAX_REQUEST_ID} printable characters")
         return given
 
-    async def _serve(self, request: web.Request, shape: Shape, gens: list[Generate], body) -> web.StreamResponse:
+    async def _serve(self, request: web.Request, shape: Shape, gens: list[Generate], body,
+                     fill_max_tokens: bool = False) -> web.StreamResponse:  # fmt: skip
         """Submit every prompt, then answer; a client that leaves aborts what is still running."""
         q: asyncio.Queue = asyncio.Queue()
         try:
             for i, gen in enumerate(gens):
                 try:
-                    self.serving.submit(gen, self)
+                    self.serving.submit(gen, self, fill_max_tokens)
                 except Rejected as e:
                     return error_response(int(e.code), e.message, {"X-Request-Id": shape.request_id})
                 self._routes[gen.request_id] = (q, i)

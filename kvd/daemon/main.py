@@ -2,18 +2,20 @@
 
     kvd serve → serve(cfg) → Daemon.run()
 
-Start-up: the supervisor spawns the worker and the cache messenger and awaits their Ready
-(the worker's carries the model's facts and its number of KV blocks) while a thread loads
-the tokenizer; serving builds the Engine; the role starts (a prefill instance binds
-`<run_dir>/pd_endpoint`, a decode instance links to its prefill instances); the client
-ROUTER binds and `<run_dir>/endpoint` is written; systemd hears READY=1. The daemon
-itself never imports torch.
+Start-up: the role's class is picked from the config, once (`ROLES`); the supervisor
+spawns the worker (and, for a role that moves KV through the pool, the cache messenger)
+and awaits their Ready (the worker's carries the model's facts and its number of KV
+blocks) while a thread loads the tokenizer; then Serving is built with all of it, builds
+its role (a prefill instance binds `<run_dir>/pd_endpoint`, a decode instance links to
+its prefill instances) and the Engine with the role's KV connector; the client ROUTER
+binds and `<run_dir>/endpoint` is written; systemd hears READY=1. Each object gets what
+it needs in its constructor. The daemon itself never imports torch.
 
 With `[http] port` set, the OpenAI HTTP API (`kvd.daemon.http`) serves beside it and its
 base URL goes to `<run_dir>/http_endpoint` first.
 
-Then a TaskGroup runs the frontend's reader, the step loop, the supervisor's watch of the
-children, the role's readers and a one-second ticker (deadlines, leases, idle integrity
+Then a TaskGroup runs the frontend's reader, the step loop, the text stage, the
+supervisor's watch of the children, the role's readers and a one-second ticker (deadlines, leases, idle integrity
 checks, watchdog pings, metrics). SIGTERM drains: new requests get 503, in-flight ones
 get `drain_timeout_s` to finish, the rest get 503, the children get Shutdown, exit 0.
 The layers import downwards only: main → frontend, http, pd → serving → supervisor.
@@ -47,6 +49,8 @@ from kvd.messages import ErrorCode
 
 log = structlog.get_logger("kvd.daemon")
 
+ROLES: dict[str, type[Role]] = {"unified": Role, "prefill": PrefillRole, "decode": DecodeRole}
+
 
 class Daemon:
     """Wires one instance together and runs it until it stops; owns its lifetime and exit code."""
@@ -67,9 +71,9 @@ class Daemon:
             from kvd.metrics import Metrics
 
             self.metrics = Metrics()
-        self.supervisor = Supervisor(self.ctx, cfg, self._fatal)
-        self.serving = Serving(cfg, self.supervisor, self._fatal, self.metrics)
-        self.supervisor.events = self.serving
+        self.role = ROLES[cfg.daemon.role]  # the one place a role name becomes a class
+        self.supervisor = Supervisor(self.ctx, cfg, self._fatal, self.role.moves_kv)
+        self.serving: Serving | None = None  # built once the worker is Ready and the tokenizer loaded
         self.frontend: Frontend | None = None
         self.endpoint: str | None = None
         self.http: HttpFrontend | None = None
@@ -78,14 +82,6 @@ class Daemon:
         """Stop with exit code 1 (systemd restarts us): a child lost for good, a broken invariant."""
         self.exit_code = 1
         self._stop.set()
-
-    def _role(self) -> Role:
-        role = self.cfg.daemon.role
-        if role == "prefill":
-            return PrefillRole(self.cfg, self.serving, self.ctx, self.run_dir)
-        if role == "decode":
-            return DecodeRole(self.cfg, self.serving, self.ctx)
-        return Role()
 
     # ---- the run -----------------------------------------------------------------------
     async def run(self) -> int:
@@ -98,8 +94,8 @@ class Daemon:
             model_dir = resolve_model(self.cfg.model.model, self.cfg.model.cache_dir)
             tokenizer = asyncio.create_task(asyncio.to_thread(load_tokenizer, model_dir))
             ready = await self.supervisor.start()
-            self.serving.tokenizer = await tokenizer
-            self.serving.role = self._role()
+            self.serving = Serving(self.cfg, self.supervisor, await tokenizer, self.role, self._fatal, self.metrics,
+                                   ctx=self.ctx, run_dir=self.run_dir)  # fmt: skip
             self.serving.on_worker_ready(ready)
             self._start_metrics()
             await self._start_http()
@@ -115,7 +111,8 @@ class Daemon:
         try:
             async with asyncio.TaskGroup() as tg:
                 frontend = tg.create_task(self.frontend.run())
-                work = [self.serving.run(), self._ticker(), self.supervisor.run(), *self.serving.role.readers()]
+                work = [self.serving.run(), self.serving.run_text(), self._ticker(), self.supervisor.run(self.serving),
+                        *self.serving.role.readers()]  # fmt: skip
                 tasks = [tg.create_task(coro) for coro in work]
                 await self._stop.wait()
                 for t in tasks:
@@ -169,7 +166,9 @@ class Daemon:
         if self._released:
             return
         self._released = True
-        self.serving.draining = self.supervisor.stopping = True
+        self.supervisor.stopping = True
+        if self.serving is not None:
+            self.serving.draining = True
         if self.http is not None:
             await self.http.close()  # its handlers write their last events first
             _unpublish(self.run_dir / "http_endpoint", self.http.url)
@@ -177,7 +176,8 @@ class Daemon:
         _unpublish(self.run_dir / "endpoint", self.endpoint)
         if self.metrics is not None:
             self.metrics.close()
-        self.serving.role.close()
+        if self.serving is not None:
+            self.serving.role.close()
 
     def _close(self) -> None:
         if self.frontend:
@@ -186,6 +186,10 @@ class Daemon:
 
     # ---- drain -------------------------------------------------------------------------
     def begin_drain(self) -> None:
+        if self.serving is None:  # still starting: nothing is served yet, stop once started
+            self._t_stop = time.monotonic()
+            self._stop.set()
+            return
         if self.serving.draining:
             return
         self._t_stop = time.monotonic()

@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-from kvd.engine.engine import Delta
+from kvd.engine.text import Delta
 from kvd.sampling import SamplingParams
 
 JSON = msgspec.json.Encoder()

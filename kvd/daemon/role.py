@@ -1,20 +1,27 @@
 """Role: what an instance's role adds to serving. This base is the unified role: it adds nothing.
 
-`Serving` calls these hooks at the points where a role may act: a client request queued
-or ended, each schedule(), each messenger report, the worker or the messenger lost, every
-tick, the drain. The PD roles (`kvd.daemon.pd`) override what they need; an instance
-chooses its role's class once, at start-up, and no role string is compared after that.
+`Serving` builds its role and calls these hooks at the points where a role may act: a
+client request queued or ended, each schedule(), each messenger report, the worker or the
+messenger lost, every tick, the drain. A role also picks the engine's KV connector
+(`connector`) and says whether the instance needs the cache messenger (`moves_kv`). The
+PD roles (`kvd.daemon.pd`) override what they need; kvd.daemon.main turns the config's
+role name into a class, once, at start-up, and no role name is compared anywhere else.
 """
 
 from __future__ import annotations
 
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 import structlog
+import zmq.asyncio
 
+from kvd.config import KvdConfig
+from kvd.connector.base import KVConnector
 from kvd.engine.engine import Engine
 from kvd.messages import CacheTaskDone
+from kvd.model_info import ModelInfo
 
 log = structlog.get_logger("kvd.role")
 
@@ -23,9 +30,15 @@ class Role:
     """The hooks a role implements, each a no-op here; the class attributes say how client
     requests are admitted."""
 
-    client_kv: str | None = None  # how a client request's KV arrives: computed here, or "prompt" (pool)
-    reads_pool = False  # requests may wait for pool KV: they get their own block budget (pd.kv_wait_fraction)
+    moves_kv = False  # KV leaves or enters through the pool: the cache messenger maps the worker's KV cache
     client_refusal: str | None = None  # why this role takes no client requests (a prefill instance)
+
+    def __init__(self, cfg: KvdConfig, serving, ctx: zmq.asyncio.Context, run_dir: Path) -> None:
+        self.group_min_tokens = cfg.prefill.group_min_tokens if cfg.prefill.group else 0
+
+    def connector(self, info: ModelInfo) -> KVConnector:
+        """The KV connector of an engine built for `info` (the unified role's moves nothing)."""
+        return KVConnector(self.group_min_tokens)
 
     def attach(self, engine: Engine) -> None:
         """The engine was (re)built."""

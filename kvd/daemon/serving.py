@@ -1,22 +1,29 @@
-"""Serving: the Engine in the daemon — admission, the step loop, aborts, failures, deadlines.
+"""Serving: the Engine in the daemon — admission, the step loop, the text stage, ends of requests.
 
-    serving.submit(msg, outbox)      # a client's Generate: validated and queued, or Rejected
-    await serving.run()              # schedule → worker step → process → deltas to each outbox
+    serving.submit(msg, outbox)      # a client's Generate: tokenized, validated and queued, or Rejected
+    await serving.run()              # schedule → worker step → process → token outputs to the text stage
+    await serving.run_text()         # token outputs → text deltas → each request's outbox
     serving.abort(request_id)        # the request ends with finish_reason "abort"
     await serving.fail(request_id, code, message)   # the request ends with one error
 
-Every live request has an `Outbox`, the transport its results go back through: the ZeroMQ
-frontend, the HTTP frontend, or a prefill instance's PD role (for the requests decode
-instances hand it). Serving logs each client request's lifecycle (`request_queued` …
-`request_finished` / `request_failed`) and observes its metrics, so a transport only
-formats and sends. A request ends exactly once: its last delta or its one failure.
+Every live request's record (kvd.request.Request) carries an `Owner`: the transport its
+results go back through (the ZeroMQ frontend, the HTTP frontend, or a prefill instance's
+PD role for the requests decode instances hand it), its clock, and whether it has ended.
+Serving logs each client request's lifecycle (`request_queued` … `request_finished` /
+`request_failed`) and observes its metrics, so a transport only formats and sends. A
+request ends exactly once, in `_end`: its last delta or its one failure.
 
-What a role adds — PD handoffs, a decode instance's preallocation, a prefill instance's
-pool writes — is a `Role`; the unified role is `Role` itself, which adds nothing. The
-step loop is synchronous by design: aborts that arrive while a step is in flight change
-the scheduler at once, the step's late token for an aborted request is ignored, and its
-freed blocks cannot be handed out before the next `schedule()`, which comes after the
-in-flight step (the only writer of those blocks) has finished.
+Two coroutines share the engine. The step loop (`run`) sees token ids only: it schedules,
+awaits the worker and hands each step's outputs to the text stage's queue. The text stage
+(`run_text`) detokenizes, cuts stop strings and delivers, while the next step is on the
+worker; a stop string it finds ends the request in the engine then (a token computed for
+it meanwhile is dropped). What a role adds — PD handoffs, a decode instance's
+preallocation, a prefill instance's pool writes — is a `Role`, chosen once at start-up
+with its KV connector; the unified role is `Role` itself. The step loop is synchronous by
+design: aborts that arrive while a step is in flight change the scheduler at once, the
+step's late token for an aborted request is ignored, and its freed blocks cannot be
+handed out before the next `schedule()`, which comes after the in-flight step (the only
+writer of those blocks) has finished.
 """
 
 from __future__ import annotations
@@ -27,15 +34,19 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
+import msgspec
 import structlog
 
 from kvd.config import KvdConfig
 from kvd.daemon.role import Role
 from kvd.daemon.supervisor import ChildDied, Supervisor
-from kvd.engine.engine import Delta, Engine, Prompt
+from kvd.engine.engine import Engine
+from kvd.engine.text import Delta, TextStage, tokenizer_eos
 from kvd.logs import RequestClock
 from kvd.messages import CacheTaskDone, ErrorCode, Generate, Ready
+from kvd.request import Request, RequestStatus
 from kvd.sampling import SamplingParams
+from kvd.scheduler.output import EngineOutput
 
 log = structlog.get_logger("kvd.serving")
 
@@ -57,10 +68,10 @@ class Rejected(Exception):
         self.message = message
 
 
-class _Live:
-    """One live request: its outbox, its clock, and what was logged of it."""
+class Owner:
+    """The daemon's part of a request's record: its outbox, its clock, what was logged of it."""
 
-    __slots__ = ("outbox", "client", "clock", "first_token", "scheduled")
+    __slots__ = ("outbox", "client", "clock", "first_token", "scheduled", "ended")
 
     def __init__(self, outbox: Outbox, client: bool) -> None:
         self.outbox = outbox
@@ -68,46 +79,48 @@ class _Live:
         self.clock = RequestClock()  # duration_ms / since_arrival_ms of each logged step
         self.first_token: float | None = None
         self.scheduled = False
+        self.ended = False  # its last delta or its failure went out
 
 
 class Serving:
-    """Owns the Engine (scheduler + block manager), the live requests and their outboxes, the
-    work event and the step loop, admission, and the idle integrity check."""
+    """Owns the Engine (scheduler + block manager + the request table), the text stage, the
+    role, the step loop, admission, and the idle integrity check."""
 
-    def __init__(self, cfg: KvdConfig, supervisor: Supervisor, fatal: Callable[[], None], metrics=None) -> None:
+    def __init__(self, cfg: KvdConfig, supervisor: Supervisor, tokenizer, role: type[Role], fatal: Callable[[], None],
+                 metrics=None, **role_args: Any) -> None:  # fmt: skip
         self.cfg = cfg
         self.supervisor = supervisor
-        self.role = Role()
         self.metrics = metrics
         self._fatal = fatal
-        self.tokenizer = None
+        self.text = TextStage(tokenizer, stream_text=True)
         self.engine: Engine | None = None
-        self.live: dict[str, _Live] = {}
+        self.num_client_requests = 0
         self.idle = asyncio.Event()  # set while no client request is live (the drain awaits it)
         self.idle.set()
         self.draining = False
         self.integrity = "not checked"
         self._last_check = 0.0
         self._work = asyncio.Event()
+        self._outputs: asyncio.Queue[list[EngineOutput]] = asyncio.Queue()  # the text stage's input
         self._throughput: collections.deque[tuple[float, int]] = collections.deque(maxlen=11)
         self._background: set[asyncio.Task] = set()
+        self.role = role(cfg, self, **role_args)
 
     # ---- the engine --------------------------------------------------------------------
     def on_worker_ready(self, ready: Ready) -> None:
         """A worker is Ready: a fresh engine (its KV cache starts empty)."""
         info = ready.info
-        kv_wait = max(1, int(info.num_blocks * self.cfg.pd.kv_wait_fraction)) if self.role.reads_pool else None
-        group_min = self.cfg.prefill.group_min_tokens if self.cfg.prefill.group else 0
-        self.engine = Engine(self.cfg.engine, self.tokenizer, info, stream_text=True, kv_wait_blocks=kv_wait,
-                             group_min_tokens=group_min)  # fmt: skip
+        self.engine = Engine(self.cfg.engine, info, tokenizer_eos(self.text.tokenizer), self.role.connector(info))
         self.role.attach(self.engine)
         self._work.set()
 
     async def on_worker_lost(self, message: str, details: dict[str, Any]) -> None:
         """Every live request fails with 500 naming the cause; 503 until a new worker is Ready."""
-        log.error("worker_dead", **details, request_ids=[r for r, lv in self.live.items() if lv.client])
-        for request_id in list(self.live):
-            await self.fail(request_id, ErrorCode.INTERNAL, message)
+        records = self.engine.requests() if self.engine is not None else []
+        log.error("worker_dead", **details,
+                  request_ids=[r.request_id for r in records if r.owner is not None and r.owner.client])  # fmt: skip
+        for request in records:
+            await self._fail(request, ErrorCode.INTERNAL, message)
         await self.role.engine_lost()
         self.engine = None
 
@@ -130,22 +143,23 @@ class Serving:
             return ErrorCode.QUEUE_FULL, f"queue: {self.cfg.daemon.max_queue} requests already waiting"
         return None
 
-    def submit(self, msg: Generate, outbox: Outbox) -> None:
-        """A client's request: validated and queued, or Rejected naming the field or cause."""
+    def submit(self, msg: Generate, outbox: Outbox, fill_max_tokens: bool = False) -> None:
+        """A client's request: tokenized, validated and queued, or Rejected naming the field or
+        cause. `fill_max_tokens`: max_tokens is as much as the context leaves after the prompt."""
         request_id = msg.request_id
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             try:
-                self._submit(msg, outbox)
+                self._submit(msg, outbox, fill_max_tokens)
             except Rejected as e:
                 log.warning("request_rejected", code=int(e.code), error=e.message)
                 raise
             log.info("request_queued", stream=msg.stream)
 
-    def _submit(self, msg: Generate, outbox: Outbox) -> None:
+    def _submit(self, msg: Generate, outbox: Outbox, fill_max_tokens: bool) -> None:
         refusal = self.refusal()
         if refusal is not None:
             raise Rejected(*refusal)
-        if msg.request_id in self.live:
+        if msg.request_id in self.engine.scheduler.requests:
             raise Rejected(ErrorCode.BAD_REQUEST, f"request_id: {msg.request_id!r} is already in use")
         try:
             sources = [x is not None for x in (msg.prompt, msg.prompt_token_ids, msg.chat)]
@@ -154,91 +168,126 @@ class Serving:
             if self.role.client_refusal is not None:
                 raise ValueError(self.role.client_refusal)
             if msg.chat is not None:
-                prompt = self.engine.apply_chat_template([{"role": m.role, "content": m.content} for m in msg.chat])
+                ids = self.text.chat_ids([{"role": m.role, "content": m.content} for m in msg.chat])
             else:
-                prompt = msg.prompt if msg.prompt is not None else msg.prompt_token_ids
-            self.add(prompt, msg.params, msg.request_id, outbox, client=True, kv_recv=self.role.client_kv)
+                ids = self.text.prompt_ids(msg.prompt if msg.prompt is not None else msg.prompt_token_ids)
+            params = msg.params
+            if fill_max_tokens:
+                params = msgspec.structs.replace(params, max_tokens=max(1, self.engine.max_new_tokens(len(ids))))
+            self.add(ids, params, msg.request_id, outbox, client=True)
         except ValueError as e:
             raise Rejected(ErrorCode.BAD_REQUEST, str(e)) from None
         self.role.admitted(msg.request_id)
 
-    def add(self, prompt: Prompt, params: SamplingParams, request_id: str, outbox: Outbox, *, client: bool = False,
-            kv_send: bool = False, kv_recv: str | None = None) -> None:  # fmt: skip
+    def add(self, token_ids: list[int], params: SamplingParams, request_id: str, outbox: Outbox, *,
+            client: bool = False) -> Request:  # fmt: skip
         """Queue a request whose results go to `outbox` (ValueError naming the field)."""
-        self.engine.add_request(prompt, params, request_id=request_id, kv_send=kv_send, kv_recv=kv_recv)
-        self.live[request_id] = _Live(outbox, client)
+        request = self.engine.add_request(token_ids, params, request_id)
+        request.owner = Owner(outbox, client)
+        self.text.start(request)
         if client:
+            self.num_client_requests += 1
             self.idle.clear()
         self._work.set()
+        return request
 
     # ---- requests out ------------------------------------------------------------------
+    def record(self, request_id: str) -> Request | None:
+        """The request's record while it is in the engine's table."""
+        return self.engine.scheduler.requests.get(request_id) if self.engine is not None else None
+
     def abort(self, request_id: str) -> None:
         """End a request with finish_reason "abort" (client abort or disconnect); idempotent."""
         if self.engine is None:
             return
-        for delta in self.engine.abort([request_id]):
-            self.spawn(self.deliver(delta))
+        self.post(self.engine.abort([request_id]))
         self.role.ended(request_id)
         self._work.set()
 
     async def fail(self, request_id: str, code: ErrorCode, message: str) -> None:
         """End a request with one error; its blocks go back to the pool (once no transfer holds them)."""
-        if self.engine is not None:
-            self.engine.abort([request_id], "error")
-        self.role.ended(request_id)
-        lv = self._end(request_id)
-        if lv is None:
-            return
-        if lv.client:
-            log.error("request_failed", request_id=request_id, code=int(code), error=message, **lv.clock.step())
-            self._observe_finish("error", lv)
-        self._work.set()
-        await lv.outbox.fail(request_id, code, message)
+        request = self.record(request_id)
+        if request is not None:
+            await self._fail(request, code, message)
 
     def fail_soon(self, request_id: str, code: ErrorCode, message: str) -> None:
         """`fail` from synchronous code: the engine lets go of the request now, the error follows."""
-        if self.engine is not None:
-            self.engine.abort([request_id], "error")
-        self.spawn(self.fail(request_id, code, message))
+        request = self.record(request_id)
+        if request is not None:
+            self.engine.abort([request_id], RequestStatus.FINISHED_ERROR)
+            self.spawn(self._fail(request, code, message))
 
     async def fail_all(self, code: ErrorCode, message: str) -> None:
-        for request_id in list(self.live):
-            await self.fail(request_id, code, message)
+        for request in self.engine.requests() if self.engine is not None else []:
+            await self._fail(request, code, message)
 
-    async def deliver(self, delta: Delta) -> None:
+    async def _fail(self, request: Request, code: ErrorCode, message: str) -> None:
+        if self.engine is not None:
+            self.engine.abort([request.request_id], RequestStatus.FINISHED_ERROR)
+        self.role.ended(request.request_id)
+        owner = request.owner
+        if owner is None or owner.ended:
+            return
+        self._end(request)
+        if owner.client:
+            log.error("request_failed", request_id=request.request_id, code=int(code), error=message,
+                      **owner.clock.step())  # fmt: skip
+            self._observe_finish("error", owner)
+        self._work.set()
+        await owner.outbox.fail(request.request_id, code, message)
+
+    def post(self, outs: list[EngineOutput]) -> None:
+        """Token outputs (a step's, an abort's, a token sampled elsewhere) to the text stage."""
+        if outs:
+            self._outputs.put_nowait(outs)
+
+    async def run_text(self) -> None:
+        """The text stage: each output becomes a Delta for its request's outbox, in order."""
+        while True:
+            outs = await self._outputs.get()
+            for eo in outs:
+                owner = eo.request.owner
+                if owner is None or owner.ended:
+                    continue  # failed meanwhile: late output is dropped
+                delta = self.text.on_output(eo)
+                if delta is None:
+                    continue
+                if delta.stopped and self.engine is not None:
+                    self.engine.stop([delta.request_id])
+                    self._work.set()
+                await self._deliver(eo.request, delta)
+
+    async def _deliver(self, request: Request, delta: Delta) -> None:
         """One step's tokens to the request's outbox; the final delta ends the request."""
-        lv = self.live.get(delta.request_id)
-        if lv is None:
-            return  # already ended (aborted or failed): late output is dropped
+        owner = request.owner
         now = time.monotonic()
-        if lv.client and lv.first_token is None and delta.token_ids:
-            lv.first_token = now
-            log.info("first_token", request_id=delta.request_id, **lv.clock.step(now))
+        if owner.client and owner.first_token is None and delta.token_ids:
+            owner.first_token = now
+            log.info("first_token", request_id=delta.request_id, **owner.clock.step(now))
             if self.metrics is not None:
-                self.metrics.observe_ttft(now - lv.clock.arrival)
+                self.metrics.observe_ttft(now - owner.clock.arrival)
         out = delta.output
         if out is not None:
-            self._end(delta.request_id)
-            if lv.client:
+            self._end(request)
+            if owner.client:
                 event = "request_aborted" if out.finish_reason == "abort" else "request_finished"
                 log.info(event, request_id=delta.request_id, finish_reason=out.finish_reason,
-                         num_tokens=len(out.token_ids), **lv.clock.step(now))  # fmt: skip
-                self._observe_finish(out.finish_reason, lv)
-        await lv.outbox.deliver(delta)
+                         num_tokens=len(out.token_ids), **owner.clock.step(now))  # fmt: skip
+                self._observe_finish(out.finish_reason, owner)
+        await owner.outbox.deliver(delta)
 
-    def _end(self, request_id: str) -> _Live | None:
-        lv = self.live.pop(request_id, None)
-        if not any(other.client for other in self.live.values()):
-            self.idle.set()
-        return lv
+    def _end(self, request: Request) -> None:
+        """The one place a request ends for the daemon: its last delta or its failure goes out next."""
+        owner = request.owner
+        owner.ended = True
+        if owner.client:
+            self.num_client_requests -= 1
+            if not self.num_client_requests:
+                self.idle.set()
 
-    def _observe_finish(self, reason: str | None, lv: _Live) -> None:
+    def _observe_finish(self, reason: str | None, owner: Owner) -> None:
         if self.metrics is not None:
-            self.metrics.observe_finish(reason or "error", time.monotonic() - lv.clock.arrival)
-
-    @property
-    def num_client_requests(self) -> int:
-        return sum(lv.client for lv in self.live.values())
+            self.metrics.observe_finish(reason or "error", time.monotonic() - owner.clock.arrival)
 
     # ---- the step loop -----------------------------------------------------------------
     def wake(self) -> None:
@@ -264,15 +313,14 @@ class Serving:
                 output = await self.supervisor.run_step(so)
             except ChildDied:
                 continue  # its requests were failed and the engine replaced
-            for delta in engine.process(output):
-                await self.deliver(delta)
+            self.post(engine.process(output))
 
     def _on_scheduled(self, request_id: str, num_cached_tokens: int) -> None:
-        lv = self.live.get(request_id)
-        if lv is not None and lv.client and not lv.scheduled:
-            lv.scheduled = True
+        owner = self.engine.scheduler.requests[request_id].owner
+        if owner is not None and owner.client and not owner.scheduled:
+            owner.scheduled = True
             log.info("request_scheduled", request_id=request_id, num_cached_tokens=num_cached_tokens,
-                     **lv.clock.step())  # fmt: skip
+                     **owner.clock.step())  # fmt: skip
 
     # ---- housekeeping ------------------------------------------------------------------
     async def tick(self) -> None:
@@ -281,10 +329,10 @@ class Serving:
             return
         now = time.monotonic()
         timeout = self.cfg.daemon.request_timeout_s
-        expired = [r for r, lv in self.live.items() if lv.client and now - lv.clock.arrival > timeout]
-        for request_id in expired:
-            await self.fail(request_id, ErrorCode.DEADLINE,
-                            f"deadline: not finished within request_timeout_s={timeout}")
+        expired = [r for r in self.engine.requests()
+                   if r.owner is not None and r.owner.client and now - r.owner.clock.arrival > timeout]  # fmt: skip
+        for request in expired:
+            await self._fail(request, ErrorCode.DEADLINE, f"deadline: not finished within request_timeout_s={timeout}")
         self.role.tick()
         self._throughput.append((now, self.engine.num_generated))
         if now - self._last_check >= self.cfg.daemon.integrity_check_interval_s and self.check_integrity():

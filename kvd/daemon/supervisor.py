@@ -141,10 +141,12 @@ class Supervisor:
     """Owns the worker and the cache messenger: their processes, channels, Ready handshakes,
     the step round trip, and the restart policy."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, cfg: KvdConfig, give_up: Callable[[], None]) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, cfg: KvdConfig, give_up: Callable[[], None],
+                 with_messenger: bool) -> None:  # fmt: skip
         self.cfg = cfg
-        self.shares_kv = cfg.daemon.role != "unified"  # the PD roles' messenger maps the worker's KV cache
-        self.events: ChildEvents | None = None
+        # A role that moves KV through the pool has a messenger, which maps the worker's KV cache.
+        self.with_messenger = with_messenger
+        self.events: ChildEvents | None = None  # given to run(); nothing reports before it
         self.stopping = False  # set by the drain: a child lost now is not restarted
         self.restarts = 0
         self._give_up = give_up
@@ -156,12 +158,13 @@ class Supervisor:
         self.to_worker = AsyncChannel(ctx.socket(zmq.PUSH), None)
         self.to_messenger = AsyncChannel(ctx.socket(zmq.PUSH), None)
         self.worker = ChildProcess("worker-0", "kvd.worker.main:worker_main",
-                                   (cfg_json, bind_ipc(self.to_worker.sock, self.ipc_dir, "worker-0"), report_ep))
+                                   (cfg_json, bind_ipc(self.to_worker.sock, self.ipc_dir, "worker-0"), report_ep,
+                                    with_messenger))  # fmt: skip
         self.messenger = ChildProcess("messenger", "kvd.messenger.main:messenger_main",
                                       (cfg_json, bind_ipc(self.to_messenger.sock, self.ipc_dir, "messenger"),
                                        report_ep))  # fmt: skip
         self.rejected_frames = 0  # report frames that did not decode (logged, dropped)
-        self.children = (self.worker, self.messenger)
+        self.children = (self.worker, self.messenger) if with_messenger else (self.worker,)
         self._channels = {self.worker.name: self.to_worker, self.messenger.name: self.to_messenger}
         self._ready: dict[str, asyncio.Future[Ready]] = {}
         self._worker_ready: Ready | None = None  # the running worker's (its KV share, for a new messenger)
@@ -185,9 +188,8 @@ class Supervisor:
             self._give_up()
 
     async def _start_worker(self) -> Ready:
-        """The worker and, beside it, a new messenger unless one runs that maps no KV cache
-        (the unified role's)."""
-        messenger = await self._launch_messenger() if self.shares_kv or not self.messenger.alive else None
+        """The worker and, beside it, a new messenger (the old one maps a dead worker's KV cache)."""
+        messenger = await self._launch_messenger() if self.with_messenger else None
         worker = await self._wait_ready(self.worker, self._launch(self.worker))
         self._worker_ready = worker
         if messenger is not None:
@@ -201,11 +203,11 @@ class Supervisor:
         return self._launch(self.messenger)
 
     async def _messenger_ready(self, fut: asyncio.Future[Ready], worker: Ready) -> Ready:
-        """In the PD roles the messenger maps the worker's KV cache first (MapKV), then is Ready."""
-        if self.shares_kv:  # a PUSH to a messenger that died meanwhile would wait forever
-            send = asyncio.ensure_future(self.to_messenger.send(MapKV(worker.kv)))
-            await asyncio.wait([send, self.messenger.exited], return_when=asyncio.FIRST_COMPLETED)
-            send.cancel()  # a no-op once sent
+        """The messenger maps the worker's KV cache first (MapKV), then is Ready."""
+        # A PUSH to a messenger that died meanwhile would wait forever.
+        send = asyncio.ensure_future(self.to_messenger.send(MapKV(worker.kv)))
+        await asyncio.wait([send, self.messenger.exited], return_when=asyncio.FIRST_COMPLETED)
+        send.cancel()  # a no-op once sent
         return await self._wait_ready(self.messenger, fut)
 
     def _launch(self, child: ChildProcess) -> asyncio.Future[Ready]:
@@ -286,8 +288,10 @@ class Supervisor:
                 if child is not None and child.pid == msg.pid:
                     child.said_dead(msg.reason)
 
-    async def run(self) -> None:
-        """Watch the children until the daemon stops; a lost child is handled, then restarted."""
+    async def run(self, events: ChildEvents) -> None:
+        """Watch the children until the daemon stops; a lost child is handled, then restarted,
+        and `events` (the serving layer) hears of each loss, restart and messenger report."""
+        self.events = events
         while True:
             pending = {}
             for c in self.children:  # a child lost before this loop looked is handled too

@@ -18,9 +18,9 @@ prefix read (`prefix=True`, for prefill's `prefix_from_pool`) moves the longest 
 run of keys that is present and verifies and reports how many.
 
 The daemon never waits on this process: tasks go out on a PUSH socket and their
-CacheTaskDone comes back on the report channel. In the unified role there is no pool and
-no KV to map; the process still starts, reports Ready and answers Shutdown, without
-importing torch (the class that moves blocks is in `kvd.messenger.cache_messenger`).
+CacheTaskDone comes back on the report channel. Only a role that moves KV through the
+pool starts this process (the unified role starts none); the class that moves blocks is
+in `kvd.messenger.cache_messenger`.
 """
 
 from __future__ import annotations
@@ -38,9 +38,6 @@ log = structlog.get_logger("kvd.messenger")
 
 def _start(name: str):
     def start(cfg: KvdConfig, recv):
-        if cfg.daemon.role == "unified":
-            log.info("messenger_ready", pool=None)
-            return Started(Ready(process=name, pid=os.getpid()), lambda msg: None)
         from kvd.cache.storage import open_pool
         from kvd.messenger.cache_messenger import CacheMessenger, map_kv
         from kvd.worker.models import default_cache_dir

@@ -48,10 +48,6 @@ class SchedulerOutput(msgspec.Struct, array_like=True, frozen=True):
     swap_in: list[tuple[int, int]] = []
 
     @property
-    def total_num_scheduled_tokens(self) -> int:
-        return sum(self.num_scheduled_tokens.values())
-
-    @property
     def is_empty(self) -> bool:
         return not self.num_scheduled_tokens
 
@@ -73,10 +69,19 @@ class ModelOutput(msgspec.Struct, array_like=True, frozen=True):
     logprobs: list[Logprobs | None] | None = None  # aligned with request_ids when any request asked for them
 
 
-class EngineOutput(msgspec.Struct, array_like=True, frozen=True):
-    """What the scheduler reports for one request after a step."""
+class EngineOutput:
+    """What the scheduler reports for one request after a step (in-process only: it holds the
+    record itself, which may already have left the request table)."""
 
-    request_id: str
-    new_token_ids: list[int]
-    finish_reason: str | None = None
-    new_logprobs: list[Logprobs] | None = None
+    __slots__ = ("request", "new_token_ids", "finish_reason", "new_logprobs")
+
+    def __init__(self, request, new_token_ids: list[int], finish_reason: str | None = None,
+                 new_logprobs: list[Logprobs] | None = None) -> None:  # fmt: skip
+        self.request = request  # kvd.request.Request
+        self.new_token_ids = new_token_ids
+        self.finish_reason = finish_reason
+        self.new_logprobs = new_logprobs
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id

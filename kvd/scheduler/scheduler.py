@@ -13,14 +13,14 @@ help). By swap (`preempt="swap"`, while the bounded host pool has room), its com
 blocks are copied to host slots first and copied back into fresh blocks when it resumes,
 keeping its computed count. Either way it continues with identical output.
 
-PD handoff (the daemon drives it; the scheduler only keeps the books). A request whose
-KV comes from the pool (`kv_recv_tokens`) gets its blocks preallocated when it reaches
-the head of the queue — within a separate budget (`kv_wait_blocks`), so requests waiting
-for KV never starve running ones — and then waits, WAITING_FOR_KV, until the daemon calls
-`kv_arrived` (it then computes only what follows) or `kv_failed` (it recomputes). A
-prefill instance's request (`kv_send`) ends after its first token with its blocks held.
-A request's blocks are never freed while `transfer_in_flight`: finishing it then defers
-the free to `end_transfer`.
+KV from outside (the KV connector, `kvd.connector`). The scheduler asks its connector
+how many of a request's leading tokens come from elsewhere; such a request gets its blocks
+when it reaches the head of the queue, within the connector's budget (`wait_blocks`, so
+requests waiting for KV never starve running ones), and then waits, WAITING_FOR_KV, until
+`kv_loaded` (it then computes only what follows) or `kv_load_failed` (it recomputes). A
+finished request whose blocks the connector still holds (a save or load in flight) stays
+in the request table until `release`. The scheduler keeps no state of its own for any of
+this: the record and its status carry it.
 
     out = scheduler.schedule()            # SchedulerOutput (a diff)
     finished = scheduler.update(model_out)  # list[EngineOutput]
@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 from kvd.cache.kv_manager import KVCacheManager, cdiv
 from kvd.config import SchedulerConfig
+from kvd.connector.base import KVConnector
 from kvd.request import Request, RequestStatus
 from kvd.scheduler.output import CachedRequestData, EngineOutput, ModelOutput, NewRequestData, SchedulerOutput
 
@@ -58,54 +59,49 @@ class Scheduler:
         kv_manager: KVCacheManager,
         preempt: str = "recompute",
         num_host_slots: int = 0,
-        kv_wait_blocks: int | None = None,
-        group_min_tokens: int = 0,
+        connector: KVConnector | None = None,
     ) -> None:
         self.config = config
-        # A prefill group computes a long prompt in one go: such a prompt (no prefix hit, at
-        # least this many tokens; 0 = no group) is scheduled whole, taking what budget is left.
-        self.group_min_tokens = group_min_tokens
         self.kv = kv_manager
+        self.connector = connector or KVConnector()
         self.preempt_mode = preempt
         self.num_host_slots = num_host_slots if preempt == "swap" else 0
         self.host_free: list[int] = list(range(self.num_host_slots))
-        self.swapped: dict[str, list[int]] = {}  # request id -> host slots holding its computed blocks
         self._swap_out: list[tuple[int, int]] = []
         self.num_swaps = 0
+        # The request table: every record from add_request until it ends, or, when the
+        # connector holds its blocks past its end, until `release`.
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._step = 0
         self._finished_ids: list[str] = []  # to tell the runner at the next schedule()
-        self._sent_blocks: dict[str, int] = {}  # block ids the runner knows per request
         self.num_preemptions = 0
-        # PD: preallocated requests waiting for their KV, finished ones whose blocks wait for
-        # a transfer to end, and the ones preallocated since the daemon last looked.
-        self.kv_wait_blocks = kv_manager.num_blocks if kv_wait_blocks is None else kv_wait_blocks
-        self.kv_waiting: dict[str, Request] = {}
-        self.deferred: dict[str, Request] = {}
-        self._preallocated: list[Request] = []
 
     # ---- requests in and out -----------------------------------------------------------
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request_id: {request.request_id!r} is already in use")
+        self.connector.added(request)
         self.requests[request.request_id] = request
         self.waiting.append(request)
+
+    def get(self, request_id: str) -> Request | None:
+        """A live request (None once it finished, even while a transfer holds its blocks)."""
+        request = self.requests.get(request_id)
+        return None if request is None or request.status.finished else request
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus) -> list[Request]:
         """End requests from outside (abort, stop string, error). Unknown or finished ids are ignored."""
         assert status.finished
         done = []
         for request_id in request_ids:
-            request = self.requests.get(request_id)
-            if request is None or request.status.finished:
+            request = self.get(request_id)
+            if request is None:
                 continue
             if request.status == RequestStatus.RUNNING:
                 self.running.remove(request)
-            elif request.status == RequestStatus.WAITING_FOR_KV:
-                del self.kv_waiting[request_id]
-            else:
+            elif request.status != RequestStatus.WAITING_FOR_KV:
                 self.waiting.remove(request)
             self._finish(request, status)
             done.append(request)
@@ -115,85 +111,76 @@ class Scheduler:
         """Whether a step could do work (requests waiting for pool KV cannot, until it arrives)."""
         return bool(self.waiting or self.running)
 
-    # ---- the PD handoff ----------------------------------------------------------------
-    def take_preallocated(self) -> list[Request]:
-        """Requests whose blocks were preallocated since the last call: their KV may now be read."""
-        out, self._preallocated = self._preallocated, []
-        return out
-
-    def kv_arrived(self, request_id: str, num_tokens: int | None = None) -> bool:
-        """The pool KV of a WAITING_FOR_KV request is in its blocks: it computes only what follows.
-        `num_tokens` (default `kv_recv_tokens`) is how many leading tokens now have KV."""
-        request = self.kv_waiting.pop(request_id, None)
-        if request is None:
+    # ---- KV from outside (the connector's) ---------------------------------------------
+    def kv_loaded(self, request_id: str, num_tokens: int | None = None) -> bool:
+        """The external KV of a WAITING_FOR_KV request is in its blocks: it computes only what
+        follows. `num_tokens` (default: all it waited for) leading tokens now have KV."""
+        request = self.get(request_id)
+        if request is None or request.status != RequestStatus.WAITING_FOR_KV:
             return False  # finished meanwhile, or a duplicate
-        have = request.kv_recv_tokens if num_tokens is None else num_tokens
+        have = self.connector.num_external_tokens(request) if num_tokens is None else num_tokens
+        self.connector.load_ended(request)
         request.num_computed_tokens = max(request.num_computed_tokens, have)
-        request.kv_recv_tokens = 0
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)  # it was admitted before anything still queued
         return True
 
-    def kv_failed(self, request_id: str) -> bool:
-        """Give up on pool KV: free the preallocated blocks and compute everything locally."""
-        request = self.kv_waiting.pop(request_id, None)
-        if request is None:
+    def kv_load_failed(self, request_id: str) -> bool:
+        """Give up on external KV: free the preallocated blocks and compute everything here."""
+        request = self.get(request_id)
+        if request is None or request.status != RequestStatus.WAITING_FOR_KV:
             return False
-        assert not request.transfer_in_flight, "kv_failed while a transfer may still write the blocks"
+        assert not self.connector.holds(request), "kv_load_failed while a transfer may still write the blocks"
+        self.connector.load_ended(request)
         self.kv.free(request_id)
         request.num_computed_tokens = 0
-        request.kv_recv_tokens = 0
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
         return True
 
+    def release(self, request_id: str) -> None:
+        """The connector let go of a request's blocks (its transfer ended): a request that
+        finished meanwhile has them freed now. Idempotent."""
+        request = self.requests.get(request_id)
+        if request is not None and request.status.finished and not self.connector.holds(request):
+            self.kv.free(request_id)
+            del self.requests[request_id]
+
     def append_token(self, request_id: str, token: int, logprobs=None) -> EngineOutput | None:
         """A token sampled elsewhere (a decode instance's first token, from the prefill instance)."""
-        request = self.requests.get(request_id)
-        if request is None or request.status.finished:
+        request = self.get(request_id)
+        if request is None:
             return None
         request.append_token(token)
         status = request.check_stop()
         if status is not None:
             self.finish_requests([request_id], status)
-        return EngineOutput(request_id, [token], status.finish_reason if status else None,
-                            [logprobs] if logprobs else None)  # fmt: skip
-
-    def begin_transfer(self, request_id: str) -> None:
-        request = self.requests.get(request_id)
-        if request is not None:
-            request.transfer_in_flight = True
-
-    def end_transfer(self, request_id: str) -> None:
-        """The transfer touching the request's blocks ended (or can no longer write). Idempotent;
-        a request that finished meanwhile has its blocks freed now."""
-        request = self.deferred.pop(request_id, None) or self.requests.get(request_id)
-        if request is None:
-            return
-        request.transfer_in_flight = False
-        if request.status.finished:
-            self.kv.free(request_id)
+        reason = status.finish_reason if status else None
+        return EngineOutput(request, [token], reason, [logprobs] if logprobs else None)
 
     @property
     def num_kv_wait_blocks(self) -> int:
-        return sum(len(self.kv.req_blocks.get(request_id, ())) for request_id in self.kv_waiting)
+        """Blocks held by requests waiting for external KV."""
+        return sum(len(self.kv.req_blocks.get(r.request_id, ())) for r in self._kv_waiting())
 
-    def _preallocate(self, request: Request) -> bool:
-        """Hold blocks for the whole prompt (local prefix hits first), within the KV-wait budget."""
+    def _kv_waiting(self) -> list[Request]:
+        return [r for r in self.requests.values() if r.status == RequestStatus.WAITING_FOR_KV]
+
+    def _preallocate(self, request: Request, external: int) -> bool:
+        """Hold blocks for the whole prompt (local prefix hits first), within the wait budget."""
         computed = self.kv.get_computed_blocks(request)
         hit_tokens = len(computed) * self.kv.block_size
         need = cdiv(request.num_tokens, self.kv.block_size) - len(computed)
-        if self.num_kv_wait_blocks + need > self.kv_wait_blocks:
+        if self.num_kv_wait_blocks + need > self.connector.wait_blocks:
             return False
         if self.kv.allocate_slots(request, request.num_tokens - hit_tokens, computed) is None:
             return False
         request.num_computed_tokens = hit_tokens
-        if hit_tokens >= request.kv_recv_tokens:  # everything to read is already here
-            request.kv_recv_tokens = 0
+        if hit_tokens >= external:  # everything to load is already here
+            self.connector.load_ended(request)
             return True
         request.status = RequestStatus.WAITING_FOR_KV
-        self.kv_waiting[request.request_id] = request
-        self._preallocated.append(request)
+        self.connector.allocated(request)
         return True
 
     # ---- the step ----------------------------------------------------------------------
@@ -245,26 +232,27 @@ class Scheduler:
     def _admit(self, request: Request, step: _Step) -> bool:
         """Take the head of the queue into this step; False when it must wait for blocks. A PD
         request whose blocks were just preallocated leaves the queue to wait for its KV."""
-        if request.kv_recv_tokens:
-            if not self._preallocate(request):
+        external = self.connector.num_external_tokens(request)
+        if external:
+            if not self._preallocate(request, external):
                 return False
             if request.status == RequestStatus.WAITING_FOR_KV:
                 self.waiting.popleft()
                 return True
-        slots = self.swapped.get(request.request_id)
+        slots = request.host_slots
         # A request that already holds blocks (its pool KV arrived) or was swapped out
         # resumes at its computed count; anything else looks up the prefix cache.
         resumes = slots is not None or request.request_id in self.kv.req_blocks
         computed = [] if resumes else self.kv.get_computed_blocks(request)
         num_cached_tokens = request.num_computed_tokens if resumes else len(computed) * self.kv.block_size
         num_new = min(request.num_tokens - num_cached_tokens, step.budget)
-        if self.group_min_tokens and num_cached_tokens == 0 and request.num_tokens >= self.group_min_tokens:
-            num_new = request.num_tokens  # on the group, whole (see __init__)
+        if self.connector.computes_whole(request, num_cached_tokens):
+            num_new = request.num_tokens  # the prefill group computes it in one go
         if self.kv.allocate_slots(request, num_new, computed) is None:
             return False
         self.waiting.popleft()
         if slots is not None:  # copy its KV back from the host pool before this step runs
-            del self.swapped[request.request_id]
+            request.host_slots = None
             step.swap_in += zip(self.kv.block_ids(request.request_id), slots)
             self.host_free += slots
         request.num_computed_tokens = num_cached_tokens
@@ -286,20 +274,18 @@ class Scheduler:
                 continue  # finished or preempted meanwhile: the token is stale
             request.append_token(token)
             status = request.check_stop()
-            if status is None and request.kv_send:
-                status = RequestStatus.FINISHED_LENGTH  # a prefill instance samples only the first token
             if status is not None:
                 self.running.remove(request)
                 self._finish(request, status)
             results.append(
-                EngineOutput(request_id, [token], status.finish_reason if status else None, [lp] if lp else None)
+                EngineOutput(request, [token], status.finish_reason if status else None, [lp] if lp else None)
             )
         return results
 
     # ---- helpers -----------------------------------------------------------------------
     def _new_data(self, request: Request) -> NewRequestData:
         block_ids = self.kv.block_ids(request.request_id)
-        self._sent_blocks[request.request_id] = len(block_ids)
+        request.num_sent_blocks = len(block_ids)
         return NewRequestData(
             request_id=request.request_id,
             token_ids=list(request.all_token_ids),
@@ -311,8 +297,8 @@ class Scheduler:
 
     def _cached_data(self, request: Request) -> CachedRequestData:
         block_ids = self.kv.block_ids(request.request_id)
-        sent = self._sent_blocks[request.request_id]
-        self._sent_blocks[request.request_id] = len(block_ids)
+        sent = request.num_sent_blocks
+        request.num_sent_blocks = len(block_ids)
         return CachedRequestData(request.request_id, block_ids[sent:], request.num_computed_tokens)
 
     def _preempt(self, request: Request) -> None:
@@ -322,49 +308,53 @@ class Scheduler:
         if self.num_host_slots and blocks and len(blocks) <= len(self.host_free):
             slots = [self.host_free.pop() for _ in blocks]
             self._swap_out += zip(blocks, slots)  # copied before this step's forward reuses the blocks
-            self.swapped[request.request_id] = slots
+            request.host_slots = slots
             self.num_swaps += 1
         else:
             request.num_computed_tokens = 0
         self.kv.free(request.request_id)
-        self._sent_blocks.pop(request.request_id, None)
+        request.num_sent_blocks = None
         request.num_preemptions += 1
         request.status = RequestStatus.PREEMPTED
         self.waiting.appendleft(request)
         self.num_preemptions += 1
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
-        self.host_free += self.swapped.pop(request.request_id, [])
-        if request.kv_send and status in (RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_STOPPED):
-            request.transfer_in_flight = True  # the daemon writes its blocks to the pool next
-        if request.transfer_in_flight:
-            self.deferred[request.request_id] = request  # freed by end_transfer
-        else:
-            self.kv.free(request.request_id)
-        if self._sent_blocks.pop(request.request_id, None) is not None:
-            self._finished_ids.append(request.request_id)
+        if request.host_slots is not None:
+            self.host_free += request.host_slots
+            request.host_slots = None
         request.status = status
-        del self.requests[request.request_id]
+        if not self.connector.request_finished(request):  # else `release` frees them later
+            self.kv.free(request.request_id)
+            del self.requests[request.request_id]
+        if request.num_sent_blocks is not None:
+            request.num_sent_blocks = None
+            self._finished_ids.append(request.request_id)
 
     def check_integrity(self) -> None:
-        """Block accounting plus the request table: every live request is waiting xor running."""
+        """Block accounting plus the request table: every live request is waiting xor running
+        xor waiting for KV; a finished one is in the table only while a transfer holds it."""
         self.kv.check_integrity()
-        live = {r.request_id for r in self.waiting} | {r.request_id for r in self.running} | set(self.kv_waiting)
-        if len(live) != len(self.waiting) + len(self.running) + len(self.kv_waiting) or live != set(self.requests):
-            raise RuntimeError("scheduler: request table, waiting queue, KV-wait table and running list disagree")
+        live = [r for r in self.requests.values() if not r.status.finished]
+        queued = {r.request_id for r in self.waiting} | {r.request_id for r in self.running}
+        queued |= {r.request_id for r in self._kv_waiting()}
+        if len(queued) != len(self.waiting) + len(self.running) + len(self._kv_waiting()) or queued != {
+            r.request_id for r in live
+        }:
+            raise RuntimeError("scheduler: request table, waiting queue, KV waits and running list disagree")
         for request_id in self.kv.req_blocks:
-            request = self.requests.get(request_id) or self.deferred.get(request_id)
+            request = self.requests.get(request_id)
             if request is None:
                 raise RuntimeError(f"scheduler: finished request {request_id} still holds blocks")
             if request.status == RequestStatus.PREEMPTED or (
-                request.status == RequestStatus.WAITING and request.kv_recv_tokens
+                request.status == RequestStatus.WAITING and self.connector.num_external_tokens(request)
             ):
                 raise RuntimeError(f"scheduler: request {request_id} holds blocks while {request.status.name}")
-        for request_id, request in self.deferred.items():
-            if not request.transfer_in_flight or request_id in self.requests:
-                raise RuntimeError(f"scheduler: request {request_id} is deferred but no transfer holds it")
-        held = [s for slots in self.swapped.values() for s in slots]
+        for request_id, request in self.requests.items():
+            if request.status.finished and not self.connector.holds(request):
+                raise RuntimeError(f"scheduler: request {request_id} finished but no transfer holds it")
+        held = [s for r in self.requests.values() if r.host_slots is not None for s in r.host_slots]
         if sorted(self.host_free + held) != list(range(self.num_host_slots)):
             raise RuntimeError("scheduler: host swap slots are lost or held twice")
-        if any(request_id not in self.requests for request_id in self.swapped):
+        if any(r.host_slots is not None and r.status.finished for r in self.requests.values()):
             raise RuntimeError("scheduler: a finished request still holds host swap slots")

@@ -20,22 +20,17 @@ from kvd.messages import Ready, Step, StepDone, ToWorker
 log = structlog.get_logger("kvd.worker")
 
 
-def _start(name: str):
+def _start(name: str, share_kv: bool):
     def start(cfg: KvdConfig, recv):
         t0 = time.monotonic()
         from kvd.worker.model_runner import ModelRunner
         from kvd.worker.models import resolve_model
 
         model_dir = resolve_model(cfg.model.model, cfg.model.cache_dir)
-        runner = ModelRunner(model_dir, cfg.model, cfg.cache, share_kv=cfg.daemon.role != "unified")
+        runner = ModelRunner(model_dir, cfg.model, cfg.cache, share_kv=share_kv,
+                             prefill=cfg.prefill)  # fmt: skip
         info = runner.model_info()  # the daemon has the tokenizer; this process needs none
-        if cfg.prefill.group:  # the ranks are this worker's children: they live and die with it
-            from kvd.distributed.group import PrefillGroup
-
-            runner.group = PrefillGroup(model_dir, cfg.prefill.parallel, max_tokens=runner.max_model_len,
-                                        dtype=runner.dtype)  # fmt: skip
-            runner.group.start()
-            runner.group_min_tokens = cfg.prefill.group_min_tokens
+        if runner.group is not None:
             log.info("prefill_group_ready", sp=cfg.prefill.parallel.sp, pp=cfg.prefill.parallel.pp,
                      sync=cfg.prefill.parallel.sync, rank_pids=runner.group.pids)  # fmt: skip
         log.info("worker_ready", num_blocks=info.num_blocks, device=str(runner.device),
@@ -50,5 +45,6 @@ def _start(name: str):
     return start
 
 
-def worker_main(name: str, config_json: bytes, step_endpoint: str, report_endpoint: str) -> None:
-    run_child(name, config_json, step_endpoint, report_endpoint, ToWorker, _start(name))
+def worker_main(name: str, config_json: bytes, step_endpoint: str, report_endpoint: str, share_kv: bool) -> None:
+    """`share_kv`: the KV cache lives in shared memory, for the cache messenger to map."""
+    run_child(name, config_json, step_endpoint, report_endpoint, ToWorker, _start(name, share_kv))

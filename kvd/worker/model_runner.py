@@ -19,7 +19,8 @@ import torch
 
 from kvd import cpu, ops, shm
 from kvd.cache.kv_manager import cdiv
-from kvd.config import CacheConfig, ModelConfig
+from kvd.config import CacheConfig, ModelConfig, PrefillConfig
+from kvd.connector.base import group_computes
 from kvd.model_info import KVShare, ModelInfo
 from kvd.sampling import SamplingParams
 from kvd.scheduler.output import Logprobs, ModelOutput, SchedulerOutput
@@ -104,7 +105,8 @@ class ModelRunner:
     """Owns the model and the KV cache tensors of one worker."""
 
     def __init__(
-        self, model_dir: Path, model_config: ModelConfig, cache_config: CacheConfig, share_kv: bool = False
+        self, model_dir: Path, model_config: ModelConfig, cache_config: CacheConfig, share_kv: bool = False,
+        prefill: PrefillConfig | None = None,
     ) -> None:
         self.model_dir = model_dir
         if model_config.threads:  # several instances on one host: don't oversubscribe the cores
@@ -134,8 +136,16 @@ class ModelRunner:
             self.host_pool = self._host_pool(self.num_host_slots)
         self.sampler = Sampler(self.device)
         self.requests: dict[str, _RequestState] = {}
-        self.group = None  # a kvd.distributed PrefillGroup the worker owns (`[prefill.parallel]`)
+        # The prefill group (`[prefill.parallel]`): its ranks are this runner's children, so
+        # they live and die with it; long prompts prefill there, whole (kvd.connector.base).
+        self.group = None
         self.group_min_tokens = 0
+        if prefill is not None and prefill.group:
+            from kvd.distributed.group import PrefillGroup
+
+            self.group = PrefillGroup(model_dir, prefill.parallel, max_tokens=self.max_model_len, dtype=self.dtype)
+            self.group.start()
+            self.group_min_tokens = prefill.group_min_tokens
         # Load (or build, once per machine: a minute) the native ops now, not in the first
         # request's step, where a PD lease or a client's deadline would be running.
         ops.native()
@@ -345,7 +355,7 @@ class ModelRunner:
         for r in so.new_reqs:
             state = self.requests[r.request_id]
             n = so.num_scheduled_tokens.get(r.request_id, 0)
-            if r.num_computed_tokens or n != len(state.token_ids) or n < self.group_min_tokens:
+            if not group_computes(r.num_computed_tokens, n, len(state.token_ids), self.group_min_tokens):
                 continue
             result = self.group.prefill(state.token_ids)
             write_kv_to_blocks(result.kv, self.kv_caches, state.block_ids)

@@ -281,7 +281,7 @@ def test_sigterm_drains_and_notifies_systemd(tmp_path, tiny_llama_dir, daemons):
         # The log tells how long start-up and the drain took (the kvd.logs vocabulary).
         (ready,), (stopped,) = log_events(d.log_file, "daemon_ready"), log_events(d.log_file, "daemon_stopped")
         children = log_events(d.log_file, "child_ready")
-        assert {e["child"] for e in children} == {"worker-0", "messenger"}
+        assert {e["child"] for e in children} == {"worker-0"}  # a unified instance starts no messenger
         assert 0 < log_events(d.log_file, "worker_ready")[0]["duration_ms"] < ready["duration_ms"]
         assert all(0 < e["duration_ms"] < ready["duration_ms"] for e in children), children
         assert stopped["exit_code"] == 0 and stopped["duration_ms"] > 0

@@ -12,17 +12,17 @@ from kvd import LLM, SamplingParams
 @pytest.fixture(scope="module")
 def engine(tiny_llama_dir):
     llm = LLM(str(tiny_llama_dir), dtype="float32", block_size=4, num_blocks=1024, max_model_len=1024)
-    llm.engine.stream_text = True  # as the daemon's Engine
+    llm.engine.text.stream_text = True  # as the daemon's text stage
     return llm.engine
 
 
 def stream(engine, prompts: list[str], params: list[SamplingParams]):
     """Run to completion; per request: the streamed pieces and the final output."""
-    rids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    rids = [engine.add(engine.text.prompt_ids(p), sp) for p, sp in zip(prompts, params)]
     pieces: dict[str, list[str]] = {rid: [] for rid in rids}
     final = {}
     while engine.has_unfinished():
-        for delta in engine.process(engine.runner.execute(engine.schedule())):
+        for delta in engine.step_deltas():
             pieces[delta.request_id].append(delta.text)
             if delta.output is not None:
                 final[delta.request_id] = delta.output
@@ -39,7 +39,7 @@ PROMPTS = ["Grüße aus Köln", "東京タワー", "emoji 🐉🔥", "plain text
 
 def test_streamed_pieces_add_up_to_the_final_text(engine):
     for pieces, out in stream(engine, PROMPTS, [sampled(i) for i in range(len(PROMPTS))]):
-        assert "".join(pieces) == out.text == engine.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+        assert "".join(pieces) == out.text == engine.text.tokenizer.decode(out.token_ids, skip_special_tokens=True)
         assert len(out.token_ids) == 120
 
 

@@ -3,7 +3,7 @@
 A real decode daemon (real scheduler, messenger and local pool) talks to a ROUTER socket
 this test drives by hand, speaking the real wire messages — the way to make a prefill
 instance fall silent, answer twice, answer late, answer for another layout or answer
-exactly as the client aborts. The failure modes this covers (FAILURE_MODES.md): #1 a
+exactly as the client aborts. The failure modes this covers (docs/reliability.md): #1 a
 silent prefill (the lease frees the blocks), #2 and #8 late, duplicate and racing
 completions (logged and ignored), #19 a layout mismatch (a clear 502).
 """

@@ -1,1 +1,2 @@
-"""The PD roles (DESIGN.md §4): `DecodeRole` and `PrefillRole`, on their shared `PDRole` books."""
+"""The PD roles: `DecodeRole` and `PrefillRole`, on their shared `PDRole` books
+(docs/architecture.md, "The PD event chain")."""

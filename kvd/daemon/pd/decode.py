@@ -1,8 +1,8 @@
-"""The decode role: a client's entry point in PD mode (DESIGN.md §4).
+"""The decode role: a client's entry point in PD mode (docs/architecture.md, "The PD event chain").
 
     accept ─▶ queued ─▶ blocks preallocated (lease starts) ─▶ PrefillRequest ─▶ PREFILLING
       ─▶ PrefillDone: keys checked, first token streamed at once ─▶ CacheTask(read) ─▶ READING
-      ─▶ CacheTaskDone ok ─▶ kv_arrived: the request joins the running batch, never prefilled again
+      ─▶ CacheTaskDone ok ─▶ kv_loaded: the request joins the running batch, never prefilled again
 
 Every step is a named, timed log event. A failed read is never served: PrefillFailed, a
 failed or short read, or a lease that expires is a 502/504 to the client (or a local
@@ -58,10 +58,10 @@ class DecodeHandoff(Handoff):
 class DecodeRole(PDRole):
     """Client requests get their prompt's KV from a prefill instance through the pool."""
 
-    client_kv = "prompt"
+    load = "prompt"
 
-    def __init__(self, cfg: KvdConfig, serving: Serving, ctx: zmq.asyncio.Context) -> None:
-        super().__init__(cfg, serving)
+    def __init__(self, cfg: KvdConfig, serving: Serving, ctx: zmq.asyncio.Context, run_dir) -> None:
+        super().__init__(cfg, serving, ctx, run_dir)
         self.heartbeat_interval_s = cfg.daemon.heartbeat_interval_s
         self.links = [PrefillLink(ctx, spec, cfg.pd.secret) for spec in cfg.pd.prefill_endpoints]
         self._rr = itertools.count()
@@ -83,7 +83,7 @@ class DecodeRole(PDRole):
 
     def scheduled(self) -> None:
         """Requests whose blocks were just preallocated are dispatched to a prefill instance."""
-        for request in self.engine.take_preallocated():
+        for request in self.engine.connector.take_loads():
             h = self.handoffs.get(request.request_id)
             if h is None:
                 continue
@@ -212,8 +212,7 @@ class DecodeRole(PDRole):
                        f"{msg.keys[:1]} vs {keys[:1]}): check model, dtype and block_size")  # fmt: skip
             return
         h.phase = Phase.READING  # from here the request's end is the read's, not the prefill's
-        for delta in self.engine.append_token(h.engine_id, msg.first_token, msg.logprobs):
-            await self.serving.deliver(delta)  # the first token goes out at once
+        self.serving.post(self.engine.append_token(h.engine_id, msg.first_token, msg.logprobs))  # out at once
         if self.engine.request(h.engine_id) is None:  # the first token finished it: nothing to read
             self.handoffs.pop(h.engine_id, None)
             return
@@ -225,7 +224,7 @@ class DecodeRole(PDRole):
         self.handoffs.pop(h.engine_id, None)
         request = self.engine.request(h.engine_id)
         tokens = request.num_prompt_tokens if request is not None else 0
-        if self.engine.kv_arrived(h.engine_id, tokens):
+        if self.engine.kv_loaded(h.engine_id, tokens):
             h.phase = Phase.QUEUED
             log.info("kv_admitted", request_id=h.request_id, num_tokens=tokens, **h.clock.step())
             self.serving.wake()
@@ -244,7 +243,7 @@ class DecodeRole(PDRole):
         """A handoff failed with no transfer in flight: 502/504 to the client, or a local recompute."""
         self.handoffs.pop(h.engine_id, None)
         self._abandon(h)
-        if self.cfg.on_kv_failure == "recompute" and self.engine.kv_failed(h.engine_id):
+        if self.cfg.on_kv_failure == "recompute" and self.engine.kv_load_failed(h.engine_id):
             self.counts["recomputes"] += 1
             log.warning("kv_recompute", request_id=h.request_id, reason=message, **h.clock.step())
             self.serving.wake()

@@ -1,14 +1,16 @@
 """What both PD roles share: a request's handoff, and the role base that moves its blocks.
 
-A `Handoff` is one request's way through the PD chain (DESIGN.md §4) on one instance. Its
+A `Handoff` is one request's way through the PD chain (docs/architecture.md, "The PD
+event chain") on one instance. Its
 `engine_id` is the id the instance's engine knows the request by — on a decode instance
 the client's `request_id`, on a prefill instance the `handoff_id` of the attempt — and
 `request_id` (the client's) goes on every log line of both instances, so `kvd trace`
 follows one request across them.
 
 `PDRole` holds the books both roles keep: the storage namespace and keys, the messenger
-tasks in flight with their deadlines, and the rules for them. A block is never freed
-while a transfer may write it: the engine defers the free to `end_transfer`, called when
+tasks in flight with their deadlines, the pool connector its engine uses, and the rules
+for them. A block is never freed while a transfer may write it: the connector holds the
+request's blocks until `Engine.end_transfer`, called when
 the messenger reports or, for a silent messenger, `transfer_grace_s` after the lease (the
 messenger never writes a block past a task's deadline, which makes that reclaim safe).
 Late or duplicate messages are logged and ignored.
@@ -28,11 +30,13 @@ import structlog
 
 from kvd.cache.storage.keys import request_keys, storage_namespace
 from kvd.config import KvdConfig
+from kvd.connector.pool import PoolConnector
 from kvd.daemon.role import Role
 from kvd.daemon.serving import Serving
 from kvd.engine.engine import Engine
 from kvd.logs import RequestClock
 from kvd.messages import CacheTask, CacheTaskDone
+from kvd.model_info import ModelInfo
 
 log = structlog.get_logger("kvd.pd")
 
@@ -87,9 +91,12 @@ class Handoffs(dict):
 class PDRole(Role):
     """The books of both PD roles: namespace, keys, messenger tasks and their deadlines."""
 
-    reads_pool = True
+    moves_kv = True
+    load: str | None = None  # what the pool connector loads: "prompt", "prefix" or nothing
+    save = False  # whether it saves each request's blocks after its first token
 
-    def __init__(self, cfg: KvdConfig, serving: Serving) -> None:
+    def __init__(self, cfg: KvdConfig, serving: Serving, ctx, run_dir) -> None:
+        super().__init__(cfg, serving, ctx, run_dir)
         self.cfg = cfg.pd
         self.serving = serving
         self.handoffs = Handoffs()
@@ -102,6 +109,11 @@ class PDRole(Role):
     @property
     def engine(self) -> Engine:
         return self.serving.engine
+
+    def connector(self, info: ModelInfo) -> PoolConnector:
+        # Requests waiting for pool KV hold at most this share of the blocks: they never starve running ones.
+        wait_blocks = max(1, int(info.num_blocks * self.cfg.kv_wait_fraction))
+        return PoolConnector(info.block_size, wait_blocks, self.load, self.save, self.group_min_tokens)
 
     def attach(self, engine: Engine) -> None:
         """The engine is (re)built: derive the storage namespace from the model it serves."""
@@ -128,7 +140,7 @@ class PDRole(Role):
             return
         block_ids = self.engine.kv.block_ids(h.engine_id)[h.read_from : h.read_from + len(keys)]
         h.phase = Phase.READING
-        self.engine.begin_transfer(h.engine_id)
+        self.engine.connector.begin_transfer(self.serving.record(h.engine_id))
         self.send_task(h, False, keys, block_ids, prefix)
         log.info("kv_read_started", request_id=h.request_id, num_blocks=len(keys), prefix=prefix, **h.clock.step())
 
@@ -147,7 +159,7 @@ class PDRole(Role):
             log.info("late_message_ignored", message="CacheTaskDone", task_id=done.task_id)
             return
         engine_id, _ = entry
-        self.engine.end_transfer(engine_id)  # the blocks are ours again (freed now if the request ended)
+        self._end_transfer(engine_id)  # the blocks are ours again (freed now if the request ended)
         self.serving.wake()
         h = self.handoffs.get(engine_id)
         if h is None or h.task_id != done.task_id:
@@ -168,11 +180,16 @@ class PDRole(Role):
             del self.tasks[task_id]
             self.counts["reaped"] += 1
             log.warning("transfer_reaped", request_id=engine_id, task_id=task_id)
-            self.engine.end_transfer(engine_id)
+            self._end_transfer(engine_id)
             h = self.handoffs.get(engine_id)
             if h is not None and h.task_id == task_id:
                 self.transfer_expired(h)
             self.serving.wake()
+
+    def _end_transfer(self, engine_id: str) -> None:
+        request = self.serving.record(engine_id)
+        if request is not None:
+            self.engine.end_transfer(request)
 
     def transfer_expired(self, h: Handoff) -> None:
         """`h`'s transfer was reaped."""

@@ -28,7 +28,7 @@ from kvd.config import KvdConfig
 from kvd.daemon.pd.handoff import Handoff, PDRole, Phase
 from kvd.daemon.pd.peers import PrefillServer
 from kvd.daemon.serving import Serving
-from kvd.engine.engine import Delta
+from kvd.engine.text import Delta
 from kvd.messages import (
     CacheTaskDone,
     ErrorCode,
@@ -66,9 +66,11 @@ class PrefillRole(PDRole):
     """Decode instances' PrefillRequests in, their KV to the pool, PrefillDone back."""
 
     client_refusal = "role: this is a prefill instance; send requests to a decode instance"
+    save = True
 
     def __init__(self, cfg: KvdConfig, serving: Serving, ctx: zmq.asyncio.Context, run_dir: Path) -> None:
-        super().__init__(cfg, serving)
+        super().__init__(cfg, serving, ctx, run_dir)
+        self.load = "prefix" if cfg.pd.prefix_from_pool else None
         self.server = PrefillServer(ctx, cfg.pd.host, cfg.pd.port, run_dir, cfg.pd.secret)
         log.info("pd_serving", pd_endpoint=self.server.endpoint, pool=cfg.pd.pool, curve=bool(cfg.pd.secret))
 
@@ -103,8 +105,7 @@ class PrefillRole(PDRole):
         refusal = self._refusal(msg)
         if refusal is None:
             try:
-                self.serving.add(msg.token_ids, msg.params, msg.handoff_id, self, kv_send=True,
-                                 kv_recv="prefix" if self.cfg.prefix_from_pool else None)  # fmt: skip
+                self.serving.add(list(msg.token_ids), msg.params, msg.handoff_id, self)
             except ValueError as e:
                 refusal = (ErrorCode.BAD_REQUEST, str(e))
         if refusal is not None:
@@ -166,17 +167,18 @@ class PrefillRole(PDRole):
     def scheduled(self) -> None:
         """prefix_from_pool: read what the pool has of a preallocated request's leading blocks."""
         bs = self.engine.kv.block_size
-        for request in self.engine.take_preallocated():
+        for request in self.engine.connector.take_loads():
             h = self.handoffs.get(request.request_id)
             if h is None:
                 continue
             h.read_from = request.num_computed_tokens // bs
             h.deadline = min(h.deadline, time.monotonic() + self.cfg.lease_s)
-            self.read(h, self.keys(request.prompt_token_ids)[h.read_from : request.kv_recv_tokens // bs], prefix=True)
+            keys = self.keys(request.prompt_token_ids)[h.read_from : request.transfer.load_tokens // bs]
+            self.read(h, keys, prefix=True)
 
     def arrived(self, h: Handoff, num_blocks: int) -> None:
         tokens = (h.read_from + num_blocks) * self.engine.kv.block_size
-        if self.engine.kv_arrived(h.engine_id, tokens):
+        if self.engine.kv_loaded(h.engine_id, tokens):
             h.phase = Phase.QUEUED
             log.info("kv_prefix_read", request_id=h.request_id, num_tokens=tokens, **h.clock.step())
             self.serving.wake()
@@ -188,7 +190,7 @@ class PrefillRole(PDRole):
             self.arrived(h, done.num_blocks)
         else:  # a prefix read that failed is only a lost shortcut
             log.warning("kv_prefix_read_failed", request_id=h.request_id, error=done.error)
-            self.engine.kv_failed(h.engine_id)
+            self.engine.kv_load_failed(h.engine_id)
             h.phase = Phase.QUEUED
 
     async def _on_write_done(self, h: PrefillHandoff, done: CacheTaskDone) -> None:

@@ -1,0 +1,159 @@
+"""TextStage: a request's text — prompts into token ids, token ids into text — kept off the step.
+
+The engine sees token ids in and token ids out; everything about text is here:
+
+    ids = text.prompt_ids(prompt)                  # a str or token ids; text.chat_ids(messages)
+    text.start(request)                            # its TextState on the record
+    delta = text.on_output(eo)                     # an EngineOutput → a Delta (None: nothing to send)
+    delta.stopped                                  # a stop string ended it: tell the engine
+
+The chat template is applied here and nowhere else. With `stream_text`, each step's
+tokens grow the request's text incrementally (kvd.engine.detokenizer) and the text it
+settles goes out with the tokens; the final text is one whole decode. A stop string that
+the step's tokens complete ends the request here, with its text cut before the stop: the
+caller then tells the engine (`Engine.stop`), and a token the engine computed for it
+meanwhile is dropped, so the output is what it would have been had the step loop waited.
+The daemon runs this stage in its own coroutine, not in the one that schedules steps
+(kvd.daemon.serving); the offline LLM runs it after each step.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from kvd.engine.detokenizer import IncrementalDetokenizer
+from kvd.outputs import RequestOutput
+from kvd.request import Request
+from kvd.scheduler.output import EngineOutput
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+class Delta(msgspec.Struct):
+    """What one step added to one request; `output` is set once, when it finishes."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+    output: RequestOutput | None = None
+    stopped: bool = False  # a stop string ended it here: the engine has not been told yet
+
+
+class TextState:
+    """One request's text so far: its output record, detokenizer and what was streamed."""
+
+    __slots__ = ("output", "detok", "sent", "done")
+
+    def __init__(self, output: RequestOutput) -> None:
+        self.output = output
+        self.detok: IncrementalDetokenizer | None = None
+        self.sent = 0  # characters of text streamed so far
+        self.done = False
+
+
+def tokenizer_eos(tokenizer) -> frozenset[int]:
+    """The end-of-sequence id the tokenizer names (the model's config may name others)."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return frozenset({eos}) if isinstance(eos, int) else frozenset()
+
+
+class TextStage:
+    """Tokenizing, chat templates, incremental detokenizing, stop strings, final outputs."""
+
+    def __init__(self, tokenizer, stream_text: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.stream_text = stream_text  # decode text every step (the daemon streams it)
+
+    # ---- prompts in --------------------------------------------------------------------
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt: must not be empty")
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
+        if not isinstance(prompt, (list, tuple)) or any(isinstance(t, bool) or not isinstance(t, int) for t in prompt):
+            raise ValueError("prompt_token_ids: must be a list of integers")
+        return list(prompt)
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The conversation through the model's chat template, with the generation prompt."""
+        if not messages or any(
+            not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise ValueError("chat: must be a non-empty list of {'role': str, 'content': str} messages")
+        bad = next((i for i, m in enumerate(messages) if m["role"] not in CHAT_ROLES), None)
+        if bad is not None:
+            raise ValueError(f"chat[{bad}].role: expected one of {'|'.join(CHAT_ROLES)}, got {messages[bad]['role']!r}")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    # ---- token ids out -----------------------------------------------------------------
+    def run(self, outs: list[EngineOutput]) -> tuple[list[Delta], list[str]]:
+        """`on_output` for each: the deltas, and the requests a stop string ended here."""
+        deltas = [d for d in map(self.on_output, outs) if d is not None]
+        return deltas, [d.request_id for d in deltas if d.stopped]
+
+    def start(self, request: Request) -> None:
+        request.text = TextState(RequestOutput(request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
+                                               token_ids=[], text="", finish_reason=None))  # fmt: skip
+
+    def on_output(self, eo: EngineOutput) -> Delta | None:
+        """A step's tokens (or the end) of one request as a Delta; None once it has ended here."""
+        request = eo.request
+        state: TextState = request.text
+        if state.done:
+            return None  # a stop string ended it before the engine knew: later tokens are dropped
+        out = state.output
+        out.token_ids += eo.new_token_ids
+        out.num_cached_tokens = request.num_cached_tokens
+        if eo.new_logprobs:
+            out.logprobs = (out.logprobs or []) + list(eo.new_logprobs)
+        stops = request.sampling_params.stop
+        detok = state.detok
+        if detok is None and (self.stream_text or stops):
+            detok = state.detok = IncrementalDetokenizer(self.tokenizer)
+            new_ids = out.token_ids  # all of them: out already holds this step's tokens
+        else:
+            new_ids = eo.new_token_ids
+        if detok is not None:
+            old_len = len(detok.text)
+            detok.add(new_ids)
+        # A stop string that the step's tokens complete cuts the text even when the step ended
+        # the request for its length: the client asked for the text up to the stop.
+        if stops and eo.finish_reason in (None, "length"):
+            cut = _stop_cut(stops, detok.text, old_len)
+            if cut is not None:
+                delta = self._finish(state, "stop", eo.new_token_ids, cut)
+                delta.stopped = eo.finish_reason is None
+                return delta
+        if eo.finish_reason is not None:
+            return self._finish(state, eo.finish_reason, eo.new_token_ids)
+        if not self.stream_text:
+            return Delta(out.request_id, eo.new_token_ids, "")
+        # The last len(longest stop) - 1 characters may be the start of a stop string that
+        # the next token completes: they wait, so the stream never shows text the cut removes.
+        end = len(detok.text) - (max(map(len, stops)) - 1 if stops else 0)
+        if end <= state.sent:
+            return Delta(out.request_id, eo.new_token_ids, "")
+        sent, state.sent = state.sent, end
+        out.text = detok.text[:end]
+        return Delta(out.request_id, eo.new_token_ids, detok.text[sent:end])
+
+    def _finish(self, state: TextState, reason: str, new_ids: list[int], text: str | None = None) -> Delta:
+        out = state.output
+        state.done = True
+        state.detok = None
+        # The final text is one whole decode (authoritative); the stream gets what it lacks.
+        final = text if text is not None else self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+        delta_text = final[state.sent :] if self.stream_text else ""
+        out.text = final
+        out.finish_reason = reason
+        return Delta(out.request_id, list(new_ids), delta_text, reason, out)
+
+
+def _stop_cut(stops: list[str], text: str, old_len: int) -> str | None:
+    """`text` up to the first stop string that the characters after `old_len` complete."""
+    start = max(0, old_len - max(map(len, stops)) + 1)
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return text[: min(hits)] if hits else None
