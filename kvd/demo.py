@@ -38,7 +38,7 @@ def start_daemon(run_dir: Path) -> tuple[subprocess.Popen, str]:
     try:
         return proc, wait_endpoint(proc, run_dir / "endpoint", 300, out)
     except DaemonError as e:
-        sys.exit(f"kvd serve did not start: {e}")
+        sys.exit(f"kvd serve: {e}")
 
 
 def stream_answers(endpoint: str) -> None:

@@ -41,6 +41,7 @@ from pathlib import Path
 import structlog
 
 from kvd.ipc import publish_endpoint
+from kvd.spawn import daemon_env
 
 log = structlog.get_logger("kvd.launch")
 
@@ -172,8 +173,7 @@ class Deployment:
         inst_dir.mkdir(parents=True, exist_ok=True)
         for stale in ("endpoint", "pd_endpoint", "http_endpoint"):
             (inst_dir / stale).unlink(missing_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KVD_") or k == "KVD_CACHE_DIR"}
-        env |= self.pool_env | extra | self.readiness.env
+        env = daemon_env(self.pool_env | extra | self.readiness.env)
         env |= {"KVD_DAEMON_ROLE": role, "KVD_DAEMON_RUN_DIR": str(inst_dir), "KVD_LOG_FILE": str(inst_dir / "kvd.log")}
         cmd = [sys.executable, "-m", "kvd.cli", "serve"] + (["--config", self.config] if self.config else [])
         out = (inst_dir / "stdout.txt").open("w")

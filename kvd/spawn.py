@@ -48,6 +48,6 @@ def wait_endpoint(proc: subprocess.Popen, endpoint_file: Path, timeout_s: float,
             proc.kill()
             proc.wait()
             tail = stdout.read_text()[-3000:] if stdout is not None and stdout.exists() else ""
-            raise DaemonError(f"daemon {why}" + (f":\n{tail}" if tail else ""))
+            raise DaemonError(f"daemon did not start ({why})" + (f":\n{tail}" if tail else ""))
         time.sleep(0.1)
     return endpoint_file.read_text().strip()

@@ -7,13 +7,13 @@ fixture stops whatever is still running (SIGTERM, then SIGKILL) by PID.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from kvd.spawn import daemon_env, start_kvd, wait_endpoint
 
 START_TIMEOUT_S = 180.0
 
@@ -59,20 +59,9 @@ def start_daemon(tmp_path: Path, model_dir: Path | None, env: dict | None = None
     config = tmp_path / "kvd.toml"
     config.write_text(text)
     stdout = tmp_path / "stdout.txt"
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("KVD_") or k == "KVD_CACHE_DIR"}
-    full_env.update(env or {})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kvd.cli", "serve", "--config", str(config)],
-        stdout=stdout.open("w"), stderr=subprocess.STDOUT, env=full_env,
-    )  # fmt: skip
-    endpoint_file = run_dir / "endpoint"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not endpoint_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"daemon did not start (exit {proc.poll()}):\n{stdout.read_text()[-3000:]}")
-        time.sleep(0.1)
-    return DaemonHandle(proc, endpoint_file.read_text().strip(), run_dir, log_file, stdout)
+    proc = start_kvd(["serve", "--config", str(config)], daemon_env(env), stdout)
+    endpoint = wait_endpoint(proc, run_dir / "endpoint", START_TIMEOUT_S, stdout)
+    return DaemonHandle(proc, endpoint, run_dir, log_file, stdout)
 
 
 

@@ -28,7 +28,8 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from kvd.daemon.serving import Rejected, Serving
+from kvd.daemon.owner import Rejected
+from kvd.daemon.serving import Serving
 from kvd.engine.text import Delta
 from kvd.ipc import field_error
 from kvd.messages import (

@@ -32,7 +32,8 @@ from aiohttp import web
 
 from kvd.config import KvdConfig
 from kvd.daemon.openai_api import DONE, JSON, ChatRequest, CompletionRequest, Shape, error_body, sse
-from kvd.daemon.serving import Rejected, Serving
+from kvd.daemon.owner import Rejected
+from kvd.daemon.serving import Serving
 from kvd.engine.text import Delta
 from kvd.ipc import field_error
 from kvd.messages import MAX_REQUEST_ID, ChatMessage, ErrorCode, Generate

@@ -14,16 +14,11 @@ Serving logs each client request's lifecycle (`request_queued` … `request_fini
 request ends exactly once, in `_end`: its last delta or its one failure.
 
 Two coroutines share the engine. The step loop (`run`) sees token ids only: it schedules,
-awaits the worker and hands each step's outputs to the text stage's queue. The text stage
-(`run_text`) detokenizes, cuts stop strings and delivers, while the next step is on the
-worker; a stop string it finds ends the request in the engine then (a token computed for
-it meanwhile is dropped). What a role adds — PD handoffs, a decode instance's
-preallocation, a prefill instance's pool writes — is a `Role`, chosen once at start-up
-with its KV connector; the unified role is `Role` itself. The step loop is synchronous by
-design: aborts that arrive while a step is in flight change the scheduler at once, the
-step's late token for an aborted request is ignored, and its freed blocks cannot be
-handed out before the next `schedule()`, which comes after the in-flight step (the only
-writer of those blocks) has finished.
+awaits the worker and queues each step's outputs for the text stage (`run_text`), which
+detokenizes, cuts stop strings and delivers while the next step is on the worker. What a
+role adds (PD handoffs, preallocation, pool writes) is a `Role`, chosen once at start-up
+with its KV connector. Why the step loop is synchronous, and why aborts during a step are
+safe: docs/architecture.md, "The daemon's layers".
 """
 
 from __future__ import annotations
@@ -32,54 +27,23 @@ import asyncio
 import collections
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from typing import Any
 
 import msgspec
 import structlog
 
 from kvd.config import KvdConfig
+from kvd.daemon.owner import Outbox, Owner, Rejected
 from kvd.daemon.role import Role
 from kvd.daemon.supervisor import ChildDied, Supervisor
 from kvd.engine.engine import Engine
 from kvd.engine.text import Delta, TextStage, tokenizer_eos
-from kvd.logs import RequestClock
 from kvd.messages import CacheTaskDone, ErrorCode, Generate, Ready
 from kvd.request import Request, RequestStatus
 from kvd.sampling import SamplingParams
 from kvd.scheduler.output import EngineOutput
 
 log = structlog.get_logger("kvd.serving")
-
-
-class Outbox(Protocol):
-    """Where a request's results go: every delta in order, or one failure."""
-
-    async def deliver(self, delta: Delta) -> None: ...
-
-    async def fail(self, request_id: str, code: ErrorCode, message: str) -> None: ...
-
-
-class Rejected(Exception):
-    """A request refused before it was queued: one error to the client, nothing held."""
-
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-class Owner:
-    """The daemon's part of a request's record: its outbox, its clock, what was logged of it."""
-
-    __slots__ = ("outbox", "client", "clock", "first_token", "scheduled", "ended")
-
-    def __init__(self, outbox: Outbox, client: bool) -> None:
-        self.outbox = outbox
-        self.client = client  # a client's request (lifecycle logged, deadline, drain) or a role's own
-        self.clock = RequestClock()  # duration_ms / since_arrival_ms of each logged step
-        self.first_token: float | None = None
-        self.scheduled = False
-        self.ended = False  # its last delta or its failure went out
 
 
 class Serving:

@@ -3,7 +3,7 @@ that prefills one prompt with per-layer KV sync and hands back the first token's
 and the prompt's KV, token-identical to one process. See group.py for the contract."""
 
 from kvd.distributed.group import GroupFailed, ParallelConfig, PrefillGroup, PrefillResult
-from kvd.distributed.handoff import write_kv_to_blocks
+from kvd.distributed.to_blocks import write_kv_to_blocks
 from kvd.distributed.plan import ChunkPlan, LayerMap
 
 __all__ = ["ChunkPlan", "GroupFailed", "LayerMap", "ParallelConfig", "PrefillGroup", "PrefillResult",

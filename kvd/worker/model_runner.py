@@ -350,7 +350,7 @@ class ModelRunner:
         sampled = _Sampled()
         if self.group is None:
             return sampled
-        from kvd.distributed.handoff import write_kv_to_blocks
+        from kvd.distributed.to_blocks import write_kv_to_blocks
 
         for r in so.new_reqs:
             state = self.requests[r.request_id]

@@ -22,6 +22,7 @@ from harness import log_events, start_daemon, wait_for
 from kvd.client import AsyncClient, Client, KvdError
 from kvd.ipc import ipc_base
 from kvd.messages import ErrorCode, Generate, ServerMessage
+from kvd.spawn import daemon_env
 
 
 @pytest.fixture(scope="module")
@@ -204,9 +205,8 @@ def test_trace_labels_a_client_abort(smol):
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    full = {k: v for k, v in os.environ.items() if not k.startswith("KVD_") or k == "KVD_CACHE_DIR"} | (env or {})
     return subprocess.run([sys.executable, "-m", "kvd.cli", *args], capture_output=True, text=True, timeout=timeout,
-                          env=full)  # fmt: skip
+                          env=daemon_env(env))  # fmt: skip
 
 
 def free_port() -> int:

@@ -12,7 +12,8 @@ import pytest
 
 from kvd.config import DaemonConfig, KvdConfig
 from kvd.daemon.role import Role
-from kvd.daemon.serving import Rejected, Serving
+from kvd.daemon.owner import Rejected
+from kvd.daemon.serving import Serving
 from kvd.messages import ChatMessage, ErrorCode, Generate, Ready
 from kvd.model_info import ModelInfo
 from kvd.sampling import SamplingParams

@@ -29,6 +29,7 @@ from harness import log_events, wait_for
 from isolation import run_isolated
 from kvd.cache.storage import servers
 from kvd.client import AsyncClient, KvdError
+from kvd.spawn import daemon_env
 from kvd.worker.models import load_tokenizer
 from pd_harness import assert_matches, reference, run_all, start_decode, start_prefill, wait_clean, wait_linked
 
@@ -67,7 +68,7 @@ def endpoint_of(d) -> str:
 
 def test_launch_pd_with_redis_two_prefill_instances(tmp_path, prompts, refs):
     run_dir = tmp_path / "pd"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVD_") or k == "KVD_CACHE_DIR"}
+    env = daemon_env()
     conf = tmp_path / "kvd.toml"
     conf.write_text('[model]\ndtype = "float32"\n')  # as the references
     proc = subprocess.Popen([sys.executable, "-m", "kvd.cli", "launch", "pd", "--prefill", "2", "--decode", "1",
