@@ -335,12 +335,9 @@ class Scheduler:
         """Block accounting plus the request table: every live request is waiting xor running
         xor waiting for KV; a finished one is in the table only while a transfer holds it."""
         self.kv.check_integrity()
-        live = [r for r in self.requests.values() if not r.status.finished]
-        queued = {r.request_id for r in self.waiting} | {r.request_id for r in self.running}
-        queued |= {r.request_id for r in self._kv_waiting()}
-        if len(queued) != len(self.waiting) + len(self.running) + len(self._kv_waiting()) or queued != {
-            r.request_id for r in live
-        }:
+        queued = [r.request_id for r in (*self.waiting, *self.running, *self._kv_waiting())]
+        live = {request_id for request_id, r in self.requests.items() if not r.status.finished}
+        if len(set(queued)) != len(queued) or set(queued) != live:
             raise RuntimeError("scheduler: request table, waiting queue, KV waits and running list disagree")
         for request_id in self.kv.req_blocks:
             request = self.requests.get(request_id)
