@@ -21,6 +21,7 @@ class ModelInfo(msgspec.Struct, frozen=True):
     fingerprint: str = ""
     num_host_slots: int = 0  # blocks the worker's host swap pool holds (preempt = "swap")
     kv_dtype: str = "float32"  # of the KV cache (part of the storage namespace)
+    compute_threads: int = 0  # CPU threads the worker's model computes on (0: on a GPU)
 
 
 class KVShare(msgspec.Struct, frozen=True, array_like=True):

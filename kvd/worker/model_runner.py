@@ -217,6 +217,7 @@ class ModelRunner:
             fingerprint=model_fingerprint(self.model_dir),
             num_host_slots=self.num_host_slots,
             kv_dtype=str(self.dtype).removeprefix("torch."),
+            compute_threads=torch.get_num_threads() if self.device.type == "cpu" else 0,
         )
 
     @property

@@ -6,6 +6,7 @@ step diff) and "samples" the prompt's own tokens in a loop, so the text is predi
 from __future__ import annotations
 
 import asyncio
+import os
 
 import msgspec
 import pytest
@@ -29,6 +30,7 @@ class FakeWorker:
 
     def __init__(self) -> None:
         self.tokens: dict[str, tuple[list[int], int]] = {}  # request id -> (tokens, prompt length)
+        self.sampled: dict[str, int] = {}  # request id -> tokens sampled for it
         self.step_started = None
         self.steps = 0
 
@@ -43,6 +45,7 @@ class FakeWorker:
             tokens, num_prompt = self.tokens[request_id]
             if computed[request_id] + n == len(tokens):
                 tokens.append(tokens[(len(tokens) - num_prompt) % num_prompt])
+                self.sampled[request_id] = self.sampled.get(request_id, 0) + 1
                 ids.append(request_id)
                 sampled.append(tokens[-1])
         self.steps += 1
@@ -84,12 +87,13 @@ def tokenizer():
 
 
 class Harness:
-    def __init__(self, tokenizer, **daemon) -> None:
+    def __init__(self, tokenizer, compute_threads: int = 0, **daemon) -> None:
         cfg = KvdConfig(daemon=DaemonConfig(**daemon))
         self.worker = FakeWorker()
         self.serving = Serving(cfg, self.worker, tokenizer, Role, fatal=self._fatal, ctx=None, run_dir=None)
         self.serving.on_worker_ready(Ready(process="worker-0", pid=0, info=ModelInfo(
-            vocab_size=tokenizer.vocab_size, max_model_len=512, eos_token_ids=[], num_blocks=256, block_size=4)))
+            vocab_size=tokenizer.vocab_size, max_model_len=512, eos_token_ids=[], num_blocks=256, block_size=4,
+            compute_threads=compute_threads)))
         self.inbox = Inbox()
         self.fatal = False
         self.tasks: list[asyncio.Task] = []
@@ -176,9 +180,15 @@ def test_the_step_loop_runs_no_tokenizer_code(tokenizer):
     assert "text-stage" in calls
 
 
-def test_a_stop_string_ends_the_request_in_the_engine(tokenizer):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_stop_string_ends_the_request_in_the_engine(tokenizer, overlap):
+    """Overlapped (a core to spare), the worker may compute one token past the stop, which is
+    dropped; waited for (the worker computes on every core), it computes none."""
+    cores = len(os.sched_getaffinity(0))
+
     async def main():
-        with Harness(tokenizer) as h:
+        with Harness(tokenizer, compute_threads=cores - 1 if overlap else cores) as h:
+            assert h.serving.overlap_text == overlap
             ref = h.submit("ref", prompt=TEXT)
             await ref.wait()
             text = h.inbox.deltas["ref"][-1].output.text
@@ -191,6 +201,7 @@ def test_a_stop_string_ends_the_request_in_the_engine(tokenizer):
             assert "".join(d.text for d in h.inbox.deltas["cut"]) == out.text
             # The engine stopped it: at most one step past the one that completed the stop.
             assert h.worker.steps - steps <= len(out.token_ids) + 2 < 24
+            assert h.worker.sampled["cut"] - len(out.token_ids) in ((0, 1) if overlap else (0,))
 
     run(main())
 
