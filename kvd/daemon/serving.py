@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import structlog
 
 from kvd.config import KvdConfig
+from kvd.daemon.backoff import RESTART_S, CompletionRate
 from kvd.daemon.role import Role
 from kvd.daemon.supervisor import ChildDied, Supervisor
 from kvd.engine.engine import Delta, Engine, Prompt
@@ -90,6 +91,7 @@ class Serving:
         self._last_check = 0.0
         self._work = asyncio.Event()
         self._throughput: collections.deque[tuple[float, int]] = collections.deque(maxlen=11)
+        self.completions = CompletionRate()  # for the Retry-After hint of refusals
         self._background: set[asyncio.Task] = set()
 
     # ---- the engine --------------------------------------------------------------------
@@ -129,6 +131,13 @@ class Serving:
         if self.engine.num_waiting >= self.cfg.daemon.max_queue:
             return ErrorCode.QUEUE_FULL, f"queue: {self.cfg.daemon.max_queue} requests already waiting"
         return None
+
+    def retry_after(self) -> int:
+        """Seconds a client refused now should wait (Retry-After, kvd/daemon/backoff.py): the
+        waiting requests, or while draining every live one, at the recent completion rate."""
+        if self.engine is None:
+            return RESTART_S
+        return self.completions.retry_after(len(self.live) if self.draining else self.engine.num_waiting)
 
     def submit(self, msg: Generate, outbox: Outbox) -> None:
         """A client's request: validated and queued, or Rejected naming the field or cause."""
@@ -228,6 +237,8 @@ class Serving:
 
     def _end(self, request_id: str) -> _Live | None:
         lv = self.live.pop(request_id, None)
+        if lv is not None:
+            self.completions.record()
         if not any(other.client for other in self.live.values()):
             self.idle.set()
         return lv
