@@ -44,7 +44,9 @@ def _toml_value(v) -> str:
     return str(v)
 
 
-def start_daemon(tmp_path: Path, model_dir: Path | None, env: dict | None = None, **sections) -> DaemonHandle:
+def start_daemon(tmp_path: Path, model_dir: Path | None, env: dict | None = None, wrap: tuple[str, ...] = (),
+                 **sections) -> DaemonHandle:
+    """`wrap`: a command the daemon runs under (e.g. tests/syscall_filter.py)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     run_dir = tmp_path / "run"
     log_file = tmp_path / "kvd.log"
@@ -62,7 +64,7 @@ def start_daemon(tmp_path: Path, model_dir: Path | None, env: dict | None = None
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("KVD_") or k == "KVD_CACHE_DIR"}
     full_env.update(env or {})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvd.cli", "serve", "--config", str(config)],
+        [*wrap, sys.executable, "-m", "kvd.cli", "serve", "--config", str(config)],
         stdout=stdout.open("w"), stderr=subprocess.STDOUT, env=full_env,
     )  # fmt: skip
     endpoint_file = run_dir / "endpoint"

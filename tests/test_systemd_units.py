@@ -1,16 +1,22 @@
 """systemd/kvd.service and kvd@.service: notify + watchdog, hardening, a stop timeout that
 covers the drain; `systemd-analyze security --offline=yes` at 2.5 or below for every unit,
 with and without the GPU drop-in, which relaxes device access only; `systemd-analyze
-verify` clean. The systemd-analyze tests skip, naming why, where it is missing or too old."""
+verify` clean; kvd serving under the units' system call filter (tests/syscall_filter.py,
+no systemd needed). Each skips, naming why, where its tool is missing or too old."""
 
 import json
 import re
 import shutil
 import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 
+import syscall_filter
+from harness import start_daemon
+from kvd.client import Client
 from kvd.config import DaemonConfig
 
 UNITS = Path(__file__).resolve().parents[1] / "systemd"
@@ -171,3 +177,41 @@ def test_systemd_analyze_verify(tmp_path, name):
     # verify exits 0 even on unknown keys; its warnings about our files are what matter
     ours = [line for line in proc.stderr.splitlines() if "kvd" in line]
     assert proc.returncode == 0 and not ours, proc.stderr
+
+
+FILTER = [sys.executable, str(Path(__file__).with_name("syscall_filter.py"))]
+needs_filter = pytest.mark.skipif(syscall_filter.unavailable() is not None, reason=str(syscall_filter.unavailable()))
+
+
+@needs_filter
+def test_the_emulated_filter_refuses_what_the_units_refuse():
+    probe = """
+import os, socket, zmq
+try:
+    socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+except OSError as e:
+    print("AF_PACKET", e.errno)
+try:
+    os.setuid(0)
+except OSError as e:
+    print("setuid", e.errno)
+print("tcp bind", zmq.Context().socket(zmq.ROUTER).bind_to_random_port("tcp://127.0.0.1") > 0)
+"""
+    out = subprocess.run([*FILTER, sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split("\n")[:3] == ["AF_PACKET 97", "setuid 1", "tcp bind True"], out.stdout + out.stderr
+
+
+@needs_filter
+def test_kvd_serves_under_the_units_syscall_filter(tmp_path, tiny_llama_dir):
+    d = start_daemon(tmp_path, tiny_llama_dir, cache={"num_blocks": 256, "block_size": 4}, http={"port": 0},
+                     wrap=tuple(FILTER))  # fmt: skip
+    try:
+        with Client(d.endpoint, timeout=60) as c:
+            out = c.generate(prompt="a b c", max_tokens=8, temperature=0, ignore_eos=True)
+        assert len(out.token_ids) == 8 and out.finish_reason == "length"
+        url = (d.run_dir / "http_endpoint").read_text().strip() + "/v1/completions"
+        body = json.dumps({"prompt": "a b", "max_tokens": 4, "ignore_eos": True}).encode()
+        with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=60) as r:
+            assert r.status == 200 and json.loads(r.read())["usage"]["completion_tokens"] == 4
+    finally:
+        assert d.stop() == 0, d.stdout.read_text()[-3000:]
