@@ -21,7 +21,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-UNISTD = Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h")
+# the kernel's system call numbers: Debian's multiarch place, then everyone else's
+UNISTD = next((p for p in (Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h"), Path("/usr/include/asm/unistd_64.h"))
+               if p.exists()), Path("/usr/include/asm/unistd_64.h"))  # fmt: skip
 FAMILIES = (1, 2, 10, 16)  # AF_UNIX, AF_INET, AF_INET6, AF_NETLINK
 EPERM, EAFNOSUPPORT = 1, 97
 _LD_ABS, _JEQ, _RET = 0x20, 0x15, 0x06  # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K
@@ -37,7 +39,7 @@ def unavailable() -> str | None:
     if shutil.which("systemd-analyze") is None:
         return "systemd-analyze (which expands the filter's groups) is not installed"
     if not UNISTD.exists():
-        return f"{UNISTD} (the system call numbers) is missing: install linux-libc-dev"
+        return f"{UNISTD} (the system call numbers) is missing: install the kernel headers (linux-libc-dev)"
     return None
 
 
