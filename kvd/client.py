@@ -9,7 +9,8 @@
         await c.abort(request_id)
 
 Sampling options are SamplingParams fields given as keywords. Every failure raises
-KvdError with `.code` (400, 429, 500, 502, 503, 504) and `.message`: a request the client
+KvdError with `.code` (400, 429, 500, 502, 503, 504) and `.message` (and for a daemon's
+429 or 503, `.retry_after`: seconds to wait before trying again): a request the client
 can tell is bad (a field the daemon would refuse, a request id already streaming on this
 client) is refused here, before anything is sent; no daemon accepting connections at the
 endpoint within `connect_timeout` is a 503, and one that does not answer within
@@ -20,6 +21,7 @@ error the daemon cannot tie to one request reaches no request's stream.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -37,6 +39,7 @@ from kvd.messages import (
     Error,
     ErrorCode,
     Generate,
+    RetryAfter,
     ServerMessage,
     Status,
     StatusReply,
@@ -50,12 +53,16 @@ _CHECK = msgspec.msgpack.Decoder(ClientMessage)  # the daemon's own decoder: wha
 
 
 class KvdError(Exception):
-    """Every failure a client sees: `.code` (400, 429, 500, 502, 503, 504) and `.message`."""
+    """Every failure a client sees: `.code` (400, 429, 500, 502, 503, 504) and `.message`;
+    `.retry_after`: the seconds the daemon asks a refused client (429, 503) to wait before
+    trying again (its RetryAfter message), None where it gave none (no daemon answered, or
+    a daemon from before the hint)."""
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, retry_after: float | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.retry_after = retry_after
 
 
 def _generate_msg(
@@ -123,10 +130,13 @@ class _Collector:
             self.out.logprobs = chunk.logprobs
 
 
-def _chunk(reply: ServerMessage) -> Chunk | None:
-    """A stream's reply as a chunk to yield, None for Accepted; an Error raises KvdError."""
+def _chunk(reply: ServerMessage, hint: RetryAfter | None = None) -> Chunk | None:
+    """A stream's reply as a chunk to yield, None for Accepted; an Error raises KvdError,
+    with the seconds of the RetryAfter that came just before it."""
     if isinstance(reply, Error):
-        raise KvdError(int(reply.code), reply.message)
+        seconds = hint.seconds if hint is not None else None
+        sane = seconds is not None and 0 <= seconds < math.inf  # a NaN or negative hint is no hint
+        raise KvdError(int(reply.code), reply.message, seconds if sane else None)
     return reply if isinstance(reply, Chunk) else None
 
 
@@ -223,10 +233,14 @@ class AsyncClient:
             await self._send(frame)
             sent = True
             deadline = time.monotonic() + self.timeout
+            hint = None
             while not finished:
                 reply = await self._next(q, deadline)
+                if isinstance(reply, RetryAfter):
+                    hint = reply  # the Error it is for comes next
+                    continue
                 finished = _ends(reply)
-                if (chunk := _chunk(reply)) is not None:
+                if (chunk := _chunk(reply, hint)) is not None:
                     yield chunk
         finally:
             self._queues.pop(request_id, None)
@@ -308,13 +322,17 @@ class Client:
         self._send(frame)
         deadline = time.monotonic() + self.timeout
         finished = False
+        hint = None
         try:
             while not finished:
                 reply = self._recv(deadline)
                 if reply is None or isinstance(reply, StatusReply) or reply.request_id != request_id:
                     continue  # a reply to an earlier, abandoned request, or to no request
+                if isinstance(reply, RetryAfter):
+                    hint = reply  # the Error it is for comes next
+                    continue
                 finished = _ends(reply)
-                if (chunk := _chunk(reply)) is not None:
+                if (chunk := _chunk(reply, hint)) is not None:
                     yield chunk
         finally:
             if not finished:

@@ -3,7 +3,8 @@
 Channels:
 - client ⇄ daemon frontend (DEALER ⇄ ROUTER): `ClientMessage` in, `ServerMessage` out.
   An accepted generate gets `Accepted`, then `Chunk`s, the last one carrying
-  `finish_reason` — or one `Error` instead. Exactly one final message per request.
+  `finish_reason` — or one `Error` instead. Exactly one final message per request; a 429
+  or 503 Error comes right after a `RetryAfter` hint.
 - daemon ⇄ worker (PUSH/PULL pairs): `ToWorker` out, `FromChild` in.
 - daemon ⇄ cache messenger (PUSH/PULL pairs): `ToMessenger` out, `FromChild` in.
 - decode instance ⇄ prefill instance (DEALER ⇄ ROUTER): `ToPrefill` out, `FromPrefill`
@@ -108,13 +109,24 @@ class Error(_Msg, tag="error"):
     message: str
 
 
+class RetryAfter(_Msg, tag="retry_after"):
+    """Sent just before the Error of a request refused with 429 or 503: how many seconds to
+    wait before trying again. A message of its own rather than a field of Error: a client
+    from before it cannot decode it and drops it (as any frame it cannot read), then gets
+    the Error as always; a new field would have made such a client drop the Error itself
+    (Error forbids unknown fields) and wait out its timeout."""
+
+    request_id: str
+    seconds: float
+
+
 class StatusReply(_Msg, tag="status_reply"):
     """The status dict, as `kvd status --json` prints it."""
 
     status: dict[str, Any]
 
 
-ServerMessage = Accepted | Chunk | Error | StatusReply
+ServerMessage = Accepted | Chunk | Error | StatusReply | RetryAfter
 
 
 # ---- daemon ⇄ children -------------------------------------------------------------------

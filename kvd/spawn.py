@@ -31,10 +31,12 @@ def daemon_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env | (extra or {})
 
 
-def start_kvd(args: list[str], env: dict[str, str], stdout: Path) -> subprocess.Popen:
-    """`python -m kvd.cli ARGS` with its stdout and stderr in the file `stdout`."""
+def start_kvd(args: list[str], env: dict[str, str], stdout: Path, wrap: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`python -m kvd.cli ARGS` with its stdout and stderr in the file `stdout`; `wrap`: a
+    command it runs under (the tests' syscall filter)."""
     with stdout.open("w") as out:
-        return subprocess.Popen([sys.executable, "-m", "kvd.cli", *args], stdout=out, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen([*wrap, sys.executable, "-m", "kvd.cli", *args], stdout=out, stderr=subprocess.STDOUT,
+                                env=env)  # fmt: skip
 
 
 def wait_endpoint(proc: subprocess.Popen, endpoint_file: Path, timeout_s: float, stdout: Path | None = None) -> str:

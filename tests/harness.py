@@ -44,7 +44,9 @@ def _toml_value(v) -> str:
     return str(v)
 
 
-def start_daemon(tmp_path: Path, model_dir: Path | None, env: dict | None = None, **sections) -> DaemonHandle:
+def start_daemon(tmp_path: Path, model_dir: Path | None, env: dict | None = None, wrap: tuple[str, ...] = (),
+                 **sections) -> DaemonHandle:
+    """`wrap`: a command the daemon runs under (e.g. tests/syscall_filter.py)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     run_dir = tmp_path / "run"
     log_file = tmp_path / "kvd.log"
@@ -59,7 +61,7 @@ def start_daemon(tmp_path: Path, model_dir: Path | None, env: dict | None = None
     config = tmp_path / "kvd.toml"
     config.write_text(text)
     stdout = tmp_path / "stdout.txt"
-    proc = start_kvd(["serve", "--config", str(config)], daemon_env(env), stdout)
+    proc = start_kvd(["serve", "--config", str(config)], daemon_env(env), stdout, wrap)
     endpoint = wait_endpoint(proc, run_dir / "endpoint", START_TIMEOUT_S, stdout)
     return DaemonHandle(proc, endpoint, run_dir, log_file, stdout)
 

@@ -4,9 +4,9 @@ Every frame is decoded against the client message union; anything malformed (ran
 bytes, wrong types, unknown tags or fields, oversize frames) gets one Error 400 reply
 naming the field, and the daemon goes on. A Generate goes to `Serving.submit`; once it is
 queued the client gets Accepted and then Chunks until the one carrying `finish_reason`,
-or a single Error: exactly one final message. The frontend is the ZeroMQ `Outbox`: it
-knows which client identity each request came from and whether it streams, and nothing
-of the engine. A client that disconnects has its requests aborted so their blocks return
+or a single Error (a 429 or 503 one preceded by a RetryAfter hint): exactly one final
+message. The frontend is the ZeroMQ `Outbox`: it knows which client identity each request
+came from and whether it streams, and nothing of the engine. A client that disconnects has its requests aborted so their blocks return
 at once.
 
 Disconnects: libzmq's ROUTER_NOTIFY is a draft API that release builds lack, so the
@@ -28,6 +28,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from kvd.daemon.backoff import RETRYABLE
 from kvd.daemon.owner import Rejected
 from kvd.daemon.serving import Serving
 from kvd.engine.text import Delta
@@ -41,6 +42,7 @@ from kvd.messages import (
     Error,
     ErrorCode,
     Generate,
+    RetryAfter,
     ServerMessage,
     Status,
     StatusReply,
@@ -168,7 +170,7 @@ class Frontend:
         try:
             self.serving.submit(msg, self)
         except Rejected as e:
-            await self.send(identity, Error(msg.request_id, e.code, e.message))
+            await self._send_error(identity, msg.request_id, e.code, e.message)
             return
         self.clients[msg.request_id] = _Client(identity, msg.stream)
         await self.send(identity, Accepted(msg.request_id))
@@ -215,4 +217,10 @@ class Frontend:
         """End a live request with one Error (worker death, deadline, shutdown, failed handoff)."""
         client = self.clients.pop(request_id, None)
         if client is not None:
-            await self.send(client.identity, Error(request_id, code, message))
+            await self._send_error(client.identity, request_id, code, message)
+
+    async def _send_error(self, identity: bytes, request_id: str, code: ErrorCode, message: str) -> None:
+        """A request's Error; a 429 or 503 first says when to try again."""
+        if code in RETRYABLE:
+            await self.send(identity, RetryAfter(request_id, float(self.serving.retry_after())))
+        await self.send(identity, Error(request_id, code, message))

@@ -13,7 +13,8 @@ own `X-Request-Id`; `<id>-<i>` for the i-th of several prompts) comes back in th
 `Outbox`: deltas land in the request's queue and the handler turns them into the JSON
 response or server-sent events ending in `data: [DONE]`. A streamed response starts with
 its first token, so a request that fails before it (a refused or failed PD handoff, a
-deadline) still gets its HTTP status. Every error is an OpenAI error body. A client that
+deadline) still gets its HTTP status. Every error is an OpenAI error body; a 429 or 503
+carries `Retry-After` in whole seconds (kvd/daemon/backoff.py). A client that
 disconnects cancels its handler (aiohttp's handler cancellation), which aborts its
 requests: their blocks return at once.
 """
@@ -31,6 +32,7 @@ import structlog
 from aiohttp import web
 
 from kvd.config import KvdConfig
+from kvd.daemon.backoff import RETRYABLE
 from kvd.daemon.openai_api import DONE, JSON, ChatRequest, CompletionRequest, Shape, error_body, sse
 from kvd.daemon.owner import Rejected
 from kvd.daemon.serving import Serving
@@ -118,9 +120,15 @@ class HttpFrontend:
         if route is not None:
             route[0].put_nowait((route[1], _Failure(code, message)))
 
-    # ---- middleware: auth and error bodies ---------------------------------------------
+    # ---- middleware: auth, error bodies, Retry-After -----------------------------------
     @web.middleware
     async def _guard(self, request: web.Request, handler) -> web.StreamResponse:
+        response = await self._answer(request, handler)
+        if response.status in RETRYABLE and not response.prepared:  # however it was refused
+            response.headers["Retry-After"] = str(self.serving.retry_after())
+        return response
+
+    async def _answer(self, request: web.Request, handler) -> web.StreamResponse:
         try:
             if self.cfg.api_key and request.path.startswith("/v1/"):
                 given = request.headers.get("Authorization", "").encode()

@@ -49,6 +49,7 @@ from kvd.messages import ErrorCode
 
 log = structlog.get_logger("kvd.daemon")
 
+FINAL_REPLIES_LINGER_MS = 500
 ROLES: dict[str, type[Role]] = {"unified": Role, "prefill": PrefillRole, "decode": DecodeRole}
 
 
@@ -181,7 +182,9 @@ class Daemon:
 
     def _close(self) -> None:
         if self.frontend:
-            self.frontend.sock.close(linger=0)
+            # The last replies (the errors of a daemon that gives up) may still be queued in
+            # libzmq: they get a moment to leave rather than vanish with the socket.
+            self.frontend.sock.close(linger=FINAL_REPLIES_LINGER_MS)
         self.ctx.term()
 
     # ---- drain -------------------------------------------------------------------------

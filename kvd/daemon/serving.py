@@ -34,6 +34,7 @@ import msgspec
 import structlog
 
 from kvd.config import KvdConfig
+from kvd.daemon.backoff import RESTART_S, CompletionRate
 from kvd.daemon.owner import Outbox, Owner, Rejected
 from kvd.daemon.role import Role
 from kvd.daemon.supervisor import ChildDied, Supervisor
@@ -71,6 +72,7 @@ class Serving:
         self._text_idle.set()
         self.overlap_text = True  # whether the text stage runs while the worker computes (on_worker_ready)
         self._throughput: collections.deque[tuple[float, int]] = collections.deque(maxlen=11)
+        self.completions = CompletionRate()  # for the Retry-After hint of refusals
         self._background: set[asyncio.Task] = set()
         self.role = role(cfg, self, **role_args)
 
@@ -115,6 +117,13 @@ class Serving:
         if self.engine.num_waiting >= self.cfg.daemon.max_queue:
             return ErrorCode.QUEUE_FULL, f"queue: {self.cfg.daemon.max_queue} requests already waiting"
         return None
+
+    def retry_after(self) -> int:
+        """Seconds a client refused now should wait (Retry-After, kvd/daemon/backoff.py): the
+        waiting requests, or while draining every live one, at the recent completion rate."""
+        if self.engine is None:
+            return RESTART_S
+        return self.completions.retry_after(self.num_client_requests if self.draining else self.engine.num_waiting)
 
     def submit(self, msg: Generate, outbox: Outbox, fill_max_tokens: bool = False) -> None:
         """A client's request: tokenized, validated and queued, or Rejected naming the field or
@@ -256,6 +265,7 @@ class Serving:
         """The one place a request ends for the daemon: its last delta or its failure goes out next."""
         owner = request.owner
         owner.ended = True
+        self.completions.record()
         if owner.client:
             self.num_client_requests -= 1
             if not self.num_client_requests:

@@ -20,7 +20,8 @@ import pytest
 
 from harness import log_events, start_daemon, wait_for
 from kvd import LLM, SamplingParams
-from kvd.client import Client
+from kvd.client import AsyncClient, Client, KvdError
+from kvd.daemon.backoff import MAX_S
 
 API_KEY = "test-key-123"
 MODEL = "SmolLM2-135M-Instruct"
@@ -225,6 +226,48 @@ def test_200_streams_a_quarter_disconnected_leave_no_block_held(http_daemon):
     assert len(aborted) >= 50
 
 
+def test_a_full_queue_is_a_429_with_retry_after_over_http_and_zeromq(tmp_path, tiny_llama_dir, daemons):
+    # One request runs (max_num_seqs 1) and one waits (max_queue 1): the next is refused. The
+    # worker is stopped meanwhile so that nothing completes and the queue stays full.
+    d = start_daemon(tmp_path, tiny_llama_dir, cache={"num_blocks": 2048, "block_size": 4},
+                     scheduler={"max_num_seqs": 1}, daemon={"max_queue": 1}, http={"port": 0})  # fmt: skip
+    daemons.append(d)
+    url = (d.run_dir / "http_endpoint").read_text().strip() + "/v1/completions"
+    body = {"prompt": "a", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    with Client(d.endpoint, timeout=30) as c:
+        worker = psutil.Process(c.status()["processes"]["worker-0"]["pid"])
+        worker.suspend()
+        try:
+
+            async def run():
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(60)) as s:
+                    held = [asyncio.create_task(s.post(url, json=body)) for _ in range(2)]
+                    for _ in range(300):  # the event loop must run for them to be sent
+                        if (st := c.status())["running"] == 1 and st["queue"] == 1:
+                            break
+                        await asyncio.sleep(0.1)
+                    else:
+                        pytest.fail("not one request running and one waiting after 30 s")
+                    async with s.post(url, json=body) as refused:
+                        answer = (refused.status, refused.headers.get("Retry-After"), await refused.json())
+                    with pytest.raises(KvdError) as e:
+                        c.generate("a", max_tokens=2)
+                    async with AsyncClient(d.endpoint, timeout=30) as ac:
+                        with pytest.raises(KvdError) as ae:
+                            await ac.generate("a", max_tokens=2)
+                    for task in held:
+                        task.cancel()  # the client leaves: both requests are aborted
+                    return answer, [e.value, ae.value]
+
+            (status, retry_after, err), zmq_errs = asyncio.run(run())
+        finally:
+            worker.resume()
+    assert status == 429 and err["error"]["code"] == 429 and "queue" in err["error"]["message"]
+    # Nothing has completed yet, so nothing says when room will come: the ceiling (backoff.py).
+    assert retry_after == str(MAX_S)
+    assert [(e.code, e.retry_after) for e in zmq_errs] == [(429, MAX_S)] * 2
+
+
 def test_a_deadline_is_a_504(tmp_path, tiny_llama_dir, daemons):
     d = start_daemon(tmp_path, tiny_llama_dir, cache={"num_blocks": 2048, "block_size": 4},
                      daemon={"request_timeout_s": 1.0}, http={"port": 0})  # fmt: skip
@@ -267,7 +310,7 @@ def test_sigterm_drains_http_streams_in_flight(tmp_path, tiny_llama_dir, daemons
     wait_for(lambda: _status(url + "/health") == 503, 10, "health to say 503")
     with pytest.raises(openai.APIStatusError) as e:
         client.completions.create(model=model, prompt="too late", max_tokens=2)
-    assert e.value.status_code == 503
+    assert e.value.status_code == 503 and 1 <= int(e.value.response.headers["Retry-After"]) <= MAX_S
     thread.join(120)
     (chunks,) = results
     assert chunks[-1].choices[0].finish_reason == "length"
