@@ -7,7 +7,9 @@ call (median of repeats, warm), the GB/s of weight bytes it reads and its GFLOP/
 - the float32 PackedLinear (oneDNN, prepacked) on the same shape;
 and the machine's memory bandwidth (a copy of 256 MiB: bytes read + bytes written per
 second) as the ceiling for the rows that stream the weights. Random weights: the timing
-does not depend on their values. Nothing is recorded; docs/benchmarks.md quotes a run.
+does not depend on their values. With `--decode`, then the whole embedded model's
+single-stream decode (a 32-token prompt, 128 new tokens, greedy, EOS ignored, best of 3)
+under `model.quantization` none and auto. Nothing is recorded; docs/benchmarks.md quotes a run.
 """
 
 from __future__ import annotations
@@ -47,12 +49,29 @@ def memory_bandwidth(mib: int = 256) -> float:
     return 2 * src.numel() * 4 / best / 1e9
 
 
+def decode_tok_s(quantization: str, dtype: str, new_tokens: int = 128, runs: int = 3) -> float:
+    """Generated tokens per second of one stream on the embedded model (offline LLM)."""
+    from kvd import LLM, SamplingParams
+
+    llm = LLM(quantization=quantization, dtype=dtype, num_blocks=64)
+    ids = llm.tokenizer.encode("The history of the printing press begins in the fifteenth century, when " * 4)[:32]
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    llm.generate([ids], params)  # warm-up
+    best = min(timed(lambda: llm.generate([ids], params), 0.0, 1) for _ in range(runs))
+    return new_tokens / best
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kinds", default="Q4_1,Q8_0,Q4_0")
     p.add_argument("--rows", default="1,4,16,32,256")
     p.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
+    p.add_argument("--decode", default="", help="dtypes (e.g. float32,bfloat16) to time single-stream decode in")
     args = p.parse_args(argv)
+    for dtype in filter(None, args.decode.split(",")):
+        rates = {q: decode_tok_s(q, dtype) for q in ("none", "auto")}
+        print(f"single stream, {dtype}: quantization none {rates['none']:.1f} tok/s, auto {rates['auto']:.1f} tok/s "
+              f"({rates['auto'] / rates['none']:.2f}x)")  # fmt: skip
     kinds = [Kind[k] for k in args.kinds.split(",")]
     rows = [int(r) for r in args.rows.split(",")]
     shapes = [s for s in SHAPES if s[0] in args.shapes.split(",")]

@@ -136,3 +136,21 @@ def test_q4_1_kept_greedy_tokens_match_float32_up_to_near_ties(float_model):
         ref, gaps = hf_greedy(float_model, ids, 24)
         exact += assert_greedy_match(out.token_ids, ref, gaps, prompt, tie_gap=QUANT_TIE_GAP)
     assert exact >= 1  # a tie on every prompt would hide a broken path
+
+
+@pytest.mark.parametrize("mode, kind", [("int8", Kind.Q8_0), ("int4", Kind.Q4_1)])
+def test_a_float_checkpoint_quantized_at_load(tiny_qwen3_dir, mode, kind):
+    from kvd import LLM, SamplingParams
+
+    float_llm = LLM(str(tiny_qwen3_dir), dtype="float32", num_blocks=32)
+    llm = LLM(str(tiny_qwen3_dir), dtype="float32", num_blocks=32, quantization=mode)
+    fast = llm.engine.runner.fast
+    assert fast.quantization == mode and fast.layers[0].qkv.weight.kind is kind
+    assert fast.lm_head.weight is fast.embed.weight and fast.embed.weight.kind is Kind.Q8_0  # tied, one copy
+    # KV written by quantized weights is not the float model's: storage keys must differ
+    assert llm.engine.runner.model_info().fingerprint != float_llm.engine.runner.model_info().fingerprint
+    out = llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 8
+    # auto on a model that came from no GGUF file is none
+    plain = LLM(str(tiny_qwen3_dir), dtype="float32", num_blocks=32, quantization="auto")
+    assert plain.engine.runner.fast.quantization == "none"
