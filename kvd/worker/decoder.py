@@ -23,6 +23,8 @@ biases it does not know, rope that is not plain rotate-half).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import structlog
 import torch
 
@@ -77,12 +79,14 @@ class Decoder:
         return [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [self.lm_head]
 
     @classmethod
-    def build(cls, model, src: FloatSource | None = None) -> Decoder | None:
+    def build(cls, model, source: Callable[[], FloatSource] | None = None) -> Decoder | None:
+        """The decoder, or None (logged) where it does not apply; `source` makes the weight
+        source, called only when it does (a GGUF source opens the file)."""
         reason = cls._why_not(model)
         if reason is not None:
             log.info("kvd_decoder_off", reason=reason)
             return None
-        decoder = cls(model, ops.native(), src)
+        decoder = cls(model, ops.native(), source() if source is not None else None)
         log.info("kvd_decoder_on", layers=len(decoder.layers), family=model.config.model_type,
                  quantization=decoder.quantization)  # fmt: skip
         return decoder

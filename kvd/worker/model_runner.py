@@ -154,10 +154,8 @@ class ModelRunner:
         fast = None
         if implementation == "transformers":
             log.info("kvd_decoder_off", reason="model.implementation = transformers")
-        elif Decoder._why_not(self.model) is None:
-            fast = Decoder.build(self.model, weight_source(quantization, self.model, gguf_source(self.model_dir)))
         else:
-            fast = Decoder.build(self.model)
+            fast = Decoder.build(self.model, lambda: weight_source(quantization, self.model, gguf_source(self.model_dir)))
         if fast is None and quantization != "none":
             log.warning("quantization_off", quantization=quantization, reason="kvd's CPU decoder does not run this "
                         "model here (kvd_decoder_off says why); its weights stay float")  # fmt: skip
