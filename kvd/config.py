@@ -57,8 +57,11 @@ class ModelConfig(_Section):
     cache_dir: str | None = None  # None: $KVD_CACHE_DIR or ~/.cache/kvd
     threads: int = 0  # CPU threads of the model's ops; 0: torch's default (every core)
     implementation: str = "auto"  # auto: kvd's CPU decoder where it applies, else transformers'; kvd | transformers
+    quantization: str = "none"  # none | auto (a GGUF model's own Q4_0/Q4_1/Q8_0 blocks) | int8 | int4 (CPU decoder)
 
     def __post_init__(self) -> None:
+        if self.quantization not in ("auto", "none", "int8", "int4"):
+            raise ValueError(f"model.quantization: expected auto|none|int8|int4, got {self.quantization!r}")
         if self.implementation not in ("auto", "kvd", "transformers"):
             raise ValueError(f"model.implementation: expected auto|kvd|transformers, got {self.implementation!r}")
         if self.threads < 0:

@@ -457,6 +457,11 @@ void silu_and_mul(torch::Tensor out, torch::Tensor x);
 bool prefill_attention_supported(int64_t head_dim);
 void prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::Tensor block_table,
                        int64_t num_computed, double scale);
+// quant_linear.cpp
+void quant_linear(torch::Tensor out, torch::Tensor x, torch::Tensor qs, torch::Tensor d, torch::Tensor m,
+                  int64_t kind, bool int_dot);
+void quant_dequantize(torch::Tensor out, torch::Tensor qs, torch::Tensor d, torch::Tensor m, int64_t kind,
+                      torch::Tensor rows);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over paged KV (CPU, float32 or bfloat16)");
@@ -467,4 +472,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &silu_and_mul, "out = silu(x[:, :I]) * x[:, I:]");
   m.def("prefill_attention_supported", &prefill_attention_supported, "whether this build has prefill_attention for a head size");
   m.def("prefill_attention", &prefill_attention, "a prefill chunk's causal attention over its paged KV (CPU)");
+  m.def("quant_linear", &quant_linear, "out = x . W^T with W in Q8_0 / Q4_0 / Q4_1 blocks (CPU)");
+  m.def("quant_dequantize", &quant_dequantize, "the float32 weights of the given columns of a quantized W");
 }

@@ -6,7 +6,9 @@ projections where one would do, the activation and its product, the residual add
 the module machinery around them. On SmolLM2-135M at batch 1 that was three quarters
 of the step. `Decoder` runs the same computation from the same weights with:
 - one prepacked oneDNN projection for q, k and v, and one for gate and up
-  (`kvd.worker.linear`: weights concatenated, then reordered once);
+  (`kvd.worker.linear`: weights concatenated, then reordered once), or, under
+  `model.quantization`, quantized linears over the same concatenation
+  (`kvd.worker.quant`, the weights from `kvd.worker.quant_load`);
 - the native fused ops of native/fused.cpp: RMSNorm with the residual add, the
   rotary embedding in place with each token's K and V written into its cache slot in the
   same pass, silu-and-mul; each rounds where transformers rounds, so
@@ -21,12 +23,15 @@ biases it does not know, rope that is not plain rotate-half).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import structlog
 import torch
 
 from kvd import ops
 from kvd.worker import attention
-from kvd.worker.linear import PackedLinear, available
+from kvd.worker.linear import available
+from kvd.worker.quant_load import FloatSource
 
 log = structlog.get_logger(__name__)
 
@@ -34,16 +39,14 @@ FAMILIES = ("llama", "qwen3")
 
 
 class _Layer:
-    """One decoder layer's weights, fused and packed."""
+    """One decoder layer's weights, fused and packed (or quantized: `kvd.worker.quant_load`)."""
 
-    def __init__(self, layer, head_norms: bool) -> None:
+    def __init__(self, i: int, layer, head_norms: bool, src: FloatSource) -> None:
         a, m = layer.self_attn, layer.mlp
-        self.qkv = PackedLinear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
-                                   _cat_bias(a.q_proj, a.k_proj, a.v_proj))  # fmt: skip
-        self.o = PackedLinear(a.o_proj.weight, a.o_proj.bias)
-        self.gate_up = PackedLinear(torch.cat([m.gate_proj.weight, m.up_proj.weight]),
-                                       _cat_bias(m.gate_proj, m.up_proj))  # fmt: skip
-        self.down = PackedLinear(m.down_proj.weight, m.down_proj.bias)
+        self.qkv = src.linear(i, ("q_proj", "k_proj", "v_proj"), [a.q_proj, a.k_proj, a.v_proj])
+        self.o = src.linear(i, ("o_proj",), [a.o_proj])
+        self.gate_up = src.linear(i, ("gate_proj", "up_proj"), [m.gate_proj, m.up_proj])
+        self.down = src.linear(i, ("down_proj",), [m.down_proj])
         self.input_norm = layer.input_layernorm.weight.detach()
         self.post_norm = layer.post_attention_layernorm.weight.detach()
         self.q_norm = a.q_norm.weight.detach() if head_norms else None
@@ -51,20 +54,15 @@ class _Layer:
         self.intermediate = m.gate_proj.out_features
 
 
-def _cat_bias(*linears) -> torch.Tensor | None:
-    if all(lin.bias is None for lin in linears):
-        return None
-    return torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features) for lin in linears])
-
-
 class Decoder:
     """The layers of one CPU model, run as one packed sequence of the step's tokens."""
 
-    def __init__(self, model, native) -> None:
+    def __init__(self, model, native, src: FloatSource | None = None) -> None:
+        src = src or FloatSource()
         cfg = model.config
         inner = model.get_decoder()
         self.native = native
-        self.embed = inner.embed_tokens
+        self.embed = src.embedding(inner.embed_tokens)
         self.rotary = inner.rotary_emb
         self.final_norm = inner.norm.weight.detach()
         self.eps = float(cfg.rms_norm_eps)
@@ -72,21 +70,25 @@ class Decoder:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.head_dim**-0.5
         head_norms = cfg.model_type == "qwen3"
-        self.layers = [_Layer(layer, head_norms) for layer in inner.layers[: cfg.num_hidden_layers]]
-        self.lm_head = PackedLinear(model.lm_head.weight, model.lm_head.bias)
+        self.layers = [_Layer(i, layer, head_norms, src) for i, layer in enumerate(inner.layers[: cfg.num_hidden_layers])]
+        self.lm_head = src.lm_head(model.lm_head, self.embed)
+        self.quantization = src.name
 
-    def linears(self) -> list[PackedLinear]:
+    def linears(self) -> list[torch.nn.Module]:
         """Every projection of a step, lm_head last (what `kvd bench offline` times as the bound)."""
         return [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [self.lm_head]
 
     @classmethod
-    def build(cls, model) -> Decoder | None:
+    def build(cls, model, source: Callable[[], FloatSource] | None = None) -> Decoder | None:
+        """The decoder, or None (logged) where it does not apply; `source` makes the weight
+        source, called only when it does (a GGUF source opens the file)."""
         reason = cls._why_not(model)
         if reason is not None:
             log.info("kvd_decoder_off", reason=reason)
             return None
-        decoder = cls(model, ops.native())
-        log.info("kvd_decoder_on", layers=len(decoder.layers), family=model.config.model_type)
+        decoder = cls(model, ops.native(), source() if source is not None else None)
+        log.info("kvd_decoder_on", layers=len(decoder.layers), family=model.config.model_type,
+                 quantization=decoder.quantization)  # fmt: skip
         return decoder
 
     @staticmethod

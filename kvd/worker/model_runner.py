@@ -28,7 +28,8 @@ from kvd.worker import attention
 from kvd.worker.attention import AttentionMetadata, PrefillChunk
 from kvd.worker.decoder import Decoder
 from kvd.worker.linear import prepack
-from kvd.worker.models import load_config, load_model, model_fingerprint
+from kvd.worker.models import gguf_source, load_config, load_model, model_fingerprint
+from kvd.worker.quant_load import weight_source
 from kvd.worker.sampler import Sampler
 
 log = structlog.get_logger(__name__)
@@ -118,7 +119,7 @@ class ModelRunner:
             raise ValueError("model: sliding-window attention is not supported by kvd's paged attention")
         self.model = load_model(model_dir, self.dtype, self.device, attn_implementation=attention.ATTN_IMPLEMENTATION)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        self.fast = self._fast_path(model_config.implementation)
+        self.fast = self._fast_path(model_config.implementation, model_config.quantization)
         cfg = self.hf_config
         self.num_layers = cfg.num_hidden_layers
         self.num_kv_heads = cfg.num_key_value_heads
@@ -156,20 +157,26 @@ class ModelRunner:
             num_blocks=self.num_blocks, block_size=self.block_size, kv_cache_mb=round(self.kv_cache_bytes / 2**20),
         )  # fmt: skip
 
-    def _fast_path(self, implementation: str) -> Decoder | None:
+    def _fast_path(self, implementation: str, quantization: str) -> Decoder | None:
         """kvd's own decoder where it applies (then transformers' copies of the layer weights
-        are dropped: the decoder holds them packed); else transformers' forward, its linear
-        layers prepacked on the CPU. Either way a log line says which and why."""
+        are dropped: the decoder holds them packed or quantized); else transformers' forward,
+        its linear layers prepacked on the CPU. Either way a log line says which and why."""
         fast = None
         if implementation == "transformers":
             log.info("kvd_decoder_off", reason="model.implementation = transformers")
         else:
-            fast = Decoder.build(self.model)
+            fast = Decoder.build(self.model, lambda: weight_source(quantization, self.model, gguf_source(self.model_dir)))
+        if fast is None and quantization != "none":
+            log.warning("quantization_off", quantization=quantization, reason="kvd's CPU decoder does not run this "
+                        "model here (kvd_decoder_off says why); its weights stay float")  # fmt: skip
         if fast is None and implementation == "kvd":
             raise ValueError("model.implementation: kvd's decoder does not apply here (the log line kvd_decoder_off "
                              "says why); use auto or transformers")  # fmt: skip
         if fast is not None:
             del self.model.get_decoder().layers  # transformers' forward is not called again
+            if fast.quantization != "none":  # the float embedding and lm_head: the decoder holds them quantized
+                self.model.get_decoder().embed_tokens = None
+                self.model.lm_head = None
         elif self.device.type == "cpu":
             prepack(self.model)
         return fast
@@ -214,11 +221,21 @@ class ModelRunner:
             eos_token_ids=sorted(eos),
             num_blocks=self.num_blocks,
             block_size=self.block_size,
-            fingerprint=model_fingerprint(self.model_dir),
+            fingerprint=self._fingerprint(),
             num_host_slots=self.num_host_slots,
             kv_dtype=str(self.dtype).removeprefix("torch."),
             compute_threads=torch.get_num_threads() if self.device.type == "cpu" else 0,
         )
+
+    def _fingerprint(self) -> str:
+        """The checkpoint's fingerprint; with quantized weights, one of the checkpoint and the
+        mode (their KV differs from the float model's, so KV storage keys must too)."""
+        fp = model_fingerprint(self.model_dir)
+        if self.fast is None or self.fast.quantization == "none":
+            return fp
+        import xxhash
+
+        return xxhash.xxh3_128_hexdigest(f"{fp}:quantization={self.fast.quantization}".encode())
 
     @property
     def bytes_per_block(self) -> int:

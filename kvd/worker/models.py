@@ -181,6 +181,18 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def gguf_source(model_dir: Path) -> Path | None:
+    """The GGUF file a checkpoint directory was converted from: the embedded model's, when
+    `model_dir` is its conversion of the installed file; else None."""
+    if not Path(model_dir).name.startswith(EMBEDDED_PREFIX + "-"):
+        return None
+    try:
+        gguf = embedded_gguf_file()
+    except FileNotFoundError:
+        return None
+    return gguf if Path(model_dir).name == f"{EMBEDDED_PREFIX}-{_gguf_fingerprint(gguf)}" else None
+
+
 # --- any supported checkpoint -------------------------------------------------------
 
 

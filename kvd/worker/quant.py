@@ -1,0 +1,216 @@
+"""Weight-only quantized linears and embeddings for the CPU (GGUF's Q8_0, Q4_0, Q4_1 blocks).
+
+A `QuantWeight` holds one matrix (N out, K in) as blocks of 32 weights along K, the way GGUF
+stores them, and never as float32:
+
+    Q8_0  w = d * q        q int8,  d float16            34 bytes per 32 weights
+    Q4_0  w = d * (q - 8)  q 0..15, d float16            18 bytes
+    Q4_1  w = d * q + m    q 0..15, d and m float16      20 bytes
+
+`qs` keeps each block's quant bytes in GGUF's order (for Q4, byte j has weight j in its low
+nibble and weight j + 16 in its high one) in an (N, K/32 * bytes) uint8 tensor; `d` and `m`
+are (N, K/32) float16 beside it. That is the layout native/quant_linear.cpp reads: a
+column's quants in one run, the scales in another.
+
+- `QuantLinear(weight)`: out = x . W^T. Up to `INT_DOT_MAX_ROWS` rows (decode) run the
+  native kernel, which streams the quantized bytes once per call; more rows (prefill)
+  dequantize `TILE_COLUMNS` columns at a time into a float32 GEMM (oneDNN).
+- `QuantEmbedding(weight)`: an embedding lookup that dequantizes only the rows it gathers
+  (SmolLM2's tied Q8_0 embedding is also its lm_head's QuantLinear, one copy of the bytes).
+- `quantize(w, kind)`: a float matrix into blocks at load (`model.quantization = int8 | int4`:
+  Q8_0 and Q4_1, i.e. per-group scales over groups of 32 inputs).
+- `dequantize_ref` / `quant_linear_ref`: the pure-torch references the tests compare with
+  and that run where the native ops are not built.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from kvd import ops
+
+BLOCK = 32
+INT_DOT_MAX_ROWS = 8  # more rows: dequantized tiles into a float GEMM (measured: docs/benchmarks.md)
+TILE_COLUMNS = 4096  # columns dequantized at a time on the GEMM path (every layer's matrix whole; lm_head in 12)
+
+
+class Kind(enum.IntEnum):
+    """Block formats, numbered as native/quant_linear.cpp numbers them."""
+
+    Q8_0 = 0
+    Q4_0 = 1
+    Q4_1 = 2
+
+    @property
+    def quant_bytes(self) -> int:  # quant bytes per block of 32 weights
+        return BLOCK if self is Kind.Q8_0 else BLOCK // 2
+
+
+@dataclass
+class QuantWeight:
+    """One quantized (N, K) matrix: quants (N, K/32 * bytes) uint8, scales d (and m) (N, K/32) float16."""
+
+    kind: Kind
+    qs: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor | None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qs.shape[0], self.d.shape[1] * BLOCK
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.m) if t is not None)
+
+    def rows(self, index: torch.Tensor) -> QuantWeight:
+        """The columns (output rows) `index` of this matrix, in that order (a copy)."""
+        return QuantWeight(self.kind, self.qs[index], self.d[index], None if self.m is None else self.m[index])
+
+    @staticmethod
+    def cat(parts: list[QuantWeight]) -> QuantWeight:
+        """Matrices of one kind and K stacked along N (q, k and v as one projection)."""
+        kinds = {p.kind for p in parts}
+        if len(kinds) != 1:
+            raise ValueError(f"cannot stack blocks of different kinds: {sorted(k.name for k in kinds)}")
+        m = None if parts[0].m is None else torch.cat([p.m for p in parts])
+        return QuantWeight(parts[0].kind, torch.cat([p.qs for p in parts]), torch.cat([p.d for p in parts]), m)
+
+
+# ---- references and float -> blocks -------------------------------------------------------------
+def _unpack(w: QuantWeight) -> torch.Tensor:
+    """The integer quants, (N, K/32, 32) int32."""
+    n, k = w.shape
+    qs = w.qs.view(n, k // BLOCK, w.kind.quant_bytes)
+    if w.kind is Kind.Q8_0:
+        return qs.view(torch.int8).int()
+    return torch.cat([qs & 0x0F, qs >> 4], dim=-1).int()  # GGUF: low nibbles are weights 0..15
+
+
+def dequantize_ref(w: QuantWeight) -> torch.Tensor:
+    """The float32 matrix (N, K)."""
+    n, k = w.shape
+    q = _unpack(w).float()  # (N, nb, 32)
+    d = w.d.float().unsqueeze(-1)  # (N, nb, 1)
+    if w.kind is Kind.Q4_0:
+        q = q - 8
+    out = d * q
+    if w.kind is Kind.Q4_1:
+        out = out + w.m.float().unsqueeze(-1)
+    return out.reshape(n, k)
+
+
+def quantize_acts_ref(x: torch.Tensor) -> torch.Tensor:
+    """x (M, K) rounded as the integer kernel rounds activations: per block of 32, to int8
+    steps of max|x| / 127. Returned as float (M, K)."""
+    m, k = x.shape
+    xb = x.float().reshape(m, k // BLOCK, BLOCK)
+    da = xb.abs().amax(-1, keepdim=True) / 127  # (M, nb, 1)
+    q = torch.where(da > 0, xb / torch.where(da > 0, da, 1), 0).round()
+    return (q * da).reshape(m, k)
+
+
+def quant_linear_ref(x: torch.Tensor, w: QuantWeight, int_dot: bool = False) -> torch.Tensor:
+    """(M, K) -> (M, N) float32: dequantize, then a float matmul (activations rounded first
+    with int_dot, as the integer kernel rounds them)."""
+    x = quantize_acts_ref(x) if int_dot else x.float()
+    return x @ dequantize_ref(w).T
+
+
+def quantize(w: torch.Tensor, kind: Kind) -> QuantWeight:
+    """A float (N, K) matrix as blocks of 32 along K: Q8_0 symmetric (d = max|w| / 127), Q4_1
+    asymmetric (d = (max - min) / 15, m = min), Q4_0 symmetric (d = -max|w| signed / 8)."""
+    n, k = w.shape
+    if k % BLOCK:
+        raise ValueError(f"in_features {k} is not a multiple of {BLOCK}")
+    wb = w.detach().float().reshape(n, k // BLOCK, BLOCK)
+    m = None
+    if kind is Kind.Q8_0:
+        d = wb.abs().amax(-1) / 127
+        q = (wb / _nonzero(d).unsqueeze(-1)).round().clamp(-127, 127).to(torch.int8)
+        qs = q.view(torch.uint8).reshape(n, -1)
+    else:
+        if kind is Kind.Q4_1:
+            lo, hi = wb.amin(-1), wb.amax(-1)
+            d, m = (hi - lo) / 15, lo
+            q = ((wb - lo.unsqueeze(-1)) / _nonzero(d).unsqueeze(-1)).round().clamp(0, 15)
+        else:  # the value of largest magnitude maps to -8, as GGUF's Q4_0 does
+            ext = wb.gather(-1, wb.abs().argmax(-1, keepdim=True)).squeeze(-1)
+            d = ext / -8
+            q = (wb / _nonzero(d).unsqueeze(-1) + 8).round().clamp(0, 15)
+        q = q.to(torch.uint8)
+        qs = (q[..., :16] | (q[..., 16:] << 4)).reshape(n, -1)
+        m = None if m is None else m.half().contiguous()
+    # the kernel multiplies by the float16 scale: quantize against what it will read
+    return QuantWeight(kind, qs.contiguous(), d.half().contiguous(), m)
+
+
+def _nonzero(d: torch.Tensor) -> torch.Tensor:
+    return torch.where(d == 0, torch.ones_like(d), d.half().float())
+
+
+# ---- modules ---------------------------------------------------------------------------------------
+class QuantLinear(torch.nn.Module):
+    """A linear layer over a QuantWeight (inference only); bias kept in the activations' dtype."""
+
+    def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None, int_dot: bool = True) -> None:
+        super().__init__()
+        self.weight = weight
+        self.out_features, self.in_features = weight.shape
+        self.bias = None if bias is None else bias.detach().contiguous()
+        self.int_dot = int_dot
+        self._all_rows = torch.arange(self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        w, nat = self.weight, ops.native()
+        if nat is None:
+            out = quant_linear_ref(x2, w, self.int_dot).to(x.dtype)
+        elif x2.shape[0] <= INT_DOT_MAX_ROWS:
+            x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+            out = x2.new_empty(x2.shape[0], self.out_features)  # (M, N)
+            nat.quant_linear(out, x2, w.qs, w.d, _m(w), int(w.kind), self.int_dot)
+        else:
+            out = self._tiled(x2, nat)
+        if self.bias is not None:
+            out += self.bias
+        return out.view(*lead, self.out_features)
+
+    def _tiled(self, x: torch.Tensor, nat) -> torch.Tensor:
+        """Prefill: TILE_COLUMNS columns dequantized at a time, each into one float GEMM."""
+        xf = x.float()
+        parts = []
+        for n0 in range(0, self.out_features, TILE_COLUMNS):
+            rows = self._all_rows[n0 : n0 + TILE_COLUMNS]
+            tile = torch.empty(rows.numel(), self.in_features)  # (T, K) float32
+            nat.quant_dequantize(tile, self.weight.qs, self.weight.d, _m(self.weight), int(self.weight.kind), rows)
+            # oneDNN on the plain tile: MKL's sgemm (`xf @ tile.T`) took twice as long here
+            parts.append(torch.ops.mkldnn._linear_pointwise(xf, tile, None, "none", [], ""))  # (M, T)
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return out.to(x.dtype)
+
+
+class QuantEmbedding(torch.nn.Module):
+    """An embedding whose table is a QuantWeight: a lookup dequantizes only the rows it gathers."""
+
+    def __init__(self, weight: QuantWeight, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = weight
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (N,) -> (N, E)
+        ids = ids.reshape(-1).long().contiguous()
+        nat = ops.native()
+        if nat is None:
+            return dequantize_ref(self.weight.rows(ids)).to(self.dtype)
+        out = torch.empty(ids.numel(), self.weight.shape[1])  # (N, E) float32
+        nat.quant_dequantize(out, self.weight.qs, self.weight.d, _m(self.weight), int(self.weight.kind), ids)
+        return out.to(self.dtype)
+
+
+def _m(w: QuantWeight) -> torch.Tensor:
+    return w.m if w.m is not None else w.d  # the kernel reads m only for Q4_1

@@ -1,0 +1,156 @@
+"""Quantized weights: the native kernel against pure-torch dequantize + matmul, GGUF blocks
+against the float weights they were converted into, and the Q4_1-kept model's greedy tokens
+against transformers' float32 ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvd import ops
+from kvd.config import ModelConfig
+from kvd.worker import quant
+from kvd.worker.quant import Kind, QuantEmbedding, QuantLinear, dequantize_ref, quant_linear_ref, quantize
+from tests.reference import assert_greedy_match, hf_greedy
+
+needs_native = pytest.mark.skipif(ops.native() is None, reason="the native ops are not built")
+
+# The kernel sums in another order than torch's matmul: float32 rounding of sums of up to
+# 1,536 products of size ~1, outputs of size ~30 (observed: at most 9e-5).
+KERNEL_ATOL, KERNEL_RTOL = 3e-4, 1e-5
+# Greedy tokens of the Q4_1 model (weights exactly the float32 model's, activations rounded
+# to int8 per block of 32 in decode steps) may differ from float32 from a step where
+# transformers' top-2 logit gap is below this. Seen on the prompts below (24 tokens each):
+# divergences at gaps 0.005, 0.018 and 0.21; steps with gaps down to 0.044 kept the same token.
+QUANT_TIE_GAP = 0.3
+
+
+def _m(w):
+    return w.m if w.m is not None else w.d
+
+
+@needs_native
+@pytest.mark.parametrize("kind", list(Kind))
+@pytest.mark.parametrize("n, k", [(5, 64), (67, 96), (192, 576), (130, 1536)])
+@pytest.mark.parametrize("rows", [1, 3, 4, 8, 32])
+@pytest.mark.parametrize("int_dot", [True, False])
+def test_kernel_matches_dequantize_then_matmul(kind, n, k, rows, int_dot):
+    g = torch.Generator().manual_seed(n * 1000 + k + rows)
+    w = quantize(torch.randn(n, k, generator=g), kind)
+    x = torch.randn(rows, k, generator=g)
+    out = torch.empty(rows, n)
+    ops.native().quant_linear(out, x, w.qs, w.d, _m(w), int(kind), int_dot)
+    # with int_dot the reference rounds x per block as the kernel does
+    torch.testing.assert_close(out, quant_linear_ref(x, w, int_dot), atol=KERNEL_ATOL, rtol=KERNEL_RTOL)
+
+
+@needs_native
+def test_bfloat16_activations_round_once_at_the_output():
+    g = torch.Generator().manual_seed(1)
+    w = quantize(torch.randn(96, 576, generator=g), Kind.Q4_1)
+    x = torch.randn(4, 576, generator=g).bfloat16()
+    got = QuantLinear(w)(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), quant_linear_ref(x.float(), w, True), atol=0.25, rtol=1.6e-2)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", list(Kind))
+def test_prefill_rows_take_dequantized_tiles(kind, monkeypatch):
+    monkeypatch.setattr(quant, "TILE_COLUMNS", 64)  # several tiles, the last one short
+    g = torch.Generator().manual_seed(2)
+    w = quantize(torch.randn(150, 96, generator=g), kind)
+    x = torch.randn(quant.INT_DOT_MAX_ROWS + 5, 96, generator=g)
+    torch.testing.assert_close(QuantLinear(w)(x), quant_linear_ref(x, w), atol=KERNEL_ATOL, rtol=KERNEL_RTOL)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", list(Kind))
+def test_dequantize_gathers_exactly_the_asked_rows(kind):
+    w = quantize(torch.randn(40, 64, generator=torch.Generator().manual_seed(3)), kind)
+    ids = torch.tensor([7, 0, 39, 7])
+    assert torch.equal(QuantEmbedding(w, torch.float32)(ids), dequantize_ref(w)[ids])
+    with pytest.raises(RuntimeError, match="outside"):
+        QuantEmbedding(w, torch.float32)(torch.tensor([40]))
+
+
+@pytest.mark.parametrize("kind", list(Kind))
+def test_quantize_rounds_each_weight_to_its_block_step(kind):
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(4))
+    q = quantize(w, kind)
+    err = (dequantize_ref(q) - w).abs().view(16, 4, 32).amax(-1)  # (N, blocks)
+    step = q.d.float().abs()
+    # half a step, plus float16's rounding of the scale (2^-11 of it, times a quant of up to
+    # 127) and of the minimum; Q4_0 maps the extreme to -8, so the other side's extreme can
+    # clip at +7 by up to one whole step, as in GGUF
+    half = 1.0 if kind is Kind.Q4_0 else 0.5
+    assert (err <= step * (half + 127 * 2**-11) + 2e-3).all()
+
+
+def test_bad_quantization_names_the_field():
+    with pytest.raises(ValueError, match=r"^model\.quantization: expected auto\|none\|int8\|int4"):
+        ModelConfig(quantization="q4")
+
+
+# ---- the embedded GGUF -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def float_model():
+    from kvd.worker.models import embedded_model_dir, load_model
+
+    return load_model(embedded_model_dir(), torch.float32, "cpu")
+
+
+def test_gguf_blocks_are_the_converted_float_weights(float_model):
+    from kvd.worker.models import embedded_gguf_file
+    from kvd.worker.quant_load import GGUFSource
+
+    src = GGUFSource(embedded_gguf_file(), float_model.config)
+    layer = float_model.model.layers[3]
+    a, m = layer.self_attn, layer.mlp
+    qkv = src.linear(3, ("q_proj", "k_proj", "v_proj"), [a.q_proj, a.k_proj, a.v_proj])
+    assert qkv.weight.kind is Kind.Q4_1
+    want = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+    assert torch.equal(dequantize_ref(qkv.weight), want)  # q and k rows un-permuted, values exact
+    down = src.linear(3, ("down_proj",), [m.down_proj])
+    assert torch.equal(dequantize_ref(down.weight), m.down_proj.weight)
+    embed = src.embedding(float_model.model.embed_tokens)
+    assert embed.weight.kind is Kind.Q8_0
+    assert torch.equal(dequantize_ref(embed.weight), float_model.model.embed_tokens.weight)
+    assert src.lm_head(float_model.lm_head, embed).weight is embed.weight  # tied: one copy of the bytes
+
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
+           "The three primary colors are", "Water boils at a temperature of"]  # fmt: skip
+
+
+def test_q4_1_kept_greedy_tokens_match_float32_up_to_near_ties(float_model):
+    from kvd import LLM, SamplingParams
+
+    llm = LLM(quantization="auto", dtype="float32", num_blocks=64)
+    assert llm.engine.runner.fast.quantization == "auto"
+    assert isinstance(llm.engine.runner.fast.lm_head, QuantLinear)
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
+    exact = 0
+    for prompt, out in zip(PROMPTS, outs):
+        ids = llm.tokenizer.encode(prompt)
+        ref, gaps = hf_greedy(float_model, ids, 24)
+        exact += assert_greedy_match(out.token_ids, ref, gaps, prompt, tie_gap=QUANT_TIE_GAP)
+    assert exact >= 1  # a tie on every prompt would hide a broken path
+
+
+@pytest.mark.parametrize("mode, kind", [("int8", Kind.Q8_0), ("int4", Kind.Q4_1)])
+def test_a_float_checkpoint_quantized_at_load(tiny_qwen3_dir, mode, kind):
+    from kvd import LLM, SamplingParams
+
+    float_llm = LLM(str(tiny_qwen3_dir), dtype="float32", num_blocks=32)
+    llm = LLM(str(tiny_qwen3_dir), dtype="float32", num_blocks=32, quantization=mode)
+    fast = llm.engine.runner.fast
+    assert fast.quantization == mode and fast.layers[0].qkv.weight.kind is kind
+    assert fast.lm_head.weight is fast.embed.weight and fast.embed.weight.kind is Kind.Q8_0  # tied, one copy
+    # KV written by quantized weights is not the float model's: storage keys must differ
+    assert llm.engine.runner.model_info().fingerprint != float_llm.engine.runner.model_info().fingerprint
+    out = llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 8
+    # auto on a model that came from no GGUF file is none
+    plain = LLM(str(tiny_qwen3_dir), dtype="float32", num_blocks=32, quantization="auto")
+    assert plain.engine.runner.fast.quantization == "none"
