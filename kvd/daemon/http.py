@@ -34,6 +34,7 @@ from aiohttp import web
 from kvd.config import KvdConfig
 from kvd.daemon.backoff import RETRYABLE
 from kvd.daemon.openai_api import DONE, JSON, ChatRequest, CompletionRequest, Shape, error_body, sse
+from kvd.daemon import health
 from kvd.daemon.owner import Rejected
 from kvd.daemon.serving import Serving
 from kvd.engine.text import Delta
@@ -149,9 +150,9 @@ class HttpFrontend:
 
     # ---- endpoints ---------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
-        state = self.serving.state
+        state = health.state(self.serving)
         if state != "ready":
-            reasons = self.serving.problems() or [state]
+            reasons = health.problems(self.serving) or [state]
             return error_response(503, f"health: {state} ({'; '.join(reasons)})")
         return _json(200, {"status": "ok"})
 

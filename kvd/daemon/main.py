@@ -35,6 +35,7 @@ import zmq
 import zmq.asyncio
 
 from kvd.config import KvdConfig, resolve_run_dir
+from kvd.daemon import health
 from kvd.daemon.frontend import Frontend
 from kvd.daemon.http import HttpFrontend
 from kvd.daemon.notify import Notifier
@@ -227,7 +228,7 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         """What `kvd status` shows, assembled from each part's own."""
-        serving = self.serving.status()
+        serving = health.status(self.serving)
         children = self.supervisor.status()
         role = self.serving.role.status()
         return {

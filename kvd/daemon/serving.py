@@ -13,12 +13,10 @@ Serving logs each client request's lifecycle (`request_queued` … `request_fini
 `request_failed`) and observes its metrics, so a transport only formats and sends. A
 request ends exactly once, in `_end`: its last delta or its one failure.
 
-Two coroutines share the engine. The step loop (`run`) sees token ids only: it schedules,
-awaits the worker and queues each step's outputs for the text stage (`run_text`), which
-detokenizes, cuts stop strings and delivers while the next step is on the worker. What a
-role adds (PD handoffs, preallocation, pool writes) is a `Role`, chosen once at start-up
-with its KV connector. Why the step loop is synchronous, and why aborts during a step are
-safe: docs/architecture.md, "The daemon's layers".
+Two coroutines share the engine: the step loop (`run`) sees token ids only and queues each
+step's outputs for the text stage (`run_text`), which detokenizes, cuts stop strings and
+delivers. What a role adds (PD handoffs, pool transfers) is a `Role`, chosen once at
+start-up with its KV connector. The design: docs/architecture.md, "The daemon's layers".
 """
 
 from __future__ import annotations
@@ -71,7 +69,7 @@ class Serving:
         self._text_idle = asyncio.Event()  # set while the text stage has nothing queued
         self._text_idle.set()
         self.overlap_text = True  # whether the text stage runs while the worker computes (on_worker_ready)
-        self._throughput: collections.deque[tuple[float, int]] = collections.deque(maxlen=11)
+        self.throughput: collections.deque[tuple[float, int]] = collections.deque(maxlen=11)  # (time, tokens)
         self.completions = CompletionRate()  # for the Retry-After hint of refusals
         self._background: set[asyncio.Task] = set()
         self.role = role(cfg, self, **role_args)
@@ -322,7 +320,7 @@ class Serving:
         for request in expired:
             await self._fail(request, ErrorCode.DEADLINE, f"deadline: not finished within request_timeout_s={timeout}")
         self.role.tick()
-        self._throughput.append((now, self.engine.num_generated))
+        self.throughput.append((now, self.engine.num_generated))
         if now - self._last_check >= self.cfg.daemon.integrity_check_interval_s and self.check_integrity():
             self._last_check = now
 
@@ -349,40 +347,3 @@ class Serving:
     def stats(self) -> dict[str, Any]:
         """The engine's figures (empty while a worker restarts), for status and metrics."""
         return self.engine.stats() if self.engine is not None else {}
-
-    def problems(self) -> list[str]:
-        """Broken dependencies: a child down, the role's own (e.g. no prefill instance answering)."""
-        down = [f"{name} is down" for name, p in self.supervisor.status()["processes"].items() if not p["alive"]]
-        return down + self.role.problems()
-
-    @property
-    def state(self) -> str:
-        """ready | draining | restarting (no worker) | degraded (a dependency is broken)."""
-        if self.draining:
-            return "draining"
-        if self.engine is None:
-            return "restarting"
-        return "degraded" if self.problems() else "ready"
-
-    def status(self) -> dict[str, Any]:
-        self.check_integrity()
-        stats = self.stats()
-        tput = 0.0
-        if len(self._throughput) >= 2:
-            (t0, n0), (t1, n1) = self._throughput[0], self._throughput[-1]
-            tput = (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
-        return {
-            "state": self.state,
-            "not_ready": self.problems(),
-            "queue": stats.get("waiting", 0),
-            "running": stats.get("running", 0),
-            "live_requests": self.num_client_requests,
-            "blocks": {k.removeprefix("blocks_"): v for k, v in stats.items() if k.startswith("blocks_")},
-            "prefix_hit_rate": stats.get("prefix_hit_rate", 0.0),
-            "preemptions": stats.get("preemptions", 0),
-            "swaps": stats.get("swaps", 0),
-            "generated_tokens": stats.get("generated_tokens", 0),
-            "prompt_tokens": stats.get("prompt_tokens", 0),
-            "throughput_tok_s": round(tput, 2),
-            "integrity": self.integrity,
-        }
