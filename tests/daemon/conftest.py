@@ -12,3 +12,11 @@ def daemons():
     yield started
     for d in started:
         d.stop()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A sentencepiece-style tokenizer trained in a second (the in-process tests' toy)."""
+    from toy_tokenizer import sentencepiece_tokenizer
+
+    return sentencepiece_tokenizer()

@@ -19,7 +19,6 @@ from kvd.messages import ChatMessage, ErrorCode, Generate, Ready
 from kvd.model_info import ModelInfo
 from kvd.sampling import SamplingParams
 from kvd.scheduler.output import ModelOutput, SchedulerOutput
-from toy_tokenizer import sentencepiece_tokenizer
 
 TEXT = "naïve café and numbers 3.14159 and double spaces"
 
@@ -79,11 +78,6 @@ class Inbox:
         assert request_id not in self.failures, "a request failed twice"
         self.failures[request_id] = (code, message)
         self.expect(request_id).set()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return sentencepiece_tokenizer()
 
 
 class Harness:
