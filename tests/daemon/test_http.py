@@ -241,13 +241,17 @@ def test_a_full_queue_is_a_429_with_retry_after_over_http_and_zeromq(tmp_path, t
 
             async def run():
                 async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(60)) as s:
-                    held = [asyncio.create_task(s.post(url, json=body)) for _ in range(2)]
-                    for _ in range(300):  # the event loop must run for them to be sent
-                        if (st := c.status())["running"] == 1 and st["queue"] == 1:
-                            break
-                        await asyncio.sleep(0.1)
-                    else:
-                        pytest.fail("not one request running and one waiting after 30 s")
+                    held = []
+                    # One at a time: two sent at once can both reach the queue before the first
+                    # is scheduled, and then the second is the one refused.
+                    for running, queued in ((1, 0), (1, 1)):
+                        held.append(asyncio.create_task(s.post(url, json=body)))
+                        for _ in range(300):  # the event loop must run for it to be sent
+                            if (st := c.status())["running"] == running and st["queue"] == queued:
+                                break
+                            await asyncio.sleep(0.1)
+                        else:
+                            pytest.fail(f"not {running} request running and {queued} waiting after 30 s")
                     async with s.post(url, json=body) as refused:
                         answer = (refused.status, refused.headers.get("Retry-After"), await refused.json())
                     with pytest.raises(KvdError) as e:
