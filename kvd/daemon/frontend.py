@@ -167,6 +167,12 @@ class Frontend:
         await self.send(identity, Error(request_id, ErrorCode.BAD_REQUEST, reason))
 
     async def on_generate(self, identity: bytes, msg: Generate) -> None:
+        if msg.request_id in self.clients:  # its final chunk may still be on its way out of the text stage
+            log.warning("request_rejected", request_id=msg.request_id, code=int(ErrorCode.BAD_REQUEST),
+                        error="request_id: already in use")  # fmt: skip
+            await self._send_error(identity, msg.request_id, ErrorCode.BAD_REQUEST,
+                                   f"request_id: {msg.request_id!r} is already in use")  # fmt: skip
+            return
         try:
             self.serving.submit(msg, self)
         except Rejected as e:

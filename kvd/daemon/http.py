@@ -226,20 +226,25 @@ class HttpFrontend:
                      fill_max_tokens: bool = False) -> web.StreamResponse:  # fmt: skip
         """Submit every prompt, then answer; a client that leaves aborts what is still running."""
         q: asyncio.Queue = asyncio.Queue()
+        mine: list[str] = []  # the ids this handler routes: another's live request is never touched
         try:
             for i, gen in enumerate(gens):
+                if gen.request_id in self._routes:  # its final delta may still be on its way out
+                    return error_response(400, f"X-Request-Id: {gen.request_id!r} is already in use",
+                                          {"X-Request-Id": shape.request_id})  # fmt: skip
                 try:
                     self.serving.submit(gen, self, fill_max_tokens)
                 except Rejected as e:
                     return error_response(int(e.code), e.message, {"X-Request-Id": shape.request_id})
                 self._routes[gen.request_id] = (q, i)
+                mine.append(gen.request_id)
             if body.stream:
                 return await self._stream(request, shape, q, len(gens), body.include_usage)
             return await self._collect(shape, q, len(gens))
         finally:
-            for gen in gens:
-                if self._routes.pop(gen.request_id, None) is not None:
-                    self.serving.abort(gen.request_id)
+            for request_id in mine:
+                if self._routes.pop(request_id, None) is not None:
+                    self.serving.abort(request_id)
 
     async def _collect(self, shape: Shape, q: asyncio.Queue, n: int) -> web.Response:
         outputs: list = [None] * n

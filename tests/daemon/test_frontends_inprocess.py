@@ -101,6 +101,18 @@ def test_http_frontend_completions_and_chat_stream(tokenizer):
                     assert chunks[-1]["choices"][0]["finish_reason"] == "length" and text
                     async with s.post(f"{url}/v1/completions", json={"prompt": TEXT, "max_tokens": 0}) as r:
                         assert r.status == 400 and "max_tokens" in (await r.json())["error"]["message"]
+                    # A second request with a live request's X-Request-Id is refused, and the live
+                    # one goes on untouched.
+                    dup = {"X-Request-Id": "dup"}
+                    live = asyncio.create_task(s.post(f"{url}/v1/completions", headers=dup, json={
+                        "prompt": TEXT, "max_tokens": 60, "ignore_eos": True}))  # fmt: skip
+                    while h.serving.record("dup") is None:
+                        await asyncio.sleep(0.005)
+                    async with s.post(f"{url}/v1/completions", headers=dup, json={"prompt": TEXT}) as r:
+                        assert r.status == 400 and "already in use" in (await r.json())["error"]["message"]
+                    async with await live as r:
+                        body = await r.json()
+                        assert r.status == 200 and body["choices"][0]["finish_reason"] == "length", body
             finally:
                 await http.close()
             await h.settle()
