@@ -20,3 +20,10 @@ def tokenizer():
     from toy_tokenizer import sentencepiece_tokenizer
 
     return sentencepiece_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(tokenizer):
+    """The toy tokenizer with a plain chat template."""
+    return tokenizer.__class__(tokenizer_object=tokenizer._tokenizer, chat_template=(
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"))

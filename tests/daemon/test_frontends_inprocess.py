@@ -70,10 +70,7 @@ def test_zeromq_frontend_streams_aborts_and_rejects(tokenizer):
     run(main())
 
 
-def test_http_frontend_completions_and_chat_stream(tokenizer):
-    chat_tokenizer = tokenizer.__class__(tokenizer_object=tokenizer._tokenizer, chat_template=(
-        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"))
-
+def test_http_frontend_completions_and_chat_stream(chat_tokenizer):
     async def main():
         with Harness(chat_tokenizer) as h:
             cfg = KvdConfig(http=HttpConfig(port=0))

@@ -251,12 +251,9 @@ def test_bad_requests_are_refused_before_anything_is_held(tokenizer):
     run(main())
 
 
-def test_a_chat_without_max_tokens_gets_what_the_context_leaves(tokenizer):
-    tokenizer = tokenizer.__class__(tokenizer_object=tokenizer._tokenizer, chat_template=(
-        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"))
-
+def test_a_chat_without_max_tokens_gets_what_the_context_leaves(chat_tokenizer):
     async def main():
-        with Harness(tokenizer) as h:
+        with Harness(chat_tokenizer) as h:
             gen = Generate(request_id="c", chat=[ChatMessage("user", TEXT)], params=SamplingParams(ignore_eos=True))
             h.serving.submit(gen, h.inbox, fill_max_tokens=True)
             request = h.serving.record("c")
