@@ -140,7 +140,9 @@ class PDRole(Role):
             return
         block_ids = self.engine.kv.block_ids(h.engine_id)[h.read_from : h.read_from + len(keys)]
         h.phase = Phase.READING
-        self.engine.connector.begin_transfer(self.serving.record(h.engine_id))
+        request = self.serving.record(h.engine_id)
+        if request is not None:  # as before the record: a request already gone holds no blocks to guard
+            self.engine.connector.begin_transfer(request)
         self.send_task(h, False, keys, block_ids, prefix)
         log.info("kv_read_started", request_id=h.request_id, num_blocks=len(keys), prefix=prefix, **h.clock.step())
 
