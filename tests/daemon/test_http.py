@@ -273,8 +273,10 @@ def test_a_full_queue_is_a_429_with_retry_after_over_http_and_zeromq(tmp_path, t
 
 
 def test_a_deadline_is_a_504(tmp_path, tiny_llama_dir, daemons):
+    # Ticks every 0.1 s: the deadline is seen long before the tiny model's 2,000 tokens are
+    # done (on a fast machine they took about as long as a one-second tick, and won once).
     d = start_daemon(tmp_path, tiny_llama_dir, cache={"num_blocks": 2048, "block_size": 4},
-                     daemon={"request_timeout_s": 1.0}, http={"port": 0})  # fmt: skip
+                     daemon={"request_timeout_s": 0.3, "heartbeat_interval_s": 0.1}, http={"port": 0})  # fmt: skip
     daemons.append(d)
     url = (d.run_dir / "http_endpoint").read_text().strip()
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
