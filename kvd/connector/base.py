@@ -2,7 +2,7 @@
 token's KV is computed here and nothing is saved elsewhere.
 
     n = connector.num_external_tokens(request)  # leading tokens whose KV comes from outside
-    connector.allocated(request)                # their blocks are held: the load may start
+    connector.allocated(request, num_blocks)    # its blocks are held: the load may start
     held = connector.request_finished(request)  # True: blocks stay until the transfer ends
     whole = connector.computes_whole(request, num_cached_tokens)   # the prefill group's rule
 
@@ -18,10 +18,11 @@ from kvd.request import Request, RequestStatus
 class KVTransfer:
     """One request's KV movement through the connector, kept on its record."""
 
-    __slots__ = ("load_tokens", "save", "in_flight")
+    __slots__ = ("load_tokens", "save", "in_flight", "wait_blocks")
 
     def __init__(self, load_tokens: int = 0, save: bool = False) -> None:
         self.load_tokens = load_tokens  # leading tokens to load before the request computes
+        self.wait_blocks = 0  # blocks it holds while it waits for the load
         self.save = save  # after its first token its blocks are saved elsewhere (held meanwhile)
         self.in_flight = False  # a transfer may touch its blocks: none of them is freed
 
@@ -39,6 +40,7 @@ class KVConnector:
     def __init__(self, group_min_tokens: int = 0, wait_blocks: int = 0) -> None:
         self.group_min_tokens = group_min_tokens
         self.wait_blocks = wait_blocks  # blocks that requests waiting for external KV may hold
+        self.num_wait_blocks = 0  # blocks they hold now
 
     def added(self, request: Request) -> None:
         """A request was queued: the connector sets up its transfer, if it has one."""
@@ -47,11 +49,18 @@ class KVConnector:
         """How many leading tokens' KV is to be loaded from outside before it computes."""
         return 0
 
-    def allocated(self, request: Request) -> None:
-        """Blocks for the external tokens are held (the request waits for them)."""
+    def allocated(self, request: Request, num_blocks: int) -> None:
+        """The request's `num_blocks` blocks are held for its external tokens (it waits for them)."""
 
     def load_ended(self, request: Request) -> None:
         """The load arrived or failed: nothing more is loaded for the request."""
+
+    def begin_transfer(self, request: Request) -> None:
+        """A transfer may touch the request's blocks: none of them is freed until it ends."""
+        raise RuntimeError(f"{type(self).__name__} moves no KV: no transfer of {request.request_id!r} can begin")
+
+    def end_transfer(self, request: Request) -> None:
+        """The transfer ended (or can no longer touch the blocks); idempotent."""
 
     def request_finished(self, request: Request) -> bool:
         """The request finished: True keeps its blocks held until `end_transfer`."""

@@ -10,8 +10,9 @@ writes them to the pool; with `load="prefix"` they first load the leading full b
 the pool has. Any transfer in flight holds the request's blocks: a request that ends
 meanwhile has them freed by `end_transfer`, never before.
 
-The worker half is the cache messenger process (kvd.messenger), which moves the bytes;
-the PD roles (kvd.daemon.pd) drive it with the loads `take_loads` hands them.
+The worker half (`kvd.connector.transfers.PoolTransfers`) starts the loads `take_loads`
+hands the PD roles (kvd.daemon.pd) and the saves, on the cache messenger (kvd.messenger),
+which moves the bytes.
 """
 
 from __future__ import annotations
@@ -49,29 +50,34 @@ class PoolConnector(KVConnector):
     def num_external_tokens(self, request: Request) -> int:
         return request.transfer.load_tokens if request.transfer is not None else 0
 
-    def allocated(self, request: Request) -> None:
+    def allocated(self, request: Request, num_blocks: int) -> None:
+        request.transfer.wait_blocks = num_blocks
+        self.num_wait_blocks += num_blocks
         self._loads.append(request)
 
     def load_ended(self, request: Request) -> None:
-        if request.transfer is not None:
-            request.transfer.load_tokens = 0
+        transfer = request.transfer
+        if transfer is not None:
+            transfer.load_tokens = 0
+            self.num_wait_blocks -= transfer.wait_blocks
+            transfer.wait_blocks = 0
 
     def take_loads(self) -> list[Request]:
         out, self._loads = self._loads, []
         return out
 
     def begin_transfer(self, request: Request) -> None:
-        """A transfer may touch the request's blocks: none of them is freed until it ends."""
         request.transfer.in_flight = True
 
     def end_transfer(self, request: Request) -> None:
-        """The transfer ended (or can no longer touch the blocks); idempotent."""
         request.transfer.in_flight = False
 
     def request_finished(self, request: Request) -> bool:
         transfer = request.transfer
         if transfer is None:
             return False
+        self.num_wait_blocks -= transfer.wait_blocks  # it waits for nothing any more
+        transfer.wait_blocks = 0
         if transfer.save and finished_normally(request):
             transfer.in_flight = True  # the role writes its blocks to the pool next
         return transfer.in_flight

@@ -5,8 +5,9 @@ bytes, wrong types, unknown tags or fields, oversize frames) gets one Error 400 
 naming the field, and the daemon goes on. A Generate goes to `Serving.submit`; once it is
 queued the client gets Accepted and then Chunks until the one carrying `finish_reason`,
 or a single Error (a 429 or 503 one preceded by a RetryAfter hint): exactly one final
-message. The frontend is the ZeroMQ `Outbox`: it knows which client identity each request
-came from and whether it streams, and nothing of the engine. A client that disconnects has its requests aborted so their blocks return
+message. Each request's `Outbox` is its `_Route`, on its record: the client identity it
+came from and whether it streams; the frontend keeps no table of requests and knows nothing
+of the engine. A client that disconnects has its requests aborted so their blocks return
 at once.
 
 Disconnects: libzmq's ROUTER_NOTIFY is a draft API that release builds lack, so the
@@ -68,18 +69,26 @@ def _readable_request_id(payload: memoryview | bytes) -> str | None:
     return request_id if request_id and len(request_id) <= MAX_REQUEST_ID else None
 
 
-class _Client:
-    """Which client identity a request came from and whether it streams."""
+class _Route:
+    """One request's way back: the client identity it came from and whether it streams. It is
+    the request's `Outbox`, kept on its record: the frontend keeps no table of requests."""
 
-    __slots__ = ("identity", "stream")
+    __slots__ = ("frontend", "identity", "stream")
 
-    def __init__(self, identity: bytes, stream: bool) -> None:
+    def __init__(self, frontend: Frontend, identity: bytes, stream: bool) -> None:
+        self.frontend = frontend
         self.identity = identity
         self.stream = stream
 
+    async def deliver(self, delta: Delta) -> None:
+        await self.frontend.deliver(self, delta)
+
+    async def fail(self, request_id: str, code: ErrorCode, message: str) -> None:
+        await self.frontend._send_error(self.identity, request_id, code, message)
+
 
 class Frontend:
-    """The ZeroMQ client socket and the requests that came through it (an Outbox)."""
+    """The ZeroMQ client socket; each request that came through it has a `_Route` back."""
 
     def __init__(self, sock: zmq.asyncio.Socket, serving: Serving, status: Callable[[], dict[str, Any]],
                  max_frame_bytes: int) -> None:  # fmt: skip
@@ -89,7 +98,6 @@ class Frontend:
         self.max_frame_bytes = max_frame_bytes
         self._dec = msgspec.msgpack.Decoder(ClientMessage)
         self._enc = msgspec.msgpack.Encoder()
-        self.clients: dict[str, _Client] = {}  # request id -> who asked
         self.num_malformed = 0
         self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         # Blocking twins of both sockets for non-blocking reads once the poller says ready.
@@ -162,71 +170,62 @@ class Frontend:
         self.num_malformed += 1
         request_id = _readable_request_id(payload)
         log.warning("frame_rejected", request_id=request_id, bytes=len(payload), reason=reason)
-        if request_id in self.clients:  # a live request's id: the error must not end that stream
+        if self._route(request_id) is not None:  # a live request's id: the error must not end that stream
             request_id = None
         await self.send(identity, Error(request_id, ErrorCode.BAD_REQUEST, reason))
 
     async def on_generate(self, identity: bytes, msg: Generate) -> None:
-        if msg.request_id in self.clients:  # its final chunk may still be on its way out of the text stage
-            log.warning("request_rejected", request_id=msg.request_id, code=int(ErrorCode.BAD_REQUEST),
-                        error="request_id: already in use")  # fmt: skip
-            await self._send_error(identity, msg.request_id, ErrorCode.BAD_REQUEST,
-                                   f"request_id: {msg.request_id!r} is already in use")  # fmt: skip
-            return
+        route = _Route(self, identity, msg.stream)
         try:
-            self.serving.submit(msg, self)
+            self.serving.submit(msg, route)
         except Rejected as e:
             await self._send_error(identity, msg.request_id, e.code, e.message)
             return
-        self.clients[msg.request_id] = _Client(identity, msg.stream)
         await self.send(identity, Accepted(msg.request_id))
 
+    def _route(self, request_id: str | None) -> _Route | None:
+        """The route of a live request that came through this socket."""
+        request = self.serving.record(request_id) if request_id is not None else None
+        outbox = request.owner.outbox if request is not None and request.owner is not None else None
+        return outbox if isinstance(outbox, _Route) and outbox.frontend is self and not request.owner.ended else None
+
     def on_abort(self, request_id: str, identity: bytes) -> None:
-        client = self.clients.get(request_id)
-        if client is None or client.identity != identity:
+        route = self._route(request_id)
+        if route is None or route.identity != identity:
             log.info("abort_ignored", request_id=request_id, reason="not a live request of this client")
             return
         self.serving.abort(request_id)
 
     def on_disconnect(self, identity: bytes) -> None:
-        gone = [r for r, c in self.clients.items() if c.identity == identity]
+        gone = [r.request_id for r in self.serving.records() if (route := self._route(r.request_id)) is not None
+                and route.identity == identity]  # fmt: skip
         if gone:
             log.info("client_disconnected", request_ids=gone)
             for request_id in gone:
                 self.serving.abort(request_id)
 
-    # ---- Outbox ------------------------------------------------------------------------
-    async def deliver(self, delta: Delta) -> None:
+    async def deliver(self, route: _Route, delta: Delta) -> None:
         """Stream one step's tokens; the final delta ends the request."""
-        client = self.clients.get(delta.request_id)
-        if client is None:
-            return
         out = delta.output
         if out is None:
-            if client.stream:
-                await self.send(client.identity, Chunk(request_id=delta.request_id, token_ids=delta.token_ids,
-                                                       text=delta.text))  # fmt: skip
+            if route.stream:
+                await self.send(route.identity, Chunk(request_id=delta.request_id, token_ids=delta.token_ids,
+                                                      text=delta.text))  # fmt: skip
             return
-        del self.clients[delta.request_id]
         chunk = Chunk(
             request_id=delta.request_id,
-            token_ids=delta.token_ids if client.stream else out.token_ids,
-            text=delta.text if client.stream else out.text,
+            token_ids=delta.token_ids if route.stream else out.token_ids,
+            text=delta.text if route.stream else out.text,
             finish_reason=out.finish_reason,
-            logprobs=out.logprobs if not client.stream else None,
+            logprobs=out.logprobs if not route.stream else None,
             num_prompt_tokens=len(out.prompt_token_ids),
             num_cached_tokens=out.num_cached_tokens,
         )
-        await self.send(client.identity, chunk)
-
-    async def fail(self, request_id: str, code: ErrorCode, message: str) -> None:
-        """End a live request with one Error (worker death, deadline, shutdown, failed handoff)."""
-        client = self.clients.pop(request_id, None)
-        if client is not None:
-            await self._send_error(client.identity, request_id, code, message)
+        await self.send(route.identity, chunk)
 
     async def _send_error(self, identity: bytes, request_id: str, code: ErrorCode, message: str) -> None:
-        """A request's Error; a 429 or 503 first says when to try again."""
+        """A request's Error (a refusal, or its failure: worker death, deadline, shutdown, a
+        failed handoff); a 429 or 503 first says when to try again."""
         if code in RETRYABLE:
             await self.send(identity, RetryAfter(request_id, float(self.serving.retry_after())))
         await self.send(identity, Error(request_id, code, message))

@@ -9,8 +9,8 @@
 One prompt of an HTTP request is one kvd request, admitted through the same
 `Serving.submit` as a ZeroMQ client's: its id (`cmpl-…` / `chatcmpl-…`, or the client's
 own `X-Request-Id`; `<id>-<i>` for the i-th of several prompts) comes back in the
-`X-Request-Id` header and the response's `id`, so `kvd trace` finds it. The frontend is an
-`Outbox`: deltas land in the request's queue and the handler turns them into the JSON
+`X-Request-Id` header and the response's `id`, so `kvd trace` finds it. Its `Outbox` is a
+`_Choice`: deltas land in the HTTP request's queue and the handler turns them into the JSON
 response or server-sent events ending in `data: [DONE]`. A streamed response starts with
 its first token, so a request that fails before it (a refused or failed PD handoff, a
 deadline) still gets its HTTP status. Every error is an OpenAI error body; a 429 or 503
@@ -32,9 +32,17 @@ import structlog
 from aiohttp import web
 
 from kvd.config import KvdConfig
-from kvd.daemon.backoff import RETRYABLE
-from kvd.daemon.openai_api import DONE, JSON, ChatRequest, CompletionRequest, Shape, error_body, sse
 from kvd.daemon import health
+from kvd.daemon.backoff import RETRYABLE
+from kvd.daemon.openai_api import (
+    DONE,
+    JSON,
+    ChatRequest,
+    CompletionRequest,
+    Shape,
+    error_body,
+    sse,
+)
 from kvd.daemon.owner import Rejected
 from kvd.daemon.serving import Serving
 from kvd.engine.text import Delta
@@ -71,9 +79,28 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return _json(status, error_body(status, message), headers)
 
 
+class _Choice:
+    """One kvd request's way back to the HTTP request it serves (its `Outbox`, on its record):
+    that HTTP request's queue and the choice index; `done` once its end was queued."""
+
+    __slots__ = ("queue", "index", "done")
+
+    def __init__(self, queue: asyncio.Queue, index: int) -> None:
+        self.queue = queue
+        self.index = index
+        self.done = False
+
+    async def deliver(self, delta: Delta) -> None:
+        self.done = delta.output is not None
+        self.queue.put_nowait((self.index, delta))
+
+    async def fail(self, request_id: str, code: ErrorCode, message: str) -> None:
+        self.done = True
+        self.queue.put_nowait((self.index, _Failure(code, message)))
+
+
 class HttpFrontend:
-    """The HTTP server and the requests that came through it (an Outbox): a queue per HTTP
-    request, fed by their kvd requests' deltas."""
+    """The HTTP server: each HTTP request's kvd requests feed its queue through their `_Choice`."""
 
     def __init__(self, cfg: KvdConfig, serving: Serving, model_name: str, metrics) -> None:
         self.cfg = cfg.http
@@ -83,7 +110,6 @@ class HttpFrontend:
         self.metrics = metrics
         self.created = int(time.time())
         self.url: str | None = None
-        self._routes: dict[str, tuple[asyncio.Queue, int]] = {}  # kvd request id -> (its HTTP request's queue, choice)
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> str:
@@ -106,20 +132,6 @@ class HttpFrontend:
     async def close(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
-
-    # ---- Outbox ------------------------------------------------------------------------
-    async def deliver(self, delta: Delta) -> None:
-        route = self._routes.get(delta.request_id)
-        if route is None:
-            return
-        if delta.output is not None:
-            del self._routes[delta.request_id]
-        route[0].put_nowait((route[1], delta))
-
-    async def fail(self, request_id: str, code: ErrorCode, message: str) -> None:
-        route = self._routes.pop(request_id, None)
-        if route is not None:
-            route[0].put_nowait((route[1], _Failure(code, message)))
 
     # ---- middleware: auth, error bodies, Retry-After -----------------------------------
     @web.middleware
@@ -226,25 +238,22 @@ class HttpFrontend:
                      fill_max_tokens: bool = False) -> web.StreamResponse:  # fmt: skip
         """Submit every prompt, then answer; a client that leaves aborts what is still running."""
         q: asyncio.Queue = asyncio.Queue()
-        mine: list[str] = []  # the ids this handler routes: another's live request is never touched
+        mine: list[tuple[str, _Choice]] = []  # what this handler submitted: another's request is never touched
         try:
             for i, gen in enumerate(gens):
-                if gen.request_id in self._routes:  # its final delta may still be on its way out
-                    return error_response(400, f"X-Request-Id: {gen.request_id!r} is already in use",
-                                          {"X-Request-Id": shape.request_id})  # fmt: skip
+                choice = _Choice(q, i)
                 try:
-                    self.serving.submit(gen, self, fill_max_tokens)
+                    self.serving.submit(gen, choice, fill_max_tokens)
                 except Rejected as e:
                     return error_response(int(e.code), e.message, {"X-Request-Id": shape.request_id})
-                self._routes[gen.request_id] = (q, i)
-                mine.append(gen.request_id)
+                mine.append((gen.request_id, choice))
             if body.stream:
                 return await self._stream(request, shape, q, len(gens), body.include_usage)
             return await self._collect(shape, q, len(gens))
         finally:
-            for request_id in mine:
-                if self._routes.pop(request_id, None) is not None:
-                    self.serving.abort(request_id)
+            for request_id, choice in mine:
+                if not choice.done:
+                    self.serving.abort(request_id, choice)
 
     async def _collect(self, shape: Shape, q: asyncio.Queue, n: int) -> web.Response:
         outputs: list = [None] * n

@@ -1,9 +1,9 @@
 """What serving hangs on a request's record, and what a transport must be to receive it.
 
-An `Outbox` is where a request's results go (the ZeroMQ frontend, the HTTP frontend, a
-prefill instance's PD role); an `Owner` is the daemon's part of the request's record: its
-outbox, its clock and whether it has ended; `Rejected` is a request refused before it was
-queued.
+An `Outbox` is where one request's results go (its ZeroMQ client's route, its HTTP
+request's choice, a prefill instance's handoff); an `Owner` is the daemon's part of the
+request's record: its outbox, its clock, whether it has ended and, on a PD instance, its
+handoff; `Rejected` is a request refused before it was queued.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class Rejected(Exception):
 class Owner:
     """The daemon's part of a request's record: its outbox, its clock, what was logged of it."""
 
-    __slots__ = ("outbox", "client", "clock", "first_token", "scheduled", "ended")
+    __slots__ = ("outbox", "client", "clock", "first_token", "scheduled", "ended", "handoff")
 
     def __init__(self, outbox: Outbox, client: bool) -> None:
         self.outbox = outbox
@@ -44,3 +44,4 @@ class Owner:
         self.first_token: float | None = None
         self.scheduled = False
         self.ended = False  # its last delta or its failure went out
+        self.handoff = None  # its way through the PD chain while it has one (kvd.daemon.pd.handoff)

@@ -22,6 +22,7 @@ from kvd.connector.base import KVConnector
 from kvd.engine.engine import Engine
 from kvd.messages import CacheTaskDone
 from kvd.model_info import ModelInfo
+from kvd.request import Request
 
 log = structlog.get_logger("kvd.role")
 
@@ -43,13 +44,13 @@ class Role:
     def attach(self, engine: Engine) -> None:
         """The engine was (re)built."""
 
-    def admitted(self, request_id: str) -> None:
+    def admitted(self, request: Request) -> None:
         """A client request was queued."""
 
     def scheduled(self) -> None:
         """After each schedule()."""
 
-    def ended(self, request_id: str) -> None:
+    def ended(self, request: Request) -> None:
         """A request ended by abort or failure (the engine already finished it)."""
 
     async def on_cache_done(self, done: CacheTaskDone) -> None:

@@ -6,9 +6,9 @@
     serving.abort(request_id)        # the request ends with finish_reason "abort"
     await serving.fail(request_id, code, message)   # the request ends with one error
 
-Every live request's record (kvd.request.Request) carries an `Owner`: the transport its
-results go back through (the ZeroMQ frontend, the HTTP frontend, or a prefill instance's
-PD role for the requests decode instances hand it), its clock, and whether it has ended.
+Every live request's record (kvd.request.Request) carries an `Owner`: its route back (a
+ZeroMQ client's, an HTTP request's, or a prefill instance's handoff for the requests
+decode instances hand it), its clock, and whether it has ended.
 Serving logs each client request's lifecycle (`request_queued` … `request_finished` /
 `request_failed`) and observes its metrics, so a transport only formats and sends. A
 request ends exactly once, in `_end`: its last delta or its one failure.
@@ -89,7 +89,7 @@ class Serving:
 
     async def on_worker_lost(self, message: str, details: dict[str, Any]) -> None:
         """Every live request fails with 500 naming the cause; 503 until a new worker is Ready."""
-        records = self.engine.requests() if self.engine is not None else []
+        records = self.records()
         log.error("worker_dead", **details,
                   request_ids=[r.request_id for r in records if r.owner is not None and r.owner.client])  # fmt: skip
         for request in records:
@@ -154,10 +154,10 @@ class Serving:
             params = msg.params
             if fill_max_tokens:
                 params = msgspec.structs.replace(params, max_tokens=max(1, self.engine.max_new_tokens(len(ids))))
-            self.add(ids, params, msg.request_id, outbox, client=True)
+            request = self.add(ids, params, msg.request_id, outbox, client=True)
         except ValueError as e:
             raise Rejected(ErrorCode.BAD_REQUEST, str(e)) from None
-        self.role.admitted(msg.request_id)
+        self.role.admitted(request)
 
     def add(self, token_ids: list[int], params: SamplingParams, request_id: str, outbox: Outbox, *,
             client: bool = False) -> Request:  # fmt: skip
@@ -176,12 +176,18 @@ class Serving:
         """The request's record while it is in the engine's table."""
         return self.engine.scheduler.requests.get(request_id) if self.engine is not None else None
 
-    def abort(self, request_id: str) -> None:
-        """End a request with finish_reason "abort" (client abort or disconnect); idempotent."""
-        if self.engine is None:
+    def records(self) -> list[Request]:
+        """Every record in the engine's table."""
+        return self.engine.requests() if self.engine is not None else []
+
+    def abort(self, request_id: str, outbox: Outbox | None = None) -> None:
+        """End a request with finish_reason "abort" (client abort or disconnect); idempotent.
+        Given `outbox`, only the request whose results go there (not another with its id)."""
+        request = self.record(request_id)
+        if request is None or (outbox is not None and (request.owner is None or request.owner.outbox is not outbox)):
             return
         self.post(self.engine.abort([request_id]))
-        self.role.ended(request_id)
+        self.role.ended(request)
         self._work.set()
 
     async def fail(self, request_id: str, code: ErrorCode, message: str) -> None:
@@ -198,13 +204,13 @@ class Serving:
             self.spawn(self._fail(request, code, message))
 
     async def fail_all(self, code: ErrorCode, message: str) -> None:
-        for request in self.engine.requests() if self.engine is not None else []:
+        for request in self.records():
             await self._fail(request, code, message)
 
     async def _fail(self, request: Request, code: ErrorCode, message: str) -> None:
         if self.engine is not None:
             self.engine.abort([request.request_id], RequestStatus.FINISHED_ERROR)
-        self.role.ended(request.request_id)
+        self.role.ended(request)
         owner = request.owner
         if owner is None or owner.ended:
             return

@@ -37,7 +37,17 @@ from kvd.config import KvdConfig
 from kvd.daemon.children import ChildDied, ChildProcess
 from kvd.ipc import AsyncChannel, BadFrame, bind_ipc, private_dir
 from kvd.logs import ms_since
-from kvd.messages import CacheTask, CacheTaskDone, Dead, FromChild, MapKV, Ready, Shutdown, Step, StepDone
+from kvd.messages import (
+    CacheTask,
+    CacheTaskDone,
+    Dead,
+    FromChild,
+    MapKV,
+    Ready,
+    Shutdown,
+    Step,
+    StepDone,
+)
 from kvd.scheduler.output import ModelOutput, SchedulerOutput
 
 log = structlog.get_logger("kvd.supervisor")

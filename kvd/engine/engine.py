@@ -130,6 +130,10 @@ class Engine:
         """Give up on external KV: the request computes its prompt here."""
         return self.scheduler.kv_load_failed(request_id)
 
+    def begin_transfer(self, request: Request) -> None:
+        """A transfer may touch the request's blocks: none of them is freed until it ends."""
+        self.connector.begin_transfer(request)
+
     def end_transfer(self, request: Request) -> None:
         """A transfer of the request's blocks ended (or can no longer touch them); idempotent.
         A request that finished meanwhile has its blocks freed now."""

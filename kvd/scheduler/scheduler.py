@@ -160,8 +160,8 @@ class Scheduler:
 
     @property
     def num_kv_wait_blocks(self) -> int:
-        """Blocks held by requests waiting for external KV."""
-        return sum(len(self.kv.req_blocks.get(r.request_id, ())) for r in self._kv_waiting())
+        """Blocks held by requests waiting for external KV (the connector counts them)."""
+        return self.connector.num_wait_blocks
 
     def _kv_waiting(self) -> list[Request]:
         return [r for r in self.requests.values() if r.status == RequestStatus.WAITING_FOR_KV]
@@ -180,7 +180,7 @@ class Scheduler:
             self.connector.load_ended(request)
             return True
         request.status = RequestStatus.WAITING_FOR_KV
-        self.connector.allocated(request)
+        self.connector.allocated(request, len(self.kv.req_blocks[request.request_id]))
         return True
 
     # ---- the step ----------------------------------------------------------------------
@@ -339,6 +339,8 @@ class Scheduler:
         live = {request_id for request_id, r in self.requests.items() if not r.status.finished}
         if len(set(queued)) != len(queued) or set(queued) != live:
             raise RuntimeError("scheduler: request table, waiting queue, KV waits and running list disagree")
+        if self.num_kv_wait_blocks != sum(len(self.kv.req_blocks[r.request_id]) for r in self._kv_waiting()):
+            raise RuntimeError("scheduler: the KV-wait block count differs from the blocks KV waits hold")
         for request_id in self.kv.req_blocks:
             request = self.requests.get(request_id)
             if request is None:

@@ -81,10 +81,15 @@ class Inbox:
 
 
 class Harness:
-    def __init__(self, tokenizer, compute_threads: int = 0, **daemon) -> None:
-        cfg = KvdConfig(daemon=DaemonConfig(**daemon))
-        self.worker = FakeWorker()
-        self.serving = Serving(cfg, self.worker, tokenizer, Role, fatal=self._fatal, ctx=None, run_dir=None)
+    """Serving on a fake worker, with its step loop and text stage running (a `with` block).
+    A PD test passes its role class, config, worker (the messenger's fake too) and the
+    role's ZeroMQ context and run directory."""
+
+    def __init__(self, tokenizer, compute_threads: int = 0, role: type[Role] = Role, cfg: KvdConfig | None = None,
+                 worker: FakeWorker | None = None, ctx=None, run_dir=None, **daemon) -> None:  # fmt: skip
+        cfg = cfg or KvdConfig(daemon=DaemonConfig(**daemon))
+        self.worker = worker or FakeWorker()
+        self.serving = Serving(cfg, self.worker, tokenizer, role, fatal=self._fatal, ctx=ctx, run_dir=run_dir)
         self.serving.on_worker_ready(Ready(process="worker-0", pid=0, info=ModelInfo(
             vocab_size=tokenizer.vocab_size, max_model_len=512, eos_token_ids=[], num_blocks=256, block_size=4,
             compute_threads=compute_threads)))
@@ -97,7 +102,8 @@ class Harness:
 
     def __enter__(self):
         self.tasks = [asyncio.create_task(self.serving.run(), name="step-loop"),
-                      asyncio.create_task(self.serving.run_text(), name="text-stage")]  # fmt: skip
+                      asyncio.create_task(self.serving.run_text(), name="text-stage"),
+                      *(asyncio.create_task(reader) for reader in self.serving.role.readers())]  # fmt: skip
         return self
 
     def __exit__(self, *exc) -> None:

@@ -41,6 +41,7 @@ from kvd.messages import (
     PrefillFailed,
     PrefillRequest,
 )
+from kvd.request import Request
 
 log = structlog.get_logger("kvd.pd.decode")
 
@@ -77,14 +78,13 @@ class DecodeRole(PDRole):
             link.close()
 
     # ---- the request's side ------------------------------------------------------------
-    def admitted(self, request_id: str) -> None:
-        self.handoffs[request_id] = DecodeHandoff(request_id)
-        self.counts["handoffs"] += 1
+    def admitted(self, request: Request) -> None:
+        self.begin(request, DecodeHandoff(request.request_id))
 
     def scheduled(self) -> None:
         """Requests whose blocks were just preallocated are dispatched to a prefill instance."""
         for request in self.engine.connector.take_loads():
-            h = self.handoffs.get(request.request_id)
+            h = request.owner.handoff if request.owner is not None else None
             if h is None:
                 continue
             h.read_from = request.num_computed_tokens // self.engine.kv.block_size
@@ -93,11 +93,12 @@ class DecodeRole(PDRole):
                      num_blocks=len(self.engine.kv.block_ids(h.engine_id)), **h.clock.step())  # fmt: skip
             self._dispatch(h)
 
-    def ended(self, request_id: str) -> None:
+    def ended(self, request: Request) -> None:
         """The client left, aborted, or the request failed: the prefill instance stops too."""
-        h = self.handoffs.pop(request_id, None)
+        h = request.owner.handoff if request.owner is not None else None
         if h is None:
             return
+        self.end(h)
         log.info("handoff_aborted", request_id=h.request_id, phase=h.phase.name, **h.clock.step())
         self._abandon(h)
 
@@ -168,12 +169,12 @@ class DecodeRole(PDRole):
             was_draining = link.draining
             if link.on_pong(msg):
                 log.info("prefill_instance_up", instance=link.instance, endpoint=link.endpoint)
-                for h in [h for h in self.handoffs.values() if h.phase == Phase.UNDISPATCHED]:
+                for h in [h for h in self.handoffs() if h.phase == Phase.UNDISPATCHED]:
                     self._dispatch(h)
             elif link.draining and not was_draining:
                 log.info("prefill_instance_draining", instance=link.instance, endpoint=link.endpoint)
             return
-        h = self.handoffs.get(msg.handoff_id.rpartition("#")[0])  # the id may hold a '#' itself
+        h = self.handoff(msg.handoff_id.rpartition("#")[0])  # the id may hold a '#' itself
         if h is None or h.handoff_id != msg.handoff_id or h.phase != Phase.PREFILLING:
             self.counts["late_messages"] += 1
             log.info("late_message_ignored", message=type(msg).__name__, handoff_id=msg.handoff_id,
@@ -200,7 +201,7 @@ class DecodeRole(PDRole):
     async def _on_prefill_done(self, h: DecodeHandoff, msg: PrefillDone) -> None:
         request = self.engine.request(h.engine_id)
         if request is None:
-            self.handoffs.pop(h.engine_id, None)
+            self.end(h)
             return
         log.info("prefill_done", request_id=h.request_id, prefill_ms=round(msg.prefill_ms, 3),
                  write_ms=round(msg.write_ms, 3), num_cached_tokens=msg.num_cached_tokens,
@@ -214,14 +215,14 @@ class DecodeRole(PDRole):
         h.phase = Phase.READING  # from here the request's end is the read's, not the prefill's
         self.serving.post(self.engine.append_token(h.engine_id, msg.first_token, msg.logprobs))  # out at once
         if self.engine.request(h.engine_id) is None:  # the first token finished it: nothing to read
-            self.handoffs.pop(h.engine_id, None)
+            self.end(h)
             return
         self.read(h, keys[h.read_from :], prefix=False)
 
     # ---- the read ----------------------------------------------------------------------
     def arrived(self, h: Handoff, num_blocks: int) -> None:
         """The whole prompt's KV, the partial block included, is in the request's blocks."""
-        self.handoffs.pop(h.engine_id, None)
+        self.end(h)
         request = self.engine.request(h.engine_id)
         tokens = request.num_prompt_tokens if request is not None else 0
         if self.engine.kv_loaded(h.engine_id, tokens):
@@ -241,7 +242,7 @@ class DecodeRole(PDRole):
 
     def _fail(self, h: DecodeHandoff, code: ErrorCode, message: str) -> None:
         """A handoff failed with no transfer in flight: 502/504 to the client, or a local recompute."""
-        self.handoffs.pop(h.engine_id, None)
+        self.end(h)
         self._abandon(h)
         if self.cfg.on_kv_failure == "recompute" and self.engine.kv_load_failed(h.engine_id):
             self.counts["recomputes"] += 1
@@ -256,7 +257,7 @@ class DecodeRole(PDRole):
         """Every second: lease expiry, silent transfers, heartbeats."""
         self.reap_transfers()
         now = time.monotonic()
-        for h in list(self.handoffs.values()):
+        for h in self.handoffs():
             if now > h.deadline and h.phase != Phase.READING:  # a read ends by its own deadline
                 self._fail(h, ErrorCode.DEADLINE, f"deadline: no KV within lease_s={self.cfg.lease_s}")
         # A tick that comes late means this process was starved: replies may be waiting unread,
@@ -273,7 +274,7 @@ class DecodeRole(PDRole):
                   silent_s=round(time.monotonic() - link.last_pong, 3))  # fmt: skip
         link.outstanding = 0
         link.reset()
-        for h in [h for h in self.handoffs.values() if h.link is link and h.phase == Phase.PREFILLING]:
+        for h in [h for h in self.handoffs() if h.link is link and h.phase == Phase.PREFILLING]:
             h.phase = Phase.QUEUED  # nothing is outstanding there any more
             if self._pick() is not None:
                 log.warning("prefill_failover", request_id=h.request_id, from_instance=link.instance)
@@ -282,15 +283,15 @@ class DecodeRole(PDRole):
                 self._fail(h, ErrorCode.KV_TRANSFER_FAILED,
                            f"prefill instance {link.instance} stopped answering (no heartbeat for "
                            f"{self.cfg.heartbeat_timeout_s} s)")  # fmt: skip
-        for h in [h for h in self.handoffs.values() if h.phase == Phase.UNDISPATCHED]:
+        for h in [h for h in self.handoffs() if h.phase == Phase.UNDISPATCHED]:
             self._dispatch(h)  # held for a draining instance: another one, or fail now
 
     async def engine_lost(self) -> None:
         """The worker died: its requests failed and its KV is gone; forget every handoff."""
-        for h in list(self.handoffs.values()):
+        for h in self.handoffs():
             self._abandon(h)
-        self.handoffs.clear()
-        self.tasks.clear()
+            self.end(h)
+        self.transfers = None
 
     def problems(self) -> list[str]:
         if self.links and not any(link.alive for link in self.links):

@@ -4,8 +4,8 @@
       ─▶ CacheTask(write every block, the partial one too) ─▶ CacheTaskDone ok ─▶ PrefillDone
       ─▶ blocks released (full ones stay as prefix cache)          (any failure: PrefillFailed)
 
-The role is the `Outbox` of the requests it queues: their deltas come back here, never to
-a client. The first token leaves only after the write succeeded, and every handoff gets
+Each handoff is the `Outbox` of the request it queues: its deltas come back to the role,
+never to a client. The first token leaves only after the write succeeded, and every handoff gets
 exactly one reply (PrefillDone or PrefillFailed) unless its decode instance aborted it.
 On SIGTERM the role drains: Pongs say so, new PrefillRequests are refused with
 UNAVAILABLE (decode fails them over), the handoffs in flight get `daemon.drain_timeout_s`
@@ -15,7 +15,6 @@ to reply, the rest a PrefillFailed at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Coroutine
 from pathlib import Path
@@ -46,10 +45,12 @@ log = structlog.get_logger("kvd.pd.prefill")
 
 
 class PrefillHandoff(Handoff):
-    """A decode instance's request: who to answer, and what the answer carries."""
+    """A decode instance's request: who to answer, and what the answer carries. It is the
+    request's `Outbox`: its deltas and its failure come back to the role through it."""
 
-    def __init__(self, msg: PrefillRequest, identity: bytes) -> None:
+    def __init__(self, role: PrefillRole, msg: PrefillRequest, identity: bytes) -> None:
         super().__init__(msg.handoff_id, msg.request_id)
+        self.role = role
         self.identity = identity  # the decode instance's DEALER
         self.token_ids = list(msg.token_ids)
         self.deadline = time.monotonic() + msg.ttl_s
@@ -60,6 +61,14 @@ class PrefillHandoff(Handoff):
         self.first_token = -1
         self.logprobs = None
         self.num_cached = 0
+
+    async def deliver(self, delta: Delta) -> None:
+        if self.live:
+            await self.role.on_delta(self, delta)
+
+    async def fail(self, request_id: str, code: ErrorCode, message: str) -> None:
+        if self.live:
+            await self.role.give_up(self, code, message)
 
 
 class PrefillRole(PDRole):
@@ -87,25 +96,25 @@ class PrefillRole(PDRole):
             await self.server.send(identity, Pong(msg.seq, self.instance, self.namespace, queued,
                                                   draining=self.serving.draining))  # fmt: skip
         elif isinstance(msg, PrefillAbort):
-            h = self.handoffs.get(msg.handoff_id)
+            h = self.handoff(msg.handoff_id)
             if h is None:
                 return
             h.aborted = True
             log.info("prefill_aborted", request_id=h.request_id, handoff_id=h.engine_id, phase=h.phase.name)
             if h.phase != Phase.WRITING:
-                self.handoffs.pop(h.engine_id, None)
+                self.end(h)
                 self.serving.abort(h.engine_id)
         elif isinstance(msg, PrefillRequest):
             await self._on_prefill_request(identity, msg)
 
     async def _on_prefill_request(self, identity: bytes, msg: PrefillRequest) -> None:
-        h = PrefillHandoff(msg, identity)
+        h = PrefillHandoff(self, msg, identity)
         log.info("prefill_received", request_id=msg.request_id, handoff_id=msg.handoff_id,
                  num_tokens=len(msg.token_ids))  # fmt: skip
         refusal = self._refusal(msg)
         if refusal is None:
             try:
-                self.serving.add(list(msg.token_ids), msg.params, msg.handoff_id, self)
+                request = self.serving.add(list(msg.token_ids), msg.params, msg.handoff_id, h)
             except ValueError as e:
                 refusal = (ErrorCode.BAD_REQUEST, str(e))
         if refusal is not None:
@@ -114,8 +123,7 @@ class PrefillRole(PDRole):
             await self.server.send(identity, PrefillFailed(handoff_id=msg.handoff_id, request_id=msg.request_id,
                                                            code=code, message=text))  # fmt: skip
             return
-        self.handoffs[h.engine_id] = h
-        self.counts["handoffs"] += 1
+        self.begin(request, h)
 
     def _refusal(self, msg: PrefillRequest) -> tuple[ErrorCode, str] | None:
         refusal = self.serving.refusal()
@@ -123,19 +131,18 @@ class PrefillRole(PDRole):
             refusal = (ErrorCode.KV_TRANSFER_FAILED,
                        f"pd: KV layout mismatch: decode namespace {msg.namespace}, prefill {self.namespace} "
                        "(model, dtype and block_size must match)")  # fmt: skip
-        if refusal is None and msg.handoff_id in self.handoffs:
+        if refusal is None and self.serving.record(msg.handoff_id) is not None:
             refusal = (ErrorCode.BAD_REQUEST, f"handoff_id: {msg.handoff_id!r} is already in use")
         return refusal
 
-    # ---- the requests' Outbox ----------------------------------------------------------
-    async def deliver(self, delta: Delta) -> None:
+    # ---- what the requests' outboxes bring ---------------------------------------------
+    async def on_delta(self, h: PrefillHandoff, delta: Delta) -> None:
         """A request of ours finished after its first token: write its blocks."""
-        h = self.handoffs.get(delta.request_id)
         out = delta.output
-        if h is None or out is None:
+        if out is None:
             return
         if out.finish_reason in ("abort", "error") or not out.token_ids:
-            await self._give_up(h, ErrorCode.INTERNAL, "prefill: the request failed")
+            await self.give_up(h, ErrorCode.INTERNAL, "prefill: the request failed")
             return
         h.prefill_ms = (time.monotonic() - h.t_prefill) * 1e3
         log.info("prefill_first_token", request_id=h.request_id, handoff_id=h.engine_id, token=out.token_ids[0],
@@ -144,16 +151,13 @@ class PrefillRole(PDRole):
         h.first_token, h.num_cached = out.token_ids[0], out.num_cached_tokens
         h.logprobs = out.logprobs[0] if out.logprobs else None
         h.phase = Phase.WRITING
-        self.send_task(h, True, h.keys, self.engine.kv.block_ids(h.engine_id)[: len(h.keys)])
+        request = self.serving.record(h.engine_id)  # finished, its blocks held for this save
+        block_ids = self.engine.kv.block_ids(h.engine_id)[: len(h.keys)]
+        h.task_id = self.transfers.save(request, h.keys, block_ids, h.deadline)
 
-    async def fail(self, request_id: str, code: ErrorCode, message: str) -> None:
-        h = self.handoffs.get(request_id)
-        if h is not None:
-            await self._give_up(h, code, message)
-
-    async def _give_up(self, h: PrefillHandoff, code: ErrorCode, message: str) -> None:
+    async def give_up(self, h: PrefillHandoff, code: ErrorCode, message: str) -> None:
         """One PrefillFailed (unless decode aborted it), and the engine lets the request go."""
-        self.handoffs.pop(h.engine_id, None)
+        self.end(h)
         if not h.aborted:
             await self._reply(h, PrefillFailed(handoff_id=h.engine_id, request_id=h.request_id, code=code,
                                                message=message))  # fmt: skip
@@ -168,7 +172,7 @@ class PrefillRole(PDRole):
         """prefix_from_pool: read what the pool has of a preallocated request's leading blocks."""
         bs = self.engine.kv.block_size
         for request in self.engine.connector.take_loads():
-            h = self.handoffs.get(request.request_id)
+            h = request.owner.handoff if request.owner is not None else None
             if h is None:
                 continue
             h.read_from = request.num_computed_tokens // bs
@@ -209,28 +213,28 @@ class PrefillRole(PDRole):
                                              num_cached_tokens=h.num_cached, prefill_ms=h.prefill_ms,
                                              write_ms=done.duration_ms))  # fmt: skip
         finally:
-            self.handoffs.pop(h.engine_id, None)  # after the reply: a drain waits for the last one
+            self.end(h)  # after the reply: a drain waits for the last one
 
     def transfer_expired(self, h: PrefillHandoff) -> None:
         message = "deadline: the KV transfer did not finish within lease_s"
-        self.serving.spawn(self._give_up(h, ErrorCode.DEADLINE, message))
+        self.serving.spawn(self.give_up(h, ErrorCode.DEADLINE, message))
 
     # ---- leases, worker loss, drain ----------------------------------------------------
     def tick(self) -> None:
         self.reap_transfers()
         now = time.monotonic()
-        for h in list(self.handoffs.values()):
+        for h in self.handoffs():
             if now > h.deadline and h.phase not in (Phase.READING, Phase.WRITING):
-                self.handoffs.pop(h.engine_id, None)  # decode has given up: no reply
+                self.end(h)  # decode has given up: no reply
                 log.warning("prefill_expired", request_id=h.request_id, handoff_id=h.engine_id)
                 self.serving.abort(h.engine_id)
 
     async def engine_lost(self) -> None:
         """The worker died; handoffs still live (their writes) get a PrefillFailed."""
-        handoffs = list(self.handoffs.values())
-        self.handoffs.clear()
-        self.tasks.clear()
+        handoffs = self.handoffs()
+        self.transfers = None
         for h in handoffs:
+            self.end(h)
             if not h.aborted:
                 await self._reply(h, PrefillFailed(handoff_id=h.engine_id, request_id=h.request_id,
                                                    code=ErrorCode.KV_TRANSFER_FAILED,
@@ -240,11 +244,12 @@ class PrefillRole(PDRole):
         """New PrefillRequests are refused (serving is draining) and Pongs say so; the handoffs
         in flight get `timeout_s` to reply, and the rest a PrefillFailed(UNAVAILABLE) at once,
         so decode fails them over instead of waiting for a heartbeat to lapse."""
-        log.info("prefill_draining", in_flight=len(self.handoffs), timeout_s=timeout_s)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.handoffs.empty.wait(), timeout_s)
-        for h in list(self.handoffs.values()):
-            self.handoffs.pop(h.engine_id, None)
+        log.info("prefill_draining", in_flight=len(self.handoffs()), timeout_s=timeout_s)
+        end = time.monotonic() + timeout_s
+        while self.handoffs() and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        for h in self.handoffs():
+            self.end(h)
             if not h.aborted:
                 await self._reply(h, PrefillFailed(handoff_id=h.engine_id, request_id=h.request_id,
                                                    code=ErrorCode.UNAVAILABLE,
