@@ -45,7 +45,7 @@ from kvd.messages import (
     StatusReply,
 )
 from kvd.outputs import RequestOutput
-from kvd.sampling import SamplingParams
+from kvd.sampling import MAX_N, SamplingParams
 
 DEFAULT_TIMEOUT_S = 600.0
 CONNECT_TIMEOUT_S = 5.0
@@ -116,18 +116,31 @@ def _unreachable(endpoint: str, seconds: float) -> KvdError:
 
 
 class _Collector:
-    """Folds a request's chunks into a RequestOutput."""
+    """Folds a request's chunks into a RequestOutput per choice (n of them for n > 1)."""
 
-    def __init__(self, request_id: str) -> None:
-        self.out = RequestOutput(request_id=request_id, prompt_token_ids=[], token_ids=[], text="", finish_reason=None)
+    def __init__(self, request_id: str, n: Any) -> None:
+        n = n if type(n) is int and 1 <= n <= MAX_N else 1  # a bad n is refused before any chunk comes
+        self.outs = [RequestOutput(request_id=request_id, prompt_token_ids=[], token_ids=[], text="",
+                                   finish_reason=None, index=i) for i in range(n)]  # fmt: skip
 
     def add(self, chunk: Chunk) -> None:
-        self.out.token_ids += chunk.token_ids
-        self.out.text += chunk.text
+        if not 0 <= chunk.index < len(self.outs):
+            return
+        out = self.outs[chunk.index]
+        out.token_ids += chunk.token_ids
+        out.text += chunk.text
         if chunk.finish_reason is not None:
-            self.out.finish_reason = chunk.finish_reason
-            self.out.num_cached_tokens = chunk.num_cached_tokens
-            self.out.logprobs = chunk.logprobs
+            out.finish_reason = chunk.finish_reason
+            out.num_cached_tokens = chunk.num_cached_tokens
+            out.logprobs = chunk.logprobs
+
+    def result(self) -> RequestOutput | list[RequestOutput]:
+        return self.outs[0] if len(self.outs) == 1 else self.outs
+
+
+def _num_choices(frame: bytes) -> tuple[str, int]:
+    msg = _CHECK.decode(frame)
+    return msg.request_id, msg.params.n
 
 
 def _chunk(reply: ServerMessage, hint: RetryAfter | None = None) -> Chunk | None:
@@ -140,9 +153,9 @@ def _chunk(reply: ServerMessage, hint: RetryAfter | None = None) -> Chunk | None
     return reply if isinstance(reply, Chunk) else None
 
 
-def _ends(reply: ServerMessage) -> bool:
-    """Whether the daemon has ended the request with this reply (no Abort is owed then)."""
-    return isinstance(reply, Error) or (isinstance(reply, Chunk) and reply.finish_reason is not None)
+def _final(reply: ServerMessage) -> bool:
+    """Whether this reply ends one choice of the request (an Error ends them all)."""
+    return isinstance(reply, Chunk) and reply.finish_reason is not None
 
 
 class AsyncClient:
@@ -223,7 +236,7 @@ class AsyncClient:
     ) -> AsyncIterator[Chunk]:
         """Yield chunks as tokens are sampled; the last carries finish_reason."""
         frame = _generate_msg(prompt, prompt_token_ids, chat, request_id, _stream, options)
-        request_id = _CHECK.decode(frame).request_id
+        request_id, left = _num_choices(frame)
         if request_id in self._queues:  # the live one keeps its stream
             raise KvdError(ErrorCode.BAD_REQUEST, f"request_id: {request_id!r} is already in use on this client")
         q: asyncio.Queue = asyncio.Queue()
@@ -239,7 +252,8 @@ class AsyncClient:
                 if isinstance(reply, RetryAfter):
                     hint = reply  # the Error it is for comes next
                     continue
-                finished = _ends(reply)
+                left -= _final(reply)
+                finished = isinstance(reply, Error) or not left
                 if (chunk := _chunk(reply, hint)) is not None:
                     yield chunk
         finally:
@@ -247,14 +261,15 @@ class AsyncClient:
             if sent and not finished and not self._sock.closed:
                 self._send_now(self._enc.encode(Abort(request_id)))
 
-    async def generate(self, prompt: str | None = None, **kwargs: Any) -> RequestOutput:
-        """The whole result at once (sent as a non-streaming request)."""
+    async def generate(self, prompt: str | None = None, **kwargs: Any) -> RequestOutput | list[RequestOutput]:
+        """The whole result at once (sent as a non-streaming request); with n > 1, a list of
+        the n choices' outputs."""
         request_id = kwargs["request_id"] if kwargs.get("request_id") is not None else uuid.uuid4().hex
         kwargs["request_id"] = request_id
-        col = _Collector(request_id)
+        col = _Collector(request_id, kwargs.get("n", 1))
         async for chunk in self.stream(prompt, _stream=False, **kwargs):
             col.add(chunk)
-        return col.out
+        return col.result()
 
     async def abort(self, request_id: str) -> None:
         self._send_now(self._enc.encode(Abort(request_id)))
@@ -318,7 +333,7 @@ class Client:
         **options: Any,
     ) -> Iterator[Chunk]:
         frame = _generate_msg(prompt, prompt_token_ids, chat, request_id, _stream, options)
-        request_id = _CHECK.decode(frame).request_id
+        request_id, left = _num_choices(frame)
         self._send(frame)
         deadline = time.monotonic() + self.timeout
         finished = False
@@ -331,7 +346,8 @@ class Client:
                 if isinstance(reply, RetryAfter):
                     hint = reply  # the Error it is for comes next
                     continue
-                finished = _ends(reply)
+                left -= _final(reply)
+                finished = isinstance(reply, Error) or not left
                 if (chunk := _chunk(reply, hint)) is not None:
                     yield chunk
         finally:
@@ -341,13 +357,14 @@ class Client:
                 except zmq.ZMQError:
                     pass  # the daemon is gone: the request ended with it
 
-    def generate(self, prompt: str | None = None, **kwargs: Any) -> RequestOutput:
+    def generate(self, prompt: str | None = None, **kwargs: Any) -> RequestOutput | list[RequestOutput]:
+        """The whole result at once; with n > 1, a list of the n choices' outputs."""
         request_id = kwargs["request_id"] if kwargs.get("request_id") is not None else uuid.uuid4().hex
         kwargs["request_id"] = request_id
-        col = _Collector(request_id)
+        col = _Collector(request_id, kwargs.get("n", 1))
         for chunk in self.stream(prompt, _stream=False, **kwargs):
             col.add(chunk)
-        return col.out
+        return col.result()
 
     def abort(self, request_id: str) -> None:
         self._send(self._enc.encode(Abort(request_id)))

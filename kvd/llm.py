@@ -36,11 +36,13 @@ class LocalEngine(Engine):
         self.text = TextStage(tokenizer)
         super().__init__(config, self.runner.model_info(), tokenizer_eos(tokenizer))
 
-    def add(self, token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
-        """Queue token ids that `validate` passed; returns the request id."""
+    def add(self, token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> list[str]:
+        """Queue token ids that `validate` passed; returns the ids of its n choices (one for n = 1)."""
         request = self.enqueue(token_ids, params, request_id)
-        self.text.start(request)
-        return request.request_id
+        choices = request.choices or [request]
+        for choice in choices:
+            self.text.start(choice)
+        return [choice.request_id for choice in choices]
 
     def step(self) -> list[RequestOutput]:
         """One step: schedule → run → process → text. Returns the requests finished in it."""
@@ -71,7 +73,8 @@ class LLM:
         *,
         use_tqdm: bool | None = None,
     ) -> list[RequestOutput]:
-        """Outputs in the order of `prompts`; one SamplingParams for all, or one per prompt."""
+        """Outputs in the order of `prompts`; one SamplingParams for all, or one per prompt. A
+        prompt sampled with n > 1 has n outputs in a row (`index` 0 to n - 1)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -79,7 +82,7 @@ class LLM:
         tokenized = [self.engine.text.prompt_ids(p) for p in prompts]
         for ids, p in zip(tokenized, param_list):
             self.engine.validate(ids, p)
-        request_ids = [self.engine.add(ids, p) for ids, p in zip(tokenized, param_list)]
+        request_ids = [rid for ids, p in zip(tokenized, param_list) for rid in self.engine.add(ids, p)]
         return self._run(request_ids, use_tqdm)
 
     def chat(

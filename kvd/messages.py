@@ -29,7 +29,6 @@ from kvd.model_info import KVShare, ModelInfo
 from kvd.sampling import SamplingParams
 from kvd.scheduler.output import Logprobs, ModelOutput, SchedulerOutput
 
-
 MAX_REQUEST_ID = 128  # characters
 
 
@@ -99,6 +98,7 @@ class Chunk(_Msg, tag="chunk", kw_only=True):
     logprobs: list[Logprobs] | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    index: int = 0  # which of the request's n choices (a request with n > 1 ends after n final chunks)
 
 
 class Error(_Msg, tag="error"):

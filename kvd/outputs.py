@@ -17,6 +17,7 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     finish_reason: str | None  # "stop" | "length" | "abort" | "error"; None while running
     logprobs: list[Logprobs] | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    index: int = 0  # which of its request's n choices (sampling n > 1)
 
     @property
     def finished(self) -> bool:

@@ -76,6 +76,15 @@ class Request:
         self.transfer = None  # its KVTransfer, when the connector moves its KV (kvd.connector)
         self.text = None  # its TextState: detokenizer, stop strings, the output so far (kvd.engine.text)
         self.owner = None  # the daemon's: where its results go, its clock (kvd.daemon.serving)
+        # A request with n > 1 is n records, its choices, in one shared list; `index` is this
+        # one's place. Choices after the first reuse the first's prompt KV (prefix cache).
+        self.choices: list[Request] | None = None
+        self.index = 0
+
+    @property
+    def first_choice(self) -> Request | None:
+        """The choice whose prompt KV this one reuses (None for the first, or n = 1)."""
+        return self.choices[0] if self.index else None
 
     @property
     def num_prompt_tokens(self) -> int:

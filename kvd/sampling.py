@@ -12,13 +12,14 @@ from typing import Any
 
 import msgspec
 
-
 INT32 = 2**31 - 1
+MAX_N = 128  # choices per request (the engine also keeps n within its max_num_seqs)
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """Greedy when temperature == 0; otherwise temperature, top-k and top-p sampling."""
 
+    n: int = 1  # sequences sampled from the prompt (its choices), which share the prompt's KV
     max_tokens: int = 16
     temperature: float = 1.0
     top_k: int = 0  # 0: off
@@ -32,6 +33,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or not 1 <= self.max_tokens <= INT32:
             raise ValueError(f"max_tokens: must be an integer in [1, {INT32}], got {self.max_tokens!r}")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n: must be an integer in [1, {MAX_N}], got {self.n!r}")
         if not 0 <= self.temperature < float("inf"):
             raise ValueError(f"temperature: must be finite and >= 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:

@@ -23,6 +23,8 @@ KNOWN = {
     "daemon/supervisor.py:Supervisor._channels": "the children's channels, by process name",
     "daemon/supervisor.py:Supervisor._ready": "Ready handshakes awaited, by process name",
     "daemon/pd/handoff.py:PDRole.counts": "the role's counters, by name",
+    "daemon/openai_api.py:TokenText._texts": "token texts, by token id (a cache)",
+    "daemon/openai_api.py:Shape._offsets": "one HTTP response's text offsets, by choice index",
 }
 
 _DICT_CALLS = ("dict", "defaultdict", "collections.defaultdict", "OrderedDict")

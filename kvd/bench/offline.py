@@ -210,7 +210,7 @@ def kvd_step_ms(llm: LLM, prompts: list[list[int]], steps: int) -> float:
     """Median ms of `Engine.step()` while every request is in decode."""
     engine = llm.engine
     params = SamplingParams(max_tokens=steps + 16, temperature=0.0, ignore_eos=True)
-    request_ids = [engine.add(p, params) for p in prompts]
+    request_ids = [rid for p in prompts for rid in engine.add(p, params)]
     running = engine.scheduler.running
     while engine.scheduler.waiting or any(r.num_output_tokens == 0 for r in running):
         engine.step()

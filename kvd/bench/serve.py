@@ -54,7 +54,14 @@ import numpy as np
 import structlog
 
 from kvd import LLM
-from kvd.bench.offline import RECORD_PATH, PromptSource, kvd_generate, machine_info, machine_summary, record
+from kvd.bench.offline import (
+    RECORD_PATH,
+    PromptSource,
+    kvd_generate,
+    machine_info,
+    machine_summary,
+    record,
+)
 from kvd.client import AsyncClient, KvdError
 from kvd.spawn import DaemonError, daemon_env, start_kvd, wait_endpoint
 

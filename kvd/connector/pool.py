@@ -40,8 +40,11 @@ class PoolConnector(KVConnector):
 
     def added(self, request: Request) -> None:
         n = request.num_prompt_tokens
-        # "prefix": the full blocks before the last token (whose logits are needed).
+        # "prefix": the full blocks before the last token (whose logits are needed). A later
+        # choice of an n > 1 request loads nothing: it reuses its first choice's prompt KV here.
         load = n if self.load == "prompt" else (n - 1) // self.block_size * self.block_size if self.load else 0
+        if request.first_choice is not None:
+            load = 0
         request.transfer = KVTransfer(load, self.save)
         if self.save and request.sampling_params.max_tokens != 1:
             # A prefill instance samples the first token only; the decode instance the rest.

@@ -70,21 +70,26 @@ def _readable_request_id(payload: memoryview | bytes) -> str | None:
 
 
 class _Route:
-    """One request's way back: the client identity it came from and whether it streams. It is
-    the request's `Outbox`, kept on its record: the frontend keeps no table of requests."""
+    """One request's way back: the client identity it came from, its id there and whether it
+    streams. It is the `Outbox` of the request's records (its n choices share it), kept on
+    them: the frontend keeps no table of requests."""
 
-    __slots__ = ("frontend", "identity", "stream")
+    __slots__ = ("frontend", "identity", "request_id", "stream", "failed")
 
-    def __init__(self, frontend: Frontend, identity: bytes, stream: bool) -> None:
+    def __init__(self, frontend: Frontend, identity: bytes, request_id: str, stream: bool) -> None:
         self.frontend = frontend
         self.identity = identity
+        self.request_id = request_id
         self.stream = stream
+        self.failed = False
 
     async def deliver(self, delta: Delta) -> None:
         await self.frontend.deliver(self, delta)
 
     async def fail(self, request_id: str, code: ErrorCode, message: str) -> None:
-        await self.frontend._send_error(self.identity, request_id, code, message)
+        if not self.failed:  # its choices fail together: the client hears it once
+            self.failed = True
+            await self.frontend._send_error(self.identity, self.request_id, code, message)
 
 
 class Frontend:
@@ -175,7 +180,7 @@ class Frontend:
         await self.send(identity, Error(request_id, ErrorCode.BAD_REQUEST, reason))
 
     async def on_generate(self, identity: bytes, msg: Generate) -> None:
-        route = _Route(self, identity, msg.stream)
+        route = _Route(self, identity, msg.request_id, msg.stream)
         try:
             self.serving.submit(msg, route)
         except Rejected as e:
@@ -185,9 +190,9 @@ class Frontend:
 
     def _route(self, request_id: str | None) -> _Route | None:
         """The route of a live request that came through this socket."""
-        request = self.serving.record(request_id) if request_id is not None else None
-        outbox = request.owner.outbox if request is not None and request.owner is not None else None
-        return outbox if isinstance(outbox, _Route) and outbox.frontend is self and not request.owner.ended else None
+        live = self.serving.live(request_id) if request_id is not None else []
+        outbox = live[0].owner.outbox if live else None
+        return outbox if isinstance(outbox, _Route) and outbox.frontend is self else None
 
     def on_abort(self, request_id: str, identity: bytes) -> None:
         route = self._route(request_id)
@@ -197,29 +202,32 @@ class Frontend:
         self.serving.abort(request_id)
 
     def on_disconnect(self, identity: bytes) -> None:
-        gone = [r.request_id for r in self.serving.records() if (route := self._route(r.request_id)) is not None
-                and route.identity == identity]  # fmt: skip
+        gone = {r.owner.outbox.request_id for r in self.serving.records() if r.owner is not None
+                and not r.owner.ended and isinstance(r.owner.outbox, _Route) and r.owner.outbox.frontend is self
+                and r.owner.outbox.identity == identity}  # fmt: skip
         if gone:
-            log.info("client_disconnected", request_ids=gone)
+            log.info("client_disconnected", request_ids=sorted(gone))
             for request_id in gone:
                 self.serving.abort(request_id)
 
     async def deliver(self, route: _Route, delta: Delta) -> None:
-        """Stream one step's tokens; the final delta ends the request."""
+        """Stream one step's tokens (of choice `delta.index`); a choice's final delta ends it."""
         out = delta.output
         if out is None:
             if route.stream:
-                await self.send(route.identity, Chunk(request_id=delta.request_id, token_ids=delta.token_ids,
-                                                      text=delta.text))  # fmt: skip
+                await self.send(route.identity, Chunk(request_id=route.request_id, token_ids=delta.token_ids,
+                                                      text=delta.text, logprobs=delta.logprobs,
+                                                      index=delta.index))  # fmt: skip
             return
         chunk = Chunk(
-            request_id=delta.request_id,
+            request_id=route.request_id,
             token_ids=delta.token_ids if route.stream else out.token_ids,
             text=delta.text if route.stream else out.text,
             finish_reason=out.finish_reason,
-            logprobs=out.logprobs if not route.stream else None,
+            logprobs=delta.logprobs if route.stream else out.logprobs,
             num_prompt_tokens=len(out.prompt_token_ids),
             num_cached_tokens=out.num_cached_tokens,
+            index=delta.index,
         )
         await self.send(route.identity, chunk)
 

@@ -40,6 +40,7 @@ from kvd.daemon.openai_api import (
     ChatRequest,
     CompletionRequest,
     Shape,
+    TokenText,
     error_body,
     sse,
 )
@@ -80,23 +81,28 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 
 
 class _Choice:
-    """One kvd request's way back to the HTTP request it serves (its `Outbox`, on its record):
-    that HTTP request's queue and the choice index; `done` once its end was queued."""
+    """One prompt's way back to the HTTP request it serves (the `Outbox` of its kvd records:
+    its n choices share it): that HTTP request's queue, where its choices' responses start
+    (`first`: the prompt's index times n), and `done` once every choice's end was queued."""
 
-    __slots__ = ("queue", "index", "done")
+    __slots__ = ("queue", "first", "left", "done")
 
-    def __init__(self, queue: asyncio.Queue, index: int) -> None:
+    def __init__(self, queue: asyncio.Queue, first: int, n: int) -> None:
         self.queue = queue
-        self.index = index
+        self.first = first
+        self.left = n  # choices whose final delta has not come
         self.done = False
 
     async def deliver(self, delta: Delta) -> None:
-        self.done = delta.output is not None
-        self.queue.put_nowait((self.index, delta))
+        if delta.output is not None:
+            self.left -= 1
+            self.done = not self.left
+        self.queue.put_nowait((self.first + delta.index, delta))
 
     async def fail(self, request_id: str, code: ErrorCode, message: str) -> None:
-        self.done = True
-        self.queue.put_nowait((self.index, _Failure(code, message)))
+        if not self.done:  # its choices fail together: the handler hears it once
+            self.done = True
+            self.queue.put_nowait((self.first, _Failure(code, message)))
 
 
 class HttpFrontend:
@@ -109,6 +115,7 @@ class HttpFrontend:
         self.accepted_models = {model_name} | ({cfg.model.model} if cfg.model.model else set())
         self.metrics = metrics
         self.created = int(time.time())
+        self.token_text = TokenText(serving.text.tokenizer)
         self.url: str | None = None
         self._runner: web.AppRunner | None = None
 
@@ -190,7 +197,8 @@ class HttpFrontend:
         gens = [Generate(request_id=rid, params=params, stream=body.stream,
                          **({"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p}))
                 for rid, p in zip(_ids(base, len(prompts)), prompts)]  # fmt: skip
-        return await self._serve(request, Shape(False, base, self.model_name), gens, body)
+        shape = Shape(False, base, self.model_name, self.token_text if params.logprobs is not None else None)
+        return await self._serve(request, shape, gens, body)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._decode(request, ChatRequest)
@@ -204,7 +212,8 @@ class HttpFrontend:
         gen = Generate(request_id=base, params=params, stream=body.stream,
                        chat=[ChatMessage(m["role"], m["content"]) for m in messages])  # fmt: skip
         # No max_tokens: as much as the context leaves after the templated prompt.
-        return await self._serve(request, Shape(True, base, self.model_name), [gen], body, max_tokens is None)
+        shape = Shape(True, base, self.model_name, self.token_text if params.logprobs is not None else None)
+        return await self._serve(request, shape, [gen], body, max_tokens is None)
 
     # ---- helpers -----------------------------------------------------------------------
     async def _decode(self, request: web.Request, kind: type):
@@ -240,16 +249,17 @@ class HttpFrontend:
         q: asyncio.Queue = asyncio.Queue()
         mine: list[tuple[str, _Choice]] = []  # what this handler submitted: another's request is never touched
         try:
+            n = gens[0].params.n
             for i, gen in enumerate(gens):
-                choice = _Choice(q, i)
+                choice = _Choice(q, i * n, n)
                 try:
                     self.serving.submit(gen, choice, fill_max_tokens)
                 except Rejected as e:
                     return error_response(int(e.code), e.message, {"X-Request-Id": shape.request_id})
                 mine.append((gen.request_id, choice))
             if body.stream:
-                return await self._stream(request, shape, q, len(gens), body.include_usage)
-            return await self._collect(shape, q, len(gens))
+                return await self._stream(request, shape, q, len(gens) * n, body.include_usage)
+            return await self._collect(shape, q, len(gens) * n)
         finally:
             for request_id, choice in mine:
                 if not choice.done:
@@ -284,7 +294,7 @@ class HttpFrontend:
                 await resp.write(shape.chunk(index, item))
             if item.output is not None:
                 n -= 1
-                prompt_tokens += len(item.output.prompt_token_ids)
+                prompt_tokens += len(item.output.prompt_token_ids) if item.index == 0 else 0  # once per prompt
                 completion_tokens += len(item.output.token_ids)
         if include_usage and n == 0:
             await resp.write(shape.usage_chunk(prompt_tokens, completion_tokens))

@@ -1,9 +1,12 @@
 """The OpenAI API's request and response shapes, and their mapping onto kvd's own.
 
 Requests decode into frozen msgspec Structs that reject unknown fields, so a typo is a 400
-naming the field. What kvd does not implement (n > 1, penalties, logit_bias, echo,
-best_of, suffix, logprobs) is accepted only at the value that means "off", and refused
-with a 400 naming the field otherwise: a client never gets a silently different answer.
+naming the field. What kvd does not implement (penalties, logit_bias, echo, best_of,
+suffix) is accepted only at the value that means "off", and refused with a 400 naming the
+field otherwise: a client never gets a silently different answer. `n` choices of a prompt
+come back as choices i*n .. i*n+n-1 of the i-th prompt, usage counting each prompt once;
+`logprobs` (completions: the top N; chat: `logprobs` and `top_logprobs`) come in OpenAI's
+shapes, of the model's raw distribution.
 vLLM's extensions that SDK users and `vllm bench serve` send (`top_k`, `ignore_eos`,
 `stop_token_ids`; `repetition_penalty`, `min_p` and `min_tokens` at their neutral values)
 map onto kvd's SamplingParams. A completion's prompt is a string, a
@@ -20,6 +23,7 @@ import msgspec
 
 from kvd.engine.text import Delta
 from kvd.sampling import SamplingParams
+from kvd.scheduler.output import Logprobs
 
 JSON = msgspec.json.Encoder()
 
@@ -56,8 +60,6 @@ class _Request(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, why) for an option kvd cannot honour, or None."""
-        if self.n != 1:
-            return "n", "only n=1 is supported"
         for name, off in (("presence_penalty", 0), ("frequency_penalty", 0), ("repetition_penalty", 1),
                           ("min_p", 0), ("min_tokens", 0)):  # fmt: skip
             if getattr(self, name) != off:
@@ -66,13 +68,18 @@ class _Request(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             return "logit_bias", "not supported"
         return None
 
+    def num_logprobs(self) -> int | None:
+        """How many alternatives each token's logprobs show (None: no logprobs)."""
+        return None
+
     def sampling(self, max_tokens: int) -> SamplingParams:
         """kvd's SamplingParams; ValueError names the field."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return SamplingParams(max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
+        return SamplingParams(n=self.n, max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
                               top_p=1.0 if self.top_p is None else self.top_p,
                               top_k=0 if self.top_k in (None, -1) else self.top_k, seed=self.seed, stop=stop,
-                              stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos)  # fmt: skip
+                              stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
+                              logprobs=self.num_logprobs())  # fmt: skip
 
     @property
     def include_usage(self) -> bool:
@@ -91,13 +98,14 @@ class CompletionRequest(_Request):
     def unsupported(self) -> tuple[str, str] | None:
         if self.echo:
             return "echo", "not supported"
-        if self.logprobs is not None:
-            return "logprobs", "not supported by kvd's HTTP API"
         if self.best_of not in (None, 1):
             return "best_of", "only 1 is supported"
         if self.suffix:
             return "suffix", "not supported"
         return super().unsupported()
+
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts, one per choice; ValueError naming `prompt` for anything else."""
@@ -138,10 +146,12 @@ class ChatRequest(_Request):
     logprobs: bool = False
     top_logprobs: int | None = None
 
-    def unsupported(self) -> tuple[str, str] | None:
-        if self.logprobs or self.top_logprobs:
-            return "logprobs", "not supported by kvd's HTTP API"
-        return super().unsupported()
+    def num_logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs: true")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
+            raise ValueError(f"top_logprobs: must be in [0, 20], got {self.top_logprobs}")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def chat(self) -> list[dict[str, str]]:
         """The messages as the chat template takes them; ValueError naming the message."""
@@ -164,15 +174,60 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
 
 
-class Shape:
-    """How one endpoint's responses and stream chunks look."""
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf: a token the distribution rules out shows this (as vLLM's)
 
-    def __init__(self, chat: bool, request_id: str, model: str) -> None:
+
+class TokenText:
+    """A token id's text as logprobs show it (its own decode, as vLLM's), cached: the same ids recur."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._texts: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self._texts[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+
+def _lp(value: float) -> float:
+    return max(value, LOGPROB_FLOOR)
+
+
+class Shape:
+    """How one endpoint's responses and stream chunks look, logprobs included when asked for."""
+
+    def __init__(self, chat: bool, request_id: str, model: str, token_text: TokenText | None = None) -> None:
         self.chat = chat
         self.request_id = request_id
         self.model = model
         self.created = int(time.time())
+        self.token_text = token_text  # set: the request asked for logprobs
         self._started: set[int] = set()  # chat choices whose first chunk (with the role) went out
+        self._offsets: dict[int, int] = {}  # completions: each choice's text offset so far (streaming)
+
+    def logprobs(self, index: int, token_ids: list[int], logprobs: list[Logprobs] | None) -> dict[str, Any] | None:
+        """The `logprobs` object of choice `index` for these tokens: chat's `content` list, or
+        completions' parallel lists with each token's character offset in the choice's text."""
+        if self.token_text is None or logprobs is None:
+            return None
+        text = self.token_text
+        if self.chat:
+            return {"content": [_chat_logprob(text, t, lp) for t, lp in zip(token_ids, logprobs)]}
+        tokens = [text(t) for t in token_ids]
+        offsets, at = [], self._offsets.get(index, 0)
+        for t in tokens:
+            offsets.append(at)
+            at += len(t)
+        self._offsets[index] = at
+        tops = []
+        for token, lp in zip(tokens, logprobs):
+            top = {text(i): _lp(v) for i, v in zip(lp.top_ids, lp.top_logprobs)}
+            top.setdefault(token, _lp(lp.logprob))  # the sampled token is always listed
+            tops.append(top)
+        return {"tokens": tokens, "token_logprobs": [_lp(lp.logprob) for lp in logprobs], "top_logprobs": tops,
+                "text_offset": offsets}  # fmt: skip
 
     def _envelope(self, obj: str, **fields: Any) -> dict[str, Any]:
         return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model, **fields}
@@ -185,9 +240,11 @@ class Shape:
             if index not in self._started:
                 self._started.add(index)
                 body["role"] = "assistant"
-            choice = {"index": index, "delta": body, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": body, "logprobs": self.logprobs(index, delta.token_ids, delta.logprobs),
+                      "finish_reason": finish}  # fmt: skip
             return sse(self._envelope("chat.completion.chunk", choices=[choice]))
-        choice = {"index": index, "text": delta.text, "logprobs": None, "finish_reason": finish}
+        choice = {"index": index, "text": delta.text, "logprobs": self.logprobs(index, delta.token_ids, delta.logprobs),
+                  "finish_reason": finish}  # fmt: skip
         return sse(self._envelope("text_completion", choices=[choice]))
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:
@@ -197,15 +254,23 @@ class Shape:
     def response(self, outputs: list) -> dict[str, Any]:
         """The whole (non-streaming) response from each choice's RequestOutput."""
         if self.chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": out.text}, "logprobs": None,
-                        "finish_reason": out.finish_reason} for i, out in enumerate(outputs)]  # fmt: skip
-        else:
-            choices = [{"index": i, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
+            choices = [{"index": i, "message": {"role": "assistant", "content": out.text},
+                        "logprobs": self.logprobs(i, out.token_ids, out.logprobs), "finish_reason": out.finish_reason}
                        for i, out in enumerate(outputs)]  # fmt: skip
-        n_prompt = sum(len(out.prompt_token_ids) for out in outputs)
+        else:
+            choices = [{"index": i, "text": out.text, "logprobs": self.logprobs(i, out.token_ids, out.logprobs),
+                        "finish_reason": out.finish_reason} for i, out in enumerate(outputs)]  # fmt: skip
+        n_prompt = sum(len(out.prompt_token_ids) for out in outputs if out.index == 0)  # once per prompt
         n_out = sum(len(out.token_ids) for out in outputs)
         obj = "chat.completion" if self.chat else "text_completion"
         return self._envelope(obj, choices=choices, usage=usage(n_prompt, n_out))
+
+
+def _chat_logprob(text: TokenText, token_id: int, lp: Logprobs) -> dict[str, Any]:
+    token = text(token_id)
+    return {"token": token, "logprob": _lp(lp.logprob), "bytes": list(token.encode()),
+            "top_logprobs": [{"token": (t := text(i)), "logprob": _lp(v), "bytes": list(t.encode())}
+                             for i, v in zip(lp.top_ids, lp.top_logprobs)]}  # fmt: skip
 
 
 def sse(obj: Any) -> bytes:

@@ -157,16 +157,19 @@ class Serving:
             request = self.add(ids, params, msg.request_id, outbox, client=True)
         except ValueError as e:
             raise Rejected(ErrorCode.BAD_REQUEST, str(e)) from None
-        self.role.admitted(request)
+        for choice in request.choices or [request]:
+            self.role.admitted(choice)
 
     def add(self, token_ids: list[int], params: SamplingParams, request_id: str, outbox: Outbox, *,
             client: bool = False) -> Request:  # fmt: skip
-        """Queue a request whose results go to `outbox` (ValueError naming the field)."""
+        """Queue a request whose results go to `outbox` (ValueError naming the field); returns
+        its record (the first of its choices when n > 1: each choice is a record of its own)."""
         request = self.engine.add_request(token_ids, params, request_id)
-        request.owner = Owner(outbox, client)
-        self.text.start(request)
+        for choice in request.choices or [request]:
+            choice.owner = Owner(outbox, client)
+            self.text.start(choice)
         if client:
-            self.num_client_requests += 1
+            self.num_client_requests += params.n
             self.idle.clear()
         self._work.set()
         return request
@@ -180,14 +183,25 @@ class Serving:
         """Every record in the engine's table."""
         return self.engine.requests() if self.engine is not None else []
 
-    def abort(self, request_id: str, outbox: Outbox | None = None) -> None:
-        """End a request with finish_reason "abort" (client abort or disconnect); idempotent.
-        Given `outbox`, only the request whose results go there (not another with its id)."""
+    def live(self, request_id: str) -> list[Request]:
+        """The records of request `request_id` that have not ended: it, or those of its n
+        choices (the first of which has its id) that have not."""
         request = self.record(request_id)
-        if request is None or (outbox is not None and (request.owner is None or request.owner.outbox is not outbox)):
+        if request is None:  # a first choice that ended while others go on
+            request = next((r for r in self.records() if r.choices and r.choices[0].request_id == request_id), None)
+        choices = (request.choices or [request]) if request is not None else []
+        return [c for c in choices if c.owner is not None and not c.owner.ended and not c.status.finished]
+
+    def abort(self, request_id: str, outbox: Outbox | None = None) -> None:
+        """End a request, all its choices, with finish_reason "abort" (client abort or
+        disconnect); idempotent. Given `outbox`, only the request whose results go there (not
+        another with its id)."""
+        choices = [c for c in self.live(request_id) if outbox is None or c.owner.outbox is outbox]
+        if not choices:
             return
-        self.post(self.engine.abort([request_id]))
-        self.role.ended(request)
+        self.post(self.engine.abort([c.request_id for c in choices]))
+        for choice in choices:
+            self.role.ended(choice)
         self._work.set()
 
     async def fail(self, request_id: str, code: ErrorCode, message: str) -> None:
@@ -200,7 +214,7 @@ class Serving:
         """`fail` from synchronous code: the engine lets go of the request now, the error follows."""
         request = self.record(request_id)
         if request is not None:
-            self.engine.abort([request_id], RequestStatus.FINISHED_ERROR)
+            self.engine.abort([c.request_id for c in request.choices or [request]], RequestStatus.FINISHED_ERROR)
             self.spawn(self._fail(request, code, message))
 
     async def fail_all(self, code: ErrorCode, message: str) -> None:
@@ -208,6 +222,11 @@ class Serving:
             await self._fail(request, code, message)
 
     async def _fail(self, request: Request, code: ErrorCode, message: str) -> None:
+        """The one end of a failed request: each of its choices fails with it."""
+        for choice in request.choices or [request]:
+            await self._fail_one(choice, code, message)
+
+    async def _fail_one(self, request: Request, code: ErrorCode, message: str) -> None:
         if self.engine is not None:
             self.engine.abort([request.request_id], RequestStatus.FINISHED_ERROR)
         self.role.ended(request)

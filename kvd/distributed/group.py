@@ -45,8 +45,17 @@ import torch
 from kvd.config import ParallelConfig
 from kvd.distributed.kv_sync import SYNC_STRATEGIES
 from kvd.distributed.messages import (
-    Done, Failed, Prefill, RankSpec, RankStats, Ready, Shutdown,
-    from_rank_decoder, from_rank_encoder, to_rank_decoder, to_rank_encoder,
+    Done,
+    Failed,
+    Prefill,
+    RankSpec,
+    RankStats,
+    Ready,
+    Shutdown,
+    from_rank_decoder,
+    from_rank_encoder,
+    to_rank_decoder,
+    to_rank_encoder,
 )  # fmt: skip
 from kvd.distributed.plan import LayerMap
 from kvd.distributed.rank import RankRunner

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import time
 
+import msgspec
 import structlog
 
 from kvd.cache.kv_manager import KVCacheManager, cdiv
@@ -69,6 +70,9 @@ class Engine:
                 f"max_tokens: prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens})"
                 f" exceeds the model's context of {self.max_model_len}"
             )
+        if params.n > self.scheduler.config.max_num_seqs:
+            raise ValueError(f"n: at most scheduler.max_num_seqs ({self.scheduler.config.max_num_seqs}) choices, "
+                             f"got {params.n}")  # fmt: skip
         if cdiv(total, self.kv.block_size) > self.kv.num_blocks:
             raise ValueError(
                 f"max_tokens: prompt + max_tokens ({total} tokens) needs more blocks than the KV cache has"
@@ -86,15 +90,26 @@ class Engine:
         return self.enqueue(token_ids, params, request_id)
 
     def enqueue(self, token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
-        """`add_request` for token ids that `validate` already passed (a batch checked whole)."""
+        """`add_request` for token ids that `validate` already passed (a batch checked whole).
+        A request with n > 1 is n records, its choices (`request.choices`; the first is
+        returned): the first keeps `request_id`, choice i is `<request_id>/<i>` and draws
+        with seed + i, and each reuses the first's prompt KV (docs/architecture.md, "n choices")."""
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
-        if request_id in self.scheduler.requests:
-            raise ValueError(f"request_id: {request_id!r} is already in use")
-        request = Request(request_id, token_ids, params, eos_token_ids=self.eos_token_ids)
-        self.scheduler.add_request(request)
+        ids = [request_id] + [f"{request_id}/{i}" for i in range(1, params.n)]
+        taken = next((i for i in ids if i in self.scheduler.requests), None)
+        if taken is not None:
+            raise ValueError(f"request_id: {taken!r} is already in use")
+        one = msgspec.structs.replace(params, n=1) if params.n > 1 else params
+        records = [Request(rid, token_ids, _choice_params(one, i), eos_token_ids=self.eos_token_ids)
+                   for i, rid in enumerate(ids)]  # fmt: skip
+        if len(records) > 1:
+            for i, request in enumerate(records):
+                request.choices, request.index = records, i
+        for request in records:
+            self.scheduler.add_request(request)
         self.num_prompt_tokens += len(token_ids)
-        return request
+        return records[0]
 
     def abort(self, request_ids: list[str], status=RequestStatus.FINISHED_ABORTED) -> list[EngineOutput]:
         """End live requests (abort, or error when their step failed); unknown or finished ids
@@ -183,3 +198,10 @@ class Engine:
             "prompt_tokens": self.num_prompt_tokens,
             "time": time.time(),
         }
+
+
+def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Choice `index`'s parameters: a seeded request's choice i draws with seed + i (wrapping in 64 bits)."""
+    if not index or params.seed is None:
+        return params
+    return msgspec.structs.replace(params, seed=(params.seed + index + 2**63) % 2**64 - 2**63)

@@ -24,7 +24,7 @@ import msgspec
 from kvd.engine.detokenizer import IncrementalDetokenizer
 from kvd.outputs import RequestOutput
 from kvd.request import Request
-from kvd.scheduler.output import EngineOutput
+from kvd.scheduler.output import EngineOutput, Logprobs
 
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -38,6 +38,8 @@ class Delta(msgspec.Struct):
     finish_reason: str | None = None
     output: RequestOutput | None = None
     stopped: bool = False  # a stop string ended it here: the engine has not been told yet
+    logprobs: list[Logprobs] | None = None  # of `token_ids`, when the request asked for them
+    index: int = 0  # which of its request's n choices
 
 
 class TextState:
@@ -96,10 +98,19 @@ class TextStage:
 
     def start(self, request: Request) -> None:
         request.text = TextState(RequestOutput(request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
-                                               token_ids=[], text="", finish_reason=None))  # fmt: skip
+                                               token_ids=[], text="", finish_reason=None,
+                                               index=request.index))  # fmt: skip
 
     def on_output(self, eo: EngineOutput) -> Delta | None:
         """A step's tokens (or the end) of one request as a Delta; None once it has ended here."""
+        delta = self._delta(eo)
+        if delta is not None:
+            delta.index = eo.request.index
+            if eo.new_logprobs:
+                delta.logprobs = list(eo.new_logprobs)
+        return delta
+
+    def _delta(self, eo: EngineOutput) -> Delta | None:
         request = eo.request
         state: TextState = request.text
         if state.done:

@@ -35,7 +35,13 @@ from kvd.cache.kv_manager import KVCacheManager, cdiv
 from kvd.config import SchedulerConfig
 from kvd.connector.base import KVConnector
 from kvd.request import Request, RequestStatus
-from kvd.scheduler.output import CachedRequestData, EngineOutput, ModelOutput, NewRequestData, SchedulerOutput
+from kvd.scheduler.output import (
+    CachedRequestData,
+    EngineOutput,
+    ModelOutput,
+    NewRequestData,
+    SchedulerOutput,
+)
 
 
 @dataclass
@@ -188,9 +194,14 @@ class Scheduler:
         step = _Step(self.config.max_num_batched_tokens)
         self._schedule_running(step)
         # Waiting requests are admitted only while nothing was preempted in this step.
+        later: list[Request] = []  # choices waiting for their first choice's prompt: they keep their place
         while self.waiting and not step.preempted and step.budget > 0 and len(self.running) < self.config.max_num_seqs:
+            if self._waits_for_first_choice(self.waiting[0], step):
+                later.append(self.waiting.popleft())
+                continue
             if not self._admit(self.waiting[0], step):
                 break  # FCFS: it waits for blocks (or KV-wait budget), and nothing behind it jumps the queue
+        self.waiting.extendleft(reversed(later))
         for request_id, n in step.scheduled.items():
             self.requests[request_id].num_computed_tokens += n
         self._step += 1
@@ -228,6 +239,18 @@ class Scheduler:
             step.cached_reqs.append(self._cached_data(request))
             self.kv.cache_blocks(request, request.num_computed_tokens + num_new)
             i += 1
+
+    @staticmethod
+    def _waits_for_first_choice(request: Request, step: _Step) -> bool:
+        """A later choice of an n > 1 request waits until its first choice's whole prompt is
+        computed or scheduled: admitted then, it finds those blocks in the prefix cache and
+        computes only the partial last block (the prompt is computed, and loaded, once)."""
+        first = request.first_choice
+        if first is None or first.status.finished:
+            return False
+        if first.status != RequestStatus.RUNNING:
+            return True
+        return first.num_computed_tokens + step.scheduled.get(first.request_id, 0) < first.num_prompt_tokens
 
     def _admit(self, request: Request, step: _Step) -> bool:
         """Take the head of the queue into this step; False when it must wait for blocks. A PD

@@ -17,7 +17,16 @@ from kvd.config import DaemonConfig, KvdConfig, PDConfig
 from kvd.daemon.pd.decode import DecodeRole
 from kvd.daemon.pd.handoff import Phase
 from kvd.daemon.pd.peers import PrefillServer
-from kvd.messages import CacheTaskDone, ErrorCode, Ping, Pong, PrefillAbort, PrefillDone, PrefillFailed, PrefillRequest
+from kvd.messages import (
+    CacheTaskDone,
+    ErrorCode,
+    Ping,
+    Pong,
+    PrefillAbort,
+    PrefillDone,
+    PrefillFailed,
+    PrefillRequest,
+)
 
 FIRST_TOKEN = 7  # what the "prefill instance" samples as every request's first token
 

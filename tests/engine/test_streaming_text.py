@@ -18,7 +18,7 @@ def engine(tiny_llama_dir):
 
 def stream(engine, prompts: list[str], params: list[SamplingParams]):
     """Run to completion; per request: the streamed pieces and the final output."""
-    rids = [engine.add(engine.text.prompt_ids(p), sp) for p, sp in zip(prompts, params)]
+    rids = [engine.add(engine.text.prompt_ids(p), sp)[0] for p, sp in zip(prompts, params)]
     pieces: dict[str, list[str]] = {rid: [] for rid in rids}
     final = {}
     while engine.has_unfinished():

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from kvd.cache.storage.base import StoragePool
 
-
 SHM = Path("/dev/shm")
 
 

@@ -16,7 +16,14 @@ from collections.abc import Sequence
 import redis
 
 from kvd.cache.hashing import is_partial_key
-from kvd.cache.storage.base import Buffer, ReadStatus, StoragePool, StorageUnavailable, frame, unframe_into
+from kvd.cache.storage.base import (
+    Buffer,
+    ReadStatus,
+    StoragePool,
+    StorageUnavailable,
+    frame,
+    unframe_into,
+)
 
 
 class RedisPool(StoragePool):

@@ -79,7 +79,8 @@ class DecodeRole(PDRole):
 
     # ---- the request's side ------------------------------------------------------------
     def admitted(self, request: Request) -> None:
-        self.begin(request, DecodeHandoff(request.request_id))
+        if self.engine.connector.num_external_tokens(request):  # not a later choice, which loads nothing
+            self.begin(request, DecodeHandoff(request.request_id))
 
     def scheduled(self) -> None:
         """Requests whose blocks were just preallocated are dispatched to a prefill instance."""

@@ -1,0 +1,109 @@
+"""The sampling and output options vLLM users send, through the official openai SDK against
+a real `kvd serve` (and the ZeroMQ client): n choices, logprobs in OpenAI's shapes. Every
+answer is checked for meaning (lengths, ranges, agreement with the offline engine)."""
+
+from __future__ import annotations
+
+import math
+
+import openai
+import pytest
+from harness import start_daemon
+
+from kvd import LLM, SamplingParams
+from kvd.client import Client
+
+MODEL = "SmolLM2-135M-Instruct"
+PROMPT = "The three largest cities of Japan are"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, smollm2_dir):
+    d = start_daemon(tmp_path_factory.mktemp("options"), None, http={"port": 0})
+    d.url = (d.run_dir / "http_endpoint").read_text().strip()
+    yield d
+    assert d.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def sdk(served):
+    return openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def offline(smollm2_dir):
+    return LLM(str(smollm2_dir), dtype="float32")
+
+
+def test_n_choices_completions_and_chat(sdk, served):
+    r = sdk.completions.create(model=MODEL, prompt=PROMPT, n=3, max_tokens=12, temperature=1.0, seed=7,
+                               extra_body={"ignore_eos": True})  # fmt: skip
+    assert sorted(c.index for c in r.choices) == [0, 1, 2]
+    assert len({c.text for c in r.choices}) > 1  # three draws, not one answer three times
+    one = sdk.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=1.0)
+    assert r.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counts once
+    assert r.usage.completion_tokens == 3 * 12  # the choices' tokens add up
+    # Choice i draws as a request seeded with seed + i.
+    again = sdk.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=1.0, seed=8,
+                                   extra_body={"ignore_eos": True})  # fmt: skip
+    assert again.choices[0].text == next(c.text for c in r.choices if c.index == 1)
+    # Two prompts with n=2: choices 0-1 are the first prompt's, 2-3 the second's.
+    two = sdk.completions.create(model=MODEL, prompt=[PROMPT, "Once upon a time"], n=2, max_tokens=6,
+                                 temperature=0.0)  # fmt: skip
+    by = {c.index: c.text for c in two.choices}
+    assert by[0] == by[1] and by[2] == by[3] and by[0] != by[2]
+    chat = sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi."}], n=2,
+                                       max_tokens=8, temperature=0.9)  # fmt: skip
+    assert sorted(c.index for c in chat.choices) == [0, 1] and all(c.message.content for c in chat.choices)
+    # Streamed: every choice's chunks carry its index, and each ends with a finish_reason.
+    stream = sdk.completions.create(model=MODEL, prompt=PROMPT, n=2, max_tokens=8, temperature=1.0, stream=True)
+    texts, finished = {0: "", 1: ""}, set()
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            if c.finish_reason:
+                finished.add(c.index)
+    assert finished == {0, 1} and all(texts.values())
+
+
+def test_n_over_zeromq(served):
+    with Client(served.endpoint, timeout=120) as c:
+        outs = c.generate(prompt=PROMPT, n=3, max_tokens=6, temperature=0.0)
+        assert [o.index for o in outs] == [0, 1, 2] and len({tuple(o.token_ids) for o in outs}) == 1
+        chunks = list(c.stream(prompt=PROMPT, n=2, max_tokens=5, temperature=1.0, seed=3))
+        assert sorted(ch.index for ch in chunks if ch.finish_reason) == [0, 1]
+
+
+def test_completion_logprobs_match_the_offline_engine(sdk, offline):
+    (ref,) = offline.generate(PROMPT, SamplingParams(max_tokens=10, temperature=0.0, logprobs=3))
+    r = sdk.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 10
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(10)]
+    for got, want, top in zip(lp.token_logprobs, ref.logprobs, lp.top_logprobs):
+        assert got <= 0 and math.isclose(got, want.logprob, abs_tol=1e-4)
+        assert len(top) >= 3 and math.isclose(max(top.values()), got, abs_tol=1e-6)  # greedy: the top token
+    # Streamed, each chunk carries its tokens' logprobs.
+    chunks = list(sdk.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0, logprobs=1,
+                                         stream=True))  # fmt: skip
+    streamed = [x for c in chunks if c.choices and c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs]
+    assert len(streamed) == 10 and all(math.isclose(a, b, abs_tol=1e-6) for a, b in zip(streamed, lp.token_logprobs))
+
+
+def test_chat_logprobs(sdk):
+    messages = [{"role": "user", "content": "Name a colour."}]
+    r = sdk.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0, logprobs=True,
+                                    top_logprobs=2)  # fmt: skip
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for item in content:
+        assert item.logprob <= 0 and bytes(item.bytes).decode(errors="replace") == item.token
+        assert len(item.top_logprobs) == 2 and item.top_logprobs[0].logprob >= item.top_logprobs[1].logprob
+        assert math.isclose(item.top_logprobs[0].logprob, item.logprob, abs_tol=1e-6)
+    stream = sdk.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0, logprobs=True,
+                                         stream=True)  # fmt: skip
+    items = [x for c in stream if c.choices and c.choices[0].logprobs for x in c.choices[0].logprobs.content]
+    assert [x.token for x in items] == [x.token for x in content]
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        sdk.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, logprobs=True, top_logprobs=21)
