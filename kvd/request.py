@@ -86,6 +86,18 @@ class Request:
         """The choice whose prompt KV this one reuses (None for the first, or n = 1)."""
         return self.choices[0] if self.index else None
 
+    def waits_for_first_choice(self, scheduled: dict[str, int]) -> bool:
+        """A later choice waits until its first choice's whole prompt is computed or scheduled
+        (`scheduled`: this step's tokens by request id): admitted then, it finds those blocks
+        in the prefix cache and computes only the partial last block — the prompt is
+        computed, or loaded, once."""
+        first = self.first_choice
+        if first is None or first.status.finished:
+            return False
+        if first.status != RequestStatus.RUNNING:
+            return True
+        return first.num_computed_tokens + scheduled.get(first.request_id, 0) < first.num_prompt_tokens
+
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)

@@ -29,6 +29,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from kvd.daemon import health
 from kvd.daemon.backoff import RETRYABLE
 from kvd.daemon.owner import Rejected
 from kvd.daemon.serving import Serving
@@ -235,5 +236,5 @@ class Frontend:
         """A request's Error (a refusal, or its failure: worker death, deadline, shutdown, a
         failed handoff); a 429 or 503 first says when to try again."""
         if code in RETRYABLE:
-            await self.send(identity, RetryAfter(request_id, float(self.serving.retry_after())))
+            await self.send(identity, RetryAfter(request_id, float(health.retry_after(self.serving))))
         await self.send(identity, Error(request_id, code, message))

@@ -3,13 +3,24 @@
     health.state(serving)    # ready | draining | restarting | degraded
     health.problems(serving) # what it depends on that is broken now
     health.status(serving)   # the serving part of `kvd status --json` (kvd.daemon.main adds the rest)
+    health.retry_after(serving)  # the seconds a refused client should wait
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from kvd.daemon.backoff import RESTART_S
 from kvd.daemon.serving import Serving
+
+
+def retry_after(serving: Serving) -> int:
+    """Seconds a client refused now should wait (Retry-After, kvd/daemon/backoff.py): the
+    waiting requests, or while draining every live one, at the recent completion rate."""
+    if serving.engine is None:
+        return RESTART_S
+    return serving.completions.retry_after(serving.num_client_requests if serving.draining
+                                           else serving.engine.num_waiting)  # fmt: skip
 
 
 def problems(serving: Serving) -> list[str]:

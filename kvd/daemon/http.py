@@ -145,7 +145,7 @@ class HttpFrontend:
     async def _guard(self, request: web.Request, handler) -> web.StreamResponse:
         response = await self._answer(request, handler)
         if response.status in RETRYABLE and not response.prepared:  # however it was refused
-            response.headers["Retry-After"] = str(self.serving.retry_after())
+            response.headers["Retry-After"] = str(health.retry_after(self.serving))
         return response
 
     async def _answer(self, request: web.Request, handler) -> web.StreamResponse:

@@ -32,7 +32,7 @@ import msgspec
 import structlog
 
 from kvd.config import KvdConfig
-from kvd.daemon.backoff import RESTART_S, CompletionRate
+from kvd.daemon.backoff import CompletionRate
 from kvd.daemon.owner import Outbox, Owner, Rejected
 from kvd.daemon.role import Role
 from kvd.daemon.supervisor import ChildDied, Supervisor
@@ -116,13 +116,6 @@ class Serving:
             return ErrorCode.QUEUE_FULL, f"queue: {self.cfg.daemon.max_queue} requests already waiting"
         return None
 
-    def retry_after(self) -> int:
-        """Seconds a client refused now should wait (Retry-After, kvd/daemon/backoff.py): the
-        waiting requests, or while draining every live one, at the recent completion rate."""
-        if self.engine is None:
-            return RESTART_S
-        return self.completions.retry_after(self.num_client_requests if self.draining else self.engine.num_waiting)
-
     def submit(self, msg: Generate, outbox: Outbox, fill_max_tokens: bool = False) -> None:
         """A client's request: tokenized, validated and queued, or Rejected naming the field or
         cause. `fill_max_tokens`: max_tokens is as much as the context leaves after the prompt."""
@@ -142,15 +135,10 @@ class Serving:
         if msg.request_id in self.engine.scheduler.requests:
             raise Rejected(ErrorCode.BAD_REQUEST, f"request_id: {msg.request_id!r} is already in use")
         try:
-            sources = [x is not None for x in (msg.prompt, msg.prompt_token_ids, msg.chat)]
-            if sum(sources) != 1:
-                raise ValueError("prompt: give exactly one of prompt, prompt_token_ids, chat")
             if self.role.client_refusal is not None:
                 raise ValueError(self.role.client_refusal)
-            if msg.chat is not None:
-                ids = self.text.chat_ids([{"role": m.role, "content": m.content} for m in msg.chat])
-            else:
-                ids = self.text.prompt_ids(msg.prompt if msg.prompt is not None else msg.prompt_token_ids)
+            chat = [{"role": m.role, "content": m.content} for m in msg.chat] if msg.chat is not None else None
+            ids = self.text.request_ids(msg.prompt, msg.prompt_token_ids, chat)
             params = msg.params
             if fill_max_tokens:
                 params = msgspec.structs.replace(params, max_tokens=max(1, self.engine.max_new_tokens(len(ids))))

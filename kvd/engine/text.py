@@ -77,6 +77,15 @@ class TextStage:
             raise ValueError("prompt_token_ids: must be a list of integers")
         return list(prompt)
 
+    def request_ids(self, prompt: str | None, prompt_token_ids: list[int] | None,
+                    chat: list[dict[str, str]] | None) -> list[int]:  # fmt: skip
+        """A request's prompt as token ids, from the one of its three forms it gives."""
+        if sum(x is not None for x in (prompt, prompt_token_ids, chat)) != 1:
+            raise ValueError("prompt: give exactly one of prompt, prompt_token_ids, chat")
+        if chat is not None:
+            return self.chat_ids(chat)
+        return self.prompt_ids(prompt if prompt is not None else prompt_token_ids)
+
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """The conversation through the model's chat template, with the generation prompt."""
         if not messages or any(

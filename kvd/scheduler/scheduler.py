@@ -35,6 +35,7 @@ from kvd.cache.kv_manager import KVCacheManager, cdiv
 from kvd.config import SchedulerConfig
 from kvd.connector.base import KVConnector
 from kvd.request import Request, RequestStatus
+from kvd.scheduler.integrity import check_integrity
 from kvd.scheduler.output import (
     CachedRequestData,
     EngineOutput,
@@ -169,7 +170,7 @@ class Scheduler:
         """Blocks held by requests waiting for external KV (the connector counts them)."""
         return self.connector.num_wait_blocks
 
-    def _kv_waiting(self) -> list[Request]:
+    def kv_waiting(self) -> list[Request]:
         return [r for r in self.requests.values() if r.status == RequestStatus.WAITING_FOR_KV]
 
     def _preallocate(self, request: Request, external: int) -> bool:
@@ -196,7 +197,8 @@ class Scheduler:
         # Waiting requests are admitted only while nothing was preempted in this step.
         later: list[Request] = []  # choices waiting for their first choice's prompt: they keep their place
         while self.waiting and not step.preempted and step.budget > 0 and len(self.running) < self.config.max_num_seqs:
-            if self._waits_for_first_choice(self.waiting[0], step):
+            head = self.waiting[0]
+            if head.first_choice is not None and head.waits_for_first_choice(step.scheduled):
                 later.append(self.waiting.popleft())
                 continue
             if not self._admit(self.waiting[0], step):
@@ -239,18 +241,6 @@ class Scheduler:
             step.cached_reqs.append(self._cached_data(request))
             self.kv.cache_blocks(request, request.num_computed_tokens + num_new)
             i += 1
-
-    @staticmethod
-    def _waits_for_first_choice(request: Request, step: _Step) -> bool:
-        """A later choice of an n > 1 request waits until its first choice's whole prompt is
-        computed or scheduled: admitted then, it finds those blocks in the prefix cache and
-        computes only the partial last block (the prompt is computed, and loaded, once)."""
-        first = request.first_choice
-        if first is None or first.status.finished:
-            return False
-        if first.status != RequestStatus.RUNNING:
-            return True
-        return first.num_computed_tokens + step.scheduled.get(first.request_id, 0) < first.num_prompt_tokens
 
     def _admit(self, request: Request, step: _Step) -> bool:
         """Take the head of the queue into this step; False when it must wait for blocks. A PD
@@ -355,28 +345,5 @@ class Scheduler:
             self._finished_ids.append(request.request_id)
 
     def check_integrity(self) -> None:
-        """Block accounting plus the request table: every live request is waiting xor running
-        xor waiting for KV; a finished one is in the table only while a transfer holds it."""
-        self.kv.check_integrity()
-        queued = [r.request_id for r in (*self.waiting, *self.running, *self._kv_waiting())]
-        live = {request_id for request_id, r in self.requests.items() if not r.status.finished}
-        if len(set(queued)) != len(queued) or set(queued) != live:
-            raise RuntimeError("scheduler: request table, waiting queue, KV waits and running list disagree")
-        if self.num_kv_wait_blocks != sum(len(self.kv.req_blocks[r.request_id]) for r in self._kv_waiting()):
-            raise RuntimeError("scheduler: the KV-wait block count differs from the blocks KV waits hold")
-        for request_id in self.kv.req_blocks:
-            request = self.requests.get(request_id)
-            if request is None:
-                raise RuntimeError(f"scheduler: finished request {request_id} still holds blocks")
-            if request.status == RequestStatus.PREEMPTED or (
-                request.status == RequestStatus.WAITING and self.connector.num_external_tokens(request)
-            ):
-                raise RuntimeError(f"scheduler: request {request_id} holds blocks while {request.status.name}")
-        for request_id, request in self.requests.items():
-            if request.status.finished and not self.connector.holds(request):
-                raise RuntimeError(f"scheduler: request {request_id} finished but no transfer holds it")
-        held = [s for r in self.requests.values() if r.host_slots is not None for s in r.host_slots]
-        if sorted(self.host_free + held) != list(range(self.num_host_slots)):
-            raise RuntimeError("scheduler: host swap slots are lost or held twice")
-        if any(r.host_slots is not None and r.status.finished for r in self.requests.values()):
-            raise RuntimeError("scheduler: a finished request still holds host swap slots")
+        """Block accounting plus the request table (kvd.scheduler.integrity)."""
+        check_integrity(self)
