@@ -129,6 +129,8 @@ class _Collector:
         out = self.outs[chunk.index]
         out.token_ids += chunk.token_ids
         out.text += chunk.text
+        if chunk.prompt_logprobs is not None:
+            out.prompt_logprobs = chunk.prompt_logprobs
         if chunk.finish_reason is not None:
             out.finish_reason = chunk.finish_reason
             out.num_cached_tokens = chunk.num_cached_tokens

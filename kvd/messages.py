@@ -99,6 +99,7 @@ class Chunk(_Msg, tag="chunk", kw_only=True):
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     index: int = 0  # which of the request's n choices (a request with n > 1 ends after n final chunks)
+    prompt_logprobs: list[Logprobs | None] | None = None  # with params.prompt_logprobs: in the first chunk
 
 
 class Error(_Msg, tag="error"):

@@ -18,6 +18,7 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     logprobs: list[Logprobs] | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     index: int = 0  # which of its request's n choices (sampling n > 1)
+    prompt_logprobs: list[Logprobs | None] | None = None  # per prompt token (the first: None), when asked for
 
     @property
     def finished(self) -> bool:

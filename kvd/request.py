@@ -80,6 +80,14 @@ class Request:
         # one's place. Choices after the first reuse the first's prompt KV (prefix cache).
         self.choices: list[Request] | None = None
         self.index = 0
+        # With sampling_params.prompt_logprobs: each prompt token's logprobs so far (the first has none).
+        self.prompt_logprobs: list | None = [None] if sampling_params.prompt_logprobs is not None else None
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Its prompt logprobs are not all in: every prompt token is computed here (no prefix
+        cache hit, no KV from outside), so each position's logits exist."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def first_choice(self) -> Request | None:

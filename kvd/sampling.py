@@ -29,6 +29,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
     stop: list[str] = []  # stop strings; the text is cut before the match
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; N: the sampled token's logprob and the top N
+    prompt_logprobs: int | None = None  # None: off; N: each prompt token's logprob and the top N
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or not 1 <= self.max_tokens <= INT32:
@@ -45,6 +46,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
             raise ValueError(f"seed: must fit in 64 bits, got {self.seed!r}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs: must be in [0, 20], got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise ValueError(f"prompt_logprobs: must be in [0, 20], got {self.prompt_logprobs!r}")
         if any(not isinstance(t, int) or not 0 <= t <= INT32 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids: must be non-negative integers, got {self.stop_token_ids!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):

@@ -71,7 +71,10 @@ class KVConnector:
         return False
 
     def computes_whole(self, request: Request, num_cached_tokens: int) -> bool:
-        """Whether the prompt is scheduled whole, whatever budget the step has left."""
+        """Whether the prompt is scheduled whole, whatever budget the step has left (never one
+        that asked for prompt logprobs: the prefill group returns the last position's logits only)."""
+        if request.prompt_logprobs is not None:
+            return False
         return group_computes(num_cached_tokens, request.num_tokens, request.num_tokens, self.group_min_tokens)
 
     def take_loads(self) -> list[Request]:

@@ -43,8 +43,8 @@ class PoolConnector(KVConnector):
         # "prefix": the full blocks before the last token (whose logits are needed). A later
         # choice of an n > 1 request loads nothing: it reuses its first choice's prompt KV here.
         load = n if self.load == "prompt" else (n - 1) // self.block_size * self.block_size if self.load else 0
-        if request.first_choice is not None:
-            load = 0
+        if request.first_choice is not None or request.prompt_logprobs is not None:
+            load = 0  # (prompt logprobs need every prompt position computed here)
         request.transfer = KVTransfer(load, self.save)
         if self.save and request.sampling_params.max_tokens != 1:
             # A prefill instance samples the first token only; the decode instance the rest.

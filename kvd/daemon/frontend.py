@@ -217,8 +217,8 @@ class Frontend:
         if out is None:
             if route.stream:
                 await self.send(route.identity, Chunk(request_id=route.request_id, token_ids=delta.token_ids,
-                                                      text=delta.text, logprobs=delta.logprobs,
-                                                      index=delta.index))  # fmt: skip
+                                                      text=delta.text, logprobs=delta.logprobs, index=delta.index,
+                                                      prompt_logprobs=delta.prompt_logprobs))  # fmt: skip
             return
         chunk = Chunk(
             request_id=route.request_id,
@@ -229,6 +229,7 @@ class Frontend:
             num_prompt_tokens=len(out.prompt_token_ids),
             num_cached_tokens=out.num_cached_tokens,
             index=delta.index,
+            prompt_logprobs=delta.prompt_logprobs if route.stream else out.prompt_logprobs,
         )
         await self.send(route.identity, chunk)
 

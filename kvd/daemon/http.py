@@ -197,7 +197,10 @@ class HttpFrontend:
         gens = [Generate(request_id=rid, params=params, stream=body.stream,
                          **({"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p}))
                 for rid, p in zip(_ids(base, len(prompts)), prompts)]  # fmt: skip
-        shape = Shape(False, base, self.model_name, self.token_text if params.logprobs is not None else None)
+        wants_logprobs = params.logprobs is not None or params.prompt_logprobs is not None
+        echo = [p if isinstance(p, str) else self.serving.text.tokenizer.decode(p) for p in prompts] if body.echo else None
+        shape = Shape(False, base, self.model_name, self.token_text if wants_logprobs else None, echo, params.n,
+                      drop_output=body.echo and body.max_tokens == 0)  # fmt: skip
         return await self._serve(request, shape, gens, body)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
@@ -295,7 +298,7 @@ class HttpFrontend:
             if item.output is not None:
                 n -= 1
                 prompt_tokens += len(item.output.prompt_token_ids) if item.index == 0 else 0  # once per prompt
-                completion_tokens += len(item.output.token_ids)
+                completion_tokens += 0 if shape.drop_output else len(item.output.token_ids)
         if include_usage and n == 0:
             await resp.write(shape.usage_chunk(prompt_tokens, completion_tokens))
         await resp.write(DONE)

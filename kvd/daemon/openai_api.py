@@ -90,14 +90,13 @@ class CompletionRequest(_Request):
     """POST /v1/completions."""
 
     prompt: Any  # str | list[int] | list[str] | list[list[int]]: checked by `prompts()`
-    echo: bool = False
+    echo: bool = False  # the prompt comes first in each choice's text (and its logprobs, with logprobs)
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # vLLM's extension
     best_of: int | None = None
     suffix: str | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.echo:
-            return "echo", "not supported"
         if self.best_of not in (None, 1):
             return "best_of", "only 1 is supported"
         if self.suffix:
@@ -106,6 +105,17 @@ class CompletionRequest(_Request):
 
     def num_logprobs(self) -> int | None:
         return self.logprobs
+
+    def sampling(self, max_tokens: int) -> SamplingParams:
+        """As for any request; `echo` with `max_tokens` 0 (how lm-evaluation-harness scores a
+        prompt) samples one token that the response leaves out, and echo with logprobs asks
+        for the prompt's."""
+        if max_tokens == 0 and self.echo:
+            max_tokens = 1
+        params = super().sampling(max_tokens)
+        prompt_logprobs = self.prompt_logprobs if self.prompt_logprobs is not None else (
+            self.logprobs if self.echo else None)  # fmt: skip
+        return msgspec.structs.replace(params, prompt_logprobs=prompt_logprobs) if prompt_logprobs is not None else params
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts, one per choice; ValueError naming `prompt` for anything else."""
@@ -191,6 +201,9 @@ class TokenText:
         return text
 
 
+_FIRST = Logprobs(0.0, [], [])  # stands in for the first prompt token's, which has none
+
+
 def _lp(value: float) -> float:
     return max(value, LOGPROB_FLOOR)
 
@@ -198,13 +211,17 @@ def _lp(value: float) -> float:
 class Shape:
     """How one endpoint's responses and stream chunks look, logprobs included when asked for."""
 
-    def __init__(self, chat: bool, request_id: str, model: str, token_text: TokenText | None = None) -> None:
+    def __init__(self, chat: bool, request_id: str, model: str, token_text: TokenText | None = None,
+                 echo: list[str] | None = None, n: int = 1, drop_output: bool = False) -> None:  # fmt: skip
         self.chat = chat
         self.request_id = request_id
         self.model = model
         self.created = int(time.time())
         self.token_text = token_text  # set: the request asked for logprobs
-        self._started: set[int] = set()  # chat choices whose first chunk (with the role) went out
+        self.echo = echo  # completions' echo: each prompt's text, which starts its choices' text
+        self.n = n  # choices per prompt
+        self.drop_output = drop_output  # echo with max_tokens 0: the one sampled token is left out
+        self._started: set[int] = set()  # choices whose first chunk went out (chat: with the role)
         self._offsets: dict[int, int] = {}  # completions: each choice's text offset so far (streaming)
 
     def logprobs(self, index: int, token_ids: list[int], logprobs: list[Logprobs] | None) -> dict[str, Any] | None:
@@ -232,6 +249,23 @@ class Shape:
     def _envelope(self, obj: str, **fields: Any) -> dict[str, Any]:
         return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model, **fields}
 
+    def _completion(self, index: int, text: str, token_ids: list[int], logprobs: list[Logprobs] | None,
+                    prompt_ids: list[int] | None, prompt_logprobs: list | None) -> tuple[str, dict[str, Any] | None]:
+        """A completion choice's text and logprobs: the prompt's first (echo; at its first
+        chunk), the output's unless it is dropped."""
+        if self.drop_output:
+            text, token_ids, logprobs = "", [], [] if logprobs is not None else None
+        if self.echo is None or index in self._started:
+            return text, self.logprobs(index, token_ids, logprobs)
+        self._started.add(index)
+        text = self.echo[index // self.n] + text
+        if self.token_text is None or prompt_logprobs is None:
+            return text, self.logprobs(index, token_ids, logprobs)
+        prompt = self.logprobs(index, prompt_ids, [lp or _FIRST for lp in prompt_logprobs])
+        prompt["token_logprobs"][0] = prompt["top_logprobs"][0] = None  # the first prompt token has none
+        rest = self.logprobs(index, token_ids, logprobs or [])
+        return text, {key: prompt[key] + rest[key] for key in prompt}
+
     def chunk(self, index: int, delta: Delta) -> bytes:
         """One SSE event for a delta of choice `index`."""
         finish = delta.output.finish_reason if delta.output is not None else None
@@ -243,8 +277,9 @@ class Shape:
             choice = {"index": index, "delta": body, "logprobs": self.logprobs(index, delta.token_ids, delta.logprobs),
                       "finish_reason": finish}  # fmt: skip
             return sse(self._envelope("chat.completion.chunk", choices=[choice]))
-        choice = {"index": index, "text": delta.text, "logprobs": self.logprobs(index, delta.token_ids, delta.logprobs),
-                  "finish_reason": finish}  # fmt: skip
+        text, logprobs = self._completion(index, delta.text, delta.token_ids, delta.logprobs, delta.prompt_token_ids,
+                                          delta.prompt_logprobs)  # fmt: skip
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
         return sse(self._envelope("text_completion", choices=[choice]))
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:
@@ -258,10 +293,13 @@ class Shape:
                         "logprobs": self.logprobs(i, out.token_ids, out.logprobs), "finish_reason": out.finish_reason}
                        for i, out in enumerate(outputs)]  # fmt: skip
         else:
-            choices = [{"index": i, "text": out.text, "logprobs": self.logprobs(i, out.token_ids, out.logprobs),
-                        "finish_reason": out.finish_reason} for i, out in enumerate(outputs)]  # fmt: skip
+            choices = []
+            for i, out in enumerate(outputs):
+                text, logprobs = self._completion(i, out.text, out.token_ids, out.logprobs, out.prompt_token_ids,
+                                                  out.prompt_logprobs)  # fmt: skip
+                choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason})
         n_prompt = sum(len(out.prompt_token_ids) for out in outputs if out.index == 0)  # once per prompt
-        n_out = sum(len(out.token_ids) for out in outputs)
+        n_out = 0 if self.drop_output else sum(len(out.token_ids) for out in outputs)
         obj = "chat.completion" if self.chat else "text_completion"
         return self._envelope(obj, choices=choices, usage=usage(n_prompt, n_out))
 

@@ -40,6 +40,8 @@ class Delta(msgspec.Struct):
     stopped: bool = False  # a stop string ended it here: the engine has not been told yet
     logprobs: list[Logprobs] | None = None  # of `token_ids`, when the request asked for them
     index: int = 0  # which of its request's n choices
+    prompt_logprobs: list[Logprobs | None] | None = None  # on the request's first delta, when asked for
+    prompt_token_ids: list[int] | None = None  # with prompt_logprobs: the tokens they are of
 
 
 class TextState:
@@ -114,9 +116,14 @@ class TextStage:
         """A step's tokens (or the end) of one request as a Delta; None once it has ended here."""
         delta = self._delta(eo)
         if delta is not None:
-            delta.index = eo.request.index
+            request = eo.request
+            delta.index = request.index
             if eo.new_logprobs:
                 delta.logprobs = list(eo.new_logprobs)
+            out = request.text.output
+            if request.prompt_logprobs is not None and out.prompt_logprobs is None:
+                out.prompt_logprobs = delta.prompt_logprobs = list(request.prompt_logprobs)
+                delta.prompt_token_ids = out.prompt_token_ids
         return delta
 
     def _delta(self, eo: EngineOutput) -> Delta | None:

@@ -60,6 +60,15 @@ class Logprobs(msgspec.Struct, array_like=True, frozen=True):
     top_logprobs: list[float]
 
 
+class PromptLogprobs(msgspec.Struct, array_like=True, frozen=True):
+    """A prompt chunk's logprobs: of prompt tokens `start`, `start` + 1, ... (each given the
+    tokens before it; the first prompt token has none)."""
+
+    request_id: str
+    start: int
+    logprobs: list[Logprobs]
+
+
 class ModelOutput(msgspec.Struct, array_like=True, frozen=True):
     """One step's sampled tokens, per request."""
 
@@ -67,6 +76,7 @@ class ModelOutput(msgspec.Struct, array_like=True, frozen=True):
     request_ids: list[str]  # requests that sampled a token this step (prefill chunks short of the end did not)
     token_ids: list[int]
     logprobs: list[Logprobs | None] | None = None  # aligned with request_ids when any request asked for them
+    prompt_logprobs: list[PromptLogprobs] = []  # the step's prompt chunks of requests that asked for them
 
 
 class EngineOutput:

@@ -256,7 +256,7 @@ class Scheduler:
         # A request that already holds blocks (its pool KV arrived) or was swapped out
         # resumes at its computed count; anything else looks up the prefix cache.
         resumes = slots is not None or request.request_id in self.kv.req_blocks
-        computed = [] if resumes else self.kv.get_computed_blocks(request)
+        computed = [] if resumes or request.needs_prompt_logprobs else self.kv.get_computed_blocks(request)
         num_cached_tokens = request.num_computed_tokens if resumes else len(computed) * self.kv.block_size
         num_new = min(request.num_tokens - num_cached_tokens, step.budget)
         if self.connector.computes_whole(request, num_cached_tokens):
@@ -280,6 +280,10 @@ class Scheduler:
     def update(self, output: ModelOutput) -> list[EngineOutput]:
         """Append sampled tokens, finish requests that stop, cache completed blocks."""
         results: list[EngineOutput] = []
+        for chunk in output.prompt_logprobs:
+            request = self.requests.get(chunk.request_id)
+            if request is not None and request.prompt_logprobs is not None and chunk.start == len(request.prompt_logprobs):
+                request.prompt_logprobs += chunk.logprobs  # (a recompute after preemption adds nothing)
         logprobs = output.logprobs or [None] * len(output.request_ids)
         for request_id, token, lp in zip(output.request_ids, output.token_ids, logprobs):
             request = self.requests.get(request_id)
