@@ -22,7 +22,6 @@ from kvd.cache.kv_manager import cdiv
 from kvd.config import CacheConfig, ModelConfig, PrefillConfig
 from kvd.connector.base import group_computes
 from kvd.model_info import KVShare, ModelInfo
-from kvd.sampling import SamplingParams
 from kvd.scheduler.output import Logprobs, ModelOutput, SchedulerOutput
 from kvd.worker import attention
 from kvd.worker.attention import AttentionMetadata, PrefillChunk
@@ -30,7 +29,7 @@ from kvd.worker.decoder import Decoder
 from kvd.worker.linear import prepack
 from kvd.worker.models import gguf_source, load_config, load_model, model_fingerprint
 from kvd.worker.quant_load import weight_source
-from kvd.worker.sampler import Sampler
+from kvd.worker.sampler import Sampler, SamplingState
 
 log = structlog.get_logger(__name__)
 
@@ -64,13 +63,13 @@ def resolve_dtype(name: str, device: torch.device, flags: AbstractSet[str] | Non
 
 @dataclass
 class _RequestState:
-    """The runner's copy of one request: its tokens, blocks, progress and sampling parameters."""
+    """The runner's copy of one request: its tokens, blocks, progress and sampling state (which
+    holds the same token list and appends each sampled token to it)."""
 
     token_ids: list[int]
-    num_prompt_tokens: int
     block_ids: list[int]
     num_computed_tokens: int
-    params: SamplingParams
+    sampling: SamplingState
 
 
 @dataclass
@@ -135,7 +134,7 @@ class ModelRunner:
         if cache_config.preempt == "swap":
             self.num_host_slots = max(1, int(cache_config.swap_space_gb * 2**30) // self.bytes_per_block)
             self.host_pool = self._host_pool(self.num_host_slots)
-        self.sampler = Sampler(self.device)
+        self.sampler = Sampler(self.device, self.vocab_size, self._eos_token_ids())
         self.requests: dict[str, _RequestState] = {}
         # The prefill group (`[prefill.parallel]`): its ranks are this runner's children, so
         # they live and die with it; long prompts prefill there, whole (kvd.connector.base).
@@ -208,17 +207,10 @@ class ModelRunner:
     def model_info(self) -> ModelInfo:
         """What the scheduler side needs to know (the worker's Ready message carries it). The
         end-of-sequence ids are the model's; the Engine adds its tokenizer's."""
-        eos: set[int] = set()
-        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        for src in (gen_eos, self.hf_config.eos_token_id):
-            if isinstance(src, int):
-                eos.add(src)
-            elif isinstance(src, (list, tuple)):
-                eos.update(src)
         return ModelInfo(
             vocab_size=self.vocab_size,
             max_model_len=self.max_model_len,
-            eos_token_ids=sorted(eos),
+            eos_token_ids=self._eos_token_ids(),
             num_blocks=self.num_blocks,
             block_size=self.block_size,
             fingerprint=self._fingerprint(),
@@ -226,6 +218,16 @@ class ModelRunner:
             kv_dtype=str(self.dtype).removeprefix("torch."),
             compute_threads=torch.get_num_threads() if self.device.type == "cpu" else 0,
         )
+
+    def _eos_token_ids(self) -> list[int]:
+        eos: set[int] = set()
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        for src in (gen_eos, self.hf_config.eos_token_id):
+            if isinstance(src, int):
+                eos.add(src)
+            elif isinstance(src, (list, tuple)):
+                eos.update(src)
+        return sorted(eos)
 
     def _fingerprint(self) -> str:
         """The checkpoint's fingerprint; with quantized weights, one of the checkpoint and the
@@ -258,10 +260,10 @@ class ModelRunner:
             self.requests.pop(request_id, None)
         for request_id in so.preempted_request_ids:
             self.requests.pop(request_id, None)
-        for r in so.new_reqs:
-            self.requests[r.request_id] = _RequestState(
-                list(r.token_ids), r.num_prompt_tokens, list(r.block_ids), r.num_computed_tokens, r.sampling_params
-            )
+        for r in so.new_reqs:  # a resumed request's state (penalty counts too) is rebuilt from its tokens
+            tokens = list(r.token_ids)
+            sampling = self.sampler.state(r.sampling_params, tokens, r.num_prompt_tokens)
+            self.requests[r.request_id] = _RequestState(tokens, list(r.block_ids), r.num_computed_tokens, sampling)
         for r in so.cached_reqs:
             state = self.requests[r.request_id]
             state.block_ids += r.new_block_ids
@@ -350,15 +352,10 @@ class ModelRunner:
         )
 
     def _sample(self, hidden: torch.Tensor, request_ids: list[str], into: _Sampled) -> None:
-        """Sample one token per row of `hidden` (B, E) and append it to its request."""
+        """Sample one token per row of `hidden` (B, E); the sampler appends it to its request."""
         head = self.fast.lm_head if self.fast is not None else self.model.lm_head
         logits = head(hidden).float()  # (B, V)
-        states = [self.requests[r] for r in request_ids]
-        tokens, logprobs = self.sampler(
-            logits, [s.params for s in states], [len(s.token_ids) - s.num_prompt_tokens for s in states]
-        )
-        for state, tok in zip(states, tokens):
-            state.token_ids.append(tok)
+        tokens, logprobs = self.sampler(logits, [self.requests[r].sampling for r in request_ids])
         into.add(request_ids, tokens, logprobs or [None] * len(tokens))
 
     def _group_prefills(self, so: SchedulerOutput) -> _Sampled:
@@ -378,7 +375,6 @@ class ModelRunner:
             result = self.group.prefill(state.token_ids)
             write_kv_to_blocks(result.kv, self.kv_caches, state.block_ids)
             state.num_computed_tokens = n
-            tok, lp = self.sampler(result.logits[None].to(self.device), [state.params], [0])
-            state.token_ids.append(tok[0])
+            tok, lp = self.sampler(result.logits[None].float().to(self.device), [state.sampling])
             sampled.add([r.request_id], tok, [lp[0] if lp else None])
         return sampled
