@@ -35,6 +35,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
     seed: int | None = None  # same seed, same tokens, whatever the batch
     stop_token_ids: list[int] = []
     stop: list[str] = []  # stop strings; the text is cut before the match
+    include_stop_str_in_output: bool = False  # ... or after it
+    skip_special_tokens: bool = True  # the text leaves out special tokens (their ids stay in token_ids)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; N: the sampled token's logprob and the top N
     prompt_logprobs: int | None = None  # None: off; N: each prompt token's logprob and the top N

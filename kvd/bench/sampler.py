@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from kvd.sampling import SamplingParams
-from kvd.scheduler.output import Logprobs
 
 _MIX = 0x9E3779B97F4A7C15
 

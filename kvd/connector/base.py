@@ -27,10 +27,13 @@ class KVTransfer:
         self.in_flight = False  # a transfer may touch its blocks: none of them is freed
 
 
-def group_computes(num_cached_tokens: int, num_scheduled: int, num_tokens: int, min_tokens: int) -> bool:
+def group_computes(num_cached_tokens: int, num_scheduled: int, num_tokens: int, min_tokens: int,
+                   prompt_logprobs: bool = False) -> bool:  # fmt: skip
     """The prefill group's rule, one function for the scheduler and the worker: a prompt
-    with no cached prefix, of at least `min_tokens` tokens (0: no group), computed whole."""
-    return bool(min_tokens) and num_cached_tokens == 0 and num_scheduled == num_tokens >= min_tokens
+    with no cached prefix, of at least `min_tokens` tokens (0: no group), computed whole —
+    unless it asked for prompt logprobs (the group returns the last position's logits only)."""
+    return (bool(min_tokens) and not prompt_logprobs and num_cached_tokens == 0
+            and num_scheduled == num_tokens >= min_tokens)  # fmt: skip
 
 
 class KVConnector:
@@ -71,11 +74,9 @@ class KVConnector:
         return False
 
     def computes_whole(self, request: Request, num_cached_tokens: int) -> bool:
-        """Whether the prompt is scheduled whole, whatever budget the step has left (never one
-        that asked for prompt logprobs: the prefill group returns the last position's logits only)."""
-        if request.prompt_logprobs is not None:
-            return False
-        return group_computes(num_cached_tokens, request.num_tokens, request.num_tokens, self.group_min_tokens)
+        """Whether the prompt is scheduled whole, whatever budget the step has left."""
+        return group_computes(num_cached_tokens, request.num_tokens, request.num_tokens, self.group_min_tokens,
+                              request.prompt_logprobs is not None)  # fmt: skip
 
     def take_loads(self) -> list[Request]:
         """Requests whose blocks were allocated for a load since the last call."""

@@ -190,7 +190,7 @@ class HttpFrontend:
         body = await self._decode(request, CompletionRequest)
         try:
             prompts = body.prompts()
-            params = body.sampling(16 if body.max_tokens is None else body.max_tokens)
+            params = body.sampling(16 if body.max_tokens is None else body.max_tokens, self.serving.text.word_ids)
         except ValueError as e:
             raise HttpError(400, str(e)) from None
         base = self._request_id(request, "cmpl")
@@ -209,7 +209,7 @@ class HttpFrontend:
         try:
             messages = body.chat()
             max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-            params = body.sampling(1 if max_tokens is None else max_tokens)
+            params = body.sampling(1 if max_tokens is None else max_tokens, self.serving.text.word_ids)
         except ValueError as e:
             raise HttpError(400, str(e)) from None
         gen = Generate(request_id=base, params=params, stream=body.stream,

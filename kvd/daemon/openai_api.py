@@ -17,6 +17,7 @@ through the model's chat template (text content only).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -51,35 +52,44 @@ class _Request(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0  # vLLM's extension (its benchmark client sends 1.0)
-    min_p: float = 0.0  # vLLM's extension
-    min_tokens: int = 0  # vLLM's extension
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = None  # None: 0
+    frequency_penalty: float | None = None  # None: 0
+    logit_bias: dict[str, float] | None = None  # token id (a string, as JSON keys are) -> bias
+    # vLLM's extensions
+    repetition_penalty: float | None = None  # None: 1
+    min_p: float | None = None
+    min_tokens: int = 0
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None  # each word's tokens, with and without a leading space, are banned
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, why) for an option kvd cannot honour, or None."""
-        for name, off in (("presence_penalty", 0), ("frequency_penalty", 0), ("repetition_penalty", 1),
-                          ("min_p", 0), ("min_tokens", 0)):  # fmt: skip
-            if getattr(self, name) != off:
-                return name, f"not supported (only {off})"
-        if self.logit_bias:
-            return "logit_bias", "not supported"
         return None
 
     def num_logprobs(self) -> int | None:
         """How many alternatives each token's logprobs show (None: no logprobs)."""
         return None
 
-    def sampling(self, max_tokens: int) -> SamplingParams:
-        """kvd's SamplingParams; ValueError names the field."""
+    def sampling(self, max_tokens: int, words: Callable[[list[str]], list[list[int]]] | None = None) -> SamplingParams:
+        """kvd's SamplingParams; ValueError names the field. `words`: `bad_words` to token ids."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return SamplingParams(n=self.n, max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
-                              top_p=1.0 if self.top_p is None else self.top_p,
-                              top_k=0 if self.top_k in (None, -1) else self.top_k, seed=self.seed, stop=stop,
-                              stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
-                              logprobs=self.num_logprobs())  # fmt: skip
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"logit_bias: keys must be token ids, got {key!r}")
+            bias[int(key)] = value
+        bad = words(self.bad_words) if self.bad_words and words is not None else []
+        return SamplingParams(
+            n=self.n, max_tokens=max_tokens, temperature=_or(self.temperature, 1.0), top_p=_or(self.top_p, 1.0),
+            top_k=0 if self.top_k in (None, -1) else self.top_k, min_p=_or(self.min_p, 0.0), seed=self.seed,
+            stop=stop, stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
+            logprobs=self.num_logprobs(), presence_penalty=_or(self.presence_penalty, 0.0),
+            frequency_penalty=_or(self.frequency_penalty, 0.0), repetition_penalty=_or(self.repetition_penalty, 1.0),
+            min_tokens=self.min_tokens, logit_bias=bias, allowed_token_ids=self.allowed_token_ids,
+            bad_words_token_ids=bad, include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens)
 
     @property
     def include_usage(self) -> bool:
@@ -106,13 +116,13 @@ class CompletionRequest(_Request):
     def num_logprobs(self) -> int | None:
         return self.logprobs
 
-    def sampling(self, max_tokens: int) -> SamplingParams:
+    def sampling(self, max_tokens: int, words=None) -> SamplingParams:
         """As for any request; `echo` with `max_tokens` 0 (how lm-evaluation-harness scores a
         prompt) samples one token that the response leaves out, and echo with logprobs asks
         for the prompt's."""
         if max_tokens == 0 and self.echo:
             max_tokens = 1
-        params = super().sampling(max_tokens)
+        params = super().sampling(max_tokens, words)
         prompt_logprobs = self.prompt_logprobs if self.prompt_logprobs is not None else (
             self.logprobs if self.echo else None)  # fmt: skip
         return msgspec.structs.replace(params, prompt_logprobs=prompt_logprobs) if prompt_logprobs is not None else params
@@ -202,6 +212,10 @@ class TokenText:
 
 
 _FIRST = Logprobs(0.0, [], [])  # stands in for the first prompt token's, which has none
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def _lp(value: float) -> float:

@@ -70,6 +70,7 @@ class Engine:
                 f"max_tokens: prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens})"
                 f" exceeds the model's context of {self.max_model_len}"
             )
+        params.check_vocab(self.info.vocab_size)
         if params.n > self.scheduler.config.max_num_seqs:
             raise ValueError(f"n: at most scheduler.max_num_seqs ({self.scheduler.config.max_num_seqs}) choices, "
                              f"got {params.n}")  # fmt: skip

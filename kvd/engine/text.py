@@ -88,6 +88,19 @@ class TextStage:
             return self.chat_ids(chat)
         return self.prompt_ids(prompt if prompt is not None else prompt_token_ids)
 
+    def word_ids(self, words: list[str]) -> list[list[int]]:
+        """Banned words as token sequences: each as it starts a text and after a space (a
+        word mid-text is usually its own tokens with the space), as vLLM's `bad_words`."""
+        out: list[list[int]] = []
+        for word in words:
+            if not isinstance(word, str) or not word.strip():
+                raise ValueError(f"bad_words: must be non-empty strings, got {word!r}")
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                if ids and ids not in out:
+                    out.append(ids)
+        return out
+
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """The conversation through the model's chat template, with the generation prompt."""
         if not messages or any(
@@ -136,10 +149,12 @@ class TextStage:
         out.num_cached_tokens = request.num_cached_tokens
         if eo.new_logprobs:
             out.logprobs = (out.logprobs or []) + list(eo.new_logprobs)
-        stops = request.sampling_params.stop
+        params = request.sampling_params
+        # Stop strings count once min_tokens tokens are out (vLLM's rule).
+        stops = params.stop if len(out.token_ids) >= params.min_tokens else []
         detok = state.detok
-        if detok is None and (self.stream_text or stops):
-            detok = state.detok = IncrementalDetokenizer(self.tokenizer)
+        if detok is None and (self.stream_text or params.stop):
+            detok = state.detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
             new_ids = out.token_ids  # all of them: out already holds this step's tokens
         else:
             new_ids = eo.new_token_ids
@@ -149,38 +164,44 @@ class TextStage:
         # A stop string that the step's tokens complete cuts the text even when the step ended
         # the request for its length: the client asked for the text up to the stop.
         if stops and eo.finish_reason in (None, "length"):
-            cut = _stop_cut(stops, detok.text, old_len)
+            cut = _stop_cut(stops, detok.text, old_len, params.include_stop_str_in_output)
             if cut is not None:
-                delta = self._finish(state, "stop", eo.new_token_ids, cut)
+                delta = self._finish(request, "stop", eo.new_token_ids, cut)
                 delta.stopped = eo.finish_reason is None
                 return delta
         if eo.finish_reason is not None:
-            return self._finish(state, eo.finish_reason, eo.new_token_ids)
+            return self._finish(request, eo.finish_reason, eo.new_token_ids)
         if not self.stream_text:
             return Delta(out.request_id, eo.new_token_ids, "")
         # The last len(longest stop) - 1 characters may be the start of a stop string that
         # the next token completes: they wait, so the stream never shows text the cut removes.
-        end = len(detok.text) - (max(map(len, stops)) - 1 if stops else 0)
+        end = len(detok.text) - (max(map(len, params.stop)) - 1 if params.stop else 0)
         if end <= state.sent:
             return Delta(out.request_id, eo.new_token_ids, "")
         sent, state.sent = state.sent, end
         out.text = detok.text[:end]
         return Delta(out.request_id, eo.new_token_ids, detok.text[sent:end])
 
-    def _finish(self, state: TextState, reason: str, new_ids: list[int], text: str | None = None) -> Delta:
+    def _finish(self, request: Request, reason: str, new_ids: list[int], text: str | None = None) -> Delta:
+        state: TextState = request.text
         out = state.output
         state.done = True
         state.detok = None
         # The final text is one whole decode (authoritative); the stream gets what it lacks.
-        final = text if text is not None else self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+        skip = request.sampling_params.skip_special_tokens
+        final = text if text is not None else self.tokenizer.decode(out.token_ids, skip_special_tokens=skip)
         delta_text = final[state.sent :] if self.stream_text else ""
         out.text = final
         out.finish_reason = reason
         return Delta(out.request_id, list(new_ids), delta_text, reason, out)
 
 
-def _stop_cut(stops: list[str], text: str, old_len: int) -> str | None:
-    """`text` up to the first stop string that the characters after `old_len` complete."""
+def _stop_cut(stops: list[str], text: str, old_len: int, include: bool = False) -> str | None:
+    """`text` up to the first stop string that the characters after `old_len` complete
+    (`include`: and the stop string itself)."""
     start = max(0, old_len - max(map(len, stops)) + 1)
-    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
-    return text[: min(hits)] if hits else None
+    hits = [(i, len(s)) for i, s in ((text.find(s, start), s) for s in stops) if i >= 0]
+    if not hits:
+        return None
+    at, length = min(hits)
+    return text[: at + length] if include else text[:at]

@@ -22,12 +22,13 @@ from kvd.cache.kv_manager import cdiv
 from kvd.config import CacheConfig, ModelConfig, PrefillConfig
 from kvd.connector.base import group_computes
 from kvd.model_info import KVShare, ModelInfo
-from kvd.scheduler.output import Logprobs, ModelOutput, SchedulerOutput
+from kvd.scheduler.output import Logprobs, ModelOutput, PromptLogprobs, SchedulerOutput
 from kvd.worker import attention
 from kvd.worker.attention import AttentionMetadata, PrefillChunk
 from kvd.worker.decoder import Decoder
 from kvd.worker.linear import prepack
 from kvd.worker.models import gguf_source, load_config, load_model, model_fingerprint
+from kvd.worker.prompt_logprobs import prompt_logprobs
 from kvd.worker.quant_load import weight_source
 from kvd.worker.sampler import Sampler, SamplingState
 
@@ -81,6 +82,8 @@ class _Batch:
     meta: AttentionMetadata
     sample_ids: list[str]  # requests that sample a token this step
     sample_rows: torch.Tensor  # (B,) their last token's index in the packed batch
+    prompt_rows: list[tuple[str, int, int, int]] = field(default_factory=list)  # prompt logprobs: (request
+    # id, first packed row, first prompt position of those rows, rows); row r predicts token position + 1
 
 
 @dataclass
@@ -90,6 +93,7 @@ class _Sampled:
     request_ids: list[str] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[Logprobs | None] = field(default_factory=list)
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
 
     def add(self, request_ids: list[str], tokens: list[int], logprobs: list[Logprobs | None]) -> None:
         self.request_ids += request_ids
@@ -98,7 +102,7 @@ class _Sampled:
 
     def output(self, step: int) -> ModelOutput:
         logprobs = self.logprobs if any(lp is not None for lp in self.logprobs) else None
-        return ModelOutput(step, self.request_ids, self.tokens, logprobs)
+        return ModelOutput(step, self.request_ids, self.tokens, logprobs, self.prompt_logprobs)
 
 
 class ModelRunner:
@@ -288,6 +292,12 @@ class ModelRunner:
                 hidden = self._forward(batch)  # (N, E)
             if batch.sample_ids:
                 self._sample(hidden[batch.sample_rows], batch.sample_ids, sampled)
+            head = self.fast.lm_head if self.fast is not None else self.model.lm_head
+            for request_id, row, pos, count in batch.prompt_rows:
+                state = self.requests[request_id]
+                sampled.prompt_logprobs.append(prompt_logprobs(head, hidden[row : row + count], request_id, pos + 1,
+                                                               state.token_ids[pos + 1 : pos + 1 + count],
+                                                               state.sampling.params.prompt_logprobs))  # fmt: skip
         return sampled.output(so.step)
 
     def _forward(self, batch: _Batch) -> torch.Tensor:
@@ -309,6 +319,7 @@ class ModelRunner:
         prefills: list[PrefillChunk] = []
         sample_ids: list[str] = []
         sample_rows: list[int] = []
+        prompt_rows: list[tuple[str, int, int, int]] = []
         for request_id, n in sorted(scheduled.items(), key=lambda kv: kv[1] != 1):
             state = self.requests[request_id]
             nc = state.num_computed_tokens
@@ -332,6 +343,9 @@ class ModelRunner:
                     torch.tensor(table[:num_used], device=self.device), mask.to(self.device),
                 ))  # fmt: skip
             state.num_computed_tokens = nc + n
+            num_prompt = state.sampling.num_prompt_tokens
+            if state.sampling.params.prompt_logprobs is not None and nc < num_prompt - 1:
+                prompt_rows.append((request_id, start, nc, min(nc + n, num_prompt - 1) - nc))
             if nc + n == len(state.token_ids):  # caught up: this token's logits give the next token
                 sample_ids.append(request_id)
                 sample_rows.append(start + n - 1)
@@ -349,6 +363,7 @@ class ModelRunner:
             meta=meta,
             sample_ids=sample_ids,
             sample_rows=torch.tensor(sample_rows, device=self.device),
+            prompt_rows=prompt_rows,
         )
 
     def _sample(self, hidden: torch.Tensor, request_ids: list[str], into: _Sampled) -> None:
@@ -370,7 +385,8 @@ class ModelRunner:
         for r in so.new_reqs:
             state = self.requests[r.request_id]
             n = so.num_scheduled_tokens.get(r.request_id, 0)
-            if not group_computes(r.num_computed_tokens, n, len(state.token_ids), self.group_min_tokens):
+            if not group_computes(r.num_computed_tokens, n, len(state.token_ids), self.group_min_tokens,
+                                  state.sampling.params.prompt_logprobs is not None):  # fmt: skip
                 continue
             result = self.group.prefill(state.token_ids)
             write_kv_to_blocks(result.kv, self.kv_caches, state.block_ids)

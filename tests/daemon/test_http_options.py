@@ -107,3 +107,69 @@ def test_chat_logprobs(sdk):
     assert [x.token for x in items] == [x.token for x in content]
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):
         sdk.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, logprobs=True, top_logprobs=21)
+
+
+def _ids(served, **kw) -> list[int]:
+    with Client(served.endpoint, timeout=120) as c:
+        return c.generate(**kw).token_ids
+
+
+REPEAT = "one two three one two three one two three one two three"
+
+
+def test_penalties_change_a_repetitive_output(sdk):
+    base = dict(model=MODEL, prompt=REPEAT, max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+    plain = sdk.completions.create(**base, logprobs=0).choices[0].logprobs.tokens
+    for extra in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0},
+                  {"extra_body": {"ignore_eos": True, "repetition_penalty": 1.5}}):  # fmt: skip
+        kw = base | extra
+        got = sdk.completions.create(**kw, logprobs=0).choices[0].logprobs.tokens
+        assert got != plain and len(set(got)) > len(set(plain)), extra  # fewer repeats, more distinct tokens
+
+
+def test_logit_bias_allowed_and_bad_words(sdk, served, offline):
+    token = offline.tokenizer.encode(" banana", add_special_tokens=False)[0]
+    r = sdk.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0.7,
+                               logit_bias={str(token): 100}, extra_body={"ignore_eos": True})  # fmt: skip
+    assert r.choices[0].text == offline.tokenizer.decode([token] * 5)
+    allowed = offline.tokenizer.encode(" yes no maybe", add_special_tokens=False)
+    ids = _ids(served, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=1, allowed_token_ids=allowed,
+               ignore_eos=True)  # fmt: skip
+    assert set(ids) <= set(allowed) and len(ids) == 8
+    greedy = sdk.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text
+    word = greedy.split()[0]
+    banned = sdk.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0,
+                                    extra_body={"bad_words": [word]}).choices[0].text  # fmt: skip
+    assert word not in banned.split() and banned != greedy
+
+
+def test_min_tokens_min_p_and_stop_strings(sdk):
+    short = sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is 2+2? Answer with a number only."}],
+                                        max_tokens=60, temperature=0)  # fmt: skip
+    assert short.usage.completion_tokens < 30 and short.choices[0].finish_reason == "stop"
+    longer = sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is 2+2? Answer with a number only."}],
+                                         max_tokens=60, temperature=0, extra_body={"min_tokens": 30})  # fmt: skip
+    assert longer.usage.completion_tokens >= 30
+    r = sdk.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0.8, top_p=0.95,
+                               extra_body={"min_p": 0.05, "top_k": 20})  # fmt: skip
+    assert r.choices[0].text
+    cut = sdk.completions.create(model=MODEL, prompt=REPEAT, max_tokens=20, temperature=0, stop=["three"])
+    kept = sdk.completions.create(model=MODEL, prompt=REPEAT, max_tokens=20, temperature=0, stop=["three"],
+                                  extra_body={"include_stop_str_in_output": True})  # fmt: skip
+    assert kept.choices[0].text == cut.choices[0].text + "three"
+
+
+@pytest.mark.parametrize("max_tokens", [0, 1])
+def test_echo_scores_a_prompt_as_lm_evaluation_harness_asks(sdk, offline, max_tokens):
+    ids = offline.tokenizer.encode(PROMPT + " Tokyo", add_special_tokens=False)
+    (ref,) = offline.generate([ids], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1))
+    r = sdk.completions.create(model=MODEL, prompt=ids, max_tokens=max_tokens, temperature=0, logprobs=1, echo=True)
+    choice = r.choices[0]
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) + max_tokens and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert choice.text.startswith(offline.tokenizer.decode(ids)) and r.usage.completion_tokens == max_tokens
+    for got, want in zip(lp.token_logprobs[1 : len(ids)], ref.prompt_logprobs[1:]):
+        assert got <= 0 and math.isclose(got, want.logprob, abs_tol=1e-4)
+    # lm-evaluation-harness's greedy check: the token's logprob is the top one's.
+    tops = lp.top_logprobs[1 : len(ids)]
+    assert all(len(t) >= 1 for t in tops)
