@@ -3,7 +3,8 @@
 
     kvd serve --config conf/kvd.toml [--role unified|prefill|decode] [--port 0] [--run-dir DIR] [--http-port P]
     kvd generate [--endpoint E | --run-dir DIR] (--prompt TEXT | --chat TEXT) [--max-tokens N]
-                 [--temperature T] [--json]
+                 [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S] [--presence-penalty X]
+                 [--frequency-penalty X] [--repetition-penalty X] [--min-tokens N] [--stop S ...] [--json]
     kvd status [--endpoint E | --run-dir DIR] [--json]
     kvd launch pd --prefill N --decode M --pool local|mooncake|redis --run-dir DIR [--config FILE] [--http-port P]
     kvd trace REQUEST_ID [LOG ...]
@@ -61,10 +62,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os._exit(code)
 
 
+# SamplingParams fields `kvd generate` takes as flags (--top-p, ...), beside --max-tokens and --temperature.
+SAMPLING_FLAGS = {"top_p": float, "top_k": int, "min_p": float, "seed": int, "presence_penalty": float,
+                  "frequency_penalty": float, "repetition_penalty": float, "min_tokens": int}  # fmt: skip
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from kvd.client import Client
 
     options = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    options |= {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
+    if args.stop:
+        options["stop"] = args.stop
     source = {"chat": [{"role": "user", "content": args.chat}]} if args.chat is not None else {"prompt": args.prompt}
     with Client(_endpoint(args), timeout=args.timeout) as c:
         if args.json:
@@ -152,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
             src.add_argument("--chat", help="a user message; the model's chat template is applied")
             c.add_argument("--max-tokens", type=int, default=128)
             c.add_argument("--temperature", type=float, default=0.0)
+            for name, kind in SAMPLING_FLAGS.items():
+                c.add_argument("--" + name.replace("_", "-"), type=kind)
+            c.add_argument("--stop", action="append", help="a stop string (repeatable)")
 
     la = sub.add_parser("launch", help="start a whole PD deployment on this host")
     la.add_argument("kind", choices=["pd"])

@@ -218,6 +218,8 @@ def free_port() -> int:
 @pytest.mark.parametrize("args, env, expect", [
     (["status", "--endpoint", "garbage"], None, "endpoint"),
     (["generate", "--endpoint", "not a url", "--prompt", "x"], None, "endpoint"),
+    (["generate", "--endpoint", "tcp://127.0.0.1:PORT", "--prompt", "x", "--presence-penalty", "9"], None,
+     "presence_penalty"),
     (["status", "--endpoint", "tcp://127.0.0.1:PORT"], None, "error 503"),
     (["status", "--run-dir", "/nonexistent/kvd"], None, "no endpoint"),
     (["serve", "--config", "/nonexistent/kvd.toml"], None, "config"),
