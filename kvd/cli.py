@@ -8,7 +8,7 @@
     kvd status [--endpoint E | --run-dir DIR] [--json]
     kvd launch pd --prefill N --decode M --pool local|mooncake|redis --run-dir DIR [--config FILE] [--http-port P]
     kvd trace REQUEST_ID [LOG ...]
-    kvd bench offline|serve|serve_http|versus|pd|swap|pool|prefill_group|soak [ARGS ...]
+    kvd bench offline|serve|serve_http|versus|pd|swap|pool|prefill_group|choices|soak [ARGS ...]
 
 Without --endpoint, the client commands read `<run_dir>/endpoint`, which `kvd serve`
 writes once every process is Ready.
@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks: offline (engine vs transformers) or serve (daemon)")
     b.add_argument("kind", choices=["offline", "serve", "serve_http", "versus", "pd", "swap", "pool",
-                                      "prefill_group", "soak"])
+                                      "prefill_group", "choices", "soak"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=cmd_bench)
     return p

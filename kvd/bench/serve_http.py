@@ -1,6 +1,6 @@
 """Serving over HTTP: kvd's OpenAI API beside its ZeroMQ path and beside `vllm serve`, in one run.
 
-    python -m kvd.bench.serve_http [--quick] [--no-record] [--dtypes float32,bfloat16]
+    python -m kvd.bench.serve_http [--quick] [--no-record] [--dtypes float32,bfloat16] [--greedy-only]
     (or `kvd bench serve_http ...`)
 
 One request set (kvd.bench.serve's: token-id prompts of real English, per-request
@@ -26,6 +26,10 @@ round's shown. The tables show each path's median round. `vllm bench serve` runs
 per server, in the order kvd, vLLM, vLLM, kvd. The headline ratios: HTTP TTFT p50 /
 ZeroMQ TTFT p50 at 1 req/s (target ≤ 1.05), HTTP / ZeroMQ output tok/s at 32 streams
 (target ≥ 0.97), kvd HTTP / vllm serve output tok/s at 32 streams (target ≥ 1.0). Each
+HTTP server also runs every mode with sampled requests (temperature 0.8, top_p 0.95, as
+chat clients send; `--greedy-only` skips them), as targets of their own in the same
+rounds: kvd sampled / vllm sampled (target ≥ 1.0) and kvd sampled / kvd greedy
+(target ≥ 0.95) are taken round by round too. Each
 dtype runs where the CPU has the hardware for it (see kvd.bench.versus). Unless
 --no-record or --quick, appended to docs/benchmarks.md.
 """
@@ -89,10 +93,14 @@ def modes(cfg, n: int) -> list[tuple[str, str, list[float], int]]:
 
 
 # ---- an OpenAI client ----------------------------------------------------------------------
+GREEDY = {"temperature": 0}
+SAMPLED = {"temperature": 0.8, "top_p": 0.95}  # what chat clients send (no seed: per-request seeds cost vLLM more)
+
+
 async def http_stream_one(session: aiohttp.ClientSession, url: str, request_id: str, prompt: list[int],
-                          max_tokens: int) -> Sample:  # fmt: skip
-    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+                          max_tokens: int, sampling: dict = GREEDY) -> Sample:  # fmt: skip
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}, **sampling}  # fmt: skip
     sample = Sample(request_id, perf_counter())
     async with session.post(url + "/v1/completions", json=body, headers={"X-Request-Id": request_id}) as resp:
         if resp.status != 200:
@@ -117,7 +125,8 @@ async def http_stream_one(session: aiohttp.ClientSession, url: str, request_id: 
     return sample
 
 
-async def http_mode(url: str, name: str, tag: str, work: Workload, delays: list[float], limit: int) -> ModeResult:
+async def http_mode(url: str, name: str, tag: str, work: Workload, delays: list[float], limit: int,
+                    sampling: dict = GREEDY) -> ModeResult:  # fmt: skip
     prompts, max_tokens = work
     sem = asyncio.Semaphore(limit)
     conn = aiohttp.TCPConnector(limit=0)
@@ -125,7 +134,7 @@ async def http_mode(url: str, name: str, tag: str, work: Workload, delays: list[
         async def one(i: int) -> Sample:
             await asyncio.sleep(delays[i])
             async with sem:
-                return await http_stream_one(session, url, f"http-{tag}-{i}", prompts[i], max_tokens[i])
+                return await http_stream_one(session, url, f"http-{tag}-{i}", prompts[i], max_tokens[i], sampling)
 
         start = perf_counter()
         samples = await asyncio.gather(*(one(i) for i in range(len(prompts))))
@@ -153,9 +162,9 @@ def zmq_target(client: AsyncClient, pid: int) -> Target:
     return Target("ZeroMQ", run, pid)
 
 
-def http_target(url: str, label: str, pid: int) -> Target:
+def http_target(url: str, label: str, pid: int, sampling: dict = GREEDY) -> Target:
     async def run(name, tag, work, delays, limit):
-        return await http_mode(url, name, f"{label.replace(' ', '-')}-{tag}", work, delays, limit)
+        return await http_mode(url, name, f"{label.replace(' ', '-')}-{tag}", work, delays, limit, sampling)
 
     return Target(label, run, pid)
 
@@ -235,11 +244,14 @@ async def measure(targets: list[Target], work: Workload, warm: Workload, cfg,
 
 
 async def measure_servers(endpoint: str, http: dict[str, tuple[str, int]], work: Workload, warm: Workload, cfg,
-                          rounds: int):  # fmt: skip
-    """`measure` over kvd's ZeroMQ endpoint and each HTTP server (label -> (url, root pid))."""
+                          rounds: int, sampled: bool = True):  # fmt: skip
+    """`measure` over kvd's ZeroMQ endpoint and each HTTP server (label -> (url, root pid));
+    `sampled`: each HTTP server again with sampled requests (temperature 0.8, top_p 0.95)."""
     async with AsyncClient(endpoint) as client:
         targets = [zmq_target(client, http["kvd HTTP"][1])]
         targets += [http_target(url, label, pid) for label, (url, pid) in http.items()]
+        if sampled:
+            targets += [http_target(url, f"{label} sampled", pid, SAMPLED) for label, (url, pid) in http.items()]
         return await measure(targets, work, warm, cfg, rounds)
 
 
@@ -320,7 +332,7 @@ def vllm_bench(url: str, model_dir: Path, work: Workload, cfg, workdir: Path, la
 
 # ---- one dtype -------------------------------------------------------------------------------
 def run_dtype(dtype: str, work: Workload, warm: Workload, cfg, workdir: Path, threads: int, peer: bool,
-              rounds: int) -> tuple[dict[str, list[ModeResult]], dict[str, list[CpuUse]], dict[str, list[dict]]]:  # fmt: skip
+              rounds: int, sampled: bool = True) -> tuple[dict[str, list[ModeResult]], dict[str, list[CpuUse]], dict[str, list[dict]]]:  # fmt: skip
     """Both servers up side by side for one dtype: (mode results and streams runs' CPU by
     target, vllm-bench results by server).
 
@@ -336,7 +348,7 @@ def run_dtype(dtype: str, work: Workload, warm: Workload, cfg, workdir: Path, th
         http = {"vllm serve": (server.start(), server.proc.pid)} if server is not None else {}
         endpoint = daemon.start()
         http = {"kvd HTTP": ((daemon.run_dir / "http_endpoint").read_text().strip(), daemon.proc.pid)} | http
-        results, cpu = asyncio.run(measure_servers(endpoint, http, work, warm, cfg, rounds))
+        results, cpu = asyncio.run(measure_servers(endpoint, http, work, warm, cfg, rounds, sampled))
         for i, name in enumerate(("kvd", "vllm", "vllm", "kvd") if peer else ()):
             url = http["kvd HTTP" if name == "kvd" else "vllm serve"][0]
             bench[name].append(vllm_bench(url, model_dir, work, cfg, workdir, f"{name}-{dtype}-{i}", threads))
@@ -378,6 +390,15 @@ def ratio_lines(results: dict[str, list[ModeResult]]) -> list[str]:
                                 round_ratios(results, "kvd HTTP", "vllm serve"), "target ≥ 1.0"))
         lines.append(f"at 1 req/s, TTFT p50: kvd HTTP {p50_ttft(http_rate) * 1e3:.0f} ms, vllm serve "
                      f"{p50_ttft(theirs) * 1e3:.0f} ms")  # fmt: skip
+    if "kvd HTTP sampled" in results:
+        lines.append(ratio_line(f"sampled (T 0.8, top_p 0.95) / greedy, kvd HTTP output tok/s at {streams}",
+                                round_ratios(results, "kvd HTTP sampled", "kvd HTTP"), "target ≥ 0.95"))
+    if "vllm serve sampled" in results:
+        lines.append(ratio_line(f"sampled: kvd HTTP / vllm serve output tok/s at {streams}",
+                                round_ratios(results, "kvd HTTP sampled", "vllm serve sampled"),
+                                "target ≥ 1.0, stretch 1.3"))  # fmt: skip
+        lines.append(ratio_line(f"sampled / greedy, vllm serve output tok/s at {streams}",
+                                round_ratios(results, "vllm serve sampled", "vllm serve"), "for reference"))
     return lines
 
 
@@ -389,7 +410,7 @@ def cpu_line(cpu: dict[str, list[CpuUse]]) -> str:
 
     parts = []
     for label, uses in cpu.items():
-        root, rest = ("API server", "engine core + worker") if label == "vllm serve" else ("daemon", "worker")
+        root, rest = ("API server", "engine core + worker") if label.startswith("vllm") else ("daemon", "worker")
         parts.append(f"{label}: {root} {per_k(uses, 'root')}, {rest} {per_k(uses, 'rest')}, "
                      f"client {per_k(uses, 'client')}")  # fmt: skip
     return "CPU seconds per 1,000 output tokens in the streams mode (median round): " + "; ".join(parts)
@@ -421,6 +442,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-record", action="store_true", help=f"do not append to {RECORD_PATH}")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--no-peer", action="store_true", help="kvd's two paths only, without vllm serve")
+    parser.add_argument("--greedy-only", action="store_true",
+                        help="without the sampled runs (temperature 0.8, top_p 0.95) of each HTTP server")
     parser.add_argument("--rounds", type=int, default=None,
                         help=f"rounds of the streams mode (default {FULL_ROUNDS}; --quick: 1)")
     args = parser.parse_args(argv)
@@ -447,7 +470,8 @@ def main(argv: list[str] | None = None) -> None:
                 parts.append(f"### {dtype}\n\nnot run: {reason}")
                 continue
             try:
-                results, cpu, bench = run_dtype(dtype, work, warm, cfg, Path(tmp), threads, peer, rounds)
+                results, cpu, bench = run_dtype(dtype, work, warm, cfg, Path(tmp), threads, peer, rounds,
+                                                not args.greedy_only)  # fmt: skip
             except DaemonError as e:
                 print(f"kvd bench serve_http: {e}", file=sys.stderr)
                 sys.exit(1)
