@@ -213,3 +213,25 @@ def test_a_prefill_instance_that_never_answers_is_a_504_at_the_lease(tokenizer, 
             close(h, peer, peer_task)
 
     run(main())
+
+
+def test_n_choices_load_the_prompt_once(tokenizer, tmp_path):
+    async def main():
+        h, peer, messenger, peer_task = await decode_instance(tokenizer, tmp_path)
+        try:
+            with h:
+                await connected(h)
+                await h.submit("n", prompt=TEXT, params={"n": 3}).wait()
+                await h.settle()
+            # One handoff, one PrefillRequest, one pool read: the later choices reuse its KV here.
+            assert len(peer.requests) == 1 and len(messenger.cache_tasks) == 1
+            assert h.serving.role.counts["handoffs"] == 1
+            firsts = {rid: computed for rid, (computed, _) in messenger.first_computed.items()}
+            assert firsts["n"] == len(peer.requests[0].token_ids)  # loaded, never computed
+            block = 4
+            for rid in ("n/1", "n/2"):  # each computed only the prompt's partial block
+                assert firsts[rid] == (len(peer.requests[0].token_ids) - 1) // block * block
+        finally:
+            close(h, peer, peer_task)
+
+    run(main())
