@@ -106,6 +106,27 @@ def test_pd_greedy_output_matches_the_offline_engine(pd, prompts, smollm2_dir):
         assert keys[-1].endswith(":partial:6") and all(pool.exists(keys))
 
 
+def test_n_choices_and_logprobs_through_pd(pd, smollm2_dir):
+    """n = 3 crosses the pool once (one handoff) and gives what the offline engine gives;
+    logprobs come back through the chain (the first token's from the prefill instance)."""
+    p, d, _ = pd
+    with Client(d.endpoint, timeout=10) as c:
+        before = c.status()["pd"]["handoffs"]
+    with Client(d.endpoint, timeout=120) as c:
+        outs = c.generate(prompt="The three primary colours are", n=3, max_tokens=8, temperature=1.0, seed=5,
+                          logprobs=2, ignore_eos=True)  # fmt: skip
+    from kvd import LLM, SamplingParams
+
+    refs = LLM(str(smollm2_dir), dtype="float32").generate(
+        "The three primary colours are", SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=5, logprobs=2,
+                                                        ignore_eos=True))  # fmt: skip
+    assert [o.token_ids for o in outs] == [r.token_ids for r in refs]
+    for o, r in zip(outs, refs):
+        assert len(o.logprobs) == 8 and all(abs(a.logprob - b.logprob) < 1e-3 for a, b in zip(o.logprobs, r.logprobs))
+    _, dst = wait_clean(p, d)
+    assert dst["pd"]["handoffs"] == before + 1
+
+
 def test_prefill_role_refuses_client_generate(pd):
     p, _, _ = pd
     with Client(p.endpoint, timeout=10) as c:
