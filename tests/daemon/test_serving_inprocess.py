@@ -232,6 +232,26 @@ def test_abort_fail_and_deadline_each_end_a_request_once(tokenizer):
     run(main())
 
 
+def test_an_n_choice_request_ends_every_choice_on_abort_and_on_failure(tokenizer):
+    async def main():
+        with Harness(tokenizer) as h:
+            long = {"max_tokens": 400, "n": 3}
+            a, f = h.submit("a", prompt=TEXT, params=long), h.submit("f", prompt=TEXT, params=long)
+            ids = [f"{r}{c}" for r in "af" for c in ("", "/1", "/2")]
+            while not all(h.inbox.deltas.get(rid) for rid in ids):
+                await asyncio.sleep(0.005)
+            assert sorted(d.index for rid in ids[:3] for d in h.inbox.deltas[rid][:1]) == [0, 1, 2]
+            h.serving.abort("a")  # the client's id ends all three
+            await h.serving.fail("f/1", ErrorCode.INTERNAL, "test")  # one choice's failure ends the others
+            await a.wait()
+            await h.settle()  # no block held, integrity ok
+            assert all(h.inbox.deltas[rid][-1].output.finish_reason == "abort" for rid in ids[:3])
+            assert set(h.inbox.failures) == {"f", "f/1", "f/2"}
+            assert h.serving.num_client_requests == 0
+
+    run(main())
+
+
 def test_bad_requests_are_refused_before_anything_is_held(tokenizer):
     async def main():
         with Harness(tokenizer, max_queue=64) as h:

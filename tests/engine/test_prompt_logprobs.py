@@ -45,3 +45,18 @@ def test_prompt_logprobs_match_transformers(implementation, tiny_llama_dir):
                 torch.tensor(lp.top_logprobs), top.values, atol=1e-4)  # a tie may order ids differently
             assert torch.allclose(torch.tensor(lp.top_logprobs), top.values, atol=1e-4)
     llm.check_integrity()
+
+
+def test_sample_logprobs_match_transformers(tiny_llama_dir):
+    """Each sampled token's logprob (and the top 3) against transformers' log_softmax of the
+    whole sequence, teacher-forced: the raw distribution, whatever temperature and top-p did."""
+    ref = load_model(tiny_llama_dir, torch.float32, "cpu")
+    llm = LLM(str(tiny_llama_dir), dtype="float32", block_size=16)
+    prompt = list(range(500, 540))
+    for params in (SamplingParams(max_tokens=6, temperature=0.0, logprobs=3, ignore_eos=True),
+                   SamplingParams(max_tokens=6, temperature=0.7, top_p=0.9, seed=3, logprobs=3, ignore_eos=True)):
+        (out,) = llm.generate([prompt], params)
+        want = hf_prompt_logprobs(ref, prompt + out.token_ids)[len(prompt) - 1 :]  # rows predicting the outputs
+        for i, (token, lp) in enumerate(zip(out.token_ids, out.logprobs)):
+            assert abs(lp.logprob - want[i, token].item()) < 1e-4
+            assert torch.allclose(torch.tensor(lp.top_logprobs), want[i].topk(3).values, atol=1e-4)
