@@ -32,7 +32,7 @@ import structlog
 from aiohttp import web
 
 from kvd.config import KvdConfig
-from kvd.daemon import health
+from kvd.daemon import health, tokenizer_api
 from kvd.daemon.backoff import RETRYABLE
 from kvd.daemon.openai_api import (
     DONE,
@@ -53,6 +53,7 @@ from kvd.messages import MAX_REQUEST_ID, ChatMessage, ErrorCode, Generate
 log = structlog.get_logger("kvd.http")
 
 SHUTDOWN_TIMEOUT_S = 5.0  # after the drain: handlers still writing their last event get this long
+GUARDED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")  # what [http] api_key guards
 
 
 class HttpError(Exception):
@@ -125,6 +126,9 @@ class HttpFrontend:
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
+        app.router.add_get("/tokenizer_info", self.tokenizer_info)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics_page)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
@@ -150,7 +154,7 @@ class HttpFrontend:
 
     async def _answer(self, request: web.Request, handler) -> web.StreamResponse:
         try:
-            if self.cfg.api_key and request.path.startswith("/v1/"):
+            if self.cfg.api_key and request.path.startswith(GUARDED):
                 given = request.headers.get("Authorization", "").encode()
                 if not hmac.compare_digest(given, f"Bearer {self.cfg.api_key}".encode()):
                     return error_response(401, "Authorization: a valid 'Bearer <api_key>' is required")
@@ -185,6 +189,25 @@ class HttpFrontend:
         card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "kvd",
                 "max_model_len": engine.max_model_len if engine is not None else None}  # fmt: skip
         return _json(200, {"object": "list", "data": [card]})
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        body = await self._decode(request, tokenizer_api.TokenizeRequest)
+        engine = self.serving.engine
+        try:
+            return _json(200, tokenizer_api.tokenize(self.serving.text, body, engine.max_model_len if engine else None))
+        except ValueError as e:
+            raise HttpError(400, str(e)) from None
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        body = await self._decode(request, tokenizer_api.DetokenizeRequest)
+        try:
+            return _json(200, tokenizer_api.detokenize(self.serving.text, body, len(self.serving.text.tokenizer)))
+        except ValueError as e:
+            raise HttpError(400, str(e)) from None
+
+    async def tokenizer_info(self, request: web.Request) -> web.Response:
+        engine = self.serving.engine
+        return _json(200, tokenizer_api.tokenizer_info(self.serving.text, engine.max_model_len if engine else None))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._decode(request, CompletionRequest)

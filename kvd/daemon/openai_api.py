@@ -175,17 +175,22 @@ class ChatRequest(_Request):
 
     def chat(self) -> list[dict[str, str]]:
         """The messages as the chat template takes them; ValueError naming the message."""
-        out = []
-        for i, turn in enumerate(self.messages):
-            content = turn.content
-            if isinstance(content, list):
-                if any(part.type != "text" or part.text is None for part in content):
-                    raise ValueError(f"messages[{i}].content: only text parts are supported")
-                content = "".join(part.text for part in content)
-            if content is None:
-                raise ValueError(f"messages[{i}].content: required")
-            out.append({"role": turn.role, "content": content})
-        return out
+        return chat_messages(self.messages)
+
+
+def chat_messages(turns: list[ChatTurn]) -> list[dict[str, str]]:
+    """Chat turns as the chat template takes them; ValueError naming the message."""
+    out = []
+    for i, turn in enumerate(turns):
+        content = turn.content
+        if isinstance(content, list):
+            if any(part.type != "text" or part.text is None for part in content):
+                raise ValueError(f"messages[{i}].content: only text parts are supported")
+            content = "".join(part.text for part in content)
+        if content is None:
+            raise ValueError(f"messages[{i}].content: required")
+        out.append({"role": turn.role, "content": content})
+    return out
 
 
 # ---- responses ---------------------------------------------------------------------------

@@ -101,8 +101,10 @@ class TextStage:
                     out.append(ids)
         return out
 
-    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """The conversation through the model's chat template, with the generation prompt."""
+    def chat_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                 continue_final_message: bool = False) -> list[int]:  # fmt: skip
+        """The conversation through the model's chat template, with the generation prompt
+        (unless told otherwise, as `/tokenize` may be)."""
         if not messages or any(
             not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str)
             for m in messages
@@ -111,7 +113,8 @@ class TextStage:
         bad = next((i for i, m in enumerate(messages) if m["role"] not in CHAT_ROLES), None)
         if bad is not None:
             raise ValueError(f"chat[{bad}].role: expected one of {'|'.join(CHAT_ROLES)}, got {messages[bad]['role']!r}")
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                                 continue_final_message=continue_final_message)  # fmt: skip
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     # ---- token ids out -----------------------------------------------------------------

@@ -4,7 +4,10 @@ answer is checked for meaning (lengths, ranges, agreement with the offline engin
 
 from __future__ import annotations
 
+import json
 import math
+import urllib.error
+import urllib.request
 
 import openai
 import pytest
@@ -173,3 +176,29 @@ def test_echo_scores_a_prompt_as_lm_evaluation_harness_asks(sdk, offline, max_to
     # lm-evaluation-harness's greedy check: the token's logprob is the top one's.
     tops = lp.top_logprobs[1 : len(ids)]
     assert all(len(t) >= 1 for t in tops)
+
+
+def test_tokenizer_endpoints(served, offline):
+    def call(path, body=None):
+        req = urllib.request.Request(served.url + path, data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    status, t = call("/tokenize", {"prompt": PROMPT, "add_special_tokens": False, "return_token_strs": True})
+    ids = offline.tokenizer.encode(PROMPT, add_special_tokens=False)
+    assert status == 200 and t["tokens"] == ids and t["count"] == len(ids) and len(t["token_strs"]) == len(ids)
+    assert call("/detokenize", {"tokens": t["tokens"]}) == (200, {"prompt": PROMPT})
+    messages = [{"role": "user", "content": "Hi"}]
+    status, chat = call("/tokenize", {"messages": messages})
+    assert status == 200 and chat["tokens"] == offline.apply_chat_template(messages)
+    status, info = call("/tokenizer_info")
+    assert status == 200 and info["eos_token"] and info["chat_template"] and info["model_max_length"] > 0
+    for body, field in (({"tokens": [10**9]}, "tokens"), ({"prompt": "x", "messages": messages}, "prompt"),
+                        ({"bogus": 1}, "bogus")):  # fmt: skip
+        path = "/detokenize" if "tokens" in body else "/tokenize"
+        status, err = call(path, body)
+        assert status == 400 and err["error"]["param"] == field, err
