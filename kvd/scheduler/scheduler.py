@@ -196,8 +196,10 @@ class Scheduler:
         self._schedule_running(step)
         # Waiting requests are admitted only while nothing was preempted in this step.
         later: list[Request] = []  # choices waiting for their first choice's prompt: they keep their place
-        while self.waiting and not step.preempted and step.budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and not step.preempted and len(self.running) < self.config.max_num_seqs:
             head = self.waiting[0]
+            if step.budget <= 0 and head.first_choice is None:
+                break
             if head.first_choice is not None and head.waits_for_first_choice(step.scheduled):
                 later.append(self.waiting.popleft())
                 continue
@@ -258,7 +260,12 @@ class Scheduler:
         resumes = slots is not None or request.request_id in self.kv.req_blocks
         computed = [] if resumes or request.needs_prompt_logprobs else self.kv.get_computed_blocks(request)
         num_cached_tokens = request.num_computed_tokens if resumes else len(computed) * self.kv.block_size
-        num_new = min(request.num_tokens - num_cached_tokens, step.budget)
+        rest = request.num_tokens - num_cached_tokens
+        # A later choice's partial block (< block_size tokens) joins its first choice's step
+        # even past the budget: the n choices' first tokens come in one step.
+        num_new = rest if request.first_choice is not None and rest < self.kv.block_size else min(rest, step.budget)
+        if not num_new:
+            return False
         if self.connector.computes_whole(request, num_cached_tokens):
             num_new = request.num_tokens  # the prefill group computes it in one go
         if self.kv.allocate_slots(request, num_new, computed) is None:
