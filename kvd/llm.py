@@ -17,6 +17,7 @@ from typing import Any
 
 from kvd.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from kvd.engine.engine import Engine, Prompt
+from kvd.engine.grammar import Grammars
 from kvd.engine.text import Delta, TextStage, tokenizer_eos
 from kvd.outputs import RequestOutput
 from kvd.sampling import SamplingParams
@@ -34,7 +35,8 @@ class LocalEngine(Engine):
         tokenizer = load_tokenizer(model_dir)
         self.runner = ModelRunner(model_dir, config.model, config.cache)
         self.text = TextStage(tokenizer)
-        super().__init__(config, self.runner.model_info(), tokenizer_eos(tokenizer))
+        info = self.runner.model_info()
+        super().__init__(config, info, tokenizer_eos(tokenizer), grammars=Grammars(tokenizer, info.vocab_size))
 
     def add(self, token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> list[str]:
         """Queue token ids that `validate` passed; returns the ids of its n choices (one for n = 1)."""

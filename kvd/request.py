@@ -80,6 +80,8 @@ class Request:
         # one's place. Choices after the first reuse the first's prompt KV (prefix cache).
         self.choices: list[Request] | None = None
         self.index = 0
+        self.grammar = None  # with structured outputs: its xgrammar matcher (kvd.engine.grammar)
+        self.grammar_broken = False  # a token the grammar does not allow was appended (never sampled here)
         # With sampling_params.prompt_logprobs: each prompt token's logprobs so far (the first has none).
         self.prompt_logprobs: list | None = [None] if sampling_params.prompt_logprobs is not None else None
 
@@ -130,11 +132,18 @@ class Request:
 
     def append_token(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)
+        if self.grammar is not None and not self.grammar.accept_token(token_id):
+            self.grammar_broken = True
 
     def check_stop(self) -> RequestStatus | None:
         """The finished status the last token implies (stop strings are the engine's), or None."""
         params = self.sampling_params
         last = self.all_token_ids[-1]
+        if self.grammar is not None:
+            if self.grammar_broken:  # only a token sampled elsewhere without the grammar can do this
+                return RequestStatus.FINISHED_ERROR
+            if self.grammar.is_terminated():  # the output is complete
+                return RequestStatus.FINISHED_STOPPED
         if not params.ignore_eos and last in self.eos_token_ids:
             return RequestStatus.FINISHED_STOPPED
         if last in params.stop_token_ids:

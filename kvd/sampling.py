@@ -18,6 +18,31 @@ MAX_N = 128  # choices per request (the engine also keeps n within its max_num_s
 MAX_LOGIT_BIAS = 100.0  # OpenAI's and vLLM's bound; a larger bias is clamped to it
 
 
+class StructuredOutputs(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """What the output must match — exactly one of: a JSON schema (as JSON text), any JSON
+    object, a regular expression, one of some strings, or an EBNF (GBNF) grammar. vLLM's
+    `structured_outputs`; compiled by xgrammar (kvd/engine/grammar.py)."""
+
+    json: str | None = None  # a JSON schema, serialized
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs: give exactly one of json, json_object, regex, choice, grammar; "
+                             f"got {given or 'none'}")  # fmt: skip
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) and c for c in self.choice)):
+            raise ValueError("structured_outputs.choice: must be a non-empty list of non-empty strings")
+        for name in ("json", "regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name}: must be a non-empty string")
+
+
 class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """Greedy when temperature == 0; otherwise temperature, min-p, top-k and top-p sampling.
 
@@ -37,6 +62,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
     stop: list[str] = []  # stop strings; the text is cut before the match
     include_stop_str_in_output: bool = False  # ... or after it
     skip_special_tokens: bool = True  # the text leaves out special tokens (their ids stay in token_ids)
+    structured_outputs: StructuredOutputs | None = None  # the output must match this (a grammar)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; N: the sampled token's logprob and the top N
     prompt_logprobs: int | None = None  # None: off; N: each prompt token's logprob and the top N

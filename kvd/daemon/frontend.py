@@ -181,9 +181,15 @@ class Frontend:
         await self.send(identity, Error(request_id, ErrorCode.BAD_REQUEST, reason))
 
     async def on_generate(self, identity: bytes, msg: Generate) -> None:
+        if msg.params.structured_outputs is not None:  # its grammar compiles while the socket reads on
+            self.serving.spawn(self._admit(identity, msg))
+        else:
+            await self._admit(identity, msg)
+
+    async def _admit(self, identity: bytes, msg: Generate) -> None:
         route = _Route(self, identity, msg.request_id, msg.stream)
         try:
-            self.serving.submit(msg, route)
+            await self.serving.admit(msg, route)
         except Rejected as e:
             await self._send_error(identity, msg.request_id, e.code, e.message)
             return

@@ -279,7 +279,7 @@ class HttpFrontend:
             for i, gen in enumerate(gens):
                 choice = _Choice(q, i * n, n)
                 try:
-                    self.serving.submit(gen, choice, fill_max_tokens)
+                    await self.serving.admit(gen, choice, fill_max_tokens)
                 except Rejected as e:
                     return error_response(int(e.code), e.message, {"X-Request-Id": shape.request_id})
                 mine.append((gen.request_id, choice))

@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 
 from kvd.engine.text import Delta
-from kvd.sampling import SamplingParams
+from kvd.sampling import SamplingParams, StructuredOutputs
 from kvd.scheduler.output import Logprobs
 
 JSON = msgspec.json.Encoder()
@@ -34,6 +34,48 @@ class StreamOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     include_usage: bool = False
     continuous_usage_stats: bool = False  # accepted (vLLM sends it); usage comes in the last chunk
+
+
+class JsonSchema(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`response_format.json_schema`."""
+
+    name: str | None = None
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`response_format`: text, any JSON object, or JSON that fits a schema."""
+
+    type: str
+    json_schema: JsonSchema | None = None
+
+    def spec(self) -> StructuredOutputs | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutputs(json_object=True)
+        if self.type == "json_schema":
+            if self.json_schema is None or self.json_schema.schema is None:
+                raise ValueError("response_format.json_schema.schema: required for type json_schema")
+            return StructuredOutputs(json=JSON.encode(self.json_schema.schema).decode())
+        raise ValueError(f"response_format.type: expected text, json_object or json_schema, got {self.type!r}")
+
+
+class StructuredRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """vLLM's `structured_outputs`: exactly one of these."""
+
+    json: dict[str, Any] | str | None = None  # a JSON schema (or its text)
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def spec(self) -> StructuredOutputs:
+        schema = self.json if isinstance(self.json, str) or self.json is None else JSON.encode(self.json).decode()
+        return StructuredOutputs(json=schema, json_object=bool(self.json_object), regex=self.regex,
+                                 choice=self.choice, grammar=self.grammar)  # fmt: skip
 
 
 class _Request(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -63,6 +105,8 @@ class _Request(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     bad_words: list[str] | None = None  # each word's tokens, with and without a leading space, are banned
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredRequest | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, why) for an option kvd cannot honour, or None."""
@@ -89,7 +133,15 @@ class _Request(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             frequency_penalty=_or(self.frequency_penalty, 0.0), repetition_penalty=_or(self.repetition_penalty, 1.0),
             min_tokens=self.min_tokens, logit_bias=bias, allowed_token_ids=self.allowed_token_ids,
             bad_words_token_ids=bad, include_stop_str_in_output=self.include_stop_str_in_output,
-            skip_special_tokens=self.skip_special_tokens)
+            skip_special_tokens=self.skip_special_tokens, structured_outputs=self.structured())
+
+    def structured(self) -> StructuredOutputs | None:
+        """The output's grammar from `response_format` or `structured_outputs` (not both)."""
+        if self.response_format is not None and self.structured_outputs is not None:
+            raise ValueError("structured_outputs: give it or response_format, not both")
+        if self.structured_outputs is not None:
+            return self.structured_outputs.spec()
+        return self.response_format.spec() if self.response_format is not None else None
 
     @property
     def include_usage(self) -> bool:

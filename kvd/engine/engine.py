@@ -26,6 +26,7 @@ import structlog
 from kvd.cache.kv_manager import KVCacheManager, cdiv
 from kvd.config import EngineConfig
 from kvd.connector.base import KVConnector
+from kvd.engine.grammar import Grammars
 from kvd.model_info import ModelInfo
 from kvd.request import Request, RequestStatus
 from kvd.sampling import SamplingParams
@@ -41,8 +42,9 @@ class Engine:
     """Scheduler + KV cache manager + the request table, for a model described by ModelInfo."""
 
     def __init__(self, config: EngineConfig, info: ModelInfo, eos_token_ids: frozenset[int] = frozenset(),
-                 connector: KVConnector | None = None) -> None:  # fmt: skip
+                 connector: KVConnector | None = None, grammars: Grammars | None = None) -> None:  # fmt: skip
         self.config = config
+        self.grammars = grammars  # structured outputs (kvd.engine.grammar); None: refused
         self.info = info
         self.max_model_len = min(config.model.max_model_len or info.max_model_len, info.max_model_len)
         self.eos_token_ids = frozenset(info.eos_token_ids) | eos_token_ids  # the tokenizer may name another
@@ -107,6 +109,12 @@ class Engine:
         if len(records) > 1:
             for i, request in enumerate(records):
                 request.choices, request.index = records, i
+        if params.structured_outputs is not None:
+            if self.grammars is None:
+                raise ValueError("structured_outputs: this engine has no tokenizer to compile grammars with")
+            compiled = self.grammars.compile(params.structured_outputs)  # cached: the daemon compiled it already
+            for request in records:
+                request.grammar = self.grammars.matcher(compiled)
         for request in records:
             self.scheduler.add_request(request)
         self.num_prompt_tokens += len(token_ids)
@@ -162,7 +170,20 @@ class Engine:
         for new in so.new_reqs:
             request = self.scheduler.requests[new.request_id]
             request.num_cached_tokens = max(request.num_cached_tokens, new.num_computed_tokens)
-        return so
+        return self._with_bitmasks(so)
+
+    def _with_bitmasks(self, so: SchedulerOutput) -> SchedulerOutput:
+        """The allowed next tokens of each constrained request that samples this step."""
+        requests = self.scheduler.requests
+        rows = [r for r in (requests[rid] for rid in so.num_scheduled_tokens)
+                if r.grammar is not None and r.num_computed_tokens == r.num_tokens]  # fmt: skip
+        if not rows:
+            return so
+        bitmask = self.grammars.allocate(len(rows))
+        for i, request in enumerate(rows):
+            request.grammar.fill_next_token_bitmask(bitmask, i)
+        words = bitmask.numpy()
+        return msgspec.structs.replace(so, bitmasks={r.request_id: words[i].tobytes() for i, r in enumerate(rows)})
 
     def process(self, mo: ModelOutput) -> list[EngineOutput]:
         """Apply a step's sampled tokens: an output per request that got a token or finished."""

@@ -46,6 +46,9 @@ class SchedulerOutput(msgspec.Struct, array_like=True, frozen=True):
     # swap_out first (preempted requests' KV to host), then swap_in (resumed ones' back).
     swap_out: list[tuple[int, int]] = []
     swap_in: list[tuple[int, int]] = []
+    # Structured outputs: the allowed next tokens of each constrained request that samples
+    # this step, as xgrammar's int32 bitmask row (bit t of word t // 32: token t allowed).
+    bitmasks: dict[str, bytes] = {}
 
     @property
     def is_empty(self) -> bool:

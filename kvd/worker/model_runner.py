@@ -26,6 +26,7 @@ from kvd.scheduler.output import Logprobs, ModelOutput, PromptLogprobs, Schedule
 from kvd.worker import attention
 from kvd.worker.attention import AttentionMetadata, PrefillChunk
 from kvd.worker.decoder import Decoder
+from kvd.worker.grammar_mask import apply_bitmasks
 from kvd.worker.linear import prepack
 from kvd.worker.models import gguf_source, load_config, load_model, model_fingerprint
 from kvd.worker.prompt_logprobs import prompt_logprobs
@@ -140,6 +141,7 @@ class ModelRunner:
             self.host_pool = self._host_pool(self.num_host_slots)
         self.sampler = Sampler(self.device, self.vocab_size, self._eos_token_ids())
         self.requests: dict[str, _RequestState] = {}
+        self._bitmasks: dict[str, bytes] = {}  # the step's (SchedulerOutput.bitmasks)
         # The prefill group (`[prefill.parallel]`): its ranks are this runner's children, so
         # they live and die with it; long prompts prefill there, whole (kvd.connector.base).
         self.group = None
@@ -281,6 +283,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> ModelOutput:
         self._apply(so)
+        self._bitmasks = so.bitmasks  # structured outputs: this step's allowed tokens, by request
         # Preempted requests' KV leaves before resumed requests' KV (or anything else) lands.
         self._swap(so.swap_out, to_host=True)
         self._swap(so.swap_in, to_host=False)
@@ -370,6 +373,7 @@ class ModelRunner:
         """Sample one token per row of `hidden` (B, E); the sampler appends it to its request."""
         head = self.fast.lm_head if self.fast is not None else self.model.lm_head
         logits = head(hidden).float()  # (B, V)
+        apply_bitmasks(logits, [self._bitmasks.get(r) for r in request_ids])
         tokens, logprobs = self.sampler(logits, [self.requests[r].sampling for r in request_ids])
         into.add(request_ids, tokens, logprobs or [None] * len(tokens))
 
@@ -391,6 +395,8 @@ class ModelRunner:
             result = self.group.prefill(state.token_ids)
             write_kv_to_blocks(result.kv, self.kv_caches, state.block_ids)
             state.num_computed_tokens = n
-            tok, lp = self.sampler(result.logits[None].float().to(self.device), [state.sampling])
+            logits = result.logits[None].float().to(self.device)
+            apply_bitmasks(logits, [self._bitmasks.get(r.request_id)])
+            tok, lp = self.sampler(logits, [state.sampling])
             sampled.add([r.request_id], tok, [lp[0] if lp else None])
         return sampled

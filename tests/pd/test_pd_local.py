@@ -127,6 +127,20 @@ def test_n_choices_and_logprobs_through_pd(pd, smollm2_dir):
     assert dst["pd"]["handoffs"] == before + 1
 
 
+def test_structured_output_through_pd(pd):
+    """The first token (sampled on the prefill instance) obeys the grammar, and the decode
+    instance's matcher continues from it."""
+    import re
+
+    p, d, _ = pd
+    phone = r"\(\d{3}\) \d{3}-\d{4}"
+    with Client(d.endpoint, timeout=120) as c:
+        outs = c.generate(prompt="My number is", n=3, max_tokens=24, temperature=1.0, seed=2,
+                          structured_outputs={"regex": phone})  # fmt: skip
+    assert all(re.fullmatch(phone, o.text) and o.finish_reason == "stop" for o in outs), [o.text for o in outs]
+    wait_clean(p, d)
+
+
 def test_prefill_role_refuses_client_generate(pd):
     p, _, _ = pd
     with Client(p.endpoint, timeout=10) as c:

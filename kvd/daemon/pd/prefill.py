@@ -24,6 +24,7 @@ import structlog
 import zmq.asyncio
 
 from kvd.config import KvdConfig
+from kvd.daemon.owner import Rejected
 from kvd.daemon.pd.handoff import Handoff, PDRole, Phase
 from kvd.daemon.pd.peers import PrefillServer
 from kvd.daemon.serving import Serving
@@ -112,6 +113,11 @@ class PrefillRole(PDRole):
         log.info("prefill_received", request_id=msg.request_id, handoff_id=msg.handoff_id,
                  num_tokens=len(msg.token_ids))  # fmt: skip
         refusal = self._refusal(msg)
+        if refusal is None:
+            try:
+                await self.serving.compile_grammar(msg.params)  # structured outputs: off the loop
+            except Rejected as e:
+                refusal = (e.code, e.message)
         if refusal is None:
             try:
                 request = self.serving.add(list(msg.token_ids), msg.params, msg.handoff_id, h)
