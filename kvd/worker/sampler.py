@@ -17,7 +17,7 @@ logits transforms need, built once). A step, `Sampler.__call__(logits (B, V), st
    keep the tokens at or above one threshold per row: min-p (p >= min_p * p_max) and top-k,
    then top-p over what those kept, renormalised (vLLM's order; transformers applies min-p
    last). The threshold is found among each row's top candidates (a top-k of 64, then of
-   1,024 for the rows whose kept set is larger, then a sort), so the usual row is never
+   256 and 1,024 for the rows whose kept set is larger, then a sort), so the usual row is never
    sorted over the vocabulary.
 5. The draw. A seeded row draws as kvd always has: the exponential race (argmax of
    p / Exp(1) noise over the vocabulary) with noise from a generator seeded by (seed,
@@ -40,7 +40,14 @@ from kvd.sampling import SamplingParams
 from kvd.scheduler.output import Logprobs
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, index) over the seed space
-_CANDIDATES = (64, 1024)  # top-k sizes tried for a row's kept set before a sort
+_CANDIDATES = (64, 256, 1024)  # top-k sizes tried for a row's kept set before a sort
+
+
+def _select(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """t's rows `rows` (ascending): t itself when they are all of them, else a copy."""
+    if len(rows) == len(t):
+        return t
+    return t.index_select(0, torch.tensor(rows, device=t.device))
 
 
 class TokenCounts:
@@ -163,9 +170,14 @@ class Sampler:
         return SamplingState(params, token_ids, num_prompt_tokens, self.vocab_size, self.eos_token_ids)
 
     def __call__(
-        self, logits: torch.Tensor, states: Sequence[SamplingState]  # logits (B, V) float32, not modified
+        self, logits: torch.Tensor, states: Sequence[SamplingState]
     ) -> tuple[list[int], list[Logprobs | None] | None]:
-        """One token per row, appended to its state; the rows' logprobs (None when no row asks)."""
+        """One token per row, appended to its state; the rows' logprobs (None when no row asks).
+        `logits` (B, V) float32 is the step's scratch: the transforms write into it (a view such
+        as an expanded row is copied first)."""
+        if not logits.is_contiguous():
+            logits = logits.contiguous()
+        raw = self._raw_logprobs(logits, states)  # before any transform
         transformed = [i for i, s in enumerate(states) if not s.plain_greedy]
         if not transformed:
             tokens = logits.argmax(dim=-1)  # (B,)
@@ -173,10 +185,10 @@ class Sampler:
             tokens = torch.empty(len(states), dtype=torch.long, device=logits.device)
             plain = [i for i, s in enumerate(states) if s.plain_greedy]
             if plain:
-                tokens[plain] = logits[plain].argmax(dim=-1)
-            tokens[transformed] = self._transformed(logits[transformed], [states[i] for i in transformed])
-        logprobs = self._logprobs(logits, states, tokens)
+                tokens[plain] = _select(logits, plain).argmax(dim=-1)
+            tokens[transformed] = self._transformed(_select(logits, transformed), [states[i] for i in transformed])
         token_list = tokens.tolist()
+        logprobs = self._logprobs(raw, states, token_list)
         for state, token in zip(states, token_list):
             state.append(token)
         return token_list, logprobs
@@ -190,27 +202,28 @@ class Sampler:
         self._penalize(x, list(states))
         sampled = [i for i, s in enumerate(states) if not s.params.greedy]
         if sampled:
-            xs = x[sampled]
-            _, threshold, _ = self._scale_and_keep(xs, [states[i] for i in sampled])
-            x[sampled] = xs.masked_fill(xs < threshold.unsqueeze(1), -math.inf)
+            rows = [states[i] for i in sampled]
+            scaled = self._scale(x[sampled], rows)
+            u = scaled.clone()
+            threshold, _ = self._kept(u, self._exp(u), rows)
+            x[sampled] = scaled.masked_fill(u < threshold.unsqueeze(1), -math.inf)
         return x
 
     # ---- the transforms ------------------------------------------------------------------
     def _transformed(self, x: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-        """Tokens of rows that need a transform or a draw; x (P, V) is this call's copy."""
+        """Tokens of rows that need a transform or a draw; x (P, V) is written into."""
         self._mask_and_bias(x, states)
         self._penalize(x, states)
         tokens = torch.empty(len(states), dtype=torch.long, device=x.device)
         greedy = [i for i, s in enumerate(states) if s.params.greedy]
         if greedy:
-            tokens[greedy] = x[greedy].argmax(dim=-1)
+            tokens[greedy] = _select(x, greedy).argmax(dim=-1)
         if len(greedy) < len(states):
             sampled = [i for i, s in enumerate(states) if not s.params.greedy]
-            xs = x if len(sampled) == len(states) else x[sampled]
-            tokens[sampled] = self._draw(xs, [states[i] for i in sampled])
+            tokens[sampled] = self._draw(_select(x, sampled), [states[i] for i in sampled])
         return tokens
 
-    def _flat(self, rows: list[int], ids: list[np.ndarray], width: int) -> torch.Tensor:
+    def _flat(self, rows: Sequence[int], ids: Sequence[np.ndarray], width: int) -> torch.Tensor:
         """Flat indices into a (P, width) tensor of each row's ids."""
         lengths = [len(a) for a in ids]
         flat = np.repeat(np.asarray(rows, dtype=np.int64) * width, lengths) + np.concatenate(ids)
@@ -221,7 +234,7 @@ class Sampler:
         allowed = [i for i, s in enumerate(states) if s.allowed is not None]
         if allowed:
             sub = x[allowed]  # (A, V)
-            keep = self._flat(list(range(len(allowed))), [states[i].allowed for i in allowed], vocab)
+            keep = self._flat(range(len(allowed)), [states[i].allowed for i in allowed], vocab)
             only = torch.full_like(sub, -math.inf)
             only.view(-1)[keep] = sub.view(-1)[keep]
             x[allowed] = only
@@ -258,102 +271,130 @@ class Sampler:
         x.view(-1)[flat] = v
 
     # ---- truncation and the draw ---------------------------------------------------------
+    # A sampled row is divided by its temperature, then turned in place into
+    # u = exp(x - max) (S, V): the max token has u = 1, so p = u / sum(u), min-p is u >= min_p,
+    # and every threshold is one on u. No (S, V) tensor is allocated on the way.
+    @staticmethod
+    def _scale(x: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+        temperature = torch.tensor([s.params.temperature for s in states], device=x.device)
+        return x.div_(temperature.unsqueeze(1))
+
+    @staticmethod
+    def _exp(x: torch.Tensor) -> torch.Tensor:
+        """x (S, V) becomes u = exp(x - row max), in place; returns each row's sum (S,)."""
+        top = x.amax(dim=-1, keepdim=True).clamp_(min=torch.finfo(x.dtype).min)  # a row of -inf: all 0
+        return x.sub_(top).exp_().sum(dim=-1).double()  # (summing as float64 would copy x as float64)
+
     def _draw(self, x: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-        """Sampled rows' tokens; x (S, V) is this call's copy (divided in place)."""
-        probs, threshold, candidates = self._scale_and_keep(x, states)
-        tokens = torch.empty(len(states), dtype=torch.long, device=x.device)
+        """Sampled rows' tokens; x (S, V) is written into."""
+        self._scale(x, states)
         seeded = [i for i, s in enumerate(states) if s.params.seed is not None]
+        scaled = x.index_select(0, torch.tensor(seeded, device=x.device)) if seeded else None  # the race's logits
+        mass = self._exp(x)
+        threshold, candidates = self._kept(x, mass, states)
+        tokens = torch.empty(len(states), dtype=torch.long, device=x.device)
         if seeded:
-            tokens[seeded] = self._race(x[seeded], threshold[seeded], [states[i] for i in seeded])
+            cut = _select(x, seeded) < threshold[seeded].unsqueeze(1)
+            tokens[seeded] = self._race(scaled.masked_fill_(cut, -math.inf), [states[i] for i in seeded])
         done = set(seeded)
         for c in candidates:
             pick = [j for j, row in enumerate(c.rows.tolist()) if row not in done]
             if pick:
                 rows = c.rows[pick]
-                picked = self._invert(c.weights[pick].double())  # (n,)
+                picked = self._invert(c.weights[pick].double().cumsum(dim=-1))  # (n,)
                 tokens[rows] = c.ids[pick].gather(1, picked.unsqueeze(1)).squeeze(1)
                 done.update(rows.tolist())
         rest = [i for i in range(len(states)) if i not in done]
         if rest:
-            p = probs[rest].double()
+            u = _select(x, rest)
             cut = threshold[rest]
-            if bool((cut > -math.inf).any()):
-                p.masked_fill_(x[rest] < cut.unsqueeze(1), 0.0)
-            tokens[rest] = self._invert(p)
+            if bool((cut > 0).any()):
+                u = u.masked_fill(u < cut.unsqueeze(1), 0.0)
+            tokens[rest] = self._invert_rows(u)
         return tokens
 
-    def _scale_and_keep(self, x: torch.Tensor, states: list[SamplingState]):
-        """Divide x (S, V) by the temperature in place; (probabilities (S, V), each row's threshold,
-        the candidate sets)."""
-        temperature = torch.tensor([s.params.temperature for s in states], device=x.device)
-        x.div_(temperature.unsqueeze(1))
-        probs = x.softmax(dim=-1)  # (S, V)
-        return probs, *self._kept(x, probs, states)
-
-    def _kept(self, x: torch.Tensor, probs: torch.Tensor, states: list[SamplingState]):
-        """Each row's threshold (S,) (-inf: keeps every token) and the candidate sets that hold
-        the rows' kept sets. Rows are resolved at the smallest candidate size that holds their
-        kept set: the top 64, then the top 1,024, then the sorted row."""
-        vocab = x.shape[1]
-        threshold = torch.full((len(states),), -math.inf, device=x.device)
+    def _kept(self, u: torch.Tensor, mass: torch.Tensor, states: list[SamplingState]):
+        """Each row's threshold on u (S,) (0: keeps every token) and the candidate sets that
+        hold the rows' kept sets. A row is resolved at the smallest candidate size that holds
+        its kept set: the top 64, 256, then 1,024, then the sorted row."""
+        vocab = u.shape[1]
+        threshold = torch.zeros(len(states), device=u.device)
         todo = [i for i, s in enumerate(states) if 0 < s.params.top_k < vocab or s.params.top_p < 1 or s.params.min_p]
         if not todo:
             return threshold, []
-        top_k = max((states[i].params.top_k for i in todo if states[i].params.top_k < vocab), default=0)
+        params = [s.params for s in states]
+        all_k = torch.tensor([p.top_k if p.top_k < vocab else 0 for p in params], device=u.device)
+        all_min_p = torch.tensor([p.min_p for p in params], device=u.device)
+        all_top_p = torch.tensor([p.top_p for p in params], device=u.device)
+        top_k = int(all_k.max())
         sizes = sorted({max(c, top_k) for c in _CANDIDATES if max(c, top_k) < vocab}) + [vocab]
         found: list[_Candidates] = []
         for size in sizes:
             if not todo:
                 break
-            rows = torch.tensor(todo, device=x.device)
-            params = [states[i].params for i in todo]
-            if size < vocab:
-                values, ids = x[rows].topk(size, dim=-1)  # (n, C), sorted
-            else:
-                values, ids = x[rows].sort(dim=-1, descending=True)
-            k = torch.tensor([p.top_k if p.top_k < vocab else 0 for p in params], device=x.device)
-            min_p = torch.tensor([p.min_p for p in params], device=x.device)
-            top_p = torch.tensor([p.top_p for p in params], device=x.device)
-            # min-p and top-k: a floor on the logit (ties at the floor are kept, as transformers does)
-            floor = torch.where(k > 0, values.gather(1, (k - 1).clamp(min=0).unsqueeze(1)).squeeze(1), -math.inf)
-            floor = torch.maximum(floor, values[:, 0] + min_p.log())  # log(0) = -inf: no floor
+            rows = torch.tensor(todo, device=u.device)
+            k, min_p, top_p = all_k[rows], all_min_p[rows], all_top_p[rows]
+            ur = _select(u, todo)
+            values, ids = ur.topk(size, dim=-1) if size < vocab else ur.sort(dim=-1, descending=True)  # (n, C)
+            # min-p and top-k: a floor (ties at the floor are kept, as transformers does)
+            floor = torch.where(k > 0, values.gather(1, (k - 1).clamp(min=0).unsqueeze(1)).squeeze(1), 0.0)
+            floor = torch.maximum(floor, min_p)
             inside = values >= floor.unsqueeze(1)  # (n, C)
-            weights = probs[rows.unsqueeze(1), ids] * inside  # (n, C)
+            weights = values * inside  # (n, C)
             # closed: every token at or above the floor is a candidate
             closed = ~inside[:, -1] | (k == size) if size < vocab else torch.ones_like(inside[:, -1])
             has_p = top_p < 1
             # top-p renormalises over the floor's set: the candidates' mass where they hold it,
-            # 1 where there is no floor, else a sum over the row
-            mass = torch.where(closed, weights.sum(dim=-1), 1.0)
-            wide = (~closed & has_p & (floor > -math.inf)).nonzero().squeeze(1)
+            # the row's where there is no floor, else a sum over the row
+            total = torch.where(closed, weights.sum(dim=-1, dtype=torch.float64), mass[rows])
+            wide = (~closed & has_p & (floor > 0)).nonzero().squeeze(1)
             if len(wide):
-                r = rows[wide]
-                mass[wide] = (probs[r] * (x[r] >= floor[wide].unsqueeze(1))).sum(dim=-1)
-            q = weights / mass.unsqueeze(1)
+                r = _select(ur, wide.tolist())
+                total[wide] = r.masked_fill(r < floor[wide].unsqueeze(1), 0.0).sum(dim=-1, dtype=torch.float64)
+            q = weights.double() / total.unsqueeze(1)  # float64: top-p's boundary as exact as the weights
             cum = q.cumsum(dim=-1)
             # top-p: keep the smallest prefix reaching top_p (drop a token once the mass before it does)
             keep = inside & (~has_p.unsqueeze(1) | (cum - q < top_p.unsqueeze(1)))
             held = closed | (has_p & (cum[:, -1] >= top_p))  # the kept set lies within the candidates
             last = keep.sum(dim=-1).clamp(min=1) - 1
             threshold[rows] = torch.where(has_p, values.gather(1, last.unsqueeze(1)).squeeze(1), floor)
-            resolved = held | ~has_p  # without top-p the floor is the threshold, whatever its set's size
             done = held.nonzero().squeeze(1)
             if size < vocab and len(done):
                 found.append(_Candidates(rows[done], ids[done], weights[done] * keep[done]))
-            todo = [i for i, ok in zip(todo, resolved.tolist()) if not ok]
+            # without top-p the floor is the threshold, whatever the size of its set
+            todo = [i for i, ok in zip(todo, (held | ~has_p).tolist()) if not ok]
         return threshold, found
 
-    def _invert(self, weights: torch.Tensor) -> torch.Tensor:
-        """One index per row of (n, C) float64 weights, drawn in proportion to them."""
-        cum = weights.cumsum(dim=-1)  # (n, C)
+    def _invert(self, cum: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+        """For each row of cumulative float64 weights (n, C), the index where a uniform draw
+        over [0, total) falls (a drawn u (n, 1) may be given): weight-0 indices are never hit."""
         total = cum[:, -1:]
-        u = torch.rand(total.shape, dtype=torch.float64, device=weights.device, generator=self._generator)
-        u = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # below the total: a kept index
-        return torch.searchsorted(cum, u, right=True).squeeze(1).clamp(max=weights.shape[1] - 1)
+        if u is None:
+            u = torch.rand(total.shape, dtype=torch.float64, device=cum.device, generator=self._generator) * total
+        u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # below the total
+        return torch.searchsorted(cum, u, right=True).squeeze(1).clamp(max=cum.shape[1] - 1)
 
-    def _race(self, x: torch.Tensor, threshold: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-        """Seeded rows: argmax of p / Exp(1) noise, the noise from (seed, output index)."""
-        probs = x.masked_fill(x < threshold.unsqueeze(1), -math.inf).softmax(dim=-1)  # (n, V)
+    def _invert_rows(self, w: torch.Tensor, block: int = 256) -> torch.Tensor:
+        """A draw in proportion to whole rows of weights (n, V) in one pass: the block whose
+        sum the draw falls in, then the token within it (no (n, V) cumulative sum)."""
+        n, vocab = w.shape
+        whole = vocab // block * block
+        sums = w[:, :whole].reshape(n, -1, block).sum(dim=-1, dtype=torch.float64)  # (n, V / block)
+        if whole < vocab:
+            sums = torch.cat([sums, w[:, whole:].sum(dim=-1, keepdim=True, dtype=torch.float64)], dim=1)
+        cum = sums.cumsum(dim=-1)
+        total = cum[:, -1:]
+        u = torch.rand(total.shape, dtype=torch.float64, device=w.device, generator=self._generator) * total
+        b = self._invert(cum, u).unsqueeze(1)  # (n, 1)
+        u = u - torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0)), 0.0)  # within the block
+        cols = b * block + torch.arange(block, device=w.device)  # (n, block)
+        inner = w.gather(1, cols.clamp(max=vocab - 1)).double().masked_fill_(cols >= vocab, 0.0).cumsum(dim=-1)
+        return cols.gather(1, self._invert(inner, u).unsqueeze(1)).squeeze(1)
+
+    def _race(self, x: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+        """Seeded rows (their logits, -inf outside the kept set): argmax of p / Exp(1) noise,
+        the noise from (seed, output index), as kvd has always drawn them."""
+        probs = x.softmax(dim=-1)  # (n, V)
         noise = torch.empty_like(probs)
         for row, s in enumerate(states):
             self._seeded.manual_seed((s.params.seed * _MIX + s.num_output_tokens) % (1 << 63))
@@ -362,18 +403,22 @@ class Sampler:
 
     # ---- logprobs --------------------------------------------------------------------------
     @staticmethod
-    def _logprobs(logits: torch.Tensor, states: Sequence[SamplingState], tokens: torch.Tensor):
+    def _raw_logprobs(logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor | None:
         rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
-        if not rows:
+        return _select(logits, rows).log_softmax(dim=-1) if rows else None  # (L, V)
+
+    @staticmethod
+    def _logprobs(lp: torch.Tensor | None, states: Sequence[SamplingState], tokens: list[int]):
+        if lp is None:
             return None
-        lp = logits[rows].log_softmax(dim=-1)  # (L, V), of the raw rows
-        chosen = lp.gather(1, tokens[rows].unsqueeze(1)).squeeze(1).tolist()
+        rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+        chosen = lp.gather(1, torch.tensor([tokens[i] for i in rows], device=lp.device).unsqueeze(1)).squeeze(1)
         n = max(states[i].params.logprobs for i in rows)
         top = lp.topk(n, dim=-1) if n else None
         top_ids = top.indices.tolist() if top is not None else [[]] * len(rows)
         top_lps = top.values.tolist() if top is not None else [[]] * len(rows)
         out: list[Logprobs | None] = [None] * len(states)
-        for j, i in enumerate(rows):
+        for j, (i, value) in enumerate(zip(rows, chosen.tolist())):
             k = states[i].params.logprobs
-            out[i] = Logprobs(logprob=chosen[j], top_ids=top_ids[j][:k], top_logprobs=top_lps[j][:k])
+            out[i] = Logprobs(logprob=value, top_ids=top_ids[j][:k], top_logprobs=top_lps[j][:k])
         return out

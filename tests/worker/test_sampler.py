@@ -19,7 +19,7 @@ def states(sampler: Sampler, params: list[SamplingParams], outputs: list[int] | 
 
 
 def draw(sampler: Sampler, logits: torch.Tensor, params: list[SamplingParams], outputs=None) -> list[int]:
-    return sampler(logits, states(sampler, params, outputs))[0]
+    return sampler(logits.clone(), states(sampler, params, outputs))[0]  # the sampler writes into its logits
 
 
 def test_greedy_and_truncation():
@@ -40,7 +40,7 @@ def test_a_step_of_plain_greedy_rows_is_the_argmax():
     logits = torch.randn(32, VOCAB)
     rows = states(s, [SamplingParams(temperature=0.0)] * 32)
     assert all(r.plain_greedy for r in rows)
-    tokens, _ = s(logits, rows)
+    tokens, _ = s(logits.clone(), rows)
     assert tokens == logits.argmax(-1).tolist()
     assert [r.token_ids[-1] for r in rows] == tokens  # appended to each request's tokens
 
@@ -52,7 +52,7 @@ def test_greedy_rows_beside_sampled_and_transformed_rows_are_unchanged():
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_p=0.9),
               SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, logit_bias={7: 100}),
               SamplingParams(temperature=1.0, seed=3), SamplingParams(temperature=0.0, logprobs=2)]  # fmt: skip
-    tokens, _ = s(logits, states(s, params))
+    tokens, _ = s(logits.clone(), states(s, params))
     argmax = logits.argmax(-1).tolist()
     assert [tokens[i] for i in (0, 2, 5)] == [argmax[i] for i in (0, 2, 5)]
     assert tokens[3] == 7
@@ -98,12 +98,12 @@ def test_a_seeded_row_draws_the_same_whatever_the_batch():
     alone = s.state(mine, [9, 8, 7], 3)
     batched = s.state(mine, [9, 8, 7], 3)
     for step in range(6):
-        (tok,), _ = s(logits[:1], [alone])
+        (tok,), _ = s(logits[:1].clone(), [alone])
         toks, _ = s(logits[[4, 1, 0, 2, 3]], [states(s, others)[0], states(s, others)[1], batched,
                                               *states(s, others)[2:]])  # fmt: skip
         assert toks[2] == tok, step
     resumed = s.state(mine, list(alone.token_ids), 3)
-    assert s(logits[:1], [resumed])[0] == s(logits[:1], [alone])[0]
+    assert s(logits[:1].clone(), [resumed])[0] == s(logits[:1].clone(), [alone])[0]
 
 
 def test_seeded_draws_are_those_of_the_per_row_sampler_before_batching():
@@ -164,13 +164,13 @@ def test_the_draw_samples_the_processed_distribution(case):
 def test_logprobs_are_of_the_raw_distribution():
     s = Sampler(torch.device("cpu"), 3)
     logits = torch.tensor([[1.0, 2.0, 3.0]])
-    (tok,), (lp,) = s(logits, states(s, [SamplingParams(temperature=0.0, logprobs=2)]))
+    (tok,), (lp,) = s(logits.clone(), states(s, [SamplingParams(temperature=0.0, logprobs=2)]))
     ref = logits[0].log_softmax(-1)
     assert tok == 2 and lp.top_ids == [2, 1]
     assert abs(lp.logprob - float(ref[2])) < 1e-6
     # a transformed, sampled row: still the raw row's logprob of the token drawn
     p = SamplingParams(temperature=0.5, logit_bias={0: 100.0}, logprobs=0)
-    (tok,), (lp,) = s(logits, states(s, [p]))
+    (tok,), (lp,) = s(logits.clone(), states(s, [p]))
     assert tok == 0 and lp.top_ids == [] and abs(lp.logprob - float(ref[0])) < 1e-6
 
 
