@@ -13,41 +13,35 @@ logits transforms need, built once). A step, `Sampler.__call__(logits (B, V), st
    and output) and the frequency and presence penalties (over the output). Each writes
    only the entries it changes, as flat indices into the batch: a row with 500 distinct
    tokens costs 500 entries, not 49,152.
-4. Greedy rows among them take the argmax. Sampled rows divide by their temperature and
-   keep the tokens at or above one threshold per row: min-p (p >= min_p * p_max) and top-k,
-   then top-p over what those kept, renormalised (vLLM's order; transformers applies min-p
-   last). The threshold is found among each row's top candidates (a top-k of 64, then of
-   256 and 1,024 for the rows whose kept set is larger, then a sort), so the usual row is never
-   sorted over the vocabulary.
+4. Greedy rows among them take the argmax. A sampled row becomes u = exp((x - max) / T)
+   and keeps the tokens at or above one threshold on u: min-p (u >= min_p, i.e. p >=
+   min_p * p_max) and top-k make a floor, then top-p keeps the largest tokens above it
+   while the mass before them is below top_p of the floor's (vLLM's order; transformers
+   applies min-p last). On the CPU the native op `kvd.ops.sample_rows` finds it without a
+   sort (a histogram of u, then a sort of one bucket); elsewhere torch finds it among each
+   row's top candidates (kvd/worker/kept_set.py, which is also the op's reference).
 5. The draw. A seeded row draws as kvd always has: the exponential race (argmax of
    p / Exp(1) noise over the vocabulary) with noise from a generator seeded by (seed,
    output index), so a seed gives the same tokens whatever the batch, across preemption
    and across this batching; that noise is drawn per seeded row (~0.8 ms a row on a CPU
-   core). Unseeded rows share one uniform draw per row and invert the CDF of their kept
-   set: over the candidates where the set lies within them, else over the row in float64.
+   core). Unseeded rows take one uniform each from the sampler's generator and invert the
+   running sum of u over their kept set.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from kvd import ops
 from kvd.sampling import SamplingParams
 from kvd.scheduler.output import Logprobs
+from kvd.worker.kept_set import KeptSet, exponentiate, scale, select
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, index) over the seed space
-_CANDIDATES = (64, 256, 1024)  # top-k sizes tried for a row's kept set before a sort
-
-
-def _select(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """t's rows `rows` (ascending): t itself when they are all of them, else a copy."""
-    if len(rows) == len(t):
-        return t
-    return t.index_select(0, torch.tensor(rows, device=t.device))
 
 
 class TokenCounts:
@@ -144,26 +138,21 @@ class SamplingState:
             self.counts.add(token)
 
 
-@dataclass
-class _Candidates:
-    """Sampled rows whose kept set lies within their top C tokens: those tokens, sorted, and
-    their probabilities (0 where not kept)."""
-
-    rows: torch.Tensor  # (n,) row positions among the sampled rows
-    ids: torch.Tensor  # (n, C)
-    weights: torch.Tensor  # (n, C)
-
-
 class Sampler:
     """Draws each step's tokens; holds the random generators (seeded ones per request and index)."""
 
-    def __init__(self, device: torch.device, vocab_size: int, eos_token_ids: Iterable[int] = (), seed: int = 0) -> None:
+    def __init__(self, device: torch.device, vocab_size: int, eos_token_ids: Iterable[int] = (), seed: int = 0,
+                 native: bool = True) -> None:  # fmt: skip
+        """native: cut and draw top-p rows with the native op where it applies (CPU, extension
+        built); False takes the torch path everywhere (its reference, and CUDA's way)."""
         self.device = device
+        self.native = native
         self.vocab_size = vocab_size
         self.eos_token_ids = sorted(eos_token_ids)
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(seed)
         self._seeded = torch.Generator(device=device)
+        self._kept = KeptSet(self._generator)
 
     def state(self, params: SamplingParams, token_ids: list[int], num_prompt_tokens: int) -> SamplingState:
         """A request's SamplingState over the runner's token list (appended to by the sampler)."""
@@ -185,8 +174,8 @@ class Sampler:
             tokens = torch.empty(len(states), dtype=torch.long, device=logits.device)
             plain = [i for i, s in enumerate(states) if s.plain_greedy]
             if plain:
-                tokens[plain] = _select(logits, plain).argmax(dim=-1)
-            tokens[transformed] = self._transformed(_select(logits, transformed), [states[i] for i in transformed])
+                tokens[plain] = select(logits, plain).argmax(dim=-1)
+            tokens[transformed] = self._transformed(select(logits, transformed), [states[i] for i in transformed])
         token_list = tokens.tolist()
         logprobs = self._logprobs(raw, states, token_list)
         for state, token in zip(states, token_list):
@@ -203,10 +192,14 @@ class Sampler:
         sampled = [i for i, s in enumerate(states) if not s.params.greedy]
         if sampled:
             rows = [states[i] for i in sampled]
-            scaled = self._scale(x[sampled], rows)
-            u = scaled.clone()
-            threshold, _ = self._kept(u, self._exp(u), rows)
-            x[sampled] = scaled.masked_fill(u < threshold.unsqueeze(1), -math.inf)
+            u = x[sampled]
+            cut = self._native(u, rows, torch.full((len(rows),), -1.0, dtype=torch.float64))
+            params = [r.params for r in rows]
+            if cut is None:
+                threshold = self._kept.thresholds(u, exponentiate(scale(u, params)), params)[0]
+            else:
+                threshold = cut[1]
+            x[sampled] = scale(x[sampled], params).masked_fill(u < threshold.unsqueeze(1), -math.inf)
         return x
 
     # ---- the transforms ------------------------------------------------------------------
@@ -217,10 +210,10 @@ class Sampler:
         tokens = torch.empty(len(states), dtype=torch.long, device=x.device)
         greedy = [i for i, s in enumerate(states) if s.params.greedy]
         if greedy:
-            tokens[greedy] = _select(x, greedy).argmax(dim=-1)
+            tokens[greedy] = select(x, greedy).argmax(dim=-1)
         if len(greedy) < len(states):
             sampled = [i for i, s in enumerate(states) if not s.params.greedy]
-            tokens[sampled] = self._draw(_select(x, sampled), [states[i] for i in sampled])
+            tokens[sampled] = self._draw(select(x, sampled), [states[i] for i in sampled])
         return tokens
 
     def _flat(self, rows: Sequence[int], ids: Sequence[np.ndarray], width: int) -> torch.Tensor:
@@ -270,126 +263,42 @@ class Sampler:
         v -= counts.clamp(max=1) * per_entry([p.presence_penalty for p in params])
         x.view(-1)[flat] = v
 
-    # ---- truncation and the draw ---------------------------------------------------------
-    # A sampled row is divided by its temperature, then turned in place into
-    # u = exp(x - max) (S, V): the max token has u = 1, so p = u / sum(u), min-p is u >= min_p,
-    # and every threshold is one on u. No (S, V) tensor is allocated on the way.
-    @staticmethod
-    def _scale(x: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-        temperature = torch.tensor([s.params.temperature for s in states], device=x.device)
-        return x.div_(temperature.unsqueeze(1))
-
-    @staticmethod
-    def _exp(x: torch.Tensor) -> torch.Tensor:
-        """x (S, V) becomes u = exp(x - row max), in place; returns each row's sum (S,)."""
-        top = x.amax(dim=-1, keepdim=True).clamp_(min=torch.finfo(x.dtype).min)  # a row of -inf: all 0
-        return x.sub_(top).exp_().sum(dim=-1).double()  # (summing as float64 would copy x as float64)
-
+    # ---- the kept set and the draw --------------------------------------------------------
     def _draw(self, x: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-        """Sampled rows' tokens; x (S, V) is written into."""
-        self._scale(x, states)
+        """Sampled rows' tokens; x (S, V) is written into (it ends as u = exp((x - max) / T))."""
         seeded = [i for i, s in enumerate(states) if s.params.seed is not None]
-        scaled = x.index_select(0, torch.tensor(seeded, device=x.device)) if seeded else None  # the race's logits
-        mass = self._exp(x)
-        threshold, candidates = self._kept(x, mass, states)
-        tokens = torch.empty(len(states), dtype=torch.long, device=x.device)
+        if seeded:  # the race's logits
+            race = scale(x.index_select(0, torch.tensor(seeded, device=x.device)), [states[i].params for i in seeded])
+        uniform = torch.rand(len(states), dtype=torch.float64, device=x.device, generator=self._generator)
+        uniform[seeded] = -1.0  # seeded rows race instead (below)
+        cut = self._native(x, states, uniform)
+        if cut is not None:
+            tokens, threshold = cut
+        else:
+            params = [s.params for s in states]
+            threshold, candidates = self._kept.thresholds(x, exponentiate(scale(x, params)), params)
+            tokens = self._kept.draw(x, threshold, candidates, skip=set(seeded))
         if seeded:
-            cut = _select(x, seeded) < threshold[seeded].unsqueeze(1)
-            tokens[seeded] = self._race(scaled.masked_fill_(cut, -math.inf), [states[i] for i in seeded])
-        done = set(seeded)
-        for c in candidates:
-            pick = [j for j, row in enumerate(c.rows.tolist()) if row not in done]
-            if pick:
-                rows = c.rows[pick]
-                picked = self._invert(c.weights[pick].double().cumsum(dim=-1))  # (n,)
-                tokens[rows] = c.ids[pick].gather(1, picked.unsqueeze(1)).squeeze(1)
-                done.update(rows.tolist())
-        rest = [i for i in range(len(states)) if i not in done]
-        if rest:
-            u = _select(x, rest)
-            cut = threshold[rest]
-            if bool((cut > 0).any()):
-                u = u.masked_fill(u < cut.unsqueeze(1), 0.0)
-            tokens[rest] = self._invert_rows(u)
+            out = select(x, seeded) < threshold[seeded].unsqueeze(1)
+            tokens[seeded] = self._race(race.masked_fill_(out, -math.inf), [states[i] for i in seeded])
         return tokens
 
-    def _kept(self, u: torch.Tensor, mass: torch.Tensor, states: list[SamplingState]):
-        """Each row's threshold on u (S,) (0: keeps every token) and the candidate sets that
-        hold the rows' kept sets. A row is resolved at the smallest candidate size that holds
-        its kept set: the top 64, 256, then 1,024, then the sorted row."""
-        vocab = u.shape[1]
-        threshold = torch.zeros(len(states), device=u.device)
-        todo = [i for i, s in enumerate(states) if 0 < s.params.top_k < vocab or s.params.top_p < 1 or s.params.min_p]
-        if not todo:
-            return threshold, []
-        params = [s.params for s in states]
-        all_k = torch.tensor([p.top_k if p.top_k < vocab else 0 for p in params], device=u.device)
-        all_min_p = torch.tensor([p.min_p for p in params], device=u.device)
-        all_top_p = torch.tensor([p.top_p for p in params], device=u.device)
-        top_k = int(all_k.max())
-        sizes = sorted({max(c, top_k) for c in _CANDIDATES if max(c, top_k) < vocab}) + [vocab]
-        found: list[_Candidates] = []
-        for size in sizes:
-            if not todo:
-                break
-            rows = torch.tensor(todo, device=u.device)
-            k, min_p, top_p = all_k[rows], all_min_p[rows], all_top_p[rows]
-            ur = _select(u, todo)
-            values, ids = ur.topk(size, dim=-1) if size < vocab else ur.sort(dim=-1, descending=True)  # (n, C)
-            # min-p and top-k: a floor (ties at the floor are kept, as transformers does)
-            floor = torch.where(k > 0, values.gather(1, (k - 1).clamp(min=0).unsqueeze(1)).squeeze(1), 0.0)
-            floor = torch.maximum(floor, min_p)
-            inside = values >= floor.unsqueeze(1)  # (n, C)
-            weights = values * inside  # (n, C)
-            # closed: every token at or above the floor is a candidate
-            closed = ~inside[:, -1] | (k == size) if size < vocab else torch.ones_like(inside[:, -1])
-            has_p = top_p < 1
-            # top-p renormalises over the floor's set: the candidates' mass where they hold it,
-            # the row's where there is no floor, else a sum over the row
-            total = torch.where(closed, weights.sum(dim=-1, dtype=torch.float64), mass[rows])
-            wide = (~closed & has_p & (floor > 0)).nonzero().squeeze(1)
-            if len(wide):
-                r = _select(ur, wide.tolist())
-                total[wide] = r.masked_fill(r < floor[wide].unsqueeze(1), 0.0).sum(dim=-1, dtype=torch.float64)
-            q = weights.double() / total.unsqueeze(1)  # float64: top-p's boundary as exact as the weights
-            cum = q.cumsum(dim=-1)
-            # top-p: keep the smallest prefix reaching top_p (drop a token once the mass before it does)
-            keep = inside & (~has_p.unsqueeze(1) | (cum - q < top_p.unsqueeze(1)))
-            held = closed | (has_p & (cum[:, -1] >= top_p))  # the kept set lies within the candidates
-            last = keep.sum(dim=-1).clamp(min=1) - 1
-            threshold[rows] = torch.where(has_p, values.gather(1, last.unsqueeze(1)).squeeze(1), floor)
-            done = held.nonzero().squeeze(1)
-            if size < vocab and len(done):
-                found.append(_Candidates(rows[done], ids[done], weights[done] * keep[done]))
-            # without top-p the floor is the threshold, whatever the size of its set
-            todo = [i for i, ok in zip(todo, (held | ~has_p).tolist()) if not ok]
-        return threshold, found
-
-    def _invert(self, cum: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
-        """For each row of cumulative float64 weights (n, C), the index where a uniform draw
-        over [0, total) falls (a drawn u (n, 1) may be given): weight-0 indices are never hit."""
-        total = cum[:, -1:]
-        if u is None:
-            u = torch.rand(total.shape, dtype=torch.float64, device=cum.device, generator=self._generator) * total
-        u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # below the total
-        return torch.searchsorted(cum, u, right=True).squeeze(1).clamp(max=cum.shape[1] - 1)
-
-    def _invert_rows(self, w: torch.Tensor, block: int = 256) -> torch.Tensor:
-        """A draw in proportion to whole rows of weights (n, V) in one pass: the block whose
-        sum the draw falls in, then the token within it (no (n, V) cumulative sum)."""
-        n, vocab = w.shape
-        whole = vocab // block * block
-        sums = w[:, :whole].reshape(n, -1, block).sum(dim=-1, dtype=torch.float64)  # (n, V / block)
-        if whole < vocab:
-            sums = torch.cat([sums, w[:, whole:].sum(dim=-1, keepdim=True, dtype=torch.float64)], dim=1)
-        cum = sums.cumsum(dim=-1)
-        total = cum[:, -1:]
-        u = torch.rand(total.shape, dtype=torch.float64, device=w.device, generator=self._generator) * total
-        b = self._invert(cum, u).unsqueeze(1)  # (n, 1)
-        u = u - torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0)), 0.0)  # within the block
-        cols = b * block + torch.arange(block, device=w.device)  # (n, block)
-        inner = w.gather(1, cols.clamp(max=vocab - 1)).double().masked_fill_(cols >= vocab, 0.0).cumsum(dim=-1)
-        return cols.gather(1, self._invert(inner, u).unsqueeze(1)).squeeze(1)
+    def _native(self, x: torch.Tensor, states: list[SamplingState], uniform: torch.Tensor):
+        """(tokens, thresholds) from the native op, x turned into u (top-k's k-th largest logit
+        found here, one top-k over the rows that have one), or None where it does not apply."""
+        if not self.native or x.device.type != "cpu" or ops.native() is None:
+            return None
+        vocab = x.shape[1]
+        kth = torch.full((len(states),), -1, dtype=torch.long)
+        with_k = [i for i, s in enumerate(states) if 0 < s.params.top_k < vocab]
+        if with_k:
+            k = torch.tensor([states[i].params.top_k for i in with_k])
+            ids = select(x, with_k).topk(int(k.max()), dim=-1).indices  # (n, max k)
+            kth[with_k] = ids.gather(1, (k - 1).unsqueeze(1)).squeeze(1)
+        temperature = torch.tensor([s.params.temperature for s in states], dtype=torch.float32)
+        min_p = torch.tensor([s.params.min_p for s in states], dtype=torch.float32)
+        top_p = torch.tensor([s.params.top_p for s in states], dtype=torch.float64)
+        return ops.sample_rows(x, temperature, kth, min_p, top_p, uniform)
 
     def _race(self, x: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         """Seeded rows (their logits, -inf outside the kept set): argmax of p / Exp(1) noise,
@@ -405,7 +314,7 @@ class Sampler:
     @staticmethod
     def _raw_logprobs(logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor | None:
         rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
-        return _select(logits, rows).log_softmax(dim=-1) if rows else None  # (L, V)
+        return select(logits, rows).log_softmax(dim=-1) if rows else None  # (L, V)
 
     @staticmethod
     def _logprobs(lp: torch.Tensor | None, states: Sequence[SamplingState], tokens: list[int]):

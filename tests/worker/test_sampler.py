@@ -5,11 +5,18 @@ import math
 import pytest
 import torch
 
+from kvd import ops
 from kvd.bench.sampler import PerRowSampler
 from kvd.sampling import SamplingParams
 from kvd.worker.sampler import Sampler, SamplingState
 
 VOCAB = 49152
+PATHS = pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])  # the sampler's two top-p paths
+
+
+def needs(native: bool) -> None:
+    if native and ops.native() is None:
+        pytest.skip("the native ops are not built")
 
 
 def states(sampler: Sampler, params: list[SamplingParams], outputs: list[int] | None = None) -> list[SamplingState]:
@@ -106,11 +113,13 @@ def test_a_seeded_row_draws_the_same_whatever_the_batch():
     assert s(logits[:1].clone(), [resumed])[0] == s(logits[:1].clone(), [alone])[0]
 
 
-def test_seeded_draws_are_those_of_the_per_row_sampler_before_batching():
+@PATHS
+def test_seeded_draws_are_those_of_the_per_row_sampler_before_batching(native):
     """The batched sampler draws the same tokens as kvd's per-row sampler did for every
     seeded request (temperature, top-k, top-p): seeded outputs did not change."""
+    needs(native)
     gen = torch.Generator().manual_seed(0)
-    old, new = PerRowSampler(torch.device("cpu")), Sampler(torch.device("cpu"), VOCAB)
+    old, new = PerRowSampler(torch.device("cpu")), Sampler(torch.device("cpu"), VOCAB, native=native)
     for trial in range(12):
         scale = (1.0, 3.0, 6.0, 10.0)[trial % 4]
         logits = torch.randn(6, VOCAB, generator=gen) * scale
@@ -134,18 +143,20 @@ def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
     return float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()), int(keep.sum()) - 1
 
 
-@pytest.mark.parametrize("case", ["candidates", "sorted", "whole row", "seeded", "min_p"])
-def test_the_draw_samples_the_processed_distribution(case):
+@PATHS
+@pytest.mark.parametrize("case", ["candidates", "sorted", "whole row", "seeded", "min_p", "top_k"])
+def test_the_draw_samples_the_processed_distribution(case, native):
     """Many draws of one row (as many rows of one step) against softmax(processed logits):
     Pearson's chi-square within a wide bound (the generators are seeded: no flakes)."""
+    needs(native)
     vocab, n = 100, 20000
     gen = torch.Generator().manual_seed(5)
     logits = torch.randn(1, vocab, generator=gen) * (1.5 if case != "sorted" else 0.5)
     base = dict(temperature=0.8, presence_penalty=0.4, frequency_penalty=0.2, repetition_penalty=1.2,
                 logit_bias={3: 2.0, 50: -1.0})  # fmt: skip
     options = {"candidates": dict(top_p=0.9), "sorted": dict(top_p=0.95), "whole row": dict(),
-               "seeded": dict(top_p=0.9, top_k=20), "min_p": dict(min_p=0.05)}[case]  # fmt: skip
-    s = Sampler(torch.device("cpu"), vocab, seed=11)
+               "seeded": dict(top_p=0.9, top_k=20), "min_p": dict(min_p=0.05), "top_k": dict(top_k=30)}[case]  # fmt: skip
+    s = Sampler(torch.device("cpu"), vocab, seed=11, native=native)
     prompt, output = [3, 5, 8, 13], [5, 21, 21, 34]
     rows = []
     for i in range(n if case != "seeded" else 4000):
