@@ -15,6 +15,10 @@ tests and the daemon only load it.
   `torch.ops.kvd.swap_cache_layout`, with a CUDA implementation (`native_cuda()`, built
   where torch has CUDA: caches on the GPU, host in pinned memory, ordered on the current
   stream — synchronise before reading the host side).
+- `sample_rows(x, temperature, kth, min_p, top_p, uniform)`: sampled rows' logits turned
+  in place into u = exp((x - max) / T), their kept set (min-p, top-k, top-p as one
+  threshold on u) and a draw from it, without a sort; the sampler's torch path
+  (`kvd.worker.sampler`) is its reference.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ import torch.nn.functional as F
 log = structlog.get_logger(__name__)
 
 NATIVE_DIR = Path(__file__).resolve().parent.parent / "native"
-_SOURCES = ["paged_attention.cpp", "prefill_attention.cpp", "fused.cpp", "swap_cache_layout.cpp", "quant_linear.cpp"]
+_SOURCES = ["paged_attention.cpp", "prefill_attention.cpp", "fused.cpp", "swap_cache_layout.cpp", "quant_linear.cpp",
+            "sampling.cpp"]
 
 
 _CUDA_SOURCES = ["swap_cache_layout.cu"]
@@ -285,3 +290,24 @@ if __name__ == "__main__":
             print("CUDA ops: built", file=sys.stderr)
         else:
             print(f"torch has no CUDA; compile-only check: {compile_cuda_object()}", file=sys.stderr)
+
+
+def sample_rows(
+    x: torch.Tensor,  # (n, V) float32 logits, turned into u = exp((x - max) / T) in place
+    temperature: torch.Tensor,  # (n,) float32, > 0
+    kth: torch.Tensor,  # (n,) int64: the index of the k-th largest logit under top-k, -1: none
+    min_p: torch.Tensor,  # (n,) float32, 0: off
+    top_p: torch.Tensor,  # (n,) float64, 1: off
+    uniform: torch.Tensor,  # (n,) float64 in [0, 1); < 0: no draw for that row
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(tokens (n,), thresholds (n,)): each row keeps u >= its threshold and, where uniform >= 0,
+    draws from that set in proportion to u. None where the native op does not apply (not a
+    contiguous CPU float32 tensor, or no extension): the caller takes its torch path."""
+    mod = native() if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() else None
+    if mod is None:
+        return None
+    tokens = torch.zeros(len(x), dtype=torch.long)
+    threshold = torch.empty(len(x), dtype=torch.float32)
+    params = [t.contiguous() for t in (temperature, kth, min_p, top_p, uniform)]
+    mod.sample_rows(x, *params, tokens, threshold)
+    return tokens, threshold

@@ -457,6 +457,9 @@ void silu_and_mul(torch::Tensor out, torch::Tensor x);
 bool prefill_attention_supported(int64_t head_dim);
 void prefill_attention(torch::Tensor out, torch::Tensor q, torch::Tensor cache, torch::Tensor block_table,
                        int64_t num_computed, double scale);
+// sampling.cpp
+void sample_rows(torch::Tensor x, torch::Tensor temperature, torch::Tensor kth, torch::Tensor min_p,
+                 torch::Tensor top_p, torch::Tensor uniform, torch::Tensor tokens, torch::Tensor threshold);
 // quant_linear.cpp
 void quant_linear(torch::Tensor out, torch::Tensor x, torch::Tensor qs, torch::Tensor d, torch::Tensor m,
                   int64_t kind, bool int_dot);
@@ -474,4 +477,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prefill_attention", &prefill_attention, "a prefill chunk's causal attention over its paged KV (CPU)");
   m.def("quant_linear", &quant_linear, "out = x . W^T with W in Q8_0 / Q4_0 / Q4_1 blocks (CPU)");
   m.def("quant_dequantize", &quant_dequantize, "the float32 weights of the given columns of a quantized W");
+  m.def("sample_rows", &sample_rows, "sampled rows: exp, min-p/top-k/top-p threshold and draw, without a sort (CPU)");
 }

@@ -137,3 +137,59 @@ def test_prefill_attention_refuses_bad_inputs():
         mod.prefill_attention(torch.empty(5, 1, 8), torch.zeros(5, 1, 8), torch.zeros(2, 4, 4, 1, 8), torch.tensor([0, 1]), 0, 1.0)
     with pytest.raises(RuntimeError, match="float32"):
         mod.prefill_attention(out.double(), q.double(), cache, torch.tensor([0, 1]), 0, 1.0)
+
+
+@pytest.mark.parametrize("scale", [0.5, 2.0, 6.0])  # very flat (thousands kept) to peaked (a few)
+@pytest.mark.parametrize("top_k, min_p, top_p", [(0, 0.0, 0.9), (0, 0.0, 0.5), (0, 0.01, 0.95), (0, 0.0, 0.999),
+                                                 (0, 0.05, 1.0), (40, 0.0, 1.0), (300, 0.0, 0.9), (0, 0.0, 1.0)])
+def test_sample_rows_matches_the_samplers_torch_path(scale, top_k, min_p, top_p):
+    """The native op against the sampler's torch path: u within float32 rounding of torch's
+    exp, and on the same u the same kept set (top-k candidates and sorts in torch) but for a
+    token whose mass before it is within rounding of top_p; every draw inside the set."""
+    from kvd.sampling import SamplingParams
+    from kvd.worker.kept_set import KeptSet, exponentiate
+
+    g = torch.Generator().manual_seed(int(scale * 10) + top_k)
+    n, vocab, temperature = 8, 49152 - 5, 0.8  # not a whole number of vectors: the masked tail
+    x = torch.randn(n, vocab, generator=g) * scale
+    x[0, :100] = float("-inf")  # masked tokens: never kept
+    params = [SamplingParams(temperature=temperature, top_k=top_k, min_p=min_p, top_p=top_p)] * n
+    u_ref = x / temperature
+    exponentiate(u_ref)
+    kth = torch.full((n,), -1) if not top_k else x.topk(top_k, -1).indices[:, -1]
+    args = (torch.full((n,), temperature), kth, torch.full((n,), min_p), torch.full((n,), top_p, dtype=torch.float64))
+    u = x.clone()
+    tokens, threshold = ops.sample_rows(u, *args, torch.rand(n, dtype=torch.float64, generator=g))
+    # exp((x - max) / T), 0 where masked; (x - max) * (1 / T) rounds differently from torch's x / T - max / T
+    torch.testing.assert_close(u, u_ref, rtol=3e-5, atol=1e-30)
+    ref, _ = KeptSet(g).thresholds(u, u.sum(-1).double(), params)  # the torch cut of the same u
+    kept, kept_ref = u >= threshold[:, None], u >= ref[:, None]
+    if top_k == 0 and min_p == 0 and top_p == 1:
+        assert (kept == (u > 0)).all()  # no cut: every token that is not masked
+    else:  # a token either side keeps and the other drops has a mass before it within 1e-6 of top_p
+        floor = u >= torch.maximum(kth_u(u, kth), torch.full((n,), min_p)).unsqueeze(1)
+        w = (u * floor).double()
+        order = w.sort(-1, descending=True)
+        before = torch.empty_like(w).scatter_(1, order.indices, order.values.cumsum(-1) - order.values)
+        assert ((before / w.sum(-1, keepdim=True) - top_p).abs()[kept != kept_ref] < 1e-6).all()
+    if top_k:
+        assert (kept.sum(-1) <= top_k).all()
+    assert not kept[0, :100].any() and kept.gather(1, tokens[:, None]).all()
+    u2 = x.clone()
+    _, without_draw = ops.sample_rows(u2, *args, torch.full((n,), -1.0, dtype=torch.float64))
+    assert torch.equal(without_draw, threshold)
+
+
+def kth_u(u: torch.Tensor, kth: torch.Tensor) -> torch.Tensor:
+    """Each row's u at its top-k index (0 where there is none)."""
+    return torch.where(kth >= 0, u.gather(1, kth.clamp(min=0).unsqueeze(1)).squeeze(1), 0.0)
+
+
+def test_sample_rows_refuses_bad_inputs():
+    x = torch.rand(2, 10)
+    rest = (torch.ones(2), torch.full((2,), -1), torch.zeros(2), torch.ones(2, dtype=torch.float64),
+            torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.long), torch.zeros(2))  # fmt: skip
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.native().sample_rows(x.double(), *rest)
+    with pytest.raises(RuntimeError, match="temperature, min_p and threshold"):
+        ops.native().sample_rows(x, torch.ones(3), *rest[1:])

@@ -1,12 +1,37 @@
-"""Sampler microbenchmark (placeholder while the bench is written)."""
+"""The sampler, alone and inside a decode step: `python -m kvd.bench.sampler [--quick] [--dtypes float32]`.
+
+Sampler alone (median ms of one call over 32 rows of real logits, vocabulary 49,152,
+float32: the embedded SmolLM2's next-token logits along a passage of English, each
+call on fresh per-request states with a 200-token prompt and 100 output tokens):
+- greedy: 32 plain greedy rows (the argmax);
+- options: 32 rows each with presence 0.5, frequency 0.5 and repetition 1.2 penalties,
+  a logit bias on 10 tokens, temperature 0.8 and top_p 0.95 (issue 27's target row);
+- top-p: 32 rows of temperature 0.8, top_p 0.95, then the same through the per-row
+  sampler kvd had before (`PerRowSampler`), then seeded (per-row noise, as before);
+- whole row: 32 rows of temperature 1.0 and nothing else (no kept-set shortcut).
+Inside a step: the median ms of `Engine.step()` with 32 requests in decode (128-token
+prompts), greedy against the options above, per dtype. The target (issue 27): a step of 32
+rows with penalties, bias and top-p within 10% of a step of 32 greedy rows.
+Nothing is recorded; docs/benchmarks.md quotes a run.
+"""
 
 from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
 
 import torch
 
 from kvd.sampling import SamplingParams
+from kvd.scheduler.output import Logprobs
+from kvd.worker.sampler import Sampler
 
 _MIX = 0x9E3779B97F4A7C15
+ROWS = 32
+OPTIONS = dict(temperature=0.8, top_p=0.95, presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.2)
+TOP_P = dict(temperature=0.8, top_p=0.95)
 
 
 class PerRowSampler:
@@ -14,12 +39,13 @@ class PerRowSampler:
     the benchmark's baseline, and the reference the tests hold seeded draws to."""
 
     def __init__(self, device: torch.device, seed: int = 0) -> None:
-        self.device = device
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(seed)
         self._seeded = torch.Generator(device=device)
 
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], output_index: list[int]):
+    def __call__(
+        self, logits: torch.Tensor, params: list[SamplingParams], output_index: list[int]
+    ) -> tuple[list[int], list[Logprobs | None] | None]:
         tokens = logits.argmax(dim=-1)  # (B,)
         for i, p in enumerate(params):
             if not p.greedy:
@@ -45,3 +71,129 @@ class PerRowSampler:
             gen = self._generator
         noise = torch.empty_like(probs).exponential_(generator=gen)
         return int((probs / noise).argmax())
+
+
+def timed(fn: Callable[..., object], repeats: int, setup: Callable[[], tuple] = tuple) -> float:
+    """Median ms of one call `fn(*setup())` (setup not timed), after a warm-up."""
+    fn(*setup())
+    times = []
+    for _ in range(repeats):
+        args = setup()
+        start = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def passage_tokens(tokenizer, n: int, offset: int = 5000) -> list[int]:
+    """n tokens of English: the Python language reference that CPython ships."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    return tokenizer.encode(text, add_special_tokens=False)[offset : offset + n]
+
+
+@torch.inference_mode()
+def real_logits(model, tokens: list[int], rows: int) -> torch.Tensor:
+    """The model's next-token logits at `rows` positions spread along the passage, (rows, V) float32."""
+    logits = model(torch.tensor([tokens])).logits[0].float()  # (T, V)
+    return logits[torch.linspace(16, len(tokens) - 1, rows).long()].contiguous()
+
+
+def option_params(rng: torch.Generator, vocab: int, **extra) -> SamplingParams:
+    bias = {int(t): float(b) for t, b in zip(torch.randint(0, vocab, (10,), generator=rng), torch.randn(10, generator=rng))}
+    return SamplingParams(**OPTIONS, logit_bias=bias, max_tokens=4096, **extra)
+
+
+def bench_sampler(logits: torch.Tensor, history: list[int], repeats: int) -> dict[str, float]:
+    """Median ms of one call per case (fresh states each call: prompt + output of `history`)."""
+    vocab = logits.shape[1]
+    sampler = Sampler(torch.device("cpu"), vocab, eos_token_ids=[2])
+    rng = torch.Generator().manual_seed(0)
+    prompt = 200
+
+    def states(params: list[SamplingParams]) -> list:
+        return [sampler.state(p, list(history), prompt) for p in params]
+
+    def call(params: list[SamplingParams]) -> float:  # fresh logits, as the lm_head gives each step
+        return timed(sampler, repeats, lambda: (logits.clone(), states(params)))
+
+    greedy = [SamplingParams(temperature=0.0)] * ROWS
+    options = [option_params(rng, vocab) for _ in range(ROWS)]
+    top_p = [SamplingParams(**TOP_P)] * ROWS
+    seeded = [SamplingParams(**TOP_P, seed=i) for i in range(ROWS)]
+    whole = [SamplingParams(temperature=1.0)] * ROWS
+    old = PerRowSampler(torch.device("cpu"))
+    index = [len(history) - prompt] * ROWS
+    return {
+        "greedy": call(greedy),
+        "options": call(options),
+        "top-p": call(top_p),
+        "top-p, per-row sampler": timed(lambda: old(logits, top_p, index), max(3, repeats // 5)),
+        "top-p, seeded": call(seeded),
+        "top-p, seeded, per-row sampler": timed(lambda: old(logits, seeded, index), max(3, repeats // 5)),
+        "whole row": call(whole),
+        "32 new states (options; once per request, not per step)": timed(lambda: states(options), repeats),
+    }
+
+
+def step_ms(llm, params: list[SamplingParams], steps: int, tokens: list[int]) -> float:
+    """Median ms of `Engine.step()` with 32 requests in decode."""
+    engine = llm.engine
+    prompts = [tokens[i * 128 : (i + 1) * 128] for i in range(ROWS)]
+    ids = [engine.add(p, sp) for p, sp in zip(prompts, params)]
+    running = engine.scheduler.running
+    while engine.scheduler.waiting or any(r.num_output_tokens == 0 for r in running):
+        engine.step()
+    times = []
+    for _ in range(steps + 3):
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    if len(running) != ROWS:
+        raise RuntimeError(f"step: {ROWS - len(running)} requests left decode during the timed steps")
+    engine.abort(ids)
+    return statistics.median(times[3:]) * 1e3
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer repeats and steps")
+    p.add_argument("--dtypes", default="float32", help="model dtypes of the step comparison ('' for none)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating greedy/options step runs per dtype")
+    args = p.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    from kvd import LLM
+    from kvd.worker.models import load_model, load_tokenizer, resolve_model
+
+    hf_logging.set_verbosity_error()
+    path = resolve_model(None)
+    tokens = passage_tokens(load_tokenizer(path), 4096 + 512)
+    logits = real_logits(load_model(path, torch.float32, "cpu"), tokens[:512], ROWS)
+    repeats, steps = (10, 8) if args.quick else (50, 20)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {ROWS} rows x {logits.shape[1]} float32")
+    times = bench_sampler(logits, tokens[:300], repeats)
+    for name, ms in times.items():
+        print(f"  sampler, {name:48s} {ms:8.3f} ms")
+    g = times["greedy"]
+    print(f"  options - greedy: {times['options'] - g:.3f} ms; top-p: per-row / batched "
+          f"{times['top-p, per-row sampler'] / times['top-p']:.1f}x")  # fmt: skip
+    rng = torch.Generator().manual_seed(0)
+    greedy = [SamplingParams(temperature=0.0, max_tokens=4096, ignore_eos=True)] * ROWS
+    options = [option_params(rng, 49152, ignore_eos=True) for _ in range(ROWS)]
+    prompts = tokens[512:]
+    for dtype in filter(None, args.dtypes.split(",")):
+        llm = LLM(dtype=dtype)
+        best = {"greedy": float("inf"), "options": float("inf")}
+        for _ in range(args.rounds):  # alternate: drift on a shared machine hits both sides alike
+            for name, params in (("greedy", greedy), ("options", options)):
+                best[name] = min(best[name], step_ms(llm, params, steps, prompts))
+        share = (times["options"] - g) / best["greedy"]
+        print(f"  step, {dtype}: greedy {best['greedy']:.1f} ms, options {best['options']:.1f} ms "
+              f"({best['options'] / best['greedy']:.3f}x); the sampler's extra "
+              f"{times['options'] - g:.2f} ms is {share:.1%} of the greedy step")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -13,34 +13,35 @@ logits transforms need, built once). A step, `Sampler.__call__(logits (B, V), st
    and output) and the frequency and presence penalties (over the output). Each writes
    only the entries it changes, as flat indices into the batch: a row with 500 distinct
    tokens costs 500 entries, not 49,152.
-4. Greedy rows among them take the argmax. Sampled rows divide by their temperature and
-   keep the tokens at or above one threshold per row: min-p (p >= min_p * p_max) and top-k,
-   then top-p over what those kept, renormalised (vLLM's order; transformers applies min-p
-   last). The threshold is found among each row's top candidates (a top-k of 64, then of
-   1,024 for the rows whose kept set is larger, then a sort), so the usual row is never
-   sorted over the vocabulary.
+4. Greedy rows among them take the argmax. A sampled row becomes u = exp((x - max) / T)
+   and keeps the tokens at or above one threshold on u: min-p (u >= min_p, i.e. p >=
+   min_p * p_max) and top-k make a floor, then top-p keeps the largest tokens above it
+   while the mass before them is below top_p of the floor's (vLLM's order; transformers
+   applies min-p last). On the CPU the native op `kvd.ops.sample_rows` finds it without a
+   sort (a histogram of u, then a sort of one bucket); elsewhere torch finds it among each
+   row's top candidates (kvd/worker/kept_set.py, which is also the op's reference).
 5. The draw. A seeded row draws as kvd always has: the exponential race (argmax of
    p / Exp(1) noise over the vocabulary) with noise from a generator seeded by (seed,
    output index), so a seed gives the same tokens whatever the batch, across preemption
    and across this batching; that noise is drawn per seeded row (~0.8 ms a row on a CPU
-   core). Unseeded rows share one uniform draw per row and invert the CDF of their kept
-   set: over the candidates where the set lies within them, else over the row in float64.
+   core). Unseeded rows take one uniform each from the sampler's generator and invert the
+   running sum of u over their kept set.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from kvd import ops
 from kvd.sampling import SamplingParams
 from kvd.scheduler.output import Logprobs
+from kvd.worker.kept_set import KeptSet, exponentiate, scale, select
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, index) over the seed space
-_CANDIDATES = (64, 1024)  # top-k sizes tried for a row's kept set before a sort
 
 
 class TokenCounts:
@@ -137,35 +138,35 @@ class SamplingState:
             self.counts.add(token)
 
 
-@dataclass
-class _Candidates:
-    """Sampled rows whose kept set lies within their top C tokens: those tokens, sorted, and
-    their probabilities (0 where not kept)."""
-
-    rows: torch.Tensor  # (n,) row positions among the sampled rows
-    ids: torch.Tensor  # (n, C)
-    weights: torch.Tensor  # (n, C)
-
-
 class Sampler:
     """Draws each step's tokens; holds the random generators (seeded ones per request and index)."""
 
-    def __init__(self, device: torch.device, vocab_size: int, eos_token_ids: Iterable[int] = (), seed: int = 0) -> None:
+    def __init__(self, device: torch.device, vocab_size: int, eos_token_ids: Iterable[int] = (), seed: int = 0,
+                 native: bool = True) -> None:  # fmt: skip
+        """native: cut and draw top-p rows with the native op where it applies (CPU, extension
+        built); False takes the torch path everywhere (its reference, and CUDA's way)."""
         self.device = device
+        self.native = native
         self.vocab_size = vocab_size
         self.eos_token_ids = sorted(eos_token_ids)
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(seed)
         self._seeded = torch.Generator(device=device)
+        self._kept = KeptSet(self._generator)
 
     def state(self, params: SamplingParams, token_ids: list[int], num_prompt_tokens: int) -> SamplingState:
         """A request's SamplingState over the runner's token list (appended to by the sampler)."""
         return SamplingState(params, token_ids, num_prompt_tokens, self.vocab_size, self.eos_token_ids)
 
     def __call__(
-        self, logits: torch.Tensor, states: Sequence[SamplingState]  # logits (B, V) float32, not modified
+        self, logits: torch.Tensor, states: Sequence[SamplingState]
     ) -> tuple[list[int], list[Logprobs | None] | None]:
-        """One token per row, appended to its state; the rows' logprobs (None when no row asks)."""
+        """One token per row, appended to its state; the rows' logprobs (None when no row asks).
+        `logits` (B, V) float32 is the step's scratch: the transforms write into it (a view such
+        as an expanded row is copied first)."""
+        if not logits.is_contiguous():
+            logits = logits.contiguous()
+        raw = self._raw_logprobs(logits, states)  # before any transform
         transformed = [i for i, s in enumerate(states) if not s.plain_greedy]
         if not transformed:
             tokens = logits.argmax(dim=-1)  # (B,)
@@ -173,10 +174,10 @@ class Sampler:
             tokens = torch.empty(len(states), dtype=torch.long, device=logits.device)
             plain = [i for i, s in enumerate(states) if s.plain_greedy]
             if plain:
-                tokens[plain] = logits[plain].argmax(dim=-1)
-            tokens[transformed] = self._transformed(logits[transformed], [states[i] for i in transformed])
-        logprobs = self._logprobs(logits, states, tokens)
+                tokens[plain] = select(logits, plain).argmax(dim=-1)
+            tokens[transformed] = self._transformed(select(logits, transformed), [states[i] for i in transformed])
         token_list = tokens.tolist()
+        logprobs = self._logprobs(raw, states, token_list)
         for state, token in zip(states, token_list):
             state.append(token)
         return token_list, logprobs
@@ -190,27 +191,32 @@ class Sampler:
         self._penalize(x, list(states))
         sampled = [i for i, s in enumerate(states) if not s.params.greedy]
         if sampled:
-            xs = x[sampled]
-            _, threshold, _ = self._scale_and_keep(xs, [states[i] for i in sampled])
-            x[sampled] = xs.masked_fill(xs < threshold.unsqueeze(1), -math.inf)
+            rows = [states[i] for i in sampled]
+            u = x[sampled]
+            cut = self._native(u, rows, torch.full((len(rows),), -1.0, dtype=torch.float64))
+            params = [r.params for r in rows]
+            if cut is None:
+                threshold = self._kept.thresholds(u, exponentiate(scale(u, params)), params)[0]
+            else:
+                threshold = cut[1]
+            x[sampled] = scale(x[sampled], params).masked_fill(u < threshold.unsqueeze(1), -math.inf)
         return x
 
     # ---- the transforms ------------------------------------------------------------------
     def _transformed(self, x: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-        """Tokens of rows that need a transform or a draw; x (P, V) is this call's copy."""
+        """Tokens of rows that need a transform or a draw; x (P, V) is written into."""
         self._mask_and_bias(x, states)
         self._penalize(x, states)
         tokens = torch.empty(len(states), dtype=torch.long, device=x.device)
         greedy = [i for i, s in enumerate(states) if s.params.greedy]
         if greedy:
-            tokens[greedy] = x[greedy].argmax(dim=-1)
+            tokens[greedy] = select(x, greedy).argmax(dim=-1)
         if len(greedy) < len(states):
             sampled = [i for i, s in enumerate(states) if not s.params.greedy]
-            xs = x if len(sampled) == len(states) else x[sampled]
-            tokens[sampled] = self._draw(xs, [states[i] for i in sampled])
+            tokens[sampled] = self._draw(select(x, sampled), [states[i] for i in sampled])
         return tokens
 
-    def _flat(self, rows: list[int], ids: list[np.ndarray], width: int) -> torch.Tensor:
+    def _flat(self, rows: Sequence[int], ids: Sequence[np.ndarray], width: int) -> torch.Tensor:
         """Flat indices into a (P, width) tensor of each row's ids."""
         lengths = [len(a) for a in ids]
         flat = np.repeat(np.asarray(rows, dtype=np.int64) * width, lengths) + np.concatenate(ids)
@@ -221,7 +227,7 @@ class Sampler:
         allowed = [i for i, s in enumerate(states) if s.allowed is not None]
         if allowed:
             sub = x[allowed]  # (A, V)
-            keep = self._flat(list(range(len(allowed))), [states[i].allowed for i in allowed], vocab)
+            keep = self._flat(range(len(allowed)), [states[i].allowed for i in allowed], vocab)
             only = torch.full_like(sub, -math.inf)
             only.view(-1)[keep] = sub.view(-1)[keep]
             x[allowed] = only
@@ -257,103 +263,47 @@ class Sampler:
         v -= counts.clamp(max=1) * per_entry([p.presence_penalty for p in params])
         x.view(-1)[flat] = v
 
-    # ---- truncation and the draw ---------------------------------------------------------
+    # ---- the kept set and the draw --------------------------------------------------------
     def _draw(self, x: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-        """Sampled rows' tokens; x (S, V) is this call's copy (divided in place)."""
-        probs, threshold, candidates = self._scale_and_keep(x, states)
-        tokens = torch.empty(len(states), dtype=torch.long, device=x.device)
+        """Sampled rows' tokens; x (S, V) is written into (it ends as u = exp((x - max) / T))."""
         seeded = [i for i, s in enumerate(states) if s.params.seed is not None]
+        if seeded:  # the race's logits
+            race = scale(x.index_select(0, torch.tensor(seeded, device=x.device)), [states[i].params for i in seeded])
+        uniform = torch.rand(len(states), dtype=torch.float64, device=x.device, generator=self._generator)
+        uniform[seeded] = -1.0  # seeded rows race instead (below)
+        cut = self._native(x, states, uniform)
+        if cut is not None:
+            tokens, threshold = cut
+        else:
+            params = [s.params for s in states]
+            threshold, candidates = self._kept.thresholds(x, exponentiate(scale(x, params)), params)
+            tokens = self._kept.draw(x, threshold, candidates, skip=set(seeded))
         if seeded:
-            tokens[seeded] = self._race(x[seeded], threshold[seeded], [states[i] for i in seeded])
-        done = set(seeded)
-        for c in candidates:
-            pick = [j for j, row in enumerate(c.rows.tolist()) if row not in done]
-            if pick:
-                rows = c.rows[pick]
-                picked = self._invert(c.weights[pick].double())  # (n,)
-                tokens[rows] = c.ids[pick].gather(1, picked.unsqueeze(1)).squeeze(1)
-                done.update(rows.tolist())
-        rest = [i for i in range(len(states)) if i not in done]
-        if rest:
-            p = probs[rest].double()
-            cut = threshold[rest]
-            if bool((cut > -math.inf).any()):
-                p.masked_fill_(x[rest] < cut.unsqueeze(1), 0.0)
-            tokens[rest] = self._invert(p)
+            out = select(x, seeded) < threshold[seeded].unsqueeze(1)
+            tokens[seeded] = self._race(race.masked_fill_(out, -math.inf), [states[i] for i in seeded])
         return tokens
 
-    def _scale_and_keep(self, x: torch.Tensor, states: list[SamplingState]):
-        """Divide x (S, V) by the temperature in place; (probabilities (S, V), each row's threshold,
-        the candidate sets)."""
-        temperature = torch.tensor([s.params.temperature for s in states], device=x.device)
-        x.div_(temperature.unsqueeze(1))
-        probs = x.softmax(dim=-1)  # (S, V)
-        return probs, *self._kept(x, probs, states)
-
-    def _kept(self, x: torch.Tensor, probs: torch.Tensor, states: list[SamplingState]):
-        """Each row's threshold (S,) (-inf: keeps every token) and the candidate sets that hold
-        the rows' kept sets. Rows are resolved at the smallest candidate size that holds their
-        kept set: the top 64, then the top 1,024, then the sorted row."""
+    def _native(self, x: torch.Tensor, states: list[SamplingState], uniform: torch.Tensor):
+        """(tokens, thresholds) from the native op, x turned into u (top-k's k-th largest logit
+        found here, one top-k over the rows that have one), or None where it does not apply."""
+        if not self.native or x.device.type != "cpu" or ops.native() is None:
+            return None
         vocab = x.shape[1]
-        threshold = torch.full((len(states),), -math.inf, device=x.device)
-        todo = [i for i, s in enumerate(states) if 0 < s.params.top_k < vocab or s.params.top_p < 1 or s.params.min_p]
-        if not todo:
-            return threshold, []
-        top_k = max((states[i].params.top_k for i in todo if states[i].params.top_k < vocab), default=0)
-        sizes = sorted({max(c, top_k) for c in _CANDIDATES if max(c, top_k) < vocab}) + [vocab]
-        found: list[_Candidates] = []
-        for size in sizes:
-            if not todo:
-                break
-            rows = torch.tensor(todo, device=x.device)
-            params = [states[i].params for i in todo]
-            if size < vocab:
-                values, ids = x[rows].topk(size, dim=-1)  # (n, C), sorted
-            else:
-                values, ids = x[rows].sort(dim=-1, descending=True)
-            k = torch.tensor([p.top_k if p.top_k < vocab else 0 for p in params], device=x.device)
-            min_p = torch.tensor([p.min_p for p in params], device=x.device)
-            top_p = torch.tensor([p.top_p for p in params], device=x.device)
-            # min-p and top-k: a floor on the logit (ties at the floor are kept, as transformers does)
-            floor = torch.where(k > 0, values.gather(1, (k - 1).clamp(min=0).unsqueeze(1)).squeeze(1), -math.inf)
-            floor = torch.maximum(floor, values[:, 0] + min_p.log())  # log(0) = -inf: no floor
-            inside = values >= floor.unsqueeze(1)  # (n, C)
-            weights = probs[rows.unsqueeze(1), ids] * inside  # (n, C)
-            # closed: every token at or above the floor is a candidate
-            closed = ~inside[:, -1] | (k == size) if size < vocab else torch.ones_like(inside[:, -1])
-            has_p = top_p < 1
-            # top-p renormalises over the floor's set: the candidates' mass where they hold it,
-            # 1 where there is no floor, else a sum over the row
-            mass = torch.where(closed, weights.sum(dim=-1), 1.0)
-            wide = (~closed & has_p & (floor > -math.inf)).nonzero().squeeze(1)
-            if len(wide):
-                r = rows[wide]
-                mass[wide] = (probs[r] * (x[r] >= floor[wide].unsqueeze(1))).sum(dim=-1)
-            q = weights / mass.unsqueeze(1)
-            cum = q.cumsum(dim=-1)
-            # top-p: keep the smallest prefix reaching top_p (drop a token once the mass before it does)
-            keep = inside & (~has_p.unsqueeze(1) | (cum - q < top_p.unsqueeze(1)))
-            held = closed | (has_p & (cum[:, -1] >= top_p))  # the kept set lies within the candidates
-            last = keep.sum(dim=-1).clamp(min=1) - 1
-            threshold[rows] = torch.where(has_p, values.gather(1, last.unsqueeze(1)).squeeze(1), floor)
-            resolved = held | ~has_p  # without top-p the floor is the threshold, whatever its set's size
-            done = held.nonzero().squeeze(1)
-            if size < vocab and len(done):
-                found.append(_Candidates(rows[done], ids[done], weights[done] * keep[done]))
-            todo = [i for i, ok in zip(todo, resolved.tolist()) if not ok]
-        return threshold, found
+        kth = torch.full((len(states),), -1, dtype=torch.long)
+        with_k = [i for i, s in enumerate(states) if 0 < s.params.top_k < vocab]
+        if with_k:
+            k = torch.tensor([states[i].params.top_k for i in with_k])
+            ids = select(x, with_k).topk(int(k.max()), dim=-1).indices  # (n, max k)
+            kth[with_k] = ids.gather(1, (k - 1).unsqueeze(1)).squeeze(1)
+        temperature = torch.tensor([s.params.temperature for s in states], dtype=torch.float32)
+        min_p = torch.tensor([s.params.min_p for s in states], dtype=torch.float32)
+        top_p = torch.tensor([s.params.top_p for s in states], dtype=torch.float64)
+        return ops.sample_rows(x, temperature, kth, min_p, top_p, uniform)
 
-    def _invert(self, weights: torch.Tensor) -> torch.Tensor:
-        """One index per row of (n, C) float64 weights, drawn in proportion to them."""
-        cum = weights.cumsum(dim=-1)  # (n, C)
-        total = cum[:, -1:]
-        u = torch.rand(total.shape, dtype=torch.float64, device=weights.device, generator=self._generator)
-        u = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # below the total: a kept index
-        return torch.searchsorted(cum, u, right=True).squeeze(1).clamp(max=weights.shape[1] - 1)
-
-    def _race(self, x: torch.Tensor, threshold: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-        """Seeded rows: argmax of p / Exp(1) noise, the noise from (seed, output index)."""
-        probs = x.masked_fill(x < threshold.unsqueeze(1), -math.inf).softmax(dim=-1)  # (n, V)
+    def _race(self, x: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+        """Seeded rows (their logits, -inf outside the kept set): argmax of p / Exp(1) noise,
+        the noise from (seed, output index), as kvd has always drawn them."""
+        probs = x.softmax(dim=-1)  # (n, V)
         noise = torch.empty_like(probs)
         for row, s in enumerate(states):
             self._seeded.manual_seed((s.params.seed * _MIX + s.num_output_tokens) % (1 << 63))
@@ -362,18 +312,22 @@ class Sampler:
 
     # ---- logprobs --------------------------------------------------------------------------
     @staticmethod
-    def _logprobs(logits: torch.Tensor, states: Sequence[SamplingState], tokens: torch.Tensor):
+    def _raw_logprobs(logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor | None:
         rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
-        if not rows:
+        return select(logits, rows).log_softmax(dim=-1) if rows else None  # (L, V)
+
+    @staticmethod
+    def _logprobs(lp: torch.Tensor | None, states: Sequence[SamplingState], tokens: list[int]):
+        if lp is None:
             return None
-        lp = logits[rows].log_softmax(dim=-1)  # (L, V), of the raw rows
-        chosen = lp.gather(1, tokens[rows].unsqueeze(1)).squeeze(1).tolist()
+        rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+        chosen = lp.gather(1, torch.tensor([tokens[i] for i in rows], device=lp.device).unsqueeze(1)).squeeze(1)
         n = max(states[i].params.logprobs for i in rows)
         top = lp.topk(n, dim=-1) if n else None
         top_ids = top.indices.tolist() if top is not None else [[]] * len(rows)
         top_lps = top.values.tolist() if top is not None else [[]] * len(rows)
         out: list[Logprobs | None] = [None] * len(states)
-        for j, i in enumerate(rows):
+        for j, (i, value) in enumerate(zip(rows, chosen.tolist())):
             k = states[i].params.logprobs
-            out[i] = Logprobs(logprob=chosen[j], top_ids=top_ids[j][:k], top_logprobs=top_lps[j][:k])
+            out[i] = Logprobs(logprob=value, top_ids=top_ids[j][:k], top_logprobs=top_lps[j][:k])
         return out

@@ -5,11 +5,18 @@ import math
 import pytest
 import torch
 
+from kvd import ops
 from kvd.bench.sampler import PerRowSampler
 from kvd.sampling import SamplingParams
 from kvd.worker.sampler import Sampler, SamplingState
 
 VOCAB = 49152
+PATHS = pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])  # the sampler's two top-p paths
+
+
+def needs(native: bool) -> None:
+    if native and ops.native() is None:
+        pytest.skip("the native ops are not built")
 
 
 def states(sampler: Sampler, params: list[SamplingParams], outputs: list[int] | None = None) -> list[SamplingState]:
@@ -19,7 +26,7 @@ def states(sampler: Sampler, params: list[SamplingParams], outputs: list[int] | 
 
 
 def draw(sampler: Sampler, logits: torch.Tensor, params: list[SamplingParams], outputs=None) -> list[int]:
-    return sampler(logits, states(sampler, params, outputs))[0]
+    return sampler(logits.clone(), states(sampler, params, outputs))[0]  # the sampler writes into its logits
 
 
 def test_greedy_and_truncation():
@@ -40,7 +47,7 @@ def test_a_step_of_plain_greedy_rows_is_the_argmax():
     logits = torch.randn(32, VOCAB)
     rows = states(s, [SamplingParams(temperature=0.0)] * 32)
     assert all(r.plain_greedy for r in rows)
-    tokens, _ = s(logits, rows)
+    tokens, _ = s(logits.clone(), rows)
     assert tokens == logits.argmax(-1).tolist()
     assert [r.token_ids[-1] for r in rows] == tokens  # appended to each request's tokens
 
@@ -52,7 +59,7 @@ def test_greedy_rows_beside_sampled_and_transformed_rows_are_unchanged():
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_p=0.9),
               SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, logit_bias={7: 100}),
               SamplingParams(temperature=1.0, seed=3), SamplingParams(temperature=0.0, logprobs=2)]  # fmt: skip
-    tokens, _ = s(logits, states(s, params))
+    tokens, _ = s(logits.clone(), states(s, params))
     argmax = logits.argmax(-1).tolist()
     assert [tokens[i] for i in (0, 2, 5)] == [argmax[i] for i in (0, 2, 5)]
     assert tokens[3] == 7
@@ -98,19 +105,21 @@ def test_a_seeded_row_draws_the_same_whatever_the_batch():
     alone = s.state(mine, [9, 8, 7], 3)
     batched = s.state(mine, [9, 8, 7], 3)
     for step in range(6):
-        (tok,), _ = s(logits[:1], [alone])
+        (tok,), _ = s(logits[:1].clone(), [alone])
         toks, _ = s(logits[[4, 1, 0, 2, 3]], [states(s, others)[0], states(s, others)[1], batched,
                                               *states(s, others)[2:]])  # fmt: skip
         assert toks[2] == tok, step
     resumed = s.state(mine, list(alone.token_ids), 3)
-    assert s(logits[:1], [resumed])[0] == s(logits[:1], [alone])[0]
+    assert s(logits[:1].clone(), [resumed])[0] == s(logits[:1].clone(), [alone])[0]
 
 
-def test_seeded_draws_are_those_of_the_per_row_sampler_before_batching():
+@PATHS
+def test_seeded_draws_are_those_of_the_per_row_sampler_before_batching(native):
     """The batched sampler draws the same tokens as kvd's per-row sampler did for every
     seeded request (temperature, top-k, top-p): seeded outputs did not change."""
+    needs(native)
     gen = torch.Generator().manual_seed(0)
-    old, new = PerRowSampler(torch.device("cpu")), Sampler(torch.device("cpu"), VOCAB)
+    old, new = PerRowSampler(torch.device("cpu")), Sampler(torch.device("cpu"), VOCAB, native=native)
     for trial in range(12):
         scale = (1.0, 3.0, 6.0, 10.0)[trial % 4]
         logits = torch.randn(6, VOCAB, generator=gen) * scale
@@ -134,18 +143,20 @@ def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
     return float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()), int(keep.sum()) - 1
 
 
-@pytest.mark.parametrize("case", ["candidates", "sorted", "whole row", "seeded", "min_p"])
-def test_the_draw_samples_the_processed_distribution(case):
+@PATHS
+@pytest.mark.parametrize("case", ["candidates", "sorted", "whole row", "seeded", "min_p", "top_k"])
+def test_the_draw_samples_the_processed_distribution(case, native):
     """Many draws of one row (as many rows of one step) against softmax(processed logits):
     Pearson's chi-square within a wide bound (the generators are seeded: no flakes)."""
+    needs(native)
     vocab, n = 100, 20000
     gen = torch.Generator().manual_seed(5)
     logits = torch.randn(1, vocab, generator=gen) * (1.5 if case != "sorted" else 0.5)
     base = dict(temperature=0.8, presence_penalty=0.4, frequency_penalty=0.2, repetition_penalty=1.2,
                 logit_bias={3: 2.0, 50: -1.0})  # fmt: skip
     options = {"candidates": dict(top_p=0.9), "sorted": dict(top_p=0.95), "whole row": dict(),
-               "seeded": dict(top_p=0.9, top_k=20), "min_p": dict(min_p=0.05)}[case]  # fmt: skip
-    s = Sampler(torch.device("cpu"), vocab, seed=11)
+               "seeded": dict(top_p=0.9, top_k=20), "min_p": dict(min_p=0.05), "top_k": dict(top_k=30)}[case]  # fmt: skip
+    s = Sampler(torch.device("cpu"), vocab, seed=11, native=native)
     prompt, output = [3, 5, 8, 13], [5, 21, 21, 34]
     rows = []
     for i in range(n if case != "seeded" else 4000):
@@ -164,13 +175,13 @@ def test_the_draw_samples_the_processed_distribution(case):
 def test_logprobs_are_of_the_raw_distribution():
     s = Sampler(torch.device("cpu"), 3)
     logits = torch.tensor([[1.0, 2.0, 3.0]])
-    (tok,), (lp,) = s(logits, states(s, [SamplingParams(temperature=0.0, logprobs=2)]))
+    (tok,), (lp,) = s(logits.clone(), states(s, [SamplingParams(temperature=0.0, logprobs=2)]))
     ref = logits[0].log_softmax(-1)
     assert tok == 2 and lp.top_ids == [2, 1]
     assert abs(lp.logprob - float(ref[2])) < 1e-6
     # a transformed, sampled row: still the raw row's logprob of the token drawn
     p = SamplingParams(temperature=0.5, logit_bias={0: 100.0}, logprobs=0)
-    (tok,), (lp,) = s(logits, states(s, [p]))
+    (tok,), (lp,) = s(logits.clone(), states(s, [p]))
     assert tok == 0 and lp.top_ids == [] and abs(lp.logprob - float(ref[0])) < 1e-6
 
 
