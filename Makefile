@@ -98,3 +98,4 @@ bench: install model native bench-peer
 	$(PY) -m kvd.bench.pool
 	$(PY) -m kvd.bench.pd
 	$(PY) -m kvd.bench.prefill_group
+	$(PY) -m kvd.bench.sampler
