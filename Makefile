@@ -100,3 +100,4 @@ bench: install model native bench-peer
 	$(PY) -m kvd.bench.pd
 	$(PY) -m kvd.bench.prefill_group
 	$(PY) -m kvd.bench.choices
+	$(PY) -m kvd.bench.sampler

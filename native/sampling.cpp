@@ -12,13 +12,14 @@
 // uniform in [0, 1) scaled to the kept mass, then a running sum.
 //
 // Without a sort over the vocabulary. No token under c = (1 - top_p) * mass / V can be
-// kept (all of them together weigh less than V * c), so a pass histograms only the tokens
-// at or above c (mass per bucket of the float's exponent and top 6 mantissa bits, 1.6%
-// wide and ordered as u is); the walk from the top bucket finds the one where top_p's mass
-// is reached; a second pass gathers the tokens from that bucket up, and only that
-// bucket's are sorted. The draw then runs over those gathered tokens. A row costs two
-// passes over V whatever its distribution (torch's way, a top-k and a sort where the kept
-// set is large, is kvd/worker/sampler.py's reference path); the rows run in parallel.
+// kept (all of them together weigh less than V * c). One pass over V lists the tokens at or
+// above c; their histogram (mass per bucket of the float's exponent and top 6 mantissa
+// bits: 1.6% wide, ordered as u is) is walked from the top bucket to the one where top_p's
+// mass is reached; that bucket's tokens (and those above it, where they are few) are
+// gathered and only that bucket's are sorted; the draw runs among them. Every step after
+// the first pass runs over the list, whatever the row's distribution. torch's way (a top-k,
+// and a sort where the kept set is large: kvd/worker/kept_set.py) is the reference. Rows
+// run in parallel.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -35,6 +36,7 @@ namespace {
 
 constexpr int kShift = 17;                             // keep the exponent and 6 mantissa bits
 constexpr int kBuckets = (0x3F800000 >> kShift) + 1;  // u in [0, 1]
+constexpr int64_t kGatherAll = 4096;                   // tokens from the boundary bucket up gathered whole
 
 inline int bucket(float u) {
   int32_t bits;
@@ -99,7 +101,14 @@ struct Row {
   const float* u = nullptr;
   int64_t V = 0;
   std::vector<double> mass = std::vector<double>(kBuckets);
-  std::vector<std::pair<float, int64_t>> gathered;  // (u, token)
+  std::vector<int32_t> count = std::vector<int32_t>(kBuckets);
+  struct Token {
+    float u;
+    int32_t id;
+  };
+  std::vector<Token> gathered;  // written without a branch: only the first m count
+  std::vector<int32_t> listed;   // the same
+
 
   // The mass of u >= lo, in eight running sums (one would be a chain of dependent adds).
   double mass_from(float lo) const {
@@ -113,16 +122,17 @@ struct Row {
 
   // Token i with u >= lo where the running sum passes uniform * kept (the last such token
   // where rounding leaves the sum short).
+  // (Where a row keeps some tokens and not others at random, a branch on "kept" is
+  // mispredicted half the time: these loops select instead.)
   int64_t draw(float lo, double kept, double uniform) const {
     const double target = uniform * kept;
     double run = 0.0;
     int64_t last = 0;
     for (int64_t i = 0; i < V; ++i) {
-      if (u[i] >= lo) {
-        run += u[i];
-        last = i;
-        if (run > target) return i;
-      }
+      const bool in = u[i] >= lo;
+      run += in ? u[i] : 0.f;
+      last = in ? i : last;
+      if (run > target) return i;  // (run grew at i: i is kept)
     }
     return last;
   }
@@ -131,42 +141,77 @@ struct Row {
   float top_p(float floor, double total, double p, double uniform, int64_t& token) {
     const double target = p * total;
     const float c = std::max(floor, static_cast<float>((1.0 - p) * total / static_cast<double>(V) * (1.0 - 1e-6)));
+    // The tokens at or above c, listed without a branch (in a flat row half of them are, at
+    // random: a branch would be mispredicted half the time), then their histogram.
+    listed.resize(V);
+    int64_t n = 0;
+    for (int64_t i = 0; i < V; ++i) {
+      listed[n] = static_cast<int32_t>(i);
+      n += u[i] >= c;
+    }
     const int low = bucket(c);
     std::fill(mass.begin() + low, mass.end(), 0.0);
-    for (int64_t i = 0; i < V; ++i)
-      if (u[i] >= c) mass[bucket(u[i])] += u[i];
+    std::fill(count.begin() + low, count.end(), 0);
+    for (int64_t j = 0; j < n; ++j) {
+      const float v = u[listed[j]];
+      const int b = bucket(v);
+      mass[b] += v;
+      ++count[b];
+    }
     double before = 0.0;  // the mass of the buckets above b
+    int64_t n_above = 0;
     int b = kBuckets - 1;
-    while (b > low && before + mass[b] < target) before += mass[b--];
-    const float start = std::max(bucket_start(b), c), above = bucket_start(b + 1);
-    gathered.clear();
-    for (int64_t i = 0; i < V; ++i)
-      if (u[i] >= start) gathered.emplace_back(u[i], i);
+    while (b > low && before + mass[b] < target) {
+      n_above += count[b];
+      before += mass[b--];
+    }
     // Every token of the buckets above b is kept; b's are kept largest first while the mass
-    // before them is below the target (ties with the last one kept stay).
-    const auto mid = std::partition(gathered.begin(), gathered.end(), [&](const auto& t) { return t.first >= above; });
-    std::sort(mid, gathered.end(), [](const auto& a, const auto& c) { return a.first > c.first; });
-    float threshold = std::numeric_limits<float>::infinity();
-    for (auto it = gathered.begin(); it != mid; ++it) threshold = std::min(threshold, it->first);
+    // before them is below the target (ties with the last one kept stay). Where few tokens
+    // lie from b up (the usual row) they are all gathered and the draw runs among them;
+    // else (a flat row) only b's are, and the draw runs over the listed tokens.
+    const bool all = n_above + count[b] <= kGatherAll;
+    const float start = std::max(bucket_start(b), c), above = bucket_start(b + 1);
+    gathered.resize(n);
+    int64_t m = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const int32_t i = listed[j];
+      gathered[m] = {u[i], i};
+      m += u[i] >= start && (all || u[i] < above);
+    }
+    const auto first = gathered.begin(), last = gathered.begin() + m;
+    const auto mid = all ? std::partition(first, last, [&](const Token& t) { return t.u >= above; }) : first;
+    std::sort(mid, last, [](const Token& a, const Token& c) { return a.u > c.u; });
+    float threshold = above;  // (where nothing of b is kept, by rounding: the buckets above)
     auto end = mid;
-    for (; end != gathered.end(); ++end) {
-      if (before >= target && end->first < threshold) break;
-      threshold = end->first;
-      before += end->first;
+    for (; end != last; ++end) {
+      if (before >= target && end->u < threshold) break;
+      threshold = end->u;
+      before += end->u;
     }
     if (uniform >= 0.0) {
       const double at = uniform * before;
       double run = 0.0;
-      token = end != gathered.begin() ? std::prev(end)->second : 0;
-      for (auto it = gathered.begin(); it != end; ++it) {
-        run += it->first;
-        if (run > at) {
-          token = it->second;
-          break;
+      if (all) {  // among the gathered tokens
+        token = end != first ? std::prev(end)->id : 0;
+        for (auto it = first; it != end; ++it) {
+          run += it->u;
+          if (run > at) {
+            token = it->id;
+            break;
+          }
+        }
+      } else {  // among the listed ones
+        token = 0;
+        for (int64_t j = 0; j < n; ++j) {
+          const float v = u[listed[j]];
+          const bool in = v >= threshold;
+          run += in ? v : 0.f;
+          token = in ? listed[j] : token;
+          if (run > at) break;
         }
       }
     }
-    return end != gathered.begin() ? threshold : floor;  // nothing gathered: a row of zeros
+    return before > 0.0 ? threshold : floor;  // nothing kept: a row of zeros
   }
 };
 

@@ -8,7 +8,10 @@ call on fresh per-request states with a 200-token prompt and 100 output tokens):
   a logit bias on 10 tokens, temperature 0.8 and top_p 0.95 (issue 27's target row);
 - top-p: 32 rows of temperature 0.8, top_p 0.95, then the same through the per-row
   sampler kvd had before (`PerRowSampler`), then seeded (per-row noise, as before);
-- whole row: 32 rows of temperature 1.0 and nothing else (no kept-set shortcut).
+- whole row: 32 rows of temperature 1.0 and nothing else (the draw over every token);
+- options, flat rows: the options row on N(0, 2^2) logits, where top-p keeps thousands of
+  tokens (the kind of row a penalised generation of the small model drifts into).
+Each case runs on the native op where it is built, and on the torch path (`--torch`).
 Inside a step: the median ms of `Engine.step()` with 32 requests in decode (128-token
 prompts), greedy against the options above, per dtype. The target (issue 27): a step of 32
 rows with penalties, bias and top-p within 10% of a step of 32 greedy rows.
@@ -28,7 +31,7 @@ from kvd.sampling import SamplingParams
 from kvd.scheduler.output import Logprobs
 from kvd.worker.sampler import Sampler
 
-_MIX = 0x9E3779B97F4A7C15
+_MIX = 0x9E3779B97F4A7C15  # kvd.worker.sampler's
 ROWS = 32
 OPTIONS = dict(temperature=0.8, top_p=0.95, presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.2)
 TOP_P = dict(temperature=0.8, top_p=0.95)
@@ -105,18 +108,19 @@ def option_params(rng: torch.Generator, vocab: int, **extra) -> SamplingParams:
     return SamplingParams(**OPTIONS, logit_bias=bias, max_tokens=4096, **extra)
 
 
-def bench_sampler(logits: torch.Tensor, history: list[int], repeats: int) -> dict[str, float]:
+def bench_sampler(logits: torch.Tensor, history: list[int], repeats: int, native: bool) -> dict[str, float]:
     """Median ms of one call per case (fresh states each call: prompt + output of `history`)."""
     vocab = logits.shape[1]
-    sampler = Sampler(torch.device("cpu"), vocab, eos_token_ids=[2])
+    sampler = Sampler(torch.device("cpu"), vocab, eos_token_ids=[2], native=native)
+    flat = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1)) * 2
     rng = torch.Generator().manual_seed(0)
     prompt = 200
 
     def states(params: list[SamplingParams]) -> list:
         return [sampler.state(p, list(history), prompt) for p in params]
 
-    def call(params: list[SamplingParams]) -> float:  # fresh logits, as the lm_head gives each step
-        return timed(sampler, repeats, lambda: (logits.clone(), states(params)))
+    def call(params: list[SamplingParams], rows: torch.Tensor = logits) -> float:  # fresh logits, as each step's
+        return timed(sampler, repeats, lambda: (rows.clone(), states(params)))
 
     greedy = [SamplingParams(temperature=0.0)] * ROWS
     options = [option_params(rng, vocab) for _ in range(ROWS)]
@@ -133,6 +137,7 @@ def bench_sampler(logits: torch.Tensor, history: list[int], repeats: int) -> dic
         "top-p, seeded": call(seeded),
         "top-p, seeded, per-row sampler": timed(lambda: old(logits, seeded, index), max(3, repeats // 5)),
         "whole row": call(whole),
+        "options, flat rows": call(options, flat),
         "32 new states (options; once per request, not per step)": timed(lambda: states(options), repeats),
     }
 
@@ -161,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="fewer repeats and steps")
     p.add_argument("--dtypes", default="float32", help="model dtypes of the step comparison ('' for none)")
     p.add_argument("--rounds", type=int, default=3, help="alternating greedy/options step runs per dtype")
+    p.add_argument("--torch", action="store_true", help="the sampler's torch path, not the native op")
     args = p.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
@@ -172,19 +178,22 @@ def main(argv: list[str] | None = None) -> None:
     tokens = passage_tokens(load_tokenizer(path), 4096 + 512)
     logits = real_logits(load_model(path, torch.float32, "cpu"), tokens[:512], ROWS)
     repeats, steps = (10, 8) if args.quick else (50, 20)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {ROWS} rows x {logits.shape[1]} float32")
-    times = bench_sampler(logits, tokens[:300], repeats)
+    path = "torch path" if args.torch else "native op"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {ROWS} rows x {logits.shape[1]} float32; {path}")
+    times = bench_sampler(logits, tokens[:300], repeats, native=not args.torch)
     for name, ms in times.items():
         print(f"  sampler, {name:48s} {ms:8.3f} ms")
     g = times["greedy"]
-    print(f"  options - greedy: {times['options'] - g:.3f} ms; top-p: per-row / batched "
-          f"{times['top-p, per-row sampler'] / times['top-p']:.1f}x")  # fmt: skip
+    print(f"  options / greedy {times['options'] / g:.2f}x (+{times['options'] - g:.3f} ms); top-p: per-row sampler "
+          f"/ batched {times['top-p, per-row sampler'] / times['top-p']:.1f}x, seeded "
+          f"{times['top-p, seeded, per-row sampler'] / times['top-p, seeded']:.1f}x")  # fmt: skip
     rng = torch.Generator().manual_seed(0)
     greedy = [SamplingParams(temperature=0.0, max_tokens=4096, ignore_eos=True)] * ROWS
     options = [option_params(rng, 49152, ignore_eos=True) for _ in range(ROWS)]
     prompts = tokens[512:]
     for dtype in filter(None, args.dtypes.split(",")):
         llm = LLM(dtype=dtype)
+        llm.engine.runner.sampler.native = not args.torch
         best = {"greedy": float("inf"), "options": float("inf")}
         for _ in range(args.rounds):  # alternate: drift on a shared machine hits both sides alike
             for name, params in (("greedy", greedy), ("options", options)):
