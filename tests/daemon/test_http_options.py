@@ -11,26 +11,12 @@ import urllib.request
 
 import openai
 import pytest
-from harness import start_daemon
 
 from kvd import LLM, SamplingParams
 from kvd.client import Client
 
 MODEL = "SmolLM2-135M-Instruct"
 PROMPT = "The three largest cities of Japan are"
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, smollm2_dir):
-    d = start_daemon(tmp_path_factory.mktemp("options"), None, http={"port": 0})
-    d.url = (d.run_dir / "http_endpoint").read_text().strip()
-    yield d
-    assert d.stop() == 0
-
-
-@pytest.fixture(scope="module")
-def sdk(served):
-    return openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")

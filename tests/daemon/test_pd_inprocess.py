@@ -8,6 +8,7 @@ the handoff on the request's record and that no block is freed while a read may 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import zmq.asyncio
 from test_serving_inprocess import TEXT, FakeWorker, Harness, run
@@ -85,17 +86,27 @@ class FakePrefill:
                                                                code=ErrorCode.KV_TRANSFER_FAILED, message="pool full"))
 
 
-async def decode_instance(tokenizer, tmp_path, mode: str = "ok", **pd):
-    """(harness, prefill peer, messenger, peer task) — the harness not yet entered."""
+@contextlib.asynccontextmanager
+async def decode_instance(tokenizer, tmp_path, mode: str = "ok", hold: bool = False, **pd):
+    """(harness, prefill peer, messenger): a decode instance's Serving running, linked to the
+    peer (`mode`, see FakePrefill); `hold`: reads report only when the test says."""
     ctx = zmq.asyncio.Context()
     (tmp_path / "prefill").mkdir()
     peer = FakePrefill(ctx, tmp_path / "prefill", mode)
     peer_task = asyncio.create_task(peer.server.run(peer.handle))
     cfg = KvdConfig(daemon=DaemonConfig(role="decode"), pd=PDConfig(prefill_endpoints=[peer.server.endpoint], **pd))
     messenger = FakeMessenger()
+    messenger.hold = hold
     h = Harness(tokenizer, role=DecodeRole, cfg=cfg, worker=messenger, ctx=ctx, run_dir=tmp_path)
     messenger.serving = h.serving
-    return h, peer, messenger, peer_task
+    try:
+        with h:
+            await connected(h)
+            yield h, peer, messenger
+    finally:
+        peer_task.cancel()
+        h.serving.role.close()
+        peer.server.close()
 
 
 async def connected(h: Harness) -> None:
@@ -107,22 +118,13 @@ async def connected(h: Harness) -> None:
         await asyncio.sleep(0.02)
 
 
-def close(h: Harness, peer: FakePrefill, peer_task: asyncio.Task) -> None:
-    peer_task.cancel()
-    h.serving.role.close()
-    peer.server.close()
-
-
 def test_a_decode_request_gets_its_first_token_and_kv_from_the_prefill_side_and_never_prefills(tokenizer, tmp_path):
     async def main():
-        h, peer, messenger, peer_task = await decode_instance(tokenizer, tmp_path)
-        try:
-            with h:
-                await connected(h)
-                prompts = {f"r{i}": TEXT[i * 3:] for i in range(3)}
-                done = [h.submit(rid, prompt=p) for rid, p in prompts.items()]
-                await asyncio.gather(*(d.wait() for d in done))
-                await h.settle()
+        async with decode_instance(tokenizer, tmp_path) as (h, peer, messenger):
+            prompts = {f"r{i}": TEXT[i * 3:] for i in range(3)}
+            done = [h.submit(rid, prompt=p) for rid, p in prompts.items()]
+            await asyncio.gather(*(d.wait() for d in done))
+            await h.settle()
             assert not h.inbox.failures
             role = h.serving.role
             assert role.status()["handoffs"] == 3 and role.status()["transfers"] == 0
@@ -138,70 +140,54 @@ def test_a_decode_request_gets_its_first_token_and_kv_from_the_prefill_side_and_
             for rid, task in reads.items():
                 assert task.keys == request_keys(role.namespace, sent[rid].token_ids, 4)
                 assert len(task.block_ids) == len(task.keys)
-        finally:
-            close(h, peer, peer_task)
 
     run(main())
 
 
 def test_a_failed_prefill_is_a_502_and_returns_the_preallocated_blocks(tokenizer, tmp_path):
     async def main():
-        h, peer, messenger, peer_task = await decode_instance(tokenizer, tmp_path, mode="fail")
-        try:
-            with h:
-                await connected(h)
-                await h.submit("f", prompt=TEXT).wait()
-                await h.settle()
+        async with decode_instance(tokenizer, tmp_path, mode="fail") as (h, peer, messenger):
+            await h.submit("f", prompt=TEXT).wait()
+            await h.settle()
             code, message = h.inbox.failures["f"]
             assert code == ErrorCode.KV_TRANSFER_FAILED and "pool full" in message
             assert h.serving.role.counts["handoffs"] == 1 and not messenger.cache_tasks
-        finally:
-            close(h, peer, peer_task)
 
     run(main())
 
 
 def test_an_abort_during_the_read_keeps_the_blocks_until_the_messenger_reports(tokenizer, tmp_path):
     async def main():
-        h, peer, messenger, peer_task = await decode_instance(tokenizer, tmp_path)
-        messenger.hold = True
-        try:
-            with h:
-                await connected(h)
-                done = h.submit("a", prompt=TEXT)
-                while not messenger.cache_tasks:
-                    await asyncio.sleep(0.005)
-                request = h.serving.record("a")
-                assert request.owner.handoff.phase == Phase.READING
-                h.serving.abort("a")
-                await done.wait()
-                assert h.inbox.deltas["a"][-1].output.finish_reason == "abort"
-                # The read may still write the blocks: the record stays, finished, and holds them.
-                assert h.serving.record("a") is request and request.status.finished
-                assert h.serving.engine.kv.block_ids("a") and request.owner.handoff is None
-                messenger.report(messenger.cache_tasks[0])
-                await h.settle()  # now nothing is held
+        async with decode_instance(tokenizer, tmp_path, hold=True) as (h, peer, messenger):
+            done = h.submit("a", prompt=TEXT)
+            while not messenger.cache_tasks:
+                await asyncio.sleep(0.005)
+            request = h.serving.record("a")
+            assert request.owner.handoff.phase == Phase.READING
+            h.serving.abort("a")
+            await done.wait()
+            assert h.inbox.deltas["a"][-1].output.finish_reason == "abort"
+            # The read may still write the blocks: the record stays, finished, and holds them.
+            assert h.serving.record("a") is request and request.status.finished
+            assert h.serving.engine.kv.block_ids("a") and request.owner.handoff is None
+            messenger.report(messenger.cache_tasks[0])
+            await h.settle()  # now nothing is held
             assert h.serving.role.counts["late_messages"] == 0
-        finally:
-            close(h, peer, peer_task)
 
     run(main())
 
 
 def test_a_prefill_instance_that_never_answers_is_a_504_at_the_lease(tokenizer, tmp_path):
     async def main():
-        h, peer, messenger, peer_task = await decode_instance(tokenizer, tmp_path, mode="silent", lease_s=0.3)
-        try:
-            with h:
-                await connected(h)
-                done = h.submit("s", prompt=TEXT)
-                while not peer.requests:
-                    await asyncio.sleep(0.005)
-                assert h.serving.record("s").owner.handoff.phase == Phase.PREFILLING
-                await asyncio.sleep(0.35)
-                await h.serving.tick()
-                await done.wait()
-                await h.settle()
+        async with decode_instance(tokenizer, tmp_path, mode="silent", lease_s=0.3) as (h, peer, messenger):
+            done = h.submit("s", prompt=TEXT)
+            while not peer.requests:
+                await asyncio.sleep(0.005)
+            assert h.serving.record("s").owner.handoff.phase == Phase.PREFILLING
+            await asyncio.sleep(0.35)
+            await h.serving.tick()
+            await done.wait()
+            await h.settle()
             code, message = h.inbox.failures["s"]
             assert code == ErrorCode.DEADLINE and "lease_s" in message
             for _ in range(100):  # the prefill side is told to stop
@@ -209,20 +195,15 @@ def test_a_prefill_instance_that_never_answers_is_a_504_at_the_lease(tokenizer, 
                     break
                 await asyncio.sleep(0.01)
             assert peer.aborts == [peer.requests[0].handoff_id]
-        finally:
-            close(h, peer, peer_task)
 
     run(main())
 
 
 def test_n_choices_load_the_prompt_once(tokenizer, tmp_path):
     async def main():
-        h, peer, messenger, peer_task = await decode_instance(tokenizer, tmp_path)
-        try:
-            with h:
-                await connected(h)
-                await h.submit("n", prompt=TEXT, params={"n": 3}).wait()
-                await h.settle()
+        async with decode_instance(tokenizer, tmp_path) as (h, peer, messenger):
+            await h.submit("n", prompt=TEXT, params={"n": 3}).wait()
+            await h.settle()
             # One handoff, one PrefillRequest, one pool read: the later choices reuse its KV here.
             assert len(peer.requests) == 1 and len(messenger.cache_tasks) == 1
             assert h.serving.role.counts["handoffs"] == 1
@@ -231,7 +212,5 @@ def test_n_choices_load_the_prompt_once(tokenizer, tmp_path):
             block = 4
             for rid in ("n/1", "n/2"):  # each computed only the prompt's partial block
                 assert firsts[rid] == (len(peer.requests[0].token_ids) - 1) // block * block
-        finally:
-            close(h, peer, peer_task)
 
     run(main())

@@ -11,7 +11,6 @@ import re
 import jsonschema
 import openai
 import pytest
-from harness import start_daemon
 
 from kvd import LLM, SamplingParams
 from kvd.client import Client, KvdError
@@ -33,19 +32,6 @@ SCHEMA = {
     "additionalProperties": False,
 }  # fmt: skip
 ASK = [{"role": "user", "content": "Describe a customer as JSON."}]
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, smollm2_dir):
-    d = start_daemon(tmp_path_factory.mktemp("structured"), None, http={"port": 0})
-    d.url = (d.run_dir / "http_endpoint").read_text().strip()
-    yield d
-    assert d.stop() == 0
-
-
-@pytest.fixture(scope="module")
-def sdk(served):
-    return openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=300)
 
 
 def test_fifty_sampled_outputs_fit_a_nested_schema(sdk):
