@@ -375,6 +375,7 @@ class ModelRunner:
             result = self.group.prefill(state.token_ids)
             write_kv_to_blocks(result.kv, self.kv_caches, state.block_ids)
             state.num_computed_tokens = n
-            tok, lp = self.sampler(result.logits[None].float().to(self.device), [state.sampling])
+            # the group's logits are float32 and a copy: the sampler may write into them
+            tok, lp = self.sampler(result.logits[None].to(self.device), [state.sampling])
             sampled.add([r.request_id], tok, [lp[0] if lp else None])
         return sampled
