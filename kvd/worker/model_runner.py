@@ -395,7 +395,8 @@ class ModelRunner:
             result = self.group.prefill(state.token_ids)
             write_kv_to_blocks(result.kv, self.kv_caches, state.block_ids)
             state.num_computed_tokens = n
-            logits = result.logits[None].float().to(self.device)
+            # the group's logits are float32 and a copy: the mask and the sampler may write into them
+            logits = result.logits[None].to(self.device)
             apply_bitmasks(logits, [self._bitmasks.get(r.request_id)])
             tok, lp = self.sampler(logits, [state.sampling])
             sampled.add([r.request_id], tok, [lp[0] if lp else None])
