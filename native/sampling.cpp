@@ -223,7 +223,8 @@ void sample_rows(torch::Tensor x, torch::Tensor temperature, torch::Tensor kth, 
               "sample_rows: x must be a contiguous (n, V) float32 CPU tensor");
   const int64_t n = x.size(0), V = x.size(1);
   for (const auto& t : {temperature, min_p, threshold})
-    TORCH_CHECK(t.dtype() == torch::kFloat32 && t.numel() == n, "sample_rows: temperature, min_p and threshold: (n,) float32");
+    TORCH_CHECK(t.dtype() == torch::kFloat32 && t.numel() == n,
+                "sample_rows: temperature, min_p and threshold: (n,) float32");
   TORCH_CHECK(kth.dtype() == torch::kInt64 && kth.numel() == n, "sample_rows: kth: (n,) int64");
   for (const auto& t : {top_p, uniform})
     TORCH_CHECK(t.dtype() == torch::kFloat64 && t.numel() == n, "sample_rows: top_p and uniform: (n,) float64");

@@ -48,8 +48,8 @@ def test_out_of_range_values_name_the_field(options, field):
 
 
 def test_edges_of_the_ranges_are_accepted():
-    SamplingParams(presence_penalty=-2, frequency_penalty=2.0, repetition_penalty=1e-3, min_p=1.0,
-                   min_tokens=16, max_tokens=16, allowed_token_ids=[0], bad_words_token_ids=[[0], [1, 2, 3]])  # fmt: skip
+    SamplingParams(presence_penalty=-2, frequency_penalty=2.0, repetition_penalty=1e-3, min_p=1.0, min_tokens=16,
+                   max_tokens=16, allowed_token_ids=[0], bad_words_token_ids=[[0], [1, 2, 3]])  # fmt: skip
 
 
 def test_logit_bias_is_clamped_to_100():

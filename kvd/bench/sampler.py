@@ -107,7 +107,8 @@ def real_logits(model, tokens: list[int], rows: int) -> torch.Tensor:
 
 
 def option_params(rng: torch.Generator, vocab: int, **extra) -> SamplingParams:
-    bias = {int(t): float(b) for t, b in zip(torch.randint(0, vocab, (10,), generator=rng), torch.randn(10, generator=rng))}
+    ids, values = torch.randint(0, vocab, (10,), generator=rng), torch.randn(10, generator=rng)
+    bias = {int(t): float(b) for t, b in zip(ids, values)}
     return SamplingParams(**OPTIONS, logit_bias=bias, max_tokens=4096, **extra)
 
 
@@ -201,7 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     logits = real_logits(load_model(path, torch.float32, "cpu"), tokens[:512], ROWS)
     repeats, steps = (10, 8) if args.quick else (50, 20)
     path = "torch path" if args.torch else "native op"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {ROWS} rows x {logits.shape[1]} float32; {path}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {ROWS} rows x {logits.shape[1]} "
+          f"float32; {path}")  # fmt: skip
     times = bench_sampler(logits, tokens[:300], repeats, native=not args.torch)
     for name, ms in times.items():
         print(f"  sampler, {name:48s} {ms:8.3f} ms")

@@ -126,8 +126,8 @@ class SamplingState:
         out = [self.banned]
         if self.banned_after:
             output = self.token_ids[self.num_prompt_tokens :]
-            out.append(np.asarray([t for prefix, t in self.banned_after
-                                   if len(output) >= len(prefix) and output[-len(prefix) :] == prefix], dtype=np.int64))  # fmt: skip
+            ends = [t for prefix, t in self.banned_after if output[-len(prefix) :] == prefix]  # (never a shorter output)
+            out.append(np.asarray(ends, dtype=np.int64))
         if self.num_output_tokens < self.params.min_tokens:
             out.append(self.stops)
         return np.concatenate(out)
@@ -143,8 +143,8 @@ class Sampler:
 
     def __init__(self, device: torch.device, vocab_size: int, eos_token_ids: Iterable[int] = (), seed: int = 0,
                  native: bool = True) -> None:  # fmt: skip
-        """native: cut and draw top-p rows with the native op where it applies (CPU, extension
-        built); False takes the torch path everywhere (its reference, and CUDA's way)."""
+        """native: sampled rows' kept set and draw by the native op where it applies (CPU,
+        extension built); False takes the torch path everywhere (its reference, CUDA's way)."""
         self.device = device
         self.native = native
         self.vocab_size = vocab_size

@@ -84,7 +84,8 @@ def test_repetition_penalty_is_transformers(sampler, logits, tokens, penalty):
     prompt, output = tokens
     ids = torch.tensor([prompt + output]).expand(len(logits), -1)
     theirs = RepetitionPenaltyLogitsProcessor(penalty)(ids, logits.clone())
-    assert_same(processed(sampler, logits, SamplingParams(temperature=0.0, repetition_penalty=penalty), prompt, output), theirs)
+    params = SamplingParams(temperature=0.0, repetition_penalty=penalty)
+    assert_same(processed(sampler, logits, params, prompt, output), theirs)
 
 
 @pytest.mark.parametrize(("presence", "frequency"), [(0.5, 0.0), (0.0, 0.7), (-1.0, 2.0), (2.0, -0.3)])
@@ -145,7 +146,8 @@ def test_min_tokens_is_transformers(sampler, logits, num_output):
     params = SamplingParams(temperature=0.0, min_tokens=4, stop_token_ids=[300])
     assert_same(processed(sampler, logits, params, prompt, output), theirs)
     if num_output < 4:
-        ignoring = processed(sampler, logits, SamplingParams(temperature=0.0, min_tokens=4, ignore_eos=True), prompt, output)
+        params = SamplingParams(temperature=0.0, min_tokens=4, ignore_eos=True)
+        ignoring = processed(sampler, logits, params, prompt, output)
         assert not torch.isinf(ignoring[:, EOS]).any()  # with ignore_eos, EOS is not a stop: not masked
 
 

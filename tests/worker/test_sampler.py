@@ -155,7 +155,8 @@ def test_the_draw_samples_the_processed_distribution(case, native):
     base = dict(temperature=0.8, presence_penalty=0.4, frequency_penalty=0.2, repetition_penalty=1.2,
                 logit_bias={3: 2.0, 50: -1.0})  # fmt: skip
     options = {"candidates": dict(top_p=0.9), "sorted": dict(top_p=0.95), "whole row": dict(),
-               "seeded": dict(top_p=0.9, top_k=20), "min_p": dict(min_p=0.05), "top_k": dict(top_k=30)}[case]  # fmt: skip
+               "seeded": dict(top_p=0.9, top_k=20), "min_p": dict(min_p=0.05),
+               "top_k": dict(top_k=30)}[case]  # fmt: skip
     s = Sampler(torch.device("cpu"), vocab, seed=11, native=native)
     prompt, output = [3, 5, 8, 13], [5, 21, 21, 34]
     rows = []
