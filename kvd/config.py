@@ -198,8 +198,11 @@ class HttpConfig(_Section):
     api_key: str = ""  # "": no auth; else every /v1 request needs `Authorization: Bearer <api_key>`
     max_body_bytes: int = 4 * 2**20  # larger request bodies are refused with 413
     served_model_name: str = ""  # "": the model directory's name (the embedded model's: SmolLM2-135M-Instruct)
+    tool_call_parser: str = "hermes"  # how tool_choice "auto" finds calls in the output: hermes | json | "" (off)
 
     def __post_init__(self) -> None:
+        if self.tool_call_parser not in ("hermes", "json", ""):
+            raise ValueError(f"http.tool_call_parser: expected hermes, json or '' (off), got {self.tool_call_parser!r}")
         if not -1 <= self.port <= 65535:
             raise ValueError(f"http.port: must be -1 (off) or in [0, 65535], got {self.port}")
         if not self.host:

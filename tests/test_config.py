@@ -105,6 +105,7 @@ def test_env_defaults_to_os_environ(monkeypatch):
         ({"overrides": {"port": 1}}, r"^port: expected section\.key"),
         ({"overrides": {"daemon.role": "both"}}, r"^daemon\.role: expected one of unified\|prefill\|decode"),
         ({"overrides": {"daemon.port": 70000}}, r"^daemon\.port: must be in \[0, 65535\]"),
+        ({"overrides": {"http.tool_call_parser": "xml"}}, r"^http\.tool_call_parser: expected hermes, json or"),
         ({"overrides": {"daemon.on_worker_death": "ignore"}}, r"^daemon\.on_worker_death: expected restart\|exit"),
         ({"overrides": {"daemon.max_worker_restarts": -1}}, r"^daemon\.max_worker_restarts: must be >= 0"),
         ({"overrides": {"daemon.max_queue": 0}}, r"^daemon\.max_queue: must be >= 1"),

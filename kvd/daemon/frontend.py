@@ -75,7 +75,7 @@ class _Route:
     streams. It is the `Outbox` of the request's records (its n choices share it), kept on
     them: the frontend keeps no table of requests."""
 
-    __slots__ = ("frontend", "identity", "request_id", "stream", "failed")
+    __slots__ = ("frontend", "identity", "request_id", "stream", "failed", "aborted")
 
     def __init__(self, frontend: Frontend, identity: bytes, request_id: str, stream: bool) -> None:
         self.frontend = frontend
@@ -83,6 +83,7 @@ class _Route:
         self.request_id = request_id
         self.stream = stream
         self.failed = False
+        self.aborted = False  # the client aborted (or left) while the request's grammar compiled
 
     async def deliver(self, delta: Delta) -> None:
         await self.frontend.deliver(self, delta)
@@ -105,6 +106,7 @@ class Frontend:
         self._dec = msgspec.msgpack.Decoder(ClientMessage)
         self._enc = msgspec.msgpack.Encoder()
         self.num_malformed = 0
+        self._admitting: set[_Route] = set()  # requests whose grammar compiles: no record yet to abort
         self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         # Blocking twins of both sockets for non-blocking reads once the poller says ready.
         self._sync = zmq.Socket.shadow(sock.underlying)
@@ -181,19 +183,24 @@ class Frontend:
         await self.send(identity, Error(request_id, ErrorCode.BAD_REQUEST, reason))
 
     async def on_generate(self, identity: bytes, msg: Generate) -> None:
-        if msg.params.structured_outputs is not None:  # its grammar compiles while the socket reads on
-            self.serving.spawn(self._admit(identity, msg))
-        else:
-            await self._admit(identity, msg)
-
-    async def _admit(self, identity: bytes, msg: Generate) -> None:
         route = _Route(self, identity, msg.request_id, msg.stream)
+        if msg.params.structured_outputs is not None:  # its grammar compiles while the socket reads on
+            self._admitting.add(route)
+            self.serving.spawn(self._admit(route, msg))
+        else:
+            await self._admit(route, msg)
+
+    async def _admit(self, route: _Route, msg: Generate) -> None:
         try:
             await self.serving.admit(msg, route)
         except Rejected as e:
-            await self._send_error(identity, msg.request_id, e.code, e.message)
+            await self._send_error(route.identity, msg.request_id, e.code, e.message)
             return
-        await self.send(identity, Accepted(msg.request_id))
+        finally:
+            self._admitting.discard(route)
+        await self.send(route.identity, Accepted(msg.request_id))
+        if route.aborted:  # while it compiled: it ends now, as an abort of a queued request does
+            self.serving.abort(msg.request_id, route)
 
     def _route(self, request_id: str | None) -> _Route | None:
         """The route of a live request that came through this socket."""
@@ -203,6 +210,11 @@ class Frontend:
 
     def on_abort(self, request_id: str, identity: bytes) -> None:
         route = self._route(request_id)
+        admitting = [r for r in self._admitting if r.request_id == request_id and r.identity == identity]
+        if route is None and admitting:
+            admitting[0].aborted = True
+            log.info("abort_deferred", request_id=request_id, reason="its grammar is compiling")
+            return
         if route is None or route.identity != identity:
             log.info("abort_ignored", request_id=request_id, reason="not a live request of this client")
             return
@@ -212,6 +224,8 @@ class Frontend:
         gone = {r.owner.outbox.request_id for r in self.serving.records() if r.owner is not None
                 and not r.owner.ended and isinstance(r.owner.outbox, _Route) and r.owner.outbox.frontend is self
                 and r.owner.outbox.identity == identity}  # fmt: skip
+        for route in self._admitting:
+            route.aborted = route.aborted or route.identity == identity
         if gone:
             log.info("client_disconnected", request_ids=sorted(gone))
             for request_id in gone:

@@ -32,7 +32,7 @@ import structlog
 from aiohttp import web
 
 from kvd.config import KvdConfig
-from kvd.daemon import health, tokenizer_api
+from kvd.daemon import health, tokenizer_api, tools
 from kvd.daemon.backoff import RETRYABLE
 from kvd.daemon.openai_api import (
     DONE,
@@ -221,7 +221,8 @@ class HttpFrontend:
                          **({"prompt": p} if isinstance(p, str) else {"prompt_token_ids": p}))
                 for rid, p in zip(_ids(base, len(prompts)), prompts)]  # fmt: skip
         wants_logprobs = params.logprobs is not None or params.prompt_logprobs is not None
-        echo = [p if isinstance(p, str) else self.serving.text.tokenizer.decode(p) for p in prompts] if body.echo else None
+        decode = self.serving.text.tokenizer.decode
+        echo = [p if isinstance(p, str) else decode(p) for p in prompts] if body.echo else None
         shape = Shape(False, base, self.model_name, self.token_text if wants_logprobs else None, echo, params.n,
                       drop_output=body.echo and body.max_tokens == 0)  # fmt: skip
         return await self._serve(request, shape, gens, body)
@@ -229,16 +230,23 @@ class HttpFrontend:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._decode(request, ChatRequest)
         base = self._request_id(request, "chatcmpl")
+        text = self.serving.text
         try:
             messages = body.chat()
+            plan = body.tool_plan(self.cfg.tool_call_parser)
             max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-            params = body.sampling(1 if max_tokens is None else max_tokens, self.serving.text.word_ids)
+            params = body.sampling_with(1 if max_tokens is None else max_tokens, text.word_ids, plan)
+            if plan is None and not any("tool_calls" in m or m["role"] == "tool" for m in messages):
+                prompt: dict[str, Any] = {"chat": [ChatMessage(m["role"], m["content"]) for m in messages]}
+            else:  # tools, calls or answers: templated here, where the template is known to lack them or not
+                messages, defs = tools.render(messages, plan.tools if plan else [], str(text.tokenizer.chat_template))
+                prompt = {"prompt_token_ids": text.chat_ids(messages, tools=defs)}
         except ValueError as e:
             raise HttpError(400, str(e)) from None
-        gen = Generate(request_id=base, params=params, stream=body.stream,
-                       chat=[ChatMessage(m["role"], m["content"]) for m in messages])  # fmt: skip
+        gen = Generate(request_id=base, params=params, stream=body.stream, **prompt)
         # No max_tokens: as much as the context leaves after the templated prompt.
-        shape = Shape(True, base, self.model_name, self.token_text if params.logprobs is not None else None)
+        shape = Shape(True, base, self.model_name, self.token_text if params.logprobs is not None else None,
+                      tools=plan)  # fmt: skip
         return await self._serve(request, shape, [gen], body, max_tokens is None)
 
     # ---- helpers -----------------------------------------------------------------------
@@ -317,7 +325,9 @@ class HttpFrontend:
                                                    "X-Request-Id": shape.request_id})  # fmt: skip
                 await resp.prepare(request)
             if item.text or item.output is not None:
-                await resp.write(shape.chunk(index, item))
+                chunk = shape.chunk(index, item)
+                if chunk:  # empty: text the tool call parser holds
+                    await resp.write(chunk)
             if item.output is not None:
                 n -= 1
                 prompt_tokens += len(item.output.prompt_token_ids) if item.index == 0 else 0  # once per prompt

@@ -1,17 +1,16 @@
 """The OpenAI API's request and response shapes, and their mapping onto kvd's own.
 
 Requests decode into frozen msgspec Structs that reject unknown fields, so a typo is a 400
-naming the field. What kvd does not implement (penalties, logit_bias, echo, best_of,
-suffix) is accepted only at the value that means "off", and refused with a 400 naming the
-field otherwise: a client never gets a silently different answer. `n` choices of a prompt
-come back as choices i*n .. i*n+n-1 of the i-th prompt, usage counting each prompt once;
-`logprobs` (completions: the top N; chat: `logprobs` and `top_logprobs`) come in OpenAI's
-shapes, of the model's raw distribution.
-vLLM's extensions that SDK users and `vllm bench serve` send (`top_k`, `ignore_eos`,
-`stop_token_ids`; `repetition_penalty`, `min_p` and `min_tokens` at their neutral values)
-map onto kvd's SamplingParams. A completion's prompt is a string, a
-list of token ids, or a list of either (each prompt one choice); a chat's messages go
-through the model's chat template (text content only).
+naming the field; what kvd cannot honour (`best_of` above 1, `suffix`) is refused with a
+400 naming the field: a client never gets a silently different answer. `n` choices of a
+prompt come back as choices i*n .. i*n+n-1 of the i-th prompt, usage counting each prompt
+once; `logprobs` (completions: the top N; chat: `logprobs` and `top_logprobs`) come in
+OpenAI's shapes, of the model's raw distribution. vLLM's extensions (`top_k`, `min_p`,
+`min_tokens`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`, `bad_words`,
+`prompt_logprobs`, `structured_outputs`, ...) map onto kvd's SamplingParams. A
+completion's prompt is a string, a list of token ids, or a list of either (each prompt one
+choice); a chat's messages go through the model's chat template (text content only), with
+its `tools` and tool calls as kvd.daemon.tools says.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from typing import Any
 
 import msgspec
 
+from kvd.daemon.tools import NamedToolChoice, ToolCallIn, ToolDef, ToolPlan, chat_turn, merge_calls
 from kvd.engine.text import Delta
 from kvd.sampling import SamplingParams, StructuredOutputs
 from kvd.scheduler.output import Logprobs
@@ -177,7 +177,9 @@ class CompletionRequest(_Request):
         params = super().sampling(max_tokens, words)
         prompt_logprobs = self.prompt_logprobs if self.prompt_logprobs is not None else (
             self.logprobs if self.echo else None)  # fmt: skip
-        return msgspec.structs.replace(params, prompt_logprobs=prompt_logprobs) if prompt_logprobs is not None else params
+        if prompt_logprobs is None:
+            return params
+        return msgspec.structs.replace(params, prompt_logprobs=prompt_logprobs)
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts, one per choice; ValueError naming `prompt` for anything else."""
@@ -203,11 +205,14 @@ class ContentPart(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class ChatTurn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One message of a chat."""
+    """One message of a chat: an assistant's may carry its `tool_calls`, a tool's answer
+    names the call it answers."""
 
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
 
 
 class ChatRequest(_Request):
@@ -217,6 +222,23 @@ class ChatRequest(_Request):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: str | NamedToolChoice | None = None  # None: auto with tools, none without
+    parallel_tool_calls: bool = True
+
+    def tool_plan(self, parser: str) -> ToolPlan | None:
+        """What the tools mean for this request (kvd.daemon.tools); ValueError naming the field."""
+        plan = ToolPlan.of(self.tools, self.tool_choice, self.parallel_tool_calls, parser)
+        if plan is not None and plan.constraint() is not None and self.structured() is not None:
+            raise ValueError(f"tool_choice: {plan.mode!r} cannot be combined with response_format or "
+                             "structured_outputs")  # fmt: skip
+        return plan
+
+    def sampling_with(self, max_tokens: int, words, plan: ToolPlan | None) -> SamplingParams:
+        """`sampling`, decoding under the grammar of a named or required tool choice."""
+        params = self.sampling(max_tokens, words)
+        constraint = plan.constraint() if plan is not None else None
+        return params if constraint is None else msgspec.structs.replace(params, structured_outputs=constraint)
 
     def num_logprobs(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
@@ -225,12 +247,12 @@ class ChatRequest(_Request):
             raise ValueError(f"top_logprobs: must be in [0, 20], got {self.top_logprobs}")
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    def chat(self) -> list[dict[str, str]]:
+    def chat(self) -> list[dict[str, Any]]:
         """The messages as the chat template takes them; ValueError naming the message."""
         return chat_messages(self.messages)
 
 
-def chat_messages(turns: list[ChatTurn]) -> list[dict[str, str]]:
+def chat_messages(turns: list[ChatTurn]) -> list[dict[str, Any]]:
     """Chat turns as the chat template takes them; ValueError naming the message."""
     out = []
     for i, turn in enumerate(turns):
@@ -239,9 +261,7 @@ def chat_messages(turns: list[ChatTurn]) -> list[dict[str, str]]:
             if any(part.type != "text" or part.text is None for part in content):
                 raise ValueError(f"messages[{i}].content: only text parts are supported")
             content = "".join(part.text for part in content)
-        if content is None:
-            raise ValueError(f"messages[{i}].content: required")
-        out.append({"role": turn.role, "content": content})
+        out.append(chat_turn(turn.role, content, turn.tool_calls, turn.tool_call_id, f"messages[{i}]"))
     return out
 
 
@@ -283,7 +303,8 @@ class Shape:
     """How one endpoint's responses and stream chunks look, logprobs included when asked for."""
 
     def __init__(self, chat: bool, request_id: str, model: str, token_text: TokenText | None = None,
-                 echo: list[str] | None = None, n: int = 1, drop_output: bool = False) -> None:  # fmt: skip
+                 echo: list[str] | None = None, n: int = 1, drop_output: bool = False,
+                 tools: ToolPlan | None = None) -> None:  # fmt: skip
         self.chat = chat
         self.request_id = request_id
         self.model = model
@@ -294,6 +315,8 @@ class Shape:
         self.drop_output = drop_output  # echo with max_tokens 0: the one sampled token is left out
         self._started: set[int] = set()  # choices whose first chunk went out (chat: with the role)
         self._offsets: dict[int, int] = {}  # completions: each choice's text offset so far (streaming)
+        self.tools = tools  # chat with tools: each choice's output is parsed into content and tool calls
+        self._calls: dict[int, Any] = {}  # each choice's ToolStream (streaming)
 
     def logprobs(self, index: int, token_ids: list[int], logprobs: list[Logprobs] | None) -> dict[str, Any] | None:
         """The `logprobs` object of choice `index` for these tokens: chat's `content` list, or
@@ -342,9 +365,19 @@ class Shape:
         finish = delta.output.finish_reason if delta.output is not None else None
         if self.chat:
             body: dict[str, Any] = {"content": delta.text}
+            calls = self._calls.setdefault(index, self.tools.stream()) if self.tools is not None else None
+            if calls is not None:  # the text is split into content and tool calls
+                content, deltas = calls.feed(delta.text)
+                if finish is not None:
+                    rest, more = calls.finish()
+                    content, deltas = content + rest, deltas + more
+                    finish = self.tools.finish_reason(finish, bool(calls.calls))
+                body = {"content": content or None, "tool_calls": deltas} if deltas else {"content": content}
             if index not in self._started:
                 self._started.add(index)
                 body["role"] = "assistant"
+            elif not (body.get("content") or body.get("tool_calls") or finish or self.token_text and delta.token_ids):
+                return b""  # nothing to say yet (text held by the tool call parser)
             choice = {"index": index, "delta": body, "logprobs": self.logprobs(index, delta.token_ids, delta.logprobs),
                       "finish_reason": finish}  # fmt: skip
             return sse(self._envelope("chat.completion.chunk", choices=[choice]))
@@ -360,8 +393,7 @@ class Shape:
     def response(self, outputs: list) -> dict[str, Any]:
         """The whole (non-streaming) response from each choice's RequestOutput."""
         if self.chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": out.text},
-                        "logprobs": self.logprobs(i, out.token_ids, out.logprobs), "finish_reason": out.finish_reason}
+            choices = [{"index": i, **self._message(out), "logprobs": self.logprobs(i, out.token_ids, out.logprobs)}
                        for i, out in enumerate(outputs)]  # fmt: skip
         else:
             choices = []
@@ -373,6 +405,20 @@ class Shape:
         n_out = 0 if self.drop_output else sum(len(out.token_ids) for out in outputs)
         obj = "chat.completion" if self.chat else "text_completion"
         return self._envelope(obj, choices=choices, usage=usage(n_prompt, n_out))
+
+
+    def _message(self, out) -> dict[str, Any]:
+        """A chat choice's `message` and `finish_reason`: its tool calls parsed out, with tools."""
+        calls = self.tools.stream() if self.tools is not None else None
+        if calls is None:
+            return {"message": {"role": "assistant", "content": out.text}, "finish_reason": out.finish_reason}
+        content, deltas = calls.feed(out.text)
+        rest, more = calls.finish()
+        message: dict[str, Any] = {"role": "assistant", "content": content + rest}
+        if deltas or more:
+            message["content"] = message["content"] or None
+            message["tool_calls"] = merge_calls(deltas + more)
+        return {"message": message, "finish_reason": self.tools.finish_reason(out.finish_reason, bool(calls.calls))}
 
 
 def _chat_logprob(text: TokenText, token_id: int, lp: Logprobs) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The tokenizer endpoints, with vLLM's shapes: `/tokenize`, `/detokenize`, `/tokenizer_info`.
 
-    POST /tokenize     {"prompt": str, "add_special_tokens": true}            (or "messages": [...])
+    POST /tokenize     {"prompt": str, "add_special_tokens": true}   (or "messages": [...], "tools": [...])
                        -> {"count", "max_model_len", "tokens", "token_strs"}
     POST /detokenize   {"tokens": [int]} -> {"prompt": str}
     GET  /tokenizer_info -> {"tokenizer_class", "eos_token", "bos_token", "pad_token", "chat_template", ...}
@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 
 from kvd.daemon.openai_api import ChatTurn, chat_messages
+from kvd.daemon.tools import ToolDef, render
 
 
 class TokenizeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -27,6 +28,7 @@ class TokenizeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatTurn] | None = None
+    tools: list[ToolDef] | None = None  # with messages: rendered as chat completions render them
     add_special_tokens: bool | None = None  # None: true for a prompt, false for messages (vLLM's defaults)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -54,8 +56,8 @@ def tokenize(text_stage, body: TokenizeRequest, max_model_len: int | None) -> di
     if body.messages is not None:
         if body.continue_final_message and body.add_generation_prompt:
             raise ValueError("continue_final_message: cannot be used with add_generation_prompt")
-        ids = text_stage.chat_ids(chat_messages(body.messages), body.add_generation_prompt,
-                                  body.continue_final_message)  # fmt: skip
+        messages, tools = render(chat_messages(body.messages), body.tools or [], str(tokenizer.chat_template))
+        ids = text_stage.chat_ids(messages, body.add_generation_prompt, body.continue_final_message, tools)
         if body.add_special_tokens:
             ids = tokenizer.build_inputs_with_special_tokens(ids)
     else:

@@ -57,7 +57,7 @@ class Grammars:
         compiler = self.compiler
         try:
             if spec.json is not None:
-                return compiler.compile_json_schema(_schema_text(spec.json))
+                return compiler.compile_json_schema(check_schema(spec.json))
             if spec.json_object:  # any object (OpenAI's json_object: not an array or a bare value)
                 return compiler.compile_json_schema('{"type": "object"}', strict_mode=False)
             if spec.regex is not None:
@@ -88,21 +88,22 @@ async def compile_off_loop(grammars: Grammars, spec: StructuredOutputs) -> None:
         raise ValueError(f"structured_outputs: did not compile within {MAX_COMPILE_S} s") from None
 
 
-def _schema_text(schema: str) -> str:
+def check_schema(schema: str, field: str = "structured_outputs.json") -> str:
     """The schema, checked: JSON, an object, nested at most MAX_SCHEMA_DEPTH deep (a deeper
-    one would take seconds to compile, or exhaust the compiler's stack)."""
+    one would take seconds to compile, or exhaust the compiler's stack); ValueError naming
+    `field`."""
     try:
         parsed = json.loads(schema)
     except (json.JSONDecodeError, RecursionError) as e:
         detail = f"not JSON: {e}" if isinstance(e, json.JSONDecodeError) else "nested too deep"
-        raise ValueError(f"structured_outputs.json: {detail}") from None
+        raise ValueError(f"{field}: {detail}") from None
     if not isinstance(parsed, dict):
-        raise ValueError("structured_outputs.json: a JSON schema is an object")
+        raise ValueError(f"{field}: a JSON schema is an object")
     stack = [(parsed, 1)]
     while stack:
         value, depth = stack.pop()
         if depth > MAX_SCHEMA_DEPTH:
-            raise ValueError(f"structured_outputs.json: nested deeper than {MAX_SCHEMA_DEPTH} levels")
+            raise ValueError(f"{field}: nested deeper than {MAX_SCHEMA_DEPTH} levels")
         children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
         stack += [(child, depth + 1) for child in children if isinstance(child, (dict, list))]
     return schema

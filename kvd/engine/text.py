@@ -26,7 +26,7 @@ from kvd.outputs import RequestOutput
 from kvd.request import Request
 from kvd.scheduler.output import EngineOutput, Logprobs
 
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 class Delta(msgspec.Struct):
@@ -101,10 +101,12 @@ class TextStage:
                     out.append(ids)
         return out
 
-    def chat_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
-                 continue_final_message: bool = False) -> list[int]:  # fmt: skip
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True, continue_final_message: bool = False,
+                 tools: list[dict] | None = None) -> list[int]:  # fmt: skip
         """The conversation through the model's chat template, with the generation prompt
-        (unless told otherwise, as `/tokenize` may be)."""
+        (unless told otherwise, as `/tokenize` may be); `tools`: the function definitions a
+        template that renders tools is given (kvd.daemon.tools). A message may carry
+        `tool_calls` and `tool_call_id` beside its role and content."""
         if not messages or any(
             not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str)
             for m in messages
@@ -113,8 +115,12 @@ class TextStage:
         bad = next((i for i, m in enumerate(messages) if m["role"] not in CHAT_ROLES), None)
         if bad is not None:
             raise ValueError(f"chat[{bad}].role: expected one of {'|'.join(CHAT_ROLES)}, got {messages[bad]['role']!r}")
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
-                                                 continue_final_message=continue_final_message)  # fmt: skip
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                     tokenize=True, continue_final_message=continue_final_message,
+                                                     tools=tools)  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - a template's own refusal (jinja's raise_exception) is the client's
+            raise ValueError(f"chat: the model's chat template refused the messages: {str(e)[:300]}") from None
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     # ---- token ids out -----------------------------------------------------------------

@@ -162,6 +162,17 @@ def test_echo_scores_a_prompt_as_lm_evaluation_harness_asks(sdk, offline, max_to
     # lm-evaluation-harness's greedy check: the token's logprob is the top one's.
     tops = lp.top_logprobs[1 : len(ids)]
     assert all(len(t) >= 1 for t in tops)
+    # Streamed, the chunks add up to the same text and logprobs.
+    text, tokens, token_logprobs = "", [], []
+    for chunk in sdk.completions.create(model=MODEL, prompt=ids, max_tokens=max_tokens, temperature=0, logprobs=1,
+                                        echo=True, stream=True):  # fmt: skip
+        for c in chunk.choices:
+            text += c.text
+            if c.logprobs is not None:
+                tokens += c.logprobs.tokens
+                token_logprobs += c.logprobs.token_logprobs
+    assert (text, tokens) == (choice.text, lp.tokens) and token_logprobs[0] is None
+    assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(token_logprobs[1:], lp.token_logprobs[1:]))
 
 
 def test_tokenizer_endpoints(served, offline):

@@ -111,3 +111,38 @@ def test_preemption_and_prefix_hits_keep_the_grammar(smollm2_dir, preempt):
         assert o.finish_reason == "stop" and o.num_cached_tokens > 0 or o is outs[0]
         jsonschema.validate(json.loads(o.text), SCHEMA)
     llm.check_integrity()
+
+
+def test_an_abort_while_the_grammar_compiles_ends_the_request(served):
+    """A ZeroMQ Abort that arrives before the request's grammar has compiled (the record
+    does not exist yet) still ends it, with "abort", once it is queued."""
+    import asyncio
+    import uuid
+
+    from harness import log_events
+
+    from kvd.client import AsyncClient
+
+    salt = uuid.uuid4().hex[:8]  # a schema no earlier compile cached
+    schema = {"type": "object", "properties": {f"field_{salt}_{i}": {"type": "string"} for i in range(80)},
+              "required": [f"field_{salt}_{i}" for i in range(80)]}  # fmt: skip
+
+    async def go():
+        async with AsyncClient(served.endpoint, timeout=60) as c:
+            chunks = []
+
+            async def read():
+                async for chunk in c.stream(prompt="Describe a customer as JSON.", max_tokens=800, temperature=1.0,
+                                            request_id="abort-compiling",
+                                            structured_outputs={"json": json.dumps(schema)}):  # fmt: skip
+                    chunks.append(chunk)
+
+            task = asyncio.ensure_future(read())
+            await asyncio.sleep(0.005)  # the Generate frame is out; its grammar takes longer than this
+            await c.abort("abort-compiling")
+            await asyncio.wait_for(task, 60)
+            return chunks
+
+    chunks = asyncio.run(go())
+    assert chunks[-1].finish_reason == "abort" and sum(len(c.token_ids) for c in chunks) < 50
+    assert [e["request_id"] for e in log_events(served.log_file, "abort_deferred")] == ["abort-compiling"]

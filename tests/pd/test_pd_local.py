@@ -60,8 +60,9 @@ def pd(tmp_path_factory, smollm2_dir):
     root = tmp_path_factory.mktemp("pd-local")
     pool = {"local_path": str(root / "pool"), "local_capacity_gb": 1.0}
     p = start_prefill(root / "p", smollm2_dir, pool)
-    d = start_decode(root / "d", smollm2_dir, p, pool)
+    d = start_decode(root / "d", smollm2_dir, p, pool, http={"port": 0})
     wait_linked(d)
+    d.url = (d.run_dir / "http_endpoint").read_text().strip()
     yield p, d, root / "pool"
     assert d.stop() == 0
     if p.proc.poll() is None:
@@ -138,6 +139,31 @@ def test_structured_output_through_pd(pd):
         outs = c.generate(prompt="My number is", n=3, max_tokens=24, temperature=1.0, seed=2,
                           structured_outputs={"regex": phone})  # fmt: skip
     assert all(re.fullmatch(phone, o.text) and o.finish_reason == "stop" for o in outs), [o.text for o in outs]
+    wait_clean(p, d)
+
+
+def test_tool_calls_through_pd(pd):
+    """Named and required tool choices over the decode instance's HTTP API: their grammar
+    holds across the handoff (the first token comes from the prefill instance)."""
+    import json
+
+    import jsonschema
+    import openai
+
+    p, d, _ = pd
+    params = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+              "required": ["city", "days"], "additionalProperties": False}  # fmt: skip
+    tools = [{"type": "function", "function": {"name": "forecast", "parameters": params}}]
+    sdk = openai.OpenAI(base_url=d.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    ask = [{"role": "user", "content": "Weather in Oslo for three days?"}]
+    for choice in ({"type": "function", "function": {"name": "forecast"}}, "required"):
+        r = sdk.chat.completions.create(model="SmolLM2-135M-Instruct", messages=ask, tools=tools, tool_choice=choice,
+                                        n=3, max_tokens=60, temperature=1.0, seed=6)  # fmt: skip
+        for c in r.choices:
+            assert c.message.tool_calls and c.finish_reason in ("stop", "tool_calls"), c
+            for call in c.message.tool_calls:
+                jsonschema.validate(json.loads(call.function.arguments), params)
     wait_clean(p, d)
 
 
