@@ -120,7 +120,6 @@ def test_an_abort_while_the_grammar_compiles_ends_the_request(served):
     import uuid
 
     from harness import log_events
-
     from kvd.client import AsyncClient
 
     salt = uuid.uuid4().hex[:8]  # a schema no earlier compile cached
