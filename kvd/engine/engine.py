@@ -175,7 +175,7 @@ class Engine:
     def _with_bitmasks(self, so: SchedulerOutput) -> SchedulerOutput:
         """The allowed next tokens of each constrained request that samples this step."""
         requests = self.scheduler.requests
-        rows = [r for r in (requests[rid] for rid in so.num_scheduled_tokens)
+        rows = [r for r in (requests[rid] for rid in [*so.num_scheduled_tokens, *so.forks])
                 if r.grammar is not None and r.num_computed_tokens == r.num_tokens]  # fmt: skip
         if not rows:
             return so

@@ -49,6 +49,12 @@ class SchedulerOutput(msgspec.Struct, array_like=True, frozen=True):
     # Structured outputs: the allowed next tokens of each constrained request that samples
     # this step, as xgrammar's int32 bitmask row (bit t of word t // 32: token t allowed).
     bitmasks: dict[str, bytes] = {}
+    # n choices: a later choice forked from its first choice in the step that ends the
+    # first's prompt (child id -> first choice's id). It computes nothing: it samples from
+    # the first's last prompt row, and after the forward its partial prompt block is copied
+    # from the first's, (source block, its own block) in `fork_copies`.
+    forks: dict[str, str] = {}
+    fork_copies: list[tuple[int, int]] = []
 
     @property
     def is_empty(self) -> bool:

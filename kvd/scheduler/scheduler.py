@@ -55,6 +55,8 @@ class _Step:
     cached_reqs: list[CachedRequestData] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
+    forks: dict[str, str] = field(default_factory=dict)  # later choice id -> its first choice's id
+    fork_copies: list[tuple[int, int]] = field(default_factory=list)
 
 
 class Scheduler:
@@ -218,6 +220,8 @@ class Scheduler:
             preempted_request_ids=step.preempted,
             swap_out=self._swap_out,
             swap_in=step.swap_in,
+            forks=step.forks,
+            fork_copies=step.fork_copies,
         )
         self._finished_ids = []
         self._swap_out = []
@@ -261,6 +265,8 @@ class Scheduler:
         computed = [] if resumes or request.needs_prompt_logprobs else self.kv.get_computed_blocks(request)
         num_cached_tokens = request.num_computed_tokens if resumes else len(computed) * self.kv.block_size
         rest = request.num_tokens - num_cached_tokens
+        if not resumes and self._forks(request, rest, step):
+            return self._fork(request, computed, num_cached_tokens, step)
         # A later choice's partial block (< block_size tokens) joins its first choice's step
         # even past the budget: the n choices' first tokens come in one step.
         num_new = rest if request.first_choice is not None and rest < self.kv.block_size else min(rest, step.budget)
@@ -282,6 +288,39 @@ class Scheduler:
         step.budget = max(0, step.budget - num_new)
         step.new_reqs.append(self._new_data(request))
         self.kv.cache_blocks(request, request.num_computed_tokens + num_new)
+        return True
+
+    def _forks(self, request: Request, rest: int, step: _Step) -> bool:
+        """Whether a later choice forks from its first choice in this step: the first's prompt
+        ends in it (its last row is sampled here) and what the prefix cache does not give this
+        choice lies in one block of the first's. A choice that needs its own prompt logprobs,
+        or whose first choice's prompt came from elsewhere (PD) or goes to the prefill group,
+        computes its partial block itself instead."""
+        first = request.first_choice
+        if first is None or first.status != RequestStatus.RUNNING or request.needs_prompt_logprobs:
+            return False
+        if self.connector.computes_whole(first, first.num_computed_tokens):
+            return False  # the prefill group samples the first's token apart from the step's rows
+        n = step.scheduled.get(first.request_id, 0)
+        return (0 < rest <= self.kv.block_size and first.num_output_tokens == 0
+                and n and first.num_computed_tokens + n == first.num_tokens == request.num_tokens)  # fmt: skip
+
+    def _fork(self, request: Request, computed: list, num_cached_tokens: int, step: _Step) -> bool:
+        """Admit a later choice as a fork of its first choice: its own block for the partial
+        prompt block (the first's copied into it after the forward), nothing computed, its
+        first token sampled from the first's last prompt row."""
+        if self.kv.allocate_slots(request, request.num_tokens - num_cached_tokens, computed) is None:
+            return False
+        self.waiting.popleft()
+        at = num_cached_tokens // self.kv.block_size
+        src = self.kv.block_ids(request.first_choice.request_id)[at]
+        step.fork_copies.append((src, self.kv.block_ids(request.request_id)[at]))
+        step.forks[request.request_id] = request.first_choice.request_id
+        request.num_computed_tokens = request.num_tokens
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        step.new_reqs.append(self._new_data(request))
+        self.kv.cache_blocks(request, request.num_tokens)
         return True
 
     def update(self, output: ModelOutput) -> list[EngineOutput]:

@@ -294,14 +294,32 @@ class ModelRunner:
             with attention.forward_context(self.kv_caches, batch.meta):
                 hidden = self._forward(batch)  # (N, E)
             if batch.sample_ids:
-                self._sample(hidden[batch.sample_rows], batch.sample_ids, sampled)
+                ids, rows = self._with_forks(batch.sample_ids, batch.sample_rows, so.forks)
+                self._sample(hidden[rows], ids, sampled)
             head = self.fast.lm_head if self.fast is not None else self.model.lm_head
             for request_id, row, pos, count in batch.prompt_rows:
                 state = self.requests[request_id]
                 sampled.prompt_logprobs.append(prompt_logprobs(head, hidden[row : row + count], request_id, pos + 1,
                                                                state.token_ids[pos + 1 : pos + 1 + count],
                                                                state.sampling.params.prompt_logprobs))  # fmt: skip
+        self._copy_blocks(so.fork_copies)  # after the forward wrote the first choices' prompt KV
         return sampled.output(so.step)
+
+    @staticmethod
+    def _with_forks(ids: list[str], rows: torch.Tensor, forks: dict[str, str]) -> tuple[list[str], torch.Tensor]:
+        """The sampled requests and their rows, each forked choice sampling its first choice's row."""
+        if not forks:
+            return ids, rows
+        at = {request_id: i for i, request_id in enumerate(ids)}
+        children = [(child, at[first]) for child, first in forks.items() if first in at]
+        extra = torch.tensor([i for _, i in children], dtype=torch.long, device=rows.device)
+        return ids + [child for child, _ in children], torch.cat([rows, rows[extra]])
+
+    def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        if pairs:
+            src, dst = (torch.tensor(side, device=self.device) for side in zip(*pairs))
+            for layer in self.kv_caches:  # (2, num_blocks, block_size, kv_heads, head_dim)
+                layer[:, dst] = layer[:, src]
 
     def _forward(self, batch: _Batch) -> torch.Tensor:
         """The final hidden state of every packed token, (N, E)."""

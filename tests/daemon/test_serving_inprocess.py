@@ -40,7 +40,8 @@ class FakeWorker:
             self.tokens[new.request_id] = (list(new.token_ids), new.num_prompt_tokens)
         computed = {r.request_id: r.num_computed_tokens for r in [*so.new_reqs, *so.cached_reqs]}
         ids, sampled = [], []
-        for request_id, n in so.num_scheduled_tokens.items():
+        forked = {child: 0 for child in so.forks}  # a forked choice computes nothing and samples
+        for request_id, n in [*so.num_scheduled_tokens.items(), *forked.items()]:
             tokens, num_prompt = self.tokens[request_id]
             if computed[request_id] + n == len(tokens):
                 tokens.append(tokens[(len(tokens) - num_prompt) % num_prompt])

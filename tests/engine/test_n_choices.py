@@ -1,10 +1,12 @@
 """n choices of one prompt (SamplingParams.n): n records that share the prompt's full
-blocks through the prefix cache — the prompt is computed once, each later choice computes
-only the partial last block — with choice i drawing as a request seeded with seed + i."""
+blocks through the prefix cache — the prompt is computed once, the later choices fork from
+the first in its last prompt step (a copy of its partial block, a sample of its last row) —
+with choice i drawing as a request seeded with seed + i."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from kvd import LLM, SamplingParams
 
@@ -41,18 +43,26 @@ def test_the_prompt_is_computed_once_and_its_full_blocks_held_once(llm):
     n, full = 8, len(prompt) // 16
     ids = engine.add(prompt, SamplingParams(n=n, max_tokens=4, temperature=0.8, ignore_eos=True))
     assert ids == ["req-" + ids[0].split("-")[1]] + [f"{ids[0]}/{i}" for i in range(1, n)]
-    computed = 0
+    computed, steps, forks = 0, 0, {}
     while any(engine.scheduler.requests[r].num_output_tokens == 0 for r in ids):
         so = engine.schedule()
         computed += sum(so.num_scheduled_tokens.values())
-        for d in engine.text.run(engine.process(engine.runner.execute(so)))[0]:
-            pass
-    # The first computed the prompt (201 tokens); each later choice its partial block (9 tokens).
-    assert computed == len(prompt) + (n - 1) * (len(prompt) - full * 16)
+        forks |= so.forks
+        steps += 1
+        engine.text.run(engine.process(engine.runner.execute(so)))
+    # The first computed the prompt (201 tokens) and nothing else was: the later choices
+    # forked from it in its last prompt step and sampled from its last row.
+    assert computed == len(prompt) and steps == 1
+    assert forks == {r: ids[0] for r in ids[1:]}
     records = [engine.scheduler.requests[r] for r in ids]
-    assert [r.num_cached_tokens for r in records] == [0] + [full * 16] * (n - 1)
+    assert [r.num_cached_tokens for r in records] == [0] + [len(prompt)] * (n - 1)
     tables = [engine.kv.block_ids(r) for r in ids]
     assert all(t[:full] == tables[0][:full] for t in tables)  # the prompt's full blocks, shared
     assert len({b for t in tables for b in t}) == full + n  # plus one block of its own per choice
+    # Each choice's own block holds a copy of the first's partial prompt block's KV.
+    rest = len(prompt) - full * 16
+    for layer in engine.runner.kv_caches:
+        first = layer[:, tables[0][full], :rest]
+        assert all(torch.equal(layer[:, t[full], :rest], first) for t in tables[1:])
     engine.abort(ids)
     llm.check_integrity()
