@@ -14,12 +14,11 @@ import psutil
 import pytest
 import zmq
 import zmq.asyncio
-
 from harness import start_daemon
+
 from kvd.cache.hashing import hash_blocks
 from kvd.client import AsyncClient, Client
 from kvd.kv_events import BlockRemoved, BlockStored, EventBatch, EventKeys
-from kvd.route.index import KVIndex
 from kvd.route.subscriber import KVEventSubscriber
 
 BS = 4
