@@ -91,9 +91,9 @@ class KVEventPublisher:
                 sock.curve_publickey = keys.server_public
         self.endpoint = _bind(self.pub, ev.host, ev.port)
         self.snapshot_endpoint = _bind(self.snap, ev.host, ev.snapshot_port)
-        self._files = {run_dir / "kv_events_endpoint": self.endpoint,
-                       run_dir / "kv_snapshot_endpoint": self.snapshot_endpoint}  # fmt: skip
-        for path, endpoint in self._files.items():
+        self._files = ((run_dir / "kv_events_endpoint", self.endpoint),
+                       (run_dir / "kv_snapshot_endpoint", self.snapshot_endpoint))  # fmt: skip
+        for path, endpoint in self._files:
             publish_endpoint(path, endpoint)
         log.info("kv_events_serving", endpoint=self.endpoint, snapshot_endpoint=self.snapshot_endpoint,
                  instance=self.instance, curve=bool(cfg.pd.secret))  # fmt: skip
@@ -173,7 +173,7 @@ class KVEventPublisher:
         if self._auth is not None:
             self._auth.stop()
         self.ctx.term()
-        for path, endpoint in self._files.items():
+        for path, endpoint in self._files:
             try:
                 if path.read_text().strip() == endpoint:
                     path.unlink()
