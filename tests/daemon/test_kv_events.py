@@ -1,6 +1,7 @@
 """KV events from a real daemon: stored hashes equal kvd's own, evictions are removals, the
 subscriber's index equals a snapshot, a subscriber that missed batches resyncs, the host
-tier follows swap, CURVE with the deployment's secret, and nothing is bound by default.
+tier follows swap, a worker restart clears the device tier, CURVE with the deployment's secret, and
+nothing is bound by default.
 
 Real processes and sockets (tests/harness.py), a tiny model, no mocks.
 """
@@ -8,6 +9,8 @@ Real processes and sockets (tests/harness.py), a tiny model, no mocks.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 
 import msgspec
 import psutil
@@ -217,3 +220,45 @@ def test_off_by_default_nothing_is_bound(tmp_path, tiny_llama_dir, daemons):
     listening = [c.laddr for c in psutil.Process(st["processes"]["daemon"]["pid"]).net_connections("tcp")
                  if c.status == psutil.CONN_LISTEN]  # fmt: skip
     assert [f"tcp://{a.ip}:{a.port}" for a in listening] == [d.endpoint]  # the client endpoint only
+
+
+def test_a_worker_restart_clears_the_device_tier(tmp_path, tiny_llama_dir, daemons):
+    d = start_daemon(tmp_path, tiny_llama_dir, cache={"num_blocks": 32, "block_size": BS},
+                     kv_events={"port": 0, "instance_id": "tiny"})  # fmt: skip
+    daemons.append(d)
+
+    async def main():
+        sub = KVEventSubscriber()
+        sub.add_run_dir("tiny", d.run_dir)
+        task = asyncio.create_task(sub.run())
+        try:
+            await until(lambda: sub.index.seq("tiny") is not None, 10, "the first snapshot")
+            ids = prompt(700)
+            await generate(d.endpoint, ids)
+            await until(lambda: set(hash_blocks(ids, BS)) <= sub.index.hashes("tiny", "device"), 10, "the blocks")
+            async with AsyncClient(d.endpoint, timeout=10) as c:
+                worker = (await c.status())["processes"]["worker-0"]["pid"]
+            os.kill(worker, signal.SIGKILL)
+            await until(lambda: not sub.index.hashes("tiny", "device"), 10, "all cleared")
+            async with AsyncClient(d.endpoint, timeout=10) as c:
+                await until_async(lambda: c.status(), lambda s: s["state"] == "ready", 60)
+            await generate(d.endpoint, ids)  # the fresh engine announces them again
+            await until(lambda: set(hash_blocks(ids, BS)) <= sub.index.hashes("tiny", "device"), 10, "new blocks")
+            assert sub.num_gaps == 0
+            await assert_index_equals_snapshot(sub, d.endpoint)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            sub.close()
+
+    asyncio.run(main())
+
+
+async def until_async(get, ok, timeout: float):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        value = await get()
+        if ok(value):
+            return value
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s")
