@@ -21,7 +21,16 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 
-from kvd.kv_events import DEVICE, HOST, POOL, AllCleared, BlockRemoved, BlockStored, KVEvent, Tier
+from kvd.kv_events import (
+    DEVICE,
+    HOST,
+    POOL,
+    AllCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEvent,
+    Tier,
+)
 
 POOL_CAPACITY = 1 << 16  # pool-tier hashes remembered (1 MiB of xxh3-128 digests)
 

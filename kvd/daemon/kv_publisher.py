@@ -35,7 +35,14 @@ from zmq.auth.asyncio import AsyncioAuthenticator
 from kvd.cache.event_log import KVEventLog
 from kvd.config import KvdConfig
 from kvd.ipc import bind_random, publish_endpoint
-from kvd.kv_events import EventBatch, EventKeys, KVEvent, Snapshot, encoder, request_decoder
+from kvd.kv_events import (
+    EventBatch,
+    EventKeys,
+    KVEvent,
+    Snapshot,
+    encoder,
+    request_decoder,
+)
 
 log = structlog.get_logger("kvd.kv_events")
 

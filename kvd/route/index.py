@@ -18,7 +18,15 @@ from __future__ import annotations
 
 import enum
 
-from kvd.kv_events import TIERS, AllCleared, BlockRemoved, BlockStored, EventBatch, Snapshot, Tier
+from kvd.kv_events import (
+    TIERS,
+    AllCleared,
+    BlockRemoved,
+    BlockStored,
+    EventBatch,
+    Snapshot,
+    Tier,
+)
 
 
 class Applied(enum.IntEnum):

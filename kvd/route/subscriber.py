@@ -24,7 +24,14 @@ import structlog
 import zmq
 import zmq.asyncio
 
-from kvd.kv_events import EventKeys, Snapshot, SnapshotRequest, batch_decoder, encoder, snapshot_decoder
+from kvd.kv_events import (
+    EventKeys,
+    Snapshot,
+    SnapshotRequest,
+    batch_decoder,
+    encoder,
+    snapshot_decoder,
+)
 from kvd.route.index import Applied, KVIndex
 
 log = structlog.get_logger("kvd.route")
