@@ -1,7 +1,7 @@
 """Configuration: frozen msgspec Structs, validated once at start-up and passed explicitly.
 
-Sections mirror conf/*.toml: `[daemon]`, `[model]`, `[cache]`, `[scheduler]`,
-`[log]`, `[metrics]`, `[http]`, `[pd]`, `[prefill]`, gathered in `KvdConfig`. `EngineConfig` (model, cache,
+Sections mirror conf/*.toml: `[daemon]`, `[model]`, `[cache]`, `[scheduler]`, `[log]`,
+`[metrics]`, `[http]`, `[kv_events]`, `[pd]`, `[prefill]`, gathered in `KvdConfig`. `EngineConfig` (model, cache,
 scheduler) is what the offline `LLM` and the engine take; `KvdConfig.engine`
 derives it.
 
@@ -11,7 +11,8 @@ environment variables < `overrides` (dotted keys from CLI flags). Components
 never read the environment; only `load_config` and `default_cache_dir` do.
 
 Environment rule: `KVD_CACHE_NUM_BLOCKS=64` sets `cache.num_blocks`. The
-section is the first word after `KVD_`, the key the rest, both lowercased. The
+section is the first word after `KVD_` (or a section named with an underscore,
+`KVD_KV_EVENTS_PORT`), the key the rest, both lowercased. The
 value is parsed as a TOML value (`64`, `1.5`, `true`, `"x"`, `[1, 2]`) when it
 parses, else taken as a plain string (`KVD_DAEMON_ON_WORKER_DEATH=exit`); a
 string field keeps the raw text even when it would parse as a number. TOML
@@ -215,6 +216,38 @@ class HttpConfig(_Section):
         return self.port >= 0
 
 
+class KVEventsConfig(_Section):
+    """`[kv_events]`: the instance's KV events for a router (off unless a port is set;
+    docs/architecture.md, "KV events")."""
+
+    port: int = -1  # -1: off; 0: a random free port, published in <run_dir>/kv_events_endpoint
+    host: str = "127.0.0.1"
+    snapshot_port: int = 0  # the snapshot socket; 0: a random free port, in <run_dir>/kv_snapshot_endpoint
+    instance_id: str = ""  # the name batches carry; "": <hostname>:<pid>
+    max_batch_events: int = 1024  # more pending events go out as several batches
+    flush_interval_ms: float = 0.0  # 0: a batch after every step; else at most one batch per interval
+    send_hwm: int = 10000  # batches queued for one subscriber; past it that subscriber loses batches
+
+    def __post_init__(self) -> None:
+        if not -1 <= self.port <= 65535:
+            raise ValueError(f"kv_events.port: must be -1 (off) or in [0, 65535], got {self.port}")
+        if not 0 <= self.snapshot_port <= 65535:
+            raise ValueError(f"kv_events.snapshot_port: must be in [0, 65535], got {self.snapshot_port}")
+        if self.port > 0 and self.port == self.snapshot_port:
+            raise ValueError(f"kv_events.snapshot_port: must differ from kv_events.port ({self.port})")
+        if not self.host:
+            raise ValueError("kv_events.host: must not be empty")
+        if self.max_batch_events < 1:
+            raise ValueError(f"kv_events.max_batch_events: must be >= 1, got {self.max_batch_events}")
+        _check_seconds("kv_events.flush_interval_ms", self.flush_interval_ms, allow_zero=True)
+        if self.send_hwm < 1:
+            raise ValueError(f"kv_events.send_hwm: must be >= 1, got {self.send_hwm}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.port >= 0
+
+
 SYNC_STRATEGIES = ("all_gather", "ring")
 
 
@@ -329,6 +362,7 @@ class KvdConfig(_Section):
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
     http: HttpConfig = HttpConfig()
+    kv_events: KVEventsConfig = KVEventsConfig()
     pd: PDConfig = PDConfig()
     prefill: PrefillConfig = PrefillConfig()
 
@@ -383,7 +417,10 @@ def load_config(
     for name in sorted(env):
         if not name.startswith(_ENV_PREFIX) or name in _ENV_IGNORED:
             continue
-        section, _, key = name[len(_ENV_PREFIX) :].lower().partition("_")
+        rest = name[len(_ENV_PREFIX) :].lower()
+        # A section whose name has an underscore (kv_events) is matched whole, before the first word.
+        section = next((s for s in _SECTIONS if "_" in s and rest.startswith(s + "_")), rest.partition("_")[0])
+        key = rest[len(section) + 1 :]
         nested = _nested_table(section, key)
         if nested is not None:  # KVD_PREFILL_PARALLEL_SP -> [prefill.parallel] sp
             field, table_type = nested

@@ -10,12 +10,17 @@ Contract:
 - A hash maps to at most one block. Caching a block whose hash is already indexed
   leaves the new block uncached (it is freed like any other block).
 - The pool knows nothing of requests; `KVCacheManager` does.
+- With a `KVEventLog`, each eviction from the index is recorded as a device-tier removal
+  (kvd.cache.event_log); indexing is recorded by `KVCacheManager`, which knows the chain.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
+
+from kvd.cache.event_log import KVEventLog
+from kvd.kv_events import DEVICE
 
 
 class Block:
@@ -36,7 +41,7 @@ class Block:
 class BlockPool:
     """Preallocated block ids with ref counts, an eviction-ordered free queue and a hash index."""
 
-    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, enable_caching: bool = True, events: KVEventLog | None = None) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks: must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -45,6 +50,7 @@ class BlockPool:
         self._free: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks)
         self._cached: dict[bytes, Block] = {}
         self.num_evictions = 0
+        self.events = events
 
     # ---- queries ---------------------------------------------------------------------
     @property
@@ -59,6 +65,10 @@ class BlockPool:
     @property
     def num_held(self) -> int:
         return self.num_blocks - len(self._free)
+
+    def cached_hashes(self) -> set[bytes]:
+        """Every hash in the prefix-cache index."""
+        return set(self._cached)
 
     def get_cached(self, block_hash: bytes) -> Block | None:
         return self._cached.get(block_hash) if self.enable_caching else None
@@ -106,6 +116,8 @@ class BlockPool:
     def _evict(self, block: Block) -> None:
         assert block.block_hash is not None
         del self._cached[block.block_hash]
+        if self.events is not None:
+            self.events.removed(DEVICE, block.block_hash)
         block.block_hash = None
         self.num_evictions += 1
 

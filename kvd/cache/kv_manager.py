@@ -5,11 +5,15 @@ the prefix cache (`get_computed_blocks`), to make room for a request's next toke
 (`allocate_slots`, None when the pool is short), and to release a request (`free`,
 idempotent). It registers a request's full blocks in the prefix cache as a step is
 scheduled to compute them (`cache_blocks`). `check_integrity` cross-checks requests against the pool.
+Given a `KVEventLog`, every block it indexes and every block the pool evicts is recorded
+there for the instance's KV-event subscribers (docs/architecture.md, "KV events").
 """
 
 from __future__ import annotations
 
 from kvd.cache.block_pool import Block, BlockPool
+from kvd.cache.event_log import KVEventLog
+from kvd.kv_events import DEVICE
 from kvd.request import Request
 
 
@@ -21,14 +25,16 @@ class KVCacheManager:
     """Per-request block lists on top of a BlockPool."""
 
     def __init__(
-        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, hash_algo: str = "xxh3_128"
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, hash_algo: str = "xxh3_128",
+        events: KVEventLog | None = None,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size: must be >= 1, got {block_size}")
         self.block_size = block_size
         self.hash_algo = hash_algo
         self.enable_prefix_caching = enable_prefix_caching
-        self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
+        self.events = events
+        self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching, events=events)
         self.req_blocks: dict[str, list[Block]] = {}
         self._num_cached: dict[str, int] = {}  # how many of a request's blocks are in the index
         # Prefix-cache statistics, in tokens of prompts looked up and found.
@@ -107,8 +113,9 @@ class KVCacheManager:
         if num_full <= done:
             return
         hashes = request.update_block_hashes(self.block_size, self.hash_algo)
-        for i in range(done, num_full):
-            self.pool.cache(blocks[i], hashes[i])
+        new = [self.pool.cache(blocks[i], hashes[i]) for i in range(done, num_full)]
+        if self.events is not None:  # a hash indexed already (another block has it) is no news
+            self.events.stored(DEVICE, hashes[done:num_full], new, hashes[done - 1] if done else None)
         self._num_cached[request.request_id] = num_full
 
     def free(self, request_id: str) -> None:
@@ -119,8 +126,11 @@ class KVCacheManager:
             self.pool.free(reversed(blocks))
 
     def check_integrity(self) -> None:
-        """The pool's own invariants, and every held reference accounted for by exactly one request list."""
+        """The pool's own invariants, every held reference accounted for by exactly one request
+        list, and the KV events' device tier equal to the pool's index."""
         self.pool.check_integrity()
+        if self.events is not None and self.events.device != self.pool.cached_hashes():
+            raise RuntimeError("kv manager: the KV events' device tier differs from the prefix-cache index")
         refs: dict[int, int] = {}
         for request_id, blocks in self.req_blocks.items():
             ids = [b.block_id for b in blocks]

@@ -12,7 +12,9 @@ binds and `<run_dir>/endpoint` is written; systemd hears READY=1. Each object ge
 it needs in its constructor. The daemon itself never imports torch.
 
 With `[http] port` set, the OpenAI HTTP API (`kvd.daemon.http`) serves beside it and its
-base URL goes to `<run_dir>/http_endpoint` first.
+base URL goes to `<run_dir>/http_endpoint` first. With `[kv_events] port` set, the KV-event
+publisher (`kvd.daemon.kv_publisher`) binds before Serving is built and answers snapshot
+requests beside the step loop.
 
 Then a TaskGroup runs the frontend's reader, the step loop, the text stage, the
 supervisor's watch of the children, the role's readers and a one-second ticker (deadlines, leases, idle integrity
@@ -38,6 +40,7 @@ from kvd.config import KvdConfig, resolve_run_dir
 from kvd.daemon import health
 from kvd.daemon.frontend import Frontend
 from kvd.daemon.http import HttpFrontend
+from kvd.daemon.kv_publisher import KVEventPublisher
 from kvd.daemon.notify import Notifier
 from kvd.daemon.pd.decode import DecodeRole
 from kvd.daemon.pd.prefill import PrefillRole
@@ -79,6 +82,7 @@ class Daemon:
         self.frontend: Frontend | None = None
         self.endpoint: str | None = None
         self.http: HttpFrontend | None = None
+        self.kv_events: KVEventPublisher | None = None
 
     def _fatal(self) -> None:
         """Stop with exit code 1 (systemd restarts us): a child lost for good, a broken invariant."""
@@ -96,8 +100,10 @@ class Daemon:
             model_dir = resolve_model(self.cfg.model.model, self.cfg.model.cache_dir)
             tokenizer = asyncio.create_task(asyncio.to_thread(load_tokenizer, model_dir))
             ready = await self.supervisor.start()
+            if self.cfg.kv_events.enabled:
+                self.kv_events = KVEventPublisher(self.cfg, self.run_dir)
             self.serving = Serving(self.cfg, self.supervisor, await tokenizer, self.role, self._fatal, self.metrics,
-                                   ctx=self.ctx, run_dir=self.run_dir)  # fmt: skip
+                                   kv_events=self.kv_events, ctx=self.ctx, run_dir=self.run_dir)  # fmt: skip
             self.serving.on_worker_ready(ready)
             self._start_metrics()
             await self._start_http()
@@ -114,7 +120,7 @@ class Daemon:
             async with asyncio.TaskGroup() as tg:
                 frontend = tg.create_task(self.frontend.run())
                 work = [self.serving.run(), self.serving.run_text(), self._ticker(), self.supervisor.run(self.serving),
-                        *self.serving.role.readers()]  # fmt: skip
+                        *self.serving.role.readers(), *([self.kv_events.run()] if self.kv_events else [])]  # fmt: skip
                 tasks = [tg.create_task(coro) for coro in work]
                 await self._stop.wait()
                 for t in tasks:
@@ -180,6 +186,8 @@ class Daemon:
             self.metrics.close()
         if self.serving is not None:
             self.serving.role.close()
+        if self.kv_events is not None:
+            self.kv_events.close()
 
     def _close(self) -> None:
         if self.frontend:
@@ -242,6 +250,7 @@ class Daemon:
             **({"pd": role} if role is not None else {}),
             "metrics_url": self.metrics_url,
             "http_url": self.http.url if self.http is not None else None,
+            "kv_events": self.kv_events.status() if self.kv_events is not None else None,
             "processes": {"daemon": {"pid": os.getpid(), "alive": True}, **children["processes"]},
         }
 

@@ -17,7 +17,10 @@ request ends exactly once, in `_end`: its last delta or its one failure.
 Two coroutines share the engine: the step loop (`run`) sees token ids only and queues each
 step's outputs for the text stage (`run_text`), which detokenizes, cuts stop strings and
 delivers. What a role adds (PD handoffs, pool transfers) is a `Role`, chosen once at
-start-up with its KV connector. The design: docs/architecture.md, "The daemon's layers".
+start-up with its KV connector. With `[kv_events]` on, each engine records its block
+changes into the publisher's log, which the step loop sends after each schedule() and a
+fresh engine starts with "all cleared". The design: docs/architecture.md, "The daemon's
+layers" and "KV events".
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import structlog
 
 from kvd.config import KvdConfig
 from kvd.daemon.backoff import CompletionRate
+from kvd.daemon.kv_publisher import KVEventPublisher
 from kvd.daemon.owner import Outbox, Owner, Rejected
 from kvd.daemon.role import Role
 from kvd.daemon.supervisor import ChildDied, Supervisor
@@ -53,10 +57,11 @@ class Serving:
     role, the step loop, admission, and the idle integrity check."""
 
     def __init__(self, cfg: KvdConfig, supervisor: Supervisor, tokenizer, role: type[Role], fatal: Callable[[], None],
-                 metrics=None, **role_args: Any) -> None:  # fmt: skip
+                 metrics=None, kv_events: KVEventPublisher | None = None, **role_args: Any) -> None:  # fmt: skip
         self.cfg = cfg
         self.supervisor = supervisor
         self.metrics = metrics
+        self.kv_events = kv_events
         self._fatal = fatal
         self.text = TextStage(tokenizer, stream_text=True)
         self.engine: Engine | None = None
@@ -83,8 +88,13 @@ class Serving:
         info = ready.info
         if self.grammars is None or self.grammars.vocab_size != info.vocab_size:
             self.grammars = Grammars(self.text.tokenizer, info.vocab_size)
+        events = None
+        if self.kv_events is not None:  # the new engine's KV cache starts empty
+            events = self.kv_events.log
+            events.cleared()
+            self.kv_events.flush()
         self.engine = Engine(self.cfg.engine, info, tokenizer_eos(self.text.tokenizer), self.role.connector(info),
-                             self.grammars)  # fmt: skip
+                             self.grammars, events)  # fmt: skip
         # The text stage overlaps the worker's step only where a core is left for it: on a CPU
         # whose every core the worker computes on, the daemon's text work would stall the
         # worker's threads instead (measured: 5% fewer tok/s at 32 streams on 2 cores), so
@@ -102,6 +112,9 @@ class Serving:
             await self._fail(request, ErrorCode.INTERNAL, message)
         await self.role.engine_lost()
         self.engine = None
+        if self.kv_events is not None:
+            self.kv_events.log.cleared()
+            self.kv_events.flush()
 
     async def on_messenger_lost(self) -> None:
         if self.engine is not None:
@@ -322,6 +335,8 @@ class Serving:
                 self._work.clear()
                 continue
             so = engine.schedule()
+            if self.kv_events is not None:
+                self.kv_events.step()
             self.role.scheduled()
             for request_id in so.preempted_request_ids:
                 log.info("request_preempted", request_id=request_id)
@@ -357,6 +372,8 @@ class Serving:
         for request in expired:
             await self._fail(request, ErrorCode.DEADLINE, f"deadline: not finished within request_timeout_s={timeout}")
         self.role.tick()
+        if self.kv_events is not None:
+            self.kv_events.tick()
         self.throughput.append((now, self.engine.num_generated))
         if now - self._last_check >= self.cfg.daemon.integrity_check_interval_s and self.check_integrity():
             self._last_check = now

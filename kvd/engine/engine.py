@@ -12,7 +12,8 @@ and text (prompts, chat templates, detokenizing, stop strings) is the text stage
 validates first and raises ValueError naming the field, so a rejected request never
 touches the block pool. What the engine must know of the model arrives as a `ModelInfo`
 (the worker's Ready message carries the same struct); how KV moves in and out of the
-instance is its KV connector's (`kvd.connector`), chosen by the instance's role.
+instance is its KV connector's (`kvd.connector`), chosen by the instance's role. Given a
+`KVEventLog`, its block manager records the blocks it indexes and evicts there (KV events).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 import msgspec
 import structlog
 
+from kvd.cache.event_log import KVEventLog
 from kvd.cache.kv_manager import KVCacheManager, cdiv
 from kvd.config import EngineConfig
 from kvd.connector.base import KVConnector
@@ -42,14 +44,15 @@ class Engine:
     """Scheduler + KV cache manager + the request table, for a model described by ModelInfo."""
 
     def __init__(self, config: EngineConfig, info: ModelInfo, eos_token_ids: frozenset[int] = frozenset(),
-                 connector: KVConnector | None = None, grammars: Grammars | None = None) -> None:  # fmt: skip
+                 connector: KVConnector | None = None, grammars: Grammars | None = None,
+                 events: KVEventLog | None = None) -> None:  # fmt: skip
         self.config = config
         self.grammars = grammars  # structured outputs (kvd.engine.grammar); None: refused
         self.info = info
         self.max_model_len = min(config.model.max_model_len or info.max_model_len, info.max_model_len)
         self.eos_token_ids = frozenset(info.eos_token_ids) | eos_token_ids  # the tokenizer may name another
         self.kv = KVCacheManager(
-            info.num_blocks, info.block_size, config.cache.enable_prefix_caching, config.cache.hash_algo
+            info.num_blocks, info.block_size, config.cache.enable_prefix_caching, config.cache.hash_algo, events
         )
         self.connector = connector or KVConnector()
         self.scheduler = Scheduler(config.scheduler, self.kv, config.cache.preempt, info.num_host_slots,

@@ -11,7 +11,9 @@ preempted: its blocks go back and it waits at the head of the queue. By recomput
 computed count returns to 0 and, resumed, it recomputes prompt plus outputs (prefix hits
 help). By swap (`preempt="swap"`, while the bounded host pool has room), its computed
 blocks are copied to host slots first and copied back into fresh blocks when it resumes,
-keeping its computed count. Either way it continues with identical output.
+keeping its computed count. Either way it continues with identical output. With KV events
+on, the full blocks it holds in host slots are recorded as the host tier's (stored at the
+swap-out, removed when the slots return).
 
 KV from outside (the KV connector, `kvd.connector`). The scheduler asks its connector
 how many of a request's leading tokens come from elsewhere; such a request gets its blocks
@@ -278,6 +280,7 @@ class Scheduler:
             return False
         self.waiting.popleft()
         if slots is not None:  # copy its KV back from the host pool before this step runs
+            self._host_released(request)
             request.host_slots = None
             step.swap_in += zip(self.kv.block_ids(request.request_id), slots)
             self.host_free += slots
@@ -372,6 +375,8 @@ class Scheduler:
             slots = [self.host_free.pop() for _ in blocks]
             self._swap_out += zip(blocks, slots)  # copied before this step's forward reuses the blocks
             request.host_slots = slots
+            if self.kv.events is not None:
+                self.kv.events.host_in(self._host_hashes(request))
             self.num_swaps += 1
         else:
             request.num_computed_tokens = 0
@@ -382,8 +387,18 @@ class Scheduler:
         self.waiting.appendleft(request)
         self.num_preemptions += 1
 
+    def _host_hashes(self, request: Request) -> list[bytes]:
+        """The hashes of the full blocks a swapped request keeps in host slots."""
+        hashes = request.update_block_hashes(self.kv.block_size, self.kv.hash_algo)
+        return hashes[: request.num_computed_tokens // self.kv.block_size]
+
+    def _host_released(self, request: Request) -> None:
+        if self.kv.events is not None:
+            self.kv.events.host_out(self._host_hashes(request))
+
     def _finish(self, request: Request, status: RequestStatus) -> None:
         if request.host_slots is not None:
+            self._host_released(request)
             self.host_free += request.host_slots
             request.host_slots = None
         request.status = status

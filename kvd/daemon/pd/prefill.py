@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 import zmq.asyncio
 
+from kvd.cache.hashing import is_partial_key
 from kvd.config import KvdConfig
 from kvd.daemon.owner import Rejected
 from kvd.daemon.pd.handoff import Handoff, PDRole, Phase
@@ -214,6 +215,9 @@ class PrefillRole(PDRole):
                 return
             log.info("kv_written", request_id=h.request_id, handoff_id=h.engine_id, num_blocks=done.num_blocks,
                      nbytes=done.nbytes, write_ms=round(done.duration_ms, 3), **h.clock.step())  # fmt: skip
+            if self.serving.kv_events is not None:  # its full blocks are the pool tier's now
+                full = [k.rpartition("/")[2] for k in h.keys if not is_partial_key(k)]
+                self.serving.kv_events.log.pool_written([bytes.fromhex(k) for k in full])
             await self._reply(h, PrefillDone(handoff_id=h.engine_id, request_id=h.request_id, first_token=h.first_token,
                                              logprobs=h.logprobs, keys=h.keys, num_tokens=len(h.token_ids),
                                              num_cached_tokens=h.num_cached, prefill_ms=h.prefill_ms,
