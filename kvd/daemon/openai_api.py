@@ -21,7 +21,14 @@ from typing import Any
 
 import msgspec
 
-from kvd.daemon.tools import NamedToolChoice, ToolCallIn, ToolDef, ToolPlan, chat_turn, merge_calls
+from kvd.daemon.tools import (
+    NamedToolChoice,
+    ToolCallIn,
+    ToolDef,
+    ToolPlan,
+    chat_turn,
+    merge_calls,
+)
 from kvd.engine.text import Delta
 from kvd.sampling import SamplingParams, StructuredOutputs
 from kvd.scheduler.output import Logprobs
