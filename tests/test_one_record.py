@@ -25,6 +25,7 @@ KNOWN = {
     "daemon/pd/handoff.py:PDRole.counts": "the role's counters, by name",
     "daemon/openai_api.py:TokenText._texts": "token texts, by token id (a cache)",
     "daemon/openai_api.py:Shape._offsets": "one HTTP response's text offsets, by choice index",
+    "daemon/openai_api.py:Shape._calls": "one HTTP response's tool call parsers, by choice index",
 }
 
 _DICT_CALLS = ("dict", "defaultdict", "collections.defaultdict", "OrderedDict")
