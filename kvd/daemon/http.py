@@ -238,7 +238,7 @@ class HttpFrontend:
             params = body.sampling_with(1 if max_tokens is None else max_tokens, text.word_ids, plan)
             if plan is None and not any("tool_calls" in m or m["role"] == "tool" for m in messages):
                 prompt: dict[str, Any] = {"chat": [ChatMessage(m["role"], m["content"]) for m in messages]}
-            else:  # tools, calls or answers: templated here, where the template is known to lack them or not
+            else:  # tools, calls or answers: templated here, in the Hermes form where the template has no tools
                 messages, defs = tools.render(messages, plan.tools if plan else [], str(text.tokenizer.chat_template))
                 prompt = {"prompt_token_ids": text.chat_ids(messages, tools=defs)}
         except ValueError as e:
