@@ -11,11 +11,11 @@ Three measurements against issue 28's targets, in one run, with one typical JSON
   logits (`apply_bitmasks`) are timed inside the step. Target: fill + apply for 16 rows
   ≤ 5% of the step without a grammar. The rows' share of the Step message to the worker
   (msgpack, encoded and decoded) is shown beside it.
-- Serving: 32 requests (kvd.bench.serve's token-id prompts of real English) as 32 streams
-  at once, every other one under SCHEMA with an instruction after its prompt (EOS
+- Serving: kvd.bench.serve's 64 requests (token-id prompts of real English), 32 streams at
+  a time, every other one under SCHEMA with an instruction after its prompt (EOS
   allowed: the grammar's end ends it), to kvd's HTTP server and `vllm serve` side by side
   (kvd.bench.serve_http's servers, and its rounds: every target back to back, the order
-  rotated each round, ratios taken within a round). The same 32 requests also run
+  rotated each round, ratios taken within a round). The same 64 requests also run
   unconstrained (EOS ignored), each constrained one asking for as many tokens as kvd's
   offline engine produced for it under the schema (greedy), so both runs do about the
   same work (greedy: the same tokens; sampled runs' outputs differ in length).
@@ -156,10 +156,10 @@ def bitmask_steps(llm, tokens: list[int], steps: int, rounds: int) -> dict[str, 
     """32 rows in decode: none, 16 and 32 under SCHEMA; the cases alternate each round, and
     each figure is the best round's (drift on a shared machine only ever adds time)."""
     engine = llm.engine
-    # kvd.bench.sampler's step_ms aborts the ids `add` returned as if each were one id; `add` now
-    # returns a list (its n choices' ids), so step_ms gets the one id of n = 1
-    add = engine.add
-    engine.add = lambda prompt, params: add(prompt, params)[0]
+    # kvd.bench.sampler's step_ms aborts what `add` returned as if each were one id, but `add` returns
+    # a list (its n choices' ids): flattened here, which still holds once step_ms flattens them itself
+    abort = engine.abort
+    engine.abort = lambda ids: abort([i for one in ids for i in ([one] if isinstance(one, str) else one)])
     engine.runner.sampler = TimedSampler(engine.runner.sampler)
     fill = engine._with_bitmasks = TimedSampler(engine._with_bitmasks)  # the timing wrapper serves any callable
     apply = model_runner.apply_bitmasks = TimedSampler(model_runner.apply_bitmasks)
@@ -178,7 +178,7 @@ def bitmask_steps(llm, tokens: list[int], steps: int, rounds: int) -> dict[str, 
                 best[name] = StepTimes(*map(min, zip(astuple(best[name]), astuple(t)))) if name in best else t
     finally:
         model_runner.apply_bitmasks = apply.sampler
-        del engine._with_bitmasks, engine.add
+        del engine._with_bitmasks, engine.abort
     return best
 
 
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     from kvd import LLM
 
     hf_logging.set_verbosity_error()
-    cfg = QUICK if args.quick else replace(FULL, requests=FULL.concurrency)  # 32 requests, all at once
+    cfg = QUICK if args.quick else FULL
     steps, step_rounds, compile_repeats = (8, 1, 2) if args.quick else (20, 3, 5)
     threads = len(os.sched_getaffinity(0))
     info, flags = machine_info(), machine_flags()
