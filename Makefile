@@ -101,3 +101,4 @@ bench: install model native bench-peer
 	$(PY) -m kvd.bench.prefill_group
 	$(PY) -m kvd.bench.choices
 	$(PY) -m kvd.bench.sampler
+	$(PY) -m kvd.bench.structured

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import os
@@ -51,6 +52,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from time import perf_counter
@@ -125,8 +127,11 @@ async def http_stream_one(session: aiohttp.ClientSession, url: str, request_id: 
     return sample
 
 
-async def http_mode(url: str, name: str, tag: str, work: Workload, delays: list[float], limit: int,
-                    sampling: dict = GREEDY) -> ModeResult:  # fmt: skip
+async def http_samples(url: str, tag: str, work: Workload, delays: list[float], limit: int,
+                       sampling: list[dict]) -> tuple[list[Sample], float]:  # fmt: skip
+    """Request i starts `delays[i]` s after the first, with `sampling[i]` (fields of the body,
+    over the defaults: greedy, ignore_eos), at most `limit` streams open; the samples, and
+    the seconds from the first send to the last chunk."""
     prompts, max_tokens = work
     sem = asyncio.Semaphore(limit)
     conn = aiohttp.TCPConnector(limit=0)
@@ -134,11 +139,17 @@ async def http_mode(url: str, name: str, tag: str, work: Workload, delays: list[
         async def one(i: int) -> Sample:
             await asyncio.sleep(delays[i])
             async with sem:
-                return await http_stream_one(session, url, f"http-{tag}-{i}", prompts[i], max_tokens[i], sampling)
+                return await http_stream_one(session, url, f"http-{tag}-{i}", prompts[i], max_tokens[i], sampling[i])
 
         start = perf_counter()
         samples = await asyncio.gather(*(one(i) for i in range(len(prompts))))
-    wall = max(s.chunk_times[-1] for s in samples) - start
+    return samples, max(s.chunk_times[-1] for s in samples) - start
+
+
+async def http_mode(url: str, name: str, tag: str, work: Workload, delays: list[float], limit: int,
+                    sampling: dict = GREEDY) -> ModeResult:  # fmt: skip
+    prompts, max_tokens = work
+    samples, wall = await http_samples(url, tag, work, delays, limit, [sampling] * len(prompts))
     counts = [[0] * (s.num_tokens or 0) for s in samples]
     check_lengths(name, counts, max_tokens)
     return ModeResult(name, wall, sum(max_tokens), [list(s.text) for s in samples], samples)
@@ -224,18 +235,27 @@ async def measure(targets: list[Target], work: Workload, warm: Workload, cfg,
     round: a drift of this machine's speed during the run falls on every target alike,
     and no target is always first or last. Results by target label, latency mode first;
     and the CPU each streams run took."""
-    (rate_name, rate_tag, rate_delays, rate_limit), (conc_name, conc_tag, conc_delays, conc_limit) = modes(
-        cfg, len(work[0]))  # fmt: skip
+    (rate_name, rate_tag, rate_delays, rate_limit), streams = modes(cfg, len(work[0]))
     results: dict[str, list[ModeResult]] = {t.label: [] for t in targets}
-    cpu: dict[str, list[CpuUse]] = {t.label: [] for t in targets}
     for t in targets:
         await t.run("warm-up", "warmup", warm, [0.0] * len(warm[0]), len(warm[0]))
     for t in targets:
         results[t.label].append(await t.run(f"{t.label}, {rate_name}", rate_tag, work, rate_delays, rate_limit))
+    rounds_results, cpu = await streams_rounds(targets, work, streams, rounds)
+    return {label: runs + rounds_results[label] for label, runs in results.items()}, cpu
+
+
+async def streams_rounds(targets: list[Target], work: Workload, streams: tuple[str, str, list[float], int],
+                         rounds: int) -> tuple[dict[str, list[ModeResult]], dict[str, list[CpuUse]]]:  # fmt: skip
+    """The streams mode (name, tag, delays, limit) `rounds` times, every target back to back
+    in each round, the order rotated by one each round; its results and CPU by target label."""
+    name, tag, delays, limit = streams
+    results: dict[str, list[ModeResult]] = {t.label: [] for t in targets}
+    cpu: dict[str, list[CpuUse]] = {t.label: [] for t in targets}
     for r in range(rounds):
         for t in rotated(targets, r):
             (root0, rest0), client0 = tree_cpu(t.pid), client_cpu()
-            m = await t.run(f"{t.label}, {conc_name}", f"{conc_tag}-r{r}", work, conc_delays, conc_limit)
+            m = await t.run(f"{t.label}, {name}", f"{tag}-r{r}", work, delays, limit)
             (root1, rest1), client1 = tree_cpu(t.pid), client_cpu()
             results[t.label].append(m)
             cpu[t.label].append(CpuUse(root1 - root0, rest1 - rest0, client1 - client0, m.tokens))
@@ -334,29 +354,36 @@ def vllm_bench(url: str, model_dir: Path, work: Workload, cfg, workdir: Path, la
 def run_dtype(dtype: str, work: Workload, warm: Workload, cfg, workdir: Path, threads: int, peer: bool,
               rounds: int, sampled: bool = True) -> tuple[dict[str, list[ModeResult]], dict[str, list[CpuUse]], dict[str, list[dict]]]:  # fmt: skip
     """Both servers up side by side for one dtype: (mode results and streams runs' CPU by
-    target, vllm-bench results by server).
-
-    `vllm serve` starts first (it compiles its model for minutes, which would disturb kvd's
-    modes), then the daemon. `vllm bench serve` then runs against each server in turn,
-    twice each, in the order kvd, vLLM, vLLM, kvd."""
+    target, vllm-bench results by server). `vllm bench serve` then runs against each server
+    in turn, twice each, in the order kvd, vLLM, vLLM, kvd."""
     model_dir = resolve_model(None)
-    (workdir / f"kvd-{dtype}").mkdir()
-    daemon = ServedDaemon(workdir / f"kvd-{dtype}", cfg.max_num_seqs, dtype=dtype, http_model=MODEL_NAME)
-    server = VllmServer(model_dir, dtype, workdir, threads) if peer else None
     bench: dict[str, list[dict]] = {"kvd": [], "vllm": []} if peer else {}
-    try:
-        http = {"vllm serve": (server.start(), server.proc.pid)} if server is not None else {}
-        endpoint = daemon.start()
-        http = {"kvd HTTP": ((daemon.run_dir / "http_endpoint").read_text().strip(), daemon.proc.pid)} | http
+    with servers(dtype, cfg.max_num_seqs, workdir, threads, peer) as (endpoint, http):
         results, cpu = asyncio.run(measure_servers(endpoint, http, work, warm, cfg, rounds, sampled))
         for i, name in enumerate(("kvd", "vllm", "vllm", "kvd") if peer else ()):
             url = http["kvd HTTP" if name == "kvd" else "vllm serve"][0]
             bench[name].append(vllm_bench(url, model_dir, work, cfg, workdir, f"{name}-{dtype}-{i}", threads))
+    return results, cpu, bench
+
+
+@contextlib.contextmanager
+def servers(dtype: str, max_num_seqs: int, workdir: Path, threads: int,
+            peer: bool) -> Iterator[tuple[str, dict[str, tuple[str, int]]]]:  # fmt: skip
+    """kvd's daemon (ZeroMQ and HTTP) and, with `peer`, `vllm serve`, side by side until the
+    block ends: (kvd's ZeroMQ endpoint, HTTP url and root pid by label: "kvd HTTP", "vllm
+    serve"). `vllm serve` starts first: it compiles its model for minutes, which would
+    disturb kvd's modes."""
+    (workdir / f"kvd-{dtype}").mkdir()
+    daemon = ServedDaemon(workdir / f"kvd-{dtype}", max_num_seqs, dtype=dtype, http_model=MODEL_NAME)
+    server = VllmServer(resolve_model(None), dtype, workdir, threads) if peer else None
+    try:
+        http = {"vllm serve": (server.start(), server.proc.pid)} if server is not None else {}
+        endpoint = daemon.start()
+        yield endpoint, {"kvd HTTP": ((daemon.run_dir / "http_endpoint").read_text().strip(), daemon.proc.pid)} | http
     finally:
         daemon.stop()
         if server is not None:
             server.stop()
-    return results, cpu, bench
 
 
 def p50_ttft(m: ModeResult) -> float:
