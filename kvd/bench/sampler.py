@@ -167,7 +167,7 @@ def step_ms(llm, params: list[SamplingParams], steps: int, tokens: list[int]) ->
     engine = llm.engine
     sampler = engine.runner.sampler  # a TimedSampler
     prompts = [tokens[i * 128 : (i + 1) * 128] for i in range(ROWS)]
-    ids = [engine.add(p, sp) for p, sp in zip(prompts, params)]
+    ids = [rid for p, sp in zip(prompts, params) for rid in engine.add(p, sp)]
     running = engine.scheduler.running
     while engine.scheduler.waiting or any(r.num_output_tokens == 0 for r in running):
         engine.step()

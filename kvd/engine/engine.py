@@ -182,7 +182,7 @@ class Engine:
                 if r.grammar is not None and r.num_computed_tokens == r.num_tokens]  # fmt: skip
         if not rows:
             return so
-        bitmask = self.grammars.allocate(len(rows))
+        bitmask = self.grammars.bitmask(len(rows))
         for i, request in enumerate(rows):
             request.grammar.fill_next_token_bitmask(bitmask, i)
         words = bitmask.numpy()

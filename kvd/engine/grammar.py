@@ -4,7 +4,8 @@ per request that says which tokens may come next.
     grammars = Grammars(tokenizer, vocab_size)       # once per tokenizer; xgrammar caches compiles
     compiled = grammars.compile(spec)                # ValueError naming the field (run it off the step loop)
     matcher = grammars.matcher(compiled)             # one per request record (request.grammar)
-    grammars.fill(matcher, bitmask, row)             # the allowed next tokens, one bit each
+    bitmask = grammars.bitmask(rows)                 # a reused int32 tensor, a row per constrained request
+    matcher.fill_next_token_bitmask(bitmask, row)    # the allowed next tokens, one bit each
     matcher.accept_token(token); matcher.is_terminated()
 
 Compiling runs in xgrammar's C++ with the GIL released, so the daemon compiles in a
@@ -22,10 +23,13 @@ import json
 import re
 import threading
 
+import msgspec
+
 from kvd.sampling import StructuredOutputs
 
 MAX_COMPILE_S = 10.0  # a grammar that takes longer is refused (400), as unreasonable for a request
-MAX_SCHEMA_DEPTH = 64  # JSON nesting of a schema (objects and arrays), its keywords' included
+MAX_SCHEMA_DEPTH = 64
+MAX_SEEN = 4096  # specs remembered as compiled (past it the memory starts again)  # JSON nesting of a schema (objects and arrays), its keywords' included
 
 
 class Grammars:
@@ -37,6 +41,8 @@ class Grammars:
         self.max_threads = max_threads
         self._compiler = None
         self._lock = threading.Lock()
+        self._bitmask = None
+        self._seen: set[bytes] = set()  # the specs compiled so far (xgrammar caches their grammars)
 
     def _xgr(self):
         import xgrammar
@@ -57,31 +63,49 @@ class Grammars:
         compiler = self.compiler
         try:
             if spec.json is not None:
-                return compiler.compile_json_schema(check_schema(spec.json))
-            if spec.json_object:  # any object (OpenAI's json_object: not an array or a bare value)
-                return compiler.compile_json_schema('{"type": "object"}', strict_mode=False)
-            if spec.regex is not None:
-                return compiler.compile_regex(spec.regex)
-            if spec.choice is not None:
-                return compiler.compile_grammar(_choice_ebnf(spec.choice))
-            return compiler.compile_grammar(spec.grammar)
+                compiled = compiler.compile_json_schema(check_schema(spec.json))
+            elif spec.json_object:  # any object (OpenAI's json_object: not an array or a bare value)
+                compiled = compiler.compile_json_schema('{"type": "object"}', strict_mode=False)
+            elif spec.regex is not None:
+                compiled = compiler.compile_regex(spec.regex)
+            elif spec.choice is not None:
+                compiled = compiler.compile_grammar(_choice_ebnf(spec.choice))
+            else:
+                compiled = compiler.compile_grammar(spec.grammar)
         except ValueError:
             raise
         except Exception as e:  # noqa: BLE001 - xgrammar's errors (RuntimeError, its own) become the field's
             field = next(n for n in ("json", "regex", "choice", "grammar") if getattr(spec, n) is not None)
             raise ValueError(f"structured_outputs.{field}: {_first_line(e)}") from None
+        if len(self._seen) >= MAX_SEEN:
+            self._seen.clear()
+        self._seen.add(msgspec.json.encode(spec))
+        return compiled
 
     def matcher(self, compiled):
         return self._xgr().GrammarMatcher(compiled)
 
-    def allocate(self, rows: int):
-        """An int32 bitmask tensor of `rows` rows (vocab_size bits each)."""
-        return self._xgr().allocate_token_bitmask(rows, self.vocab_size)
+    def bitmask(self, rows: int):
+        """An int32 bitmask of `rows` rows (vocab_size bits each), from one tensor kept for
+        every step: a matcher's fill writes its whole row. (A fresh `torch.full` a step was
+        most of the daemon's cost under structured outputs, waking torch's threads on the
+        worker's cores; docs/benchmarks.md, "Structured outputs".)"""
+        if self._bitmask is None or self._bitmask.shape[0] < rows:
+            self._bitmask = self._xgr().allocate_token_bitmask(max(rows, 64), self.vocab_size)
+        return self._bitmask[:rows]
+
+    def compiled(self, spec: StructuredOutputs) -> bool:
+        """Whether this spec compiled before (so compiling it again is a cache hit)."""
+        return msgspec.json.encode(spec) in self._seen
 
 
 async def compile_off_loop(grammars: Grammars, spec: StructuredOutputs) -> None:
     """Compile in a thread (xgrammar releases the GIL), within MAX_COMPILE_S; ValueError
-    naming the field. The compiled grammar lands in the compiler's cache."""
+    naming the field. The compiled grammar lands in the compiler's cache; a spec that
+    compiled before is a cache hit, about 20 µs, and skips the thread's hop (15 to 20 ms
+    that put a constrained request behind plain ones sent with it)."""
+    if grammars.compiled(spec):
+        return
     try:
         await asyncio.wait_for(asyncio.to_thread(grammars.compile, spec), MAX_COMPILE_S)
     except TimeoutError:
