@@ -84,8 +84,9 @@ class Router:
     # ---- lifecycle ---------------------------------------------------------------------
     async def start(self) -> str:
         """Open the client session, bind (port 0: a free one) and serve; returns the base URL."""
+        # No cookie jar: one client's cookies must never ride on another's requests (and it costs per request).
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60.0),
-                                              auto_decompress=False)  # fmt: skip
+                                              cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False)  # fmt: skip
         app = web.Application(client_max_size=self.cfg.http.max_body_bytes, middlewares=[self._guard])
         app.router.add_post("/v1/completions", self.generate)
         app.router.add_post("/v1/chat/completions", self.generate)
