@@ -1,10 +1,9 @@
 """Configuration: frozen msgspec Structs, validated once at start-up and passed explicitly.
 
 Sections mirror conf/*.toml: `[daemon]`, `[model]`, `[cache]`, `[scheduler]`, `[log]`,
-`[metrics]`, `[http]`, `[kv_events]`, `[pd]`, `[prefill]`, `[route]` (read by `kvd route` only), gathered in
-`KvdConfig`. `EngineConfig` (model, cache,
-scheduler) is what the offline `LLM` and the engine take; `KvdConfig.engine`
-derives it.
+`[metrics]`, `[http]`, `[kv_events]`, `[pd]`, `[prefill]`, `[route]` (read by `kvd route`
+only), gathered in `KvdConfig`. `EngineConfig` (model, cache, scheduler) is what the offline
+`LLM` and the engine take; `KvdConfig.engine` derives it.
 
 `load_config` is the one place that reads a file and the environment. Layers,
 later wins: the struct defaults < the TOML file < `KVD_<SECTION>_<KEY>`

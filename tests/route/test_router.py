@@ -18,8 +18,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from harness import DaemonHandle, start_daemon, wait_for
+from harness import DaemonHandle, log_events, start_daemon, wait_for
 
+from kvd.client import Client
 from kvd.route.prompt import PromptHasher
 from kvd.route.subscriber import KVEventSubscriber
 from kvd.spawn import daemon_env, start_kvd, wait_endpoint
@@ -162,6 +163,20 @@ def test_models_health_metrics(routers):
         assert sorted(json.loads(r.read())["instances_up"]) == ["a", "b"]
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
         assert b'kvd_route_requests_total{instance="a"}' in r.read()
+
+
+def test_a_client_that_leaves_a_routed_stream_aborts_its_request(routers, pair):
+    body = {"prompt": "Leaving early. " + SYSTEM, "max_tokens": 300, "ignore_eos": True, "stream": True}
+    req = urllib.request.Request(routers["kv"].endpoint + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(req, timeout=30) as r:
+        name, request_id = r.headers["X-Kvd-Instance"], r.headers["X-Request-Id"]
+        assert r.readline().startswith(b"data: {")
+    # the router's handler is cancelled, its upstream connection closed: the instance aborts the request
+    wait_for(lambda: [e for e in log_events(pair[name].log_file, "request_aborted") if e["request_id"] == request_id],
+             10, "the instance to abort the left stream")  # fmt: skip
+    with Client(pair[name].endpoint, timeout=10) as c:
+        assert c.status()["live_requests"] == 0
 
 
 def test_a_killed_instance_fails_its_stream_cleanly_and_the_rest_go_elsewhere(tmp_path, pair):
