@@ -278,13 +278,24 @@ async def run(cfg: KvdConfig) -> int:
         return 1
     publish_endpoint(run_dir / "http_endpoint", url)
     log.info("route_ready", url=url, duration_ms=round(1000 * (time.monotonic() - t0), 1))
+    failed: list[str] = []
+
+    def followed(task: asyncio.Task) -> None:
+        """Following the KV events ends by cancel (or at once with no instance to follow): an
+        error would leave the index stale, so the router stops with it (systemd restarts it)."""
+        if not task.cancelled() and task.exception() is not None:
+            failed.append(f"{type(task.exception()).__name__}: {task.exception()}")
+            log.error("route_failed", reason=f"kv events: {failed[0]}")
+            stop.set()
+
     follow = asyncio.create_task(router.subscriber.run())
+    follow.add_done_callback(followed)
     await stop.wait()
     follow.cancel()
     _unpublish(run_dir / "http_endpoint", url)
     await router.close()
-    log.info("route_stopped")
-    return 0
+    log.info("route_stopped", exit_code=1 if failed else 0)
+    return 1 if failed else 0
 
 
 def _unpublish(path: Path, url: str) -> None:

@@ -217,3 +217,29 @@ def test_a_killed_instance_fails_its_stream_cleanly_and_the_rest_go_elsewhere(tm
     finally:
         assert router.stop() == 0
         doomed.stop()
+
+
+def test_a_draining_instance_sends_new_requests_elsewhere(tmp_path, pair):
+    """SIGTERM: the instance answers new requests 503 while its own finish; the router takes
+    that as not started and sends them to the next instance."""
+    draining = instance(tmp_path / "d")
+    router = start_router(tmp_path / "route", {"d": draining, "a": pair["a"]})
+    try:
+        prompt = "Drained. " + SYSTEM  # blocks only d holds
+        assert post(draining.url, "/v1/completions", {"prompt": prompt, "max_tokens": 1})[0] == 200
+        time.sleep(0.5)
+        body = {"prompt": "Keeps d busy.", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        req = urllib.request.Request(draining.url + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(req, timeout=30) as busy:
+            assert busy.readline().startswith(b"data: {")
+            draining.proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: post(draining.url, "/v1/completions", {"prompt": "x", "max_tokens": 1})[0] == 503, 10,
+                     "the instance to drain")  # fmt: skip
+            status, r, headers = post(router.endpoint, "/v1/completions", {"prompt": prompt, "max_tokens": 2})
+            assert status == 200 and headers["X-Kvd-Instance"] == "a", r
+        metrics = urllib.request.urlopen(router.endpoint + "/metrics", timeout=10).read().decode()
+        assert 'kvd_route_failovers_total{instance="d"} 1.0' in metrics
+    finally:
+        assert router.stop() == 0
+        draining.stop()
