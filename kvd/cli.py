@@ -1,4 +1,4 @@
-"""The `kvd` command line: serve, generate, status, trace, bench (docs/architecture.md,
+"""The `kvd` command line: serve, route, generate, status, trace, bench (docs/architecture.md,
 "Interfaces users see").
 
     kvd serve --config conf/kvd.toml [--role unified|prefill|decode] [--port 0] [--run-dir DIR] [--http-port P]
@@ -7,8 +7,9 @@
                  [--frequency-penalty X] [--repetition-penalty X] [--min-tokens N] [--stop S ...] [--json]
     kvd status [--endpoint E | --run-dir DIR] [--json]
     kvd launch pd --prefill N --decode M --pool local|mooncake|redis --run-dir DIR [--config FILE] [--http-port P]
+    kvd route --config conf/route.toml [--run-dir DIR] [--http-port P]
     kvd trace REQUEST_ID [LOG ...]
-    kvd bench offline|serve|serve_http|versus|pd|swap|pool|prefill_group|choices|soak [ARGS ...]
+    kvd bench offline|serve|serve_http|versus|pd|swap|pool|prefill_group|choices|soak|route [ARGS ...]
 
 Without --endpoint, the client commands read `<run_dir>/endpoint`, which `kvd serve`
 writes once every process is Ready.
@@ -60,6 +61,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    from kvd.config import ConfigError, load_config
+    from kvd.route.router import route
+
+    overrides = {"daemon.run_dir": args.run_dir, "http.port": args.http_port}
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"kvd: config: {e}", file=sys.stderr)
+        return 2
+    return route(cfg)
 
 
 # SamplingParams fields `kvd generate` takes as flags (--top-p, ...), beside --max-tokens and --temperature.
@@ -147,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--http-port", type=int, help="also serve the OpenAI HTTP API; 0 = a random free port")
     s.set_defaults(fn=cmd_serve)
 
+    r = sub.add_parser("route", help="the OpenAI HTTP API in front of several instances, KV-cache aware")
+    r.add_argument("--config", help="a TOML file ([route] lists the instances; conf/route.toml)")
+    r.add_argument("--run-dir", help="where the http_endpoint file goes")
+    r.add_argument("--http-port", type=int, help="0 = a random free port (default: [http] port)")
+    r.set_defaults(fn=cmd_route)
+
     for name, fn, help_ in (("generate", cmd_generate, "stream a completion"), ("status", cmd_status, "daemon status")):
         c = sub.add_parser(name, help=help_)
         c.add_argument("--endpoint", help="tcp://127.0.0.1:PORT (default: read from the run dir)")
@@ -184,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks: offline (engine vs transformers) or serve (daemon)")
     b.add_argument("kind", choices=["offline", "serve", "serve_http", "versus", "pd", "swap", "pool",
-                                      "prefill_group", "choices", "soak"])
+                                      "prefill_group", "choices", "soak", "route"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=cmd_bench)
     return p

@@ -1,9 +1,9 @@
 """Configuration: frozen msgspec Structs, validated once at start-up and passed explicitly.
 
 Sections mirror conf/*.toml: `[daemon]`, `[model]`, `[cache]`, `[scheduler]`, `[log]`,
-`[metrics]`, `[http]`, `[kv_events]`, `[pd]`, `[prefill]`, gathered in `KvdConfig`. `EngineConfig` (model, cache,
-scheduler) is what the offline `LLM` and the engine take; `KvdConfig.engine`
-derives it.
+`[metrics]`, `[http]`, `[kv_events]`, `[pd]`, `[prefill]`, `[route]` (read by `kvd route`
+only), gathered in `KvdConfig`. `EngineConfig` (model, cache, scheduler) is what the offline
+`LLM` and the engine take; `KvdConfig.engine` derives it.
 
 `load_config` is the one place that reads a file and the environment. Layers,
 later wins: the struct defaults < the TOML file < `KVD_<SECTION>_<KEY>`
@@ -352,6 +352,55 @@ class PDConfig(_Section):
             raise ValueError(f"pd.transfer_batch_blocks: must be in [1, 4096], got {self.transfer_batch_blocks}")
 
 
+ROUTE_POLICIES = ("kv", "round_robin", "least_loaded")
+
+
+class RouteInstance(_Section):
+    """One instance behind `kvd route`: its run directory (where it writes `http_endpoint`,
+    `kv_events_endpoint` and `kv_snapshot_endpoint`) or those endpoints themselves."""
+
+    name: str = ""  # "": "i<index>"; the X-Kvd-Instance header and the metrics' label
+    run_dir: str = ""  # read at the router's start for whichever endpoints below are ""
+    url: str = ""  # its HTTP base URL, http://127.0.0.1:PORT
+    events: str = ""  # its KV-event PUB endpoint ("" and no run_dir: no KV events, never a prefix hit)
+    snapshot: str = ""  # its snapshot endpoint
+
+
+class RouteConfig(_Section):
+    """`[route]`: `kvd route`, the OpenAI HTTP API in front of several instances, routing each
+    request where its prompt's KV blocks are (docs/architecture.md, "The router"). It serves on
+    `[http]` host and port, tokenizes with `[model]`'s tokenizer, follows KV events with
+    `pd.secret`; the instances' own sections are not read."""
+
+    instances: list[RouteInstance] = []
+    policy: str = "kv"  # kv | round_robin | least_loaded
+    load_weight: float = 4.0  # kv: one request in flight on an instance costs as much as this many prefix blocks
+    connect_timeout_s: float = 2.0  # a connection not made in this time: the instance is down, the next one tried
+    request_timeout_s: float = 600.0  # a forwarded request's whole answer; past it the client gets 504
+    retry_interval_s: float = 1.0  # a down instance's /health is probed after this, doubling up to 30 s
+
+    def __post_init__(self) -> None:
+        if self.policy not in ROUTE_POLICIES:
+            raise ValueError(f"route.policy: expected {'|'.join(ROUTE_POLICIES)}, got {self.policy!r}")
+        if not 0 <= self.load_weight < float("inf"):
+            raise ValueError(f"route.load_weight: must be finite and >= 0, got {self.load_weight}")
+        _check_seconds("route.connect_timeout_s", self.connect_timeout_s)
+        _check_seconds("route.request_timeout_s", self.request_timeout_s)
+        _check_seconds("route.retry_interval_s", self.retry_interval_s)
+        for i, inst in enumerate(self.instances):
+            if not inst.run_dir and not inst.url:
+                raise ValueError(f"route.instances: [{i}] needs run_dir or url")
+            if bool(inst.events) != bool(inst.snapshot):
+                raise ValueError(f"route.instances: [{i}] needs both events and snapshot, or neither")
+        names = self.names
+        if len(set(names)) != len(names):
+            raise ValueError(f"route.instances: names must differ, got {names}")
+
+    @property
+    def names(self) -> list[str]:
+        return [inst.name or f"i{i}" for i, inst in enumerate(self.instances)]
+
+
 class KvdConfig(_Section):
     """Everything a kvd instance is configured with; one per process tree."""
 
@@ -365,6 +414,7 @@ class KvdConfig(_Section):
     kv_events: KVEventsConfig = KVEventsConfig()
     pd: PDConfig = PDConfig()
     prefill: PrefillConfig = PrefillConfig()
+    route: RouteConfig = RouteConfig()
 
     def __post_init__(self) -> None:
         if self.daemon.role == "decode" and not self.pd.prefill_endpoints and self.pd.on_kv_failure == "fail":

@@ -216,3 +216,33 @@ def test_prefill_parallel_table_and_env():
         load_config(environ={"KVD_PREFILL_PARALLEL_BOGUS": "1"})
     with pytest.raises(ConfigError, match="prefill.parallel.sync"):
         load_config(environ={"KVD_PREFILL_PARALLEL_SYNC": "tree"})
+
+
+def test_route_section_validates_and_its_conf_file_lists_every_option(tmp_path):
+    with pytest.raises(ConfigError, match=r"^route\.policy: expected kv\|round_robin\|least_loaded"):
+        load_config(overrides={"route.policy": "random"}, environ={})
+    with pytest.raises(ConfigError, match=r"^route\.instances: \[0\] needs run_dir or url"):
+        load_config(overrides={"route.instances": [{"name": "a"}]}, environ={})
+    with pytest.raises(ConfigError, match=r"^route\.instances: \[1\] needs both events and snapshot"):
+        load_config(overrides={"route.instances": [{"url": "http://a"}, {"url": "http://b", "events": "tcp://x"}]},
+                    environ={})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^route\.instances: names must differ"):
+        load_config(overrides={"route.instances": [{"url": "http://a", "name": "i1"}, {"url": "http://b"}]},
+                    environ={})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^route\.connect_timeout_s: must be finite and > 0"):
+        load_config(overrides={"route.connect_timeout_s": 0}, environ={})
+    with pytest.raises(ConfigError, match=r"route\.instances\[0\]\.bogus|unknown field"):
+        load_config(overrides={"route.instances": [{"url": "http://a", "bogus": 1}]}, environ={})
+    cfg = load_config(environ={"KVD_ROUTE_POLICY": "round_robin",
+                               "KVD_ROUTE_INSTANCES": '[{run_dir = "/run/kvd/a"}, {url = "http://127.0.0.1:8000"}]'})
+    assert cfg.route.policy == "round_robin" and cfg.route.names == ["i0", "i1"]
+    # conf/route.toml: loads, names two instances, and lists every [route] option under its comment
+    path = CONF / "route.toml"
+    cfg = load_config(path, environ={})
+    assert cfg.route.names == ["a", "b"] and cfg.route.policy == "kv" and cfg.http.port == 0
+    assert msgspec.structs.replace(cfg.route, instances=[]) == KvdConfig().route
+    body = path.read_text().split("[route]\n", 1)[1]
+    for key in typing.get_type_hints(type(cfg.route)):
+        m = re.search(rf"^{key} = ", body, re.M)
+        assert m, f"route.toml: [route] lacks {key}"
+        assert "Default" in body[: m.start()].rstrip("\n").rsplit("\n", 1)[-1], f"route.toml: {key} lacks its comment"

@@ -312,7 +312,7 @@ class HttpFrontend:
     async def _stream(self, request: web.Request, shape: Shape, q: asyncio.Queue, n: int,
                       include_usage: bool) -> web.StreamResponse:  # fmt: skip
         resp: web.StreamResponse | None = None
-        prompt_tokens = completion_tokens = 0
+        prompt_tokens = completion_tokens = cached_tokens = 0
         while n:
             index, item = await q.get()
             if isinstance(item, _Failure):
@@ -330,10 +330,12 @@ class HttpFrontend:
                     await resp.write(chunk)
             if item.output is not None:
                 n -= 1
-                prompt_tokens += len(item.output.prompt_token_ids) if item.index == 0 else 0  # once per prompt
+                if item.index == 0:  # each prompt counts once
+                    prompt_tokens += len(item.output.prompt_token_ids)
+                    cached_tokens += item.output.num_cached_tokens
                 completion_tokens += 0 if shape.drop_output else len(item.output.token_ids)
         if include_usage and n == 0:
-            await resp.write(shape.usage_chunk(prompt_tokens, completion_tokens))
+            await resp.write(shape.usage_chunk(prompt_tokens, completion_tokens, cached_tokens))
         await resp.write(DONE)
         await resp.write_eof()
         return resp

@@ -273,9 +273,12 @@ def chat_messages(turns: list[ChatTurn]) -> list[dict[str, Any]]:
 
 
 # ---- responses ---------------------------------------------------------------------------
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; `cached_tokens`: prompt tokens served from the prefix cache
+    (whole blocks: the cache never holds a partial one as a prefix)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}  # fmt: skip
 
 
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf: a token the distribution rules out shows this (as vLLM's)
@@ -393,9 +396,9 @@ class Shape:
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
         return sse(self._envelope("text_completion", choices=[choice]))
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> bytes:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return sse(self._envelope(obj, choices=[], usage=usage(prompt_tokens, completion_tokens)))
+        return sse(self._envelope(obj, choices=[], usage=usage(prompt_tokens, completion_tokens, cached_tokens)))
 
     def response(self, outputs: list) -> dict[str, Any]:
         """The whole (non-streaming) response from each choice's RequestOutput."""
@@ -408,10 +411,12 @@ class Shape:
                 text, logprobs = self._completion(i, out.text, out.token_ids, out.logprobs, out.prompt_token_ids,
                                                   out.prompt_logprobs)  # fmt: skip
                 choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason})
-        n_prompt = sum(len(out.prompt_token_ids) for out in outputs if out.index == 0)  # once per prompt
+        firsts = [out for out in outputs if out.index == 0]  # each prompt counts once
+        n_prompt = sum(len(out.prompt_token_ids) for out in firsts)
+        n_cached = sum(out.num_cached_tokens for out in firsts)
         n_out = 0 if self.drop_output else sum(len(out.token_ids) for out in outputs)
         obj = "chat.completion" if self.chat else "text_completion"
-        return self._envelope(obj, choices=choices, usage=usage(n_prompt, n_out))
+        return self._envelope(obj, choices=choices, usage=usage(n_prompt, n_out, n_cached))
 
 
     def _message(self, out) -> dict[str, Any]:

@@ -4,6 +4,7 @@
     index.load(name, snapshot)           # an instance's whole state, as of snapshot.seq
     index.prefix_match(hashes)           # {instance: leading blocks it holds, in any tier}
     index.where(block_hash)              # {instance: tiers}
+    index.layout(name)                   # (block_size, hash_algo) its hashes are made with
 
 Pure: no sockets, no clock (kvd.route.subscriber feeds it). Per instance it keeps the epoch
 and the last sequence number applied. A batch is applied only when its number follows
@@ -68,6 +69,11 @@ class KVIndex:
     def epoch(self, name: str) -> int | None:
         state = self._instances.get(name)
         return state.epoch if state is not None else None
+
+    def layout(self, name: str) -> tuple[int, str] | None:
+        """(block_size, hash_algo) of `name`'s hashes, from its snapshot (None before one)."""
+        state = self._instances.get(name)
+        return (state.block_size, state.hash_algo) if state is not None else None
 
     def hashes(self, name: str, tier: Tier) -> set[bytes]:
         """What `name` holds in `tier` (a copy)."""

@@ -17,8 +17,8 @@ import aiohttp
 import openai
 import psutil
 import pytest
-
 from harness import log_events, start_daemon, wait_for
+
 from kvd import LLM, SamplingParams
 from kvd.client import AsyncClient, Client, KvdError
 from kvd.daemon.backoff import MAX_S
@@ -115,6 +115,24 @@ def test_chat_matches_the_offline_engine(http_daemon, offline):
     parts = [{"role": "user", "content": [{"type": "text", "text": "Name a planet."}]}]
     r2 = client.chat.completions.create(model=MODEL, messages=parts, temperature=0)
     assert r2.choices[0].message.content == ref2.text and r2.choices[0].finish_reason == "stop"
+
+
+def test_a_repeated_prompt_reports_its_cached_tokens(http_daemon):
+    """`usage.prompt_tokens_details.cached_tokens`: 0 for a prompt seen first, whole blocks
+    of it the second time; in chat and completions, whole and streamed."""
+    client = sdk(http_daemon)
+    prompt = "A prompt long enough to fill several blocks of the prefix cache: " + "one two three four " * 12
+    first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    again = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < again.usage.prompt_tokens and cached % 16 == 0, again.usage
+    messages = [{"role": "user", "content": prompt}]
+    client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0)  # its blocks cached
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    cached = chunks[-1].usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < chunks[-1].usage.prompt_tokens and cached % 16 == 0, chunks[-1].usage
 
 
 def test_the_request_id_reaches_kvd_trace(http_daemon):

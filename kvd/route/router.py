@@ -1,0 +1,316 @@
+"""`kvd route`: the OpenAI HTTP API in front of several instances, each request sent where its
+prompt's KV blocks already are.
+
+    POST /v1/completions, /v1/chat/completions   tokenized and hashed once, forwarded to one instance
+    GET  /v1/models                              forwarded to a live instance
+    GET  /health                                 200 while an instance is up, else 503
+    GET  /metrics                                the router's Prometheus registry (kvd.route.metrics)
+
+Per request: the body's prompt is tokenized as the instances do it (kvd.route.prompt), hashed
+with each instance's block size and algorithm (from its snapshot, kvd.route.index), matched
+against the KV index the instances' events keep (kvd.route.subscriber), and the live
+instances are ordered by the policy (kvd.route.policy). The body goes unchanged to the first,
+over a keep-alive aiohttp session, and its answer comes back byte for byte (server-sent
+events included) with `X-Kvd-Instance` naming it. The router does no model work.
+
+Failure: an instance that refuses the connection, does not accept it within
+`connect_timeout_s`, or answers 503 (draining, restarting) before its answer began is marked
+down (kvd.route.backend probes its /health to bring it back) and the request goes to the next
+in the order; with none left the client gets 503. An instance that fails after the answer
+began ends a stream with an error event and `[DONE]`, or a whole response with 502; an answer
+not done within `request_timeout_s` ends the same way with 504. A body the router cannot
+read is still forwarded: the instance answers its own 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from kvd.config import KvdConfig, resolve_run_dir
+from kvd.daemon.openai_api import DONE, JSON, error_body, sse
+from kvd.ipc import publish_endpoint
+from kvd.route.backend import Backend
+from kvd.route.index import KVIndex
+from kvd.route.metrics import RouteMetrics
+from kvd.route.policy import Policy
+from kvd.route.prompt import PromptHasher
+from kvd.route.subscriber import KVEventSubscriber
+
+log = structlog.get_logger("kvd.route")
+
+# Per-connection headers: never passed on (aiohttp frames each side's body itself).
+_HOP = frozenset({"host", "connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer",
+                  "upgrade", "proxy-authorization", "proxy-authenticate", "date", "server"})  # fmt: skip
+_RETRY_ELSEWHERE = 503  # an instance that answers this before its answer began has not started the request
+
+
+def _json(status: int, obj, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=JSON.encode(obj), content_type="application/json", headers=headers)
+
+
+def _error(status: int, message: str) -> web.Response:
+    return _json(status, error_body(status, message))
+
+
+class Router:
+    """The HTTP server, the instances behind it, their KV index and the policy that picks one."""
+
+    def __init__(self, cfg: KvdConfig, tokenizer, backends: list[Backend]) -> None:
+        self.cfg = cfg
+        self.route = cfg.route
+        self.backends = {b.name: b for b in backends}
+        self.policy = Policy(cfg.route.policy, cfg.route.load_weight)
+        self.hasher = PromptHasher(tokenizer)
+        self.index = KVIndex()
+        self.subscriber = KVEventSubscriber(self.index, secret=cfg.pd.secret)
+        for b in backends:
+            if b.events:
+                self.subscriber.add(b.name, b.events, b.snapshot)
+        self.metrics = RouteMetrics(list(self.backends))
+        self.url: str | None = None
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._timeout = aiohttp.ClientTimeout(total=cfg.route.request_timeout_s,
+                                              sock_connect=cfg.route.connect_timeout_s)  # fmt: skip
+        self._probe_timeout = aiohttp.ClientTimeout(total=cfg.route.connect_timeout_s + 1.0)
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> str:
+        """Open the client session, bind (port 0: a free one) and serve; returns the base URL."""
+        # No cookie jar: one client's cookies must never ride on another's requests (and it costs per request).
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60.0),
+                                              cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False)  # fmt: skip
+        app = web.Application(client_max_size=self.cfg.http.max_body_bytes, middlewares=[self._guard])
+        app.router.add_post("/v1/completions", self.generate)
+        app.router.add_post("/v1/chat/completions", self.generate)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics_page)
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.cfg.http.host, max(self.cfg.http.port, 0)).start()
+        self.url = f"http://{self.cfg.http.host}:{self._runner.addresses[0][1]}"
+        log.info("route_serving", url=self.url, policy=self.policy.name,
+                 instances={b.name: b.url for b in self.backends.values()})  # fmt: skip
+        return self.url
+
+    async def close(self) -> None:
+        for b in self.backends.values():
+            b.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+        self.subscriber.close()
+
+    # ---- endpoints ---------------------------------------------------------------------
+    @web.middleware
+    async def _guard(self, request: web.Request, handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as e:  # aiohttp's own: no route, wrong method, body too large
+            if e.status < 400:
+                raise
+            return _error(e.status, f"path: {request.method} {request.path}: {e.reason}")
+
+    async def health(self, request: web.Request) -> web.Response:
+        up = [b.name for b in self.backends.values() if b.up]
+        if not up:
+            return _error(503, "health: no instance is up")
+        return _json(200, {"status": "ok", "instances_up": up})
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        return await self._forward(request, b"", self._live_order(None))
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        matched = None
+        if self.policy.uses_prefix:
+            ids = self.hasher.token_ids(request.path, raw)
+            matched = self._matched(ids) if ids is not None else None
+        return await self._forward(request, raw, self._live_order(matched), matched)
+
+    # ---- routing -----------------------------------------------------------------------
+    def _matched(self, ids: list[int]) -> dict[str, tuple[int, int]]:
+        """Per instance with KV events: (leading blocks of the prompt it holds, full blocks)."""
+        by_layout: dict[tuple[int, str], list[str]] = {}
+        for name in self.index.instances:
+            layout = self.index.layout(name)
+            if layout is not None:
+                by_layout.setdefault(layout, []).append(name)
+        out = {}
+        for (block_size, algo), names in by_layout.items():  # one layout in any sane deployment
+            hashes = self.hasher.hashes(ids, block_size, algo)
+            held = self.index.prefix_match(hashes)
+            out.update({name: (held.get(name, 0), len(hashes)) for name in names})
+        return out
+
+    def _live_order(self, matched: dict[str, tuple[int, int]] | None) -> list[Backend]:
+        live = [name for name, b in self.backends.items() if b.up]
+        in_flight = {name: self.backends[name].in_flight for name in live}
+        blocks = {name: held for name, (held, _) in matched.items()} if matched else None
+        return [self.backends[name] for name in self.policy.order(live, in_flight, blocks)]
+
+    async def _forward(self, request: web.Request, raw: bytes, order: list[Backend],
+                       matched: dict[str, tuple[int, int]] | None = None) -> web.StreamResponse:  # fmt: skip
+        """Send the request to the first of `order` that takes it; pass its answer back."""
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
+        for i, b in enumerate(order):
+            b.in_flight += 1
+            self.metrics.in_flight.labels(b.name).inc()
+            try:
+                try:
+                    upstream = await self._session.request(request.method, b.url + request.path_qs, data=raw or None,
+                                                           headers=headers, timeout=self._timeout)  # fmt: skip
+                except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError,
+                        aiohttp.ServerDisconnectedError) as e:  # fmt: skip
+                    self._refused(b, f"{type(e).__name__}: {e}")
+                    continue
+                except (aiohttp.ClientError, TimeoutError) as e:  # it had the request: not sent twice
+                    return self._failed(b, e)
+                try:
+                    if upstream.status == _RETRY_ELSEWHERE and i + 1 < len(order):
+                        self._refused(b, "answered 503")
+                        continue
+                    self.metrics.requests.labels(b.name).inc()
+                    if matched and b.name in matched:
+                        held, total = matched[b.name]
+                        self.metrics.hit_blocks.labels(b.name).inc(held)
+                        self.metrics.prompt_blocks.inc(total)
+                    return await self._pass_back(request, upstream, b)
+                finally:
+                    upstream.release()
+            finally:
+                b.in_flight -= 1
+                self.metrics.in_flight.labels(b.name).dec()
+        return _error(503, "route: no instance is up" if not order else "route: every instance refused the request")
+
+    def _refused(self, b: Backend, reason: str) -> None:
+        """`b` did not start the request: it is down until its /health says otherwise."""
+        self.metrics.failovers.labels(b.name).inc()
+        self.metrics.up.labels(b.name).set(0)
+        b.mark_down(reason, self._probe, self.route.retry_interval_s)
+
+    async def _probe(self, b: Backend) -> bool:
+        try:
+            async with self._session.get(b.url + "/health", timeout=self._probe_timeout) as r:
+                ok = r.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            ok = False
+        if ok:
+            self.metrics.up.labels(b.name).set(1)
+        return ok
+
+    async def _pass_back(self, request: web.Request, upstream: aiohttp.ClientResponse,
+                         b: Backend) -> web.StreamResponse:  # fmt: skip
+        """The instance's status, headers and body, byte for byte, as they come."""
+        headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP}
+        headers["X-Kvd-Instance"] = b.name
+        if upstream.content_type != "text/event-stream":  # a whole response: read it, answer with its length
+            try:
+                body = await upstream.read()
+            except (aiohttp.ClientError, TimeoutError) as e:
+                return self._failed(b, e)
+            return web.Response(status=upstream.status, body=body, headers=headers)
+        resp = web.StreamResponse(status=upstream.status, headers=headers)
+        await resp.prepare(request)
+        try:
+            async for data in upstream.content.iter_any():
+                await resp.write(data)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            status, message = self._failure(b, e)
+            await resp.write(sse(error_body(status, message)) + DONE)
+        await resp.write_eof()
+        return resp
+
+    def _failed(self, b: Backend, e: Exception) -> web.Response:
+        """The answer of an instance that failed after it had the request: 502, or 504 past the timeout."""
+        return _error(*self._failure(b, e))
+
+    def _failure(self, b: Backend, e: Exception) -> tuple[int, str]:
+        status = 504 if isinstance(e, TimeoutError) else 502
+        why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        self.metrics.errors.labels(b.name).inc()
+        log.warning("instance_failed", instance=b.name, status=status, error=why)
+        if status == 502:  # its connection broke: more requests would meet the same, until /health says otherwise
+            self.metrics.up.labels(b.name).set(0)
+            b.mark_down(why, self._probe, self.route.retry_interval_s)
+        return status, f"route: instance {b.name!r} failed: {why}"
+
+
+async def run(cfg: KvdConfig) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit code."""
+    from kvd.worker.models import load_tokenizer, resolve_model
+
+    t0 = time.monotonic()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if not cfg.route.instances:
+        log.error("route_start_failed", reason="route.instances: no instance configured")
+        return 2
+    try:
+        backends = Backend.from_config(cfg.route)
+        tokenizer = await asyncio.to_thread(load_tokenizer, resolve_model(cfg.model.model, cfg.model.cache_dir))
+    except (OSError, ValueError) as e:
+        log.error("route_start_failed", reason=f"{type(e).__name__}: {e}")
+        return 1
+    router = Router(cfg, tokenizer, backends)
+    run_dir = resolve_run_dir(cfg)
+    try:
+        url = await router.start()
+    except OSError as e:
+        log.error("route_start_failed", reason=f"{type(e).__name__}: {e}")
+        await router.close()
+        return 1
+    publish_endpoint(run_dir / "http_endpoint", url)
+    log.info("route_ready", url=url, duration_ms=round(1000 * (time.monotonic() - t0), 1))
+    failed: list[str] = []
+
+    def followed(task: asyncio.Task) -> None:
+        """Following the KV events ends by cancel (or at once with no instance to follow): an
+        error would leave the index stale, so the router stops with it (systemd restarts it)."""
+        if not task.cancelled() and task.exception() is not None:
+            failed.append(f"{type(task.exception()).__name__}: {task.exception()}")
+            log.error("route_failed", reason=f"kv events: {failed[0]}")
+            stop.set()
+
+    follow = asyncio.create_task(router.subscriber.run())
+    follow.add_done_callback(followed)
+    await stop.wait()
+    follow.cancel()
+    _unpublish(run_dir / "http_endpoint", url)
+    await router.close()
+    log.info("route_stopped", exit_code=1 if failed else 0)
+    return 1 if failed else 0
+
+
+def _unpublish(path: Path, url: str) -> None:
+    try:
+        if path.read_text().strip() == url:
+            path.unlink()
+    except OSError:
+        pass
+
+
+def route(cfg: KvdConfig) -> int:
+    """`kvd route`: JSON logs, uvloop, then `run`."""
+    import uvloop
+
+    from kvd.logs import configure_logging
+
+    configure_logging(cfg.log, "route", "route")
+    return uvloop.run(run(cfg))

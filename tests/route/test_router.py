@@ -1,0 +1,245 @@
+"""`kvd route` end to end: real unified instances (KV events and HTTP on) behind real router
+processes, raw HTTP. A conversation's next turn goes where its first was and hits the cache,
+round-robin alternates, the router's hashes are the instance's own, a killed instance fails
+its stream cleanly and the rest go to the other, bad input is the instance's one-line 400.
+Every wait is bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+import pytest
+from harness import DaemonHandle, log_events, start_daemon, wait_for
+
+from kvd.client import Client
+from kvd.route.prompt import PromptHasher
+from kvd.route.subscriber import KVEventSubscriber
+from kvd.spawn import daemon_env, start_kvd, wait_endpoint
+from kvd.worker.models import load_tokenizer
+
+BS = 16
+SYSTEM = "You are a careful assistant who answers in one short sentence. " * 6  # several blocks
+
+
+def instance(tmp_path: Path) -> DaemonHandle:
+    d = start_daemon(tmp_path, None, cache={"block_size": BS, "num_blocks": 256}, http={"port": 0},
+                     kv_events={"port": 0})  # fmt: skip
+    d.url = (d.run_dir / "http_endpoint").read_text().strip()
+    return d
+
+
+def start_router(tmp_path: Path, instances: dict[str, DaemonHandle | str], policy: str = "kv") -> DaemonHandle:
+    """`kvd route` in front of `instances` (a daemon: its run dir; a string: a bare URL)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    run_dir, log_file, stdout = tmp_path / "run", tmp_path / "route.log", tmp_path / "stdout.txt"
+    listed = ", ".join(f'{{name = "{name}", url = "{d}"}}' if isinstance(d, str) else
+                       f'{{name = "{name}", run_dir = "{d.run_dir}"}}' for name, d in instances.items())  # fmt: skip
+    config = tmp_path / "route.toml"
+    config.write_text(f'[daemon]\nrun_dir = "{run_dir}"\n[log]\nformat = "json"\nfile = "{log_file}"\n'
+                      f'[http]\nport = 0\n[route]\npolicy = "{policy}"\nretry_interval_s = 0.2\n'
+                      f"instances = [{listed}]\n")  # fmt: skip
+    proc = start_kvd(["route", "--config", str(config)], daemon_env(), stdout)
+    url = wait_endpoint(proc, run_dir / "http_endpoint", 60, stdout)
+    return DaemonHandle(proc, url, run_dir, log_file, stdout)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, smollm2_dir):
+    started = []
+    try:
+        for name in ("a", "b"):
+            started.append(instance(tmp_path_factory.mktemp(name)))
+        yield dict(zip("ab", started))
+    finally:
+        for d in started:
+            assert d.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def routers(tmp_path_factory, pair):
+    started = {}
+    try:
+        for policy in ("kv", "round_robin"):
+            started[policy] = start_router(tmp_path_factory.mktemp(policy), pair, policy)
+        yield started
+    finally:
+        for r in started.values():
+            assert r.stop() == 0
+
+
+def post(url: str, path: str, body: bytes | dict, timeout: float = 60) -> tuple[int, dict, dict]:
+    """(status, JSON body, headers), error statuses included."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read()), r.headers
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), e.headers
+
+
+def chat(messages: list[dict], **kw) -> dict:
+    return {"messages": messages, "max_tokens": 4, "temperature": 0, **kw}
+
+
+def test_a_conversation_follows_its_prefix_and_round_robin_alternates(routers):
+    url = routers["kv"].endpoint
+    for topic in ("planets", "rivers"):  # two conversations, each with a system prompt of its own
+        # the topic first: the two conversations share no block
+        turn1 = [{"role": "system", "content": f"Topic: {topic}. {SYSTEM}"}, {"role": "user", "content": "Name one."}]
+        status, r1, h1 = post(url, "/v1/chat/completions", chat(turn1))
+        assert status == 200 and r1["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        time.sleep(0.5)  # the instance's KV events reach the router (a user's next turn comes later still)
+        turn2 = turn1 + [{"role": "assistant", "content": r1["choices"][0]["message"]["content"]},
+                         {"role": "user", "content": "And another?"}]  # fmt: skip
+        status, r2, h2 = post(url, "/v1/chat/completions", chat(turn2))
+        assert status == 200 and h2["X-Kvd-Instance"] == h1["X-Kvd-Instance"] in ("a", "b")
+        cached = r2["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert cached >= 4 * BS and cached % BS == 0, r2["usage"]
+    metrics = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    hits = sum(float(line.split()[-1]) for line in metrics.splitlines()
+               if line.startswith("kvd_route_prefix_hit_blocks_total{"))  # fmt: skip
+    assert hits >= 8, metrics  # the two second turns' blocks at least
+    # Round-robin: the same prompt four times goes a, b, a, b (or b, a, b, a).
+    body = {"prompt": SYSTEM, "max_tokens": 2, "temperature": 0}
+    seen = [post(routers["round_robin"].endpoint, "/v1/completions", body)[2]["X-Kvd-Instance"] for _ in range(4)]
+    assert seen[0] != seen[1] and seen[:2] == seen[2:], seen
+
+
+def test_the_routers_hashes_are_the_instances_own(pair, smollm2_dir):
+    hasher = PromptHasher(load_tokenizer(smollm2_dir))
+    bodies = {"/v1/chat/completions": chat([{"role": "system", "content": SYSTEM + " Hashes."},
+                                            {"role": "user", "content": "Which hash?"}]),  # fmt: skip
+              "/v1/completions": {"prompt": "Completion hashes. " + SYSTEM, "max_tokens": 2}}  # blocks a lacks
+
+    async def check() -> None:
+        sub = KVEventSubscriber()
+        sub.add_run_dir("a", pair["a"].run_dir)
+        follow = asyncio.create_task(sub.run())
+        try:
+            async with aiohttp.ClientSession() as session:
+                for path, body in bodies.items():
+                    raw = json.dumps(body).encode()
+                    hashes = hasher.hashes(hasher.token_ids(path, raw), BS, "xxh3_128")
+                    assert len(hashes) >= 4 and sub.index.prefix_match(hashes).get("a", 0) == 0
+                    async with session.post(pair["a"].url + path, data=raw) as r:
+                        assert r.status == 200, await r.text()
+                    deadline = time.monotonic() + 10
+                    while sub.index.prefix_match(hashes).get("a", 0) < len(hashes):
+                        assert time.monotonic() < deadline, f"{path}: the instance never stored the router's hashes"
+                        await asyncio.sleep(0.05)
+                    assert sub.index.layout("a") == (BS, "xxh3_128")
+        finally:
+            follow.cancel()
+            sub.close()
+
+    asyncio.run(check())
+
+
+@pytest.mark.parametrize(("body", "param"), [(b'{"prompt": "x", "max_tokens": 2', "body"),
+                                             ({"prompt": "x", "max_tokenz": 2}, "max_tokenz")])  # fmt: skip
+def test_bad_input_is_the_instances_one_line_400(routers, pair, body, param):
+    status, err, headers = post(routers["kv"].endpoint, "/v1/completions", body)
+    assert status == 400 and "\n" not in err["error"]["message"] and err["error"]["param"] == param, err
+    assert headers["X-Kvd-Instance"] in pair
+    assert (status, err) == post(pair[headers["X-Kvd-Instance"]].url, "/v1/completions", body)[:2]
+
+
+def test_models_health_metrics(routers):
+    url = routers["kv"].endpoint
+    assert url.startswith("http://127.0.0.1:")
+    with urllib.request.urlopen(url + "/v1/models", timeout=10) as r:
+        assert json.loads(r.read())["data"][0]["id"] == "SmolLM2-135M-Instruct"
+    with urllib.request.urlopen(url + "/health", timeout=10) as r:
+        assert sorted(json.loads(r.read())["instances_up"]) == ["a", "b"]
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        assert b'kvd_route_requests_total{instance="a"}' in r.read()
+
+
+def test_a_client_that_leaves_a_routed_stream_aborts_its_request(routers, pair):
+    body = {"prompt": "Leaving early. " + SYSTEM, "max_tokens": 300, "ignore_eos": True, "stream": True}
+    req = urllib.request.Request(routers["kv"].endpoint + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(req, timeout=30) as r:
+        name, request_id = r.headers["X-Kvd-Instance"], r.headers["X-Request-Id"]
+        assert r.readline().startswith(b"data: {")
+    # the router's handler is cancelled, its upstream connection closed: the instance aborts the request
+    wait_for(lambda: [e for e in log_events(pair[name].log_file, "request_aborted") if e["request_id"] == request_id],
+             10, "the instance to abort the left stream")  # fmt: skip
+    with Client(pair[name].endpoint, timeout=10) as c:
+        assert c.status()["live_requests"] == 0
+
+
+def test_a_killed_instance_fails_its_stream_cleanly_and_the_rest_go_elsewhere(tmp_path, pair):
+    doomed = instance(tmp_path / "c")
+    with socket.socket() as s:  # a port nothing listens on: "gone" refuses every connection
+        s.bind(("127.0.0.1", 0))
+        gone = f"http://127.0.0.1:{s.getsockname()[1]}"
+    router = start_router(tmp_path / "route", {"c": doomed, "a": pair["a"], "gone": gone})
+    try:
+        prompt = "This one goes to c. " + SYSTEM  # blocks only c holds
+        assert post(doomed.url, "/v1/completions", {"prompt": prompt, "max_tokens": 1})[0] == 200  # c holds it
+        time.sleep(0.5)
+        body = {"prompt": prompt, "max_tokens": 300, "ignore_eos": True, "stream": True}
+        req = urllib.request.Request(router.endpoint + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        t0 = time.monotonic()
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert r.headers["X-Kvd-Instance"] == "c"
+            first = r.readline()
+            assert first.startswith(b"data: {")
+            os.kill(doomed.proc.pid, signal.SIGKILL)  # the daemon: its HTTP server goes with it
+            rest = r.read().decode()
+        events = [line[6:] for line in rest.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == 502, rest[-500:]
+        assert time.monotonic() - t0 < 30
+        for i in range(3):  # c is down; gone refuses (and is down after): each goes to a, none hangs
+            # prompts under a block: no instance holds them, so the order goes by turns and gone comes first once
+            status, r, headers = post(router.endpoint, "/v1/completions", {"prompt": f"Count to {i}.", "max_tokens": 2},
+                                      timeout=30)  # fmt: skip
+            assert status == 200 and headers["X-Kvd-Instance"] == "a", r
+        with urllib.request.urlopen(router.endpoint + "/health", timeout=10) as h:
+            assert json.loads(h.read())["instances_up"] == ["a"]
+        metrics = urllib.request.urlopen(router.endpoint + "/metrics", timeout=10).read().decode()
+        assert 'kvd_route_instance_up{instance="c"} 0.0' in metrics  # down since its stream broke
+        assert 'kvd_route_failovers_total{instance="gone"} 1.0' in metrics  # tried once, first in the order
+        assert 'kvd_route_errors_total{instance="c"} 1.0' in metrics
+        wait_for(lambda: doomed.proc.poll() is not None, 10, "the killed daemon's exit")
+    finally:
+        assert router.stop() == 0
+        doomed.stop()
+
+
+def test_a_draining_instance_sends_new_requests_elsewhere(tmp_path, pair):
+    """SIGTERM: the instance answers new requests 503 while its own finish; the router takes
+    that as not started and sends them to the next instance."""
+    draining = instance(tmp_path / "d")
+    router = start_router(tmp_path / "route", {"d": draining, "a": pair["a"]})
+    try:
+        prompt = "Drained. " + SYSTEM  # blocks only d holds
+        assert post(draining.url, "/v1/completions", {"prompt": prompt, "max_tokens": 1})[0] == 200
+        time.sleep(0.5)
+        body = {"prompt": "Keeps d busy.", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        req = urllib.request.Request(draining.url + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(req, timeout=30) as busy:
+            assert busy.readline().startswith(b"data: {")
+            draining.proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: post(draining.url, "/v1/completions", {"prompt": "x", "max_tokens": 1})[0] == 503, 10,
+                     "the instance to drain")  # fmt: skip
+            status, r, headers = post(router.endpoint, "/v1/completions", {"prompt": prompt, "max_tokens": 2})
+            assert status == 200 and headers["X-Kvd-Instance"] == "a", r
+        metrics = urllib.request.urlopen(router.endpoint + "/metrics", timeout=10).read().decode()
+        assert 'kvd_route_failovers_total{instance="d"} 1.0' in metrics
+    finally:
+        assert router.stop() == 0
+        draining.stop()
