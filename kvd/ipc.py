@@ -13,6 +13,7 @@ no other local user can connect to them at all; the client and PD endpoints are 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -22,6 +23,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 import zmq
 import zmq.asyncio
+from zmq.utils import z85
 
 T = TypeVar("T")
 
@@ -141,3 +143,24 @@ def field_error(e: msgspec.ValidationError, whole: str = "frame") -> str:
     if head.isidentifier():  # ... or a field inside it
         return f"{path}.{text}"
     return f"{path}: {text}"
+
+
+def curve_pair(secret: str, person: bytes) -> tuple[bytes, bytes]:
+    """A CURVE key pair (public, secret; z85) derived from a deployment's shared secret and a
+    personalisation naming its use (each socket kind's keys differ from every other's)."""
+    sk = z85.encode(hashlib.blake2b(secret.encode(), digest_size=32, person=person).digest())
+    return zmq.curve_public(sk), sk
+
+
+class OnlyKey:
+    """A ZAP CURVE check that admits one public key; a refusal is logged as `event`."""
+
+    def __init__(self, key: bytes, log, event: str) -> None:
+        self.key = key
+        self._log = log
+        self._event = event
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        if key != self.key:
+            self._log.warning(self._event, reason="CURVE key not derived from this deployment's pd.secret")
+        return key == self.key

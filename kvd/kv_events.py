@@ -41,12 +41,11 @@ the one subscriber key they admit, derive from it (`EventKeys`).
 
 from __future__ import annotations
 
-import hashlib
 from typing import Literal, NamedTuple
 
 import msgspec
-import zmq
-from zmq.utils import z85
+
+from kvd.ipc import curve_pair
 
 Tier = Literal["device", "host", "pool"]
 DEVICE: Tier = "device"
@@ -122,13 +121,8 @@ class EventKeys(NamedTuple):
 
     @classmethod
     def derive(cls, secret: str) -> EventKeys:
-        def pair(who: bytes) -> tuple[bytes, bytes]:
-            # A personalisation of their own: these keys never equal the PD link's.
-            digest = hashlib.blake2b(secret.encode(), digest_size=32, person=b"kvd-kvev-" + who).digest()
-            sk = z85.encode(digest)
-            return zmq.curve_public(sk), sk
-
-        return cls(*pair(b"server"), *pair(b"sub"))
+        # A personalisation of their own: these keys never equal the PD link's.
+        return cls(*curve_pair(secret, b"kvd-kvev-server"), *curve_pair(secret, b"kvd-kvev-sub"))
 
 
 def encoder() -> msgspec.msgpack.Encoder:

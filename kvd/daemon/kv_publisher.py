@@ -34,7 +34,7 @@ from zmq.auth.asyncio import AsyncioAuthenticator
 
 from kvd.cache.event_log import KVEventLog
 from kvd.config import KvdConfig
-from kvd.ipc import bind_random, publish_endpoint
+from kvd.ipc import OnlyKey, bind_random, publish_endpoint
 from kvd.kv_events import (
     EventBatch,
     EventKeys,
@@ -45,18 +45,6 @@ from kvd.kv_events import (
 )
 
 log = structlog.get_logger("kvd.kv_events")
-
-
-class _OnlyKey:
-    """The ZAP check: a connecting subscriber must hold the key derived from the secret."""
-
-    def __init__(self, key: bytes) -> None:
-        self.key = key
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        if key != self.key:
-            log.warning("kv_events_peer_refused", reason="CURVE key not derived from this deployment's pd.secret")
-        return key == self.key
 
 
 class KVEventPublisher:
@@ -90,7 +78,7 @@ class KVEventPublisher:
         if cfg.pd.secret:
             keys = EventKeys.derive(cfg.pd.secret)
             self._auth = AsyncioAuthenticator(self.ctx)
-            self._auth.configure_curve_callback("*", _OnlyKey(keys.subscriber_public))
+            self._auth.configure_curve_callback("*", OnlyKey(keys.subscriber_public, log, "kv_events_peer_refused"))
             self._auth.start()
             for sock in (self.pub, self.snap):
                 sock.curve_server = True

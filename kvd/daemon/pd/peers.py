@@ -19,7 +19,6 @@ host or across machines. A frame that does not decode is logged and dropped.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -30,9 +29,8 @@ import structlog
 import zmq
 import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
-from zmq.utils import z85
 
-from kvd.ipc import bind_random, publish_endpoint
+from kvd.ipc import OnlyKey, bind_random, curve_pair, publish_endpoint
 from kvd.messages import FromPrefill, Ping, Pong, ToPrefill
 
 log = structlog.get_logger("kvd.peers")
@@ -59,23 +57,7 @@ class LinkKeys(NamedTuple):
 
     @classmethod
     def derive(cls, secret: str) -> LinkKeys:
-        def pair(who: bytes) -> tuple[bytes, bytes]:
-            sk = z85.encode(hashlib.blake2b(secret.encode(), digest_size=32, person=b"kvd-pd-" + who).digest())
-            return zmq.curve_public(sk), sk
-
-        return cls(*pair(b"prefill"), *pair(b"decode"))
-
-
-class _OnlyKey:
-    """The ZAP check of a prefill instance: a connecting peer must hold the decode key."""
-
-    def __init__(self, key: bytes) -> None:
-        self.key = key
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        if key != self.key:
-            log.warning("pd_peer_refused", reason="CURVE key not derived from this deployment's pd.secret")
-        return key == self.key
+        return cls(*curve_pair(secret, b"kvd-pd-prefill"), *curve_pair(secret, b"kvd-pd-decode"))
 
 
 class PrefillServer:
@@ -88,7 +70,7 @@ class PrefillServer:
         if secret:
             keys = LinkKeys.derive(secret)
             self._auth = AsyncioAuthenticator(ctx)
-            self._auth.configure_curve_callback("*", _OnlyKey(keys.client_public))
+            self._auth.configure_curve_callback("*", OnlyKey(keys.client_public, log, "pd_peer_refused"))
             self._auth.start()
             self.sock.curve_server = True
             self.sock.curve_secretkey = keys.server_secret
