@@ -31,7 +31,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from kvd.ipc import field_error
+from kvd.ipc import Link, field_error
 from kvd.messages import (
     Abort,
     Chunk,
@@ -96,19 +96,13 @@ def _named(e: Exception) -> str:
 _ENC = msgspec.msgpack.Encoder()
 
 
-def _connect(ctx, endpoint: str):
-    """A DEALER connected to `endpoint` (IMMEDIATE: nothing queues for a daemon that is not
-    there); KvdError(400) for an endpoint ZeroMQ cannot parse."""
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.IMMEDIATE, 1)
+def _link(ctx: zmq.Context, endpoint: str) -> Link:
+    """The DEALER to the daemon; KvdError(400) for an endpoint ZeroMQ cannot parse."""
     try:
-        sock.connect(endpoint)
+        return Link(ctx, endpoint)
     except zmq.ZMQError as e:
-        sock.close(linger=0)
         raise KvdError(ErrorCode.BAD_REQUEST, f"endpoint: {endpoint!r} is not a ZeroMQ endpoint "
                                               f"such as tcp://127.0.0.1:PORT ({e})") from None  # fmt: skip
-    return sock
 
 
 def _unreachable(endpoint: str, seconds: float) -> KvdError:
@@ -170,10 +164,11 @@ class AsyncClient:
         self.connect_timeout = connect_timeout
         self._ctx = zmq.asyncio.Context()
         try:
-            self._sock = _connect(self._ctx, endpoint)
+            self._link = _link(self._ctx, endpoint)
         except KvdError:
             self._ctx.term()
             raise
+        self._sock = self._link.sock
         self._enc = msgspec.msgpack.Encoder()
         self._dec = msgspec.msgpack.Decoder(ServerMessage)
         self._queues: dict[str, asyncio.Queue] = {}
@@ -191,20 +186,24 @@ class AsyncClient:
         if self._reader is not None:
             self._reader.cancel()
             self._reader = None
-        self._sock.close(linger=0)
+        self._link.close()
         self._ctx.term()
 
     async def _send(self, frame: bytes) -> None:
         """Send once a daemon is connected (503 if none within connect_timeout)."""
-        if not await self._sock.poll(int(self.connect_timeout * 1000), zmq.POLLOUT):
-            raise _unreachable(self.endpoint, self.connect_timeout)
+        deadline = time.monotonic() + self.connect_timeout
+        while not self._link.up():
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0 or not await self._link.monitor.poll(left_ms, zmq.POLLIN):
+                raise _unreachable(self.endpoint, self.connect_timeout)
         await self._sock.send(frame)
 
     def _send_now(self, frame: bytes) -> None:
-        """Send if it can go out at once (an abort: a daemon that is gone has ended the request)."""
-        fut = self._sock.send(frame, flags=zmq.NOBLOCK)
-        if fut.done():
-            fut.exception()  # EAGAIN with no daemon connected: nothing to abort there
+        """Send if a daemon is connected (an abort: a daemon that is gone has ended the request)."""
+        if self._link.up():
+            fut = self._sock.send(frame, flags=zmq.NOBLOCK)
+            if fut.done():
+                fut.exception()  # EAGAIN at the high-water mark: the abort is not worth a wait
 
     async def _read(self) -> None:
         while True:
@@ -292,10 +291,11 @@ class Client:
         self.connect_timeout = connect_timeout
         self._ctx = zmq.Context()
         try:
-            self._sock = _connect(self._ctx, endpoint)
+            self._link = _link(self._ctx, endpoint)
         except KvdError:
             self._ctx.term()
             raise
+        self._sock = self._link.sock
         self._enc = msgspec.msgpack.Encoder()
         self._dec = msgspec.msgpack.Decoder(ServerMessage)
 
@@ -306,12 +306,16 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self._sock.close(linger=0)
+        self._link.close()
         self._ctx.term()
 
     def _send(self, frame: bytes) -> None:
-        if not self._sock.poll(int(self.connect_timeout * 1000), zmq.POLLOUT):
-            raise _unreachable(self.endpoint, self.connect_timeout)
+        """Send once a daemon is connected (503 if none within connect_timeout)."""
+        deadline = time.monotonic() + self.connect_timeout
+        while not self._link.up():
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0 or not self._link.monitor.poll(left_ms, zmq.POLLIN):
+                raise _unreachable(self.endpoint, self.connect_timeout)
         self._sock.send(frame)
 
     def _recv(self, deadline: float) -> ServerMessage | None:
@@ -353,11 +357,11 @@ class Client:
                 if (chunk := _chunk(reply, hint)) is not None:
                     yield chunk
         finally:
-            if not finished:
+            if not finished and self._link.up():  # a daemon that is gone has ended the request
                 try:
                     self._sock.send(self._enc.encode(Abort(request_id)), flags=zmq.NOBLOCK)
                 except zmq.ZMQError:
-                    pass  # the daemon is gone: the request ended with it
+                    pass  # at the high-water mark: the abort is not worth a wait
 
     def generate(self, prompt: str | None = None, **kwargs: Any) -> RequestOutput | list[RequestOutput]:
         """The whole result at once; with n > 1, a list of the n choices' outputs."""

@@ -24,6 +24,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 from zmq.utils import z85
+from zmq.utils.monitor import parse_monitor_message
 
 T = TypeVar("T")
 
@@ -68,6 +69,47 @@ def publish_endpoint(path: Path, endpoint: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(endpoint + "\n")
     os.replace(tmp, path)
+
+
+class Link:
+    """A DEALER connected to `endpoint`, and whether its peer is connected (the socket
+    monitor's handshake and disconnect events); zmq.ZMQError for an endpoint ZeroMQ cannot
+    parse. `ctx` decides sync or asyncio sockets. The clients' socket to a daemon, and the
+    router's to each instance.
+
+    Not ZMQ_IMMEDIATE, though POLLOUT would then tell the same: with it, libzmq discards the
+    replies received but not yet read when the peer closes the connection, so a daemon that
+    sends its last Errors and exits (a worker died, on_worker_death = "exit") would leave its
+    clients waiting for them until their timeout."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str) -> None:
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        # Watched before it connects: a handshake before the monitor would go unseen.
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self._events = zmq.Socket.shadow(self.monitor.underlying)  # non-blocking reads, sync or asyncio
+        self._up = False
+        try:
+            self.sock.connect(endpoint)
+        except zmq.ZMQError:
+            self.close()
+            raise
+
+    def up(self) -> bool:
+        """Whether the peer is connected, as of the monitor's events so far."""
+        while True:
+            try:
+                event = parse_monitor_message(self._events.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return self._up
+            self._up = event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
+
+    def close(self) -> None:
+        if self.sock.closed:
+            return
+        self.sock.disable_monitor()
+        self.monitor.close(linger=0)
+        self.sock.close(linger=0)
 
 
 class BadFrame(Exception):
