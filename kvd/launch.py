@@ -203,12 +203,12 @@ class Deployment:
         log_dir.mkdir(parents=True, exist_ok=True)
         for stale in ("endpoint", "http_endpoint"):
             (self.run_dir / stale).unlink(missing_ok=True)
-        instances = [{"name": name, "run_dir": str(self.run_dir / name)} for name in targets]
-        # [route] instances as one TOML array of inline tables (JSON strings are TOML strings).
-        listed = "[" + ", ".join("{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in inst.items()) + "}"
-                                 for inst in instances) + "]"  # fmt: skip
-        # The router has no role, but a config written for decode instances must validate for it too.
-        extra = {"KVD_ROUTE_INSTANCES": listed, "KVD_DAEMON_ROLE": "unified", "KVD_LOG_FILE": str(log_dir / "kvd.log")}
+        # [route] instances as a TOML array of inline tables (a JSON string is a TOML string).
+        listed = ", ".join(f"{{name = {json.dumps(n)}, run_dir = {json.dumps(str(self.run_dir / n))}}}"
+                           for n in targets)  # fmt: skip
+        # KVD_DAEMON_ROLE: the router has none, but a config written for decode instances must validate.
+        extra = {"KVD_ROUTE_INSTANCES": f"[{listed}]", "KVD_LOG_FILE": str(log_dir / "kvd.log"),
+                 "KVD_DAEMON_ROLE": "unified"}  # fmt: skip
         if "KVD_PD_SECRET" in self.pool_env:  # the instances' KV events are CURVE with it
             extra["KVD_PD_SECRET"] = self.pool_env["KVD_PD_SECRET"]
         cmd = [sys.executable, "-m", "kvd.cli", ROUTER, "--run-dir", str(self.run_dir)]
