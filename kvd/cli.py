@@ -6,6 +6,7 @@
                  [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S] [--presence-penalty X]
                  [--frequency-penalty X] [--repetition-penalty X] [--min-tokens N] [--stop S ...] [--json]
     kvd status [--endpoint E | --run-dir DIR] [--json]
+    kvd launch unified --instances N --run-dir DIR [--config FILE] [--http-port P]
     kvd launch pd --prefill N --decode M --pool local|mooncake|redis --run-dir DIR [--config FILE] [--http-port P]
     kvd route --config conf/route.toml [--run-dir DIR] [--http-port P]
     kvd trace REQUEST_ID [LOG ...]
@@ -65,6 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_route(args: argparse.Namespace) -> int:
     from kvd.config import ConfigError, load_config
+    from kvd.daemon.notify import watchdog_interval
     from kvd.route.router import route
 
     overrides = {"daemon.run_dir": args.run_dir, "http.port": args.http_port}
@@ -73,7 +75,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"kvd: config: {e}", file=sys.stderr)
         return 2
-    return route(cfg)
+    return route(cfg, os.environ.get("NOTIFY_SOCKET"), watchdog_interval(os.environ))
 
 
 # SamplingParams fields `kvd generate` takes as flags (--top-p, ...), beside --max-tokens and --temperature.
@@ -129,8 +131,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_launch(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from kvd.launch import launch_pd
+    from kvd.launch import launch_pd, launch_unified
 
+    if args.kind == "unified":
+        return launch_unified(args.instances, Path(args.run_dir), args.config, args.http_port)
     return launch_pd(args.prefill, args.decode, args.pool, Path(args.run_dir), args.config, args.redis_url,
                      args.http_port)
 
@@ -185,17 +189,23 @@ def build_parser() -> argparse.ArgumentParser:
                 c.add_argument("--" + name.replace("_", "-"), type=kind)
             c.add_argument("--stop", action="append", help="a stop string (repeatable)")
 
-    la = sub.add_parser("launch", help="start a whole PD deployment on this host")
-    la.add_argument("kind", choices=["pd"])
-    la.add_argument("--prefill", type=int, default=1, help="prefill instances")
-    la.add_argument("--decode", type=int, default=1, help="decode instances")
-    la.add_argument("--pool", choices=["local", "mooncake", "redis"], default="local")
-    la.add_argument("--run-dir", required=True, help="DIR/endpoint gets the decode side's client endpoint")
-    la.add_argument("--config", help="a TOML file every instance starts from (role and pool are set per instance)")
-    la.add_argument("--redis-url", help="use this Redis server instead of starting one")
-    la.add_argument("--http-port", type=int, help="the first decode instance also serves the OpenAI HTTP API "
-                                                  "(0 = a random free port; its URL goes to DIR/http_endpoint)")
-    la.set_defaults(fn=cmd_launch)
+    la = sub.add_parser("launch", help="start a whole deployment on this host, `kvd route` in front")
+    kinds = la.add_subparsers(dest="kind", required=True)
+    lu = kinds.add_parser("unified", help="unified instances behind the router")
+    lu.add_argument("--instances", type=int, default=1, help="unified instances")
+    lp = kinds.add_parser("pd", help="prefill and decode instances, the router in front of the decode ones")
+    lp.add_argument("--prefill", type=int, default=1, help="prefill instances")
+    lp.add_argument("--decode", type=int, default=1, help="decode instances")
+    lp.add_argument("--pool", choices=["local", "mooncake", "redis"], default="local")
+    lp.add_argument("--redis-url", help="use this Redis server instead of starting one")
+    for kind in (lu, lp):
+        kind.add_argument("--run-dir", required=True, help="DIR/http_endpoint gets the router's URL, DIR/endpoint "
+                                                           "the first instance's client endpoint")  # fmt: skip
+        kind.add_argument("--config", help="a TOML file every process starts from (role, ports and run dir "
+                                           "are set per process)")  # fmt: skip
+        kind.add_argument("--http-port", type=int, help="the router's OpenAI HTTP API (default: the config's "
+                                                        "[http] port; 0 = a random free port)")  # fmt: skip
+        kind.set_defaults(fn=cmd_launch)
 
     t = sub.add_parser("trace", help="rebuild a request's timeline from JSON logs")
     t.add_argument("request_id")

@@ -1,30 +1,38 @@
-"""`kvd launch pd`: a whole PD deployment on one host, started and stopped as one.
+"""`kvd launch`: a whole deployment on one host — instances and the router in front — started
+and stopped as one.
 
+    kvd launch unified --instances N --run-dir DIR [--config FILE] [--http-port PORT]
     kvd launch pd --prefill N --decode M --pool local|mooncake|redis --run-dir DIR [--config FILE]
                   [--http-port PORT]
 
-It starts the pool's servers where the pool needs them (the local pool: an LMDB
-directory of its own on /dev/shm, removed at exit) (`redis-server`, or
-`mooncake_master` with P2P handshake metadata — every Mooncake process with
-MC_TCP_BIND_ADDRESS=127.0.0.1; see kvd.cache.storage.servers), then N prefill instances
-(`DIR/prefill-<i>`), waits for their PD endpoints, then M decode instances
-(`DIR/decode-<j>`) pointed at every prefill instance, and writes the first decode
-instance's client endpoint to `DIR/endpoint` (all of them to `DIR/endpoints`). The first
-decode instance also serves the OpenAI HTTP API with `--http-port` (or the config's
-`[http] port`; no other instance does) and its URL goes to `DIR/http_endpoint`. Each
-instance is a `kvd serve` process configured by `--config` (default: the built-in
-defaults) plus `KVD_*` variables for its role, run directory, pool and log file
-(`DIR/<instance>/kvd.log`, which `kvd trace` reads). SIGTERM or Ctrl-C stops everything
-(instances drain first); so does any instance exiting on its own, with exit code 1.
+unified: N unified instances (`DIR/unified-<i>`). pd: the pool's servers where the pool
+needs them (the local pool: an LMDB directory of its own on /dev/shm, removed at exit)
+(`redis-server`, or `mooncake_master` with P2P handshake metadata — every Mooncake process
+with MC_TCP_BIND_ADDRESS=127.0.0.1; see kvd.cache.storage.servers), then N prefill
+instances (`DIR/prefill-<i>`), once their PD endpoints are up M decode instances
+(`DIR/decode-<j>`) pointed at every prefill instance.
 
-Instances report readiness to the launcher as they would to systemd: NOTIFY_SOCKET names
+Then `kvd route` in front of the clients' instances (the unified ones, or the decode ones),
+its run dir DIR, its log and output in `DIR/route/`: each of those instances serves HTTP
+and publishes KV events on random ports (written to its run dir, which the router reads),
+and the router serves the OpenAI HTTP API on `--http-port` (or the config's `[http] port`;
+-1 or 0: a random one) and writes its URL to `DIR/http_endpoint`. `DIR/endpoints` lists the
+instances' client endpoints and `DIR/endpoint` names the first (the ZeroMQ client API is not
+the router's yet). Each process is `kvd serve` or `kvd route` configured by `--config`
+(default: the built-in defaults) plus `KVD_*` variables for its role, run directory, ports,
+pool and log file (`DIR/<instance>/kvd.log`, which `kvd trace` reads). SIGTERM or Ctrl-C
+stops everything (the router first, then the instances, which drain); so does any process
+exiting on its own, with exit code 1.
+
+Every process reports readiness to the launcher as it would to systemd: NOTIFY_SOCKET names
 the launcher's socket (`Readiness`), and the launcher waits on that socket and on each
-instance's pidfd — an instance that dies is seen at once, and nothing polls.
+process's pidfd — one that dies is seen at once, and nothing polls.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import secrets
@@ -36,6 +44,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -47,6 +56,10 @@ log = structlog.get_logger("kvd.launch")
 
 START_TIMEOUT_S = 900.0  # a first start converts the embedded model
 STOP_TIMEOUT_S = 40.0
+ROUTER = "route"  # the router's name among the processes, and its directory (log, output) in DIR
+# What the router needs of an instance behind it: HTTP and KV events, on ports the kernel picks.
+ROUTED = {"KVD_HTTP_PORT": "0", "KVD_KV_EVENTS_PORT": "0", "KVD_KV_EVENTS_SNAPSHOT_PORT": "0"}
+NO_HTTP = {"KVD_HTTP_PORT": "-1"}  # a prefill instance: no client reaches it
 
 
 class Readiness:
@@ -123,10 +136,11 @@ class Readiness:
 
 
 class Deployment:
-    """The processes of one PD deployment: pool servers, prefill and decode instances."""
+    """The processes of one deployment: pool servers (PD), instances, the router in front."""
 
-    def __init__(self, run_dir: Path, pool: str, config: str | None, redis_url: str | None = None,
+    def __init__(self, run_dir: Path, pool: str | None, config: str | None, redis_url: str | None = None,
                  http_port: int | None = None) -> None:  # fmt: skip
+        """`pool` None: unified instances, no pool and no PD link."""
         self.run_dir = run_dir.resolve()
         self.http_port = http_port
         self.pool = pool
@@ -134,9 +148,10 @@ class Deployment:
         self.redis_url = redis_url
         self.servers: list = []
         self.procs: dict[str, subprocess.Popen] = {}
-        # One CURVE secret per deployment (kept if the caller gave one): its link admits no one else.
-        self.pool_env: dict[str, str] = {"KVD_PD_POOL": pool,
-                                         "KVD_PD_SECRET": os.environ.get("KVD_PD_SECRET") or secrets.token_hex(16)}
+        # One CURVE secret per PD deployment (kept if the caller gave one): its link, and its KV
+        # events, admit no one else.
+        self.pool_env: dict[str, str] = {} if pool is None else {
+            "KVD_PD_POOL": pool, "KVD_PD_SECRET": os.environ.get("KVD_PD_SECRET") or secrets.token_hex(16)}
         self.local_pool: Path | None = None
         self.readiness = Readiness()
 
@@ -171,7 +186,7 @@ class Deployment:
     def start_instance(self, name: str, role: str, extra: dict[str, str]) -> Path:
         inst_dir = self.run_dir / name
         inst_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ("endpoint", "pd_endpoint", "http_endpoint"):
+        for stale in ("endpoint", "pd_endpoint", "http_endpoint", "kv_events_endpoint", "kv_snapshot_endpoint"):
             (inst_dir / stale).unlink(missing_ok=True)
         env = daemon_env(self.pool_env | extra | self.readiness.env)
         env |= {"KVD_DAEMON_ROLE": role, "KVD_DAEMON_RUN_DIR": str(inst_dir), "KVD_LOG_FILE": str(inst_dir / "kvd.log")}
@@ -181,8 +196,31 @@ class Deployment:
         log.info("instance_started", instance=name, role=role, pid=self.procs[name].pid)
         return inst_dir
 
+    def start_router(self, targets: list[str]) -> None:
+        """`kvd route` in front of the named instances (ready by now: it reads their run dirs
+        at its start); its run dir is DIR, where it writes http_endpoint itself."""
+        log_dir = self.run_dir / ROUTER
+        log_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ("endpoint", "http_endpoint"):
+            (self.run_dir / stale).unlink(missing_ok=True)
+        # [route] instances as a TOML array of inline tables (a JSON string is a TOML string).
+        listed = ", ".join(f"{{name = {json.dumps(n)}, run_dir = {json.dumps(str(self.run_dir / n))}}}"
+                           for n in targets)  # fmt: skip
+        # KVD_DAEMON_ROLE: the router has none, but a config written for decode instances must validate.
+        extra = {"KVD_ROUTE_INSTANCES": f"[{listed}]", "KVD_LOG_FILE": str(log_dir / "kvd.log"),
+                 "KVD_DAEMON_ROLE": "unified"}  # fmt: skip
+        if "KVD_PD_SECRET" in self.pool_env:  # the instances' KV events are CURVE with it
+            extra["KVD_PD_SECRET"] = self.pool_env["KVD_PD_SECRET"]
+        cmd = [sys.executable, "-m", "kvd.cli", ROUTER, "--run-dir", str(self.run_dir)]
+        cmd += (["--config", self.config] if self.config else []) + (
+            ["--http-port", str(self.http_port)] if self.http_port is not None else [])
+        out = (log_dir / "stdout.txt").open("w")
+        self.procs[ROUTER] = subprocess.Popen(cmd, env=daemon_env(extra | self.readiness.env), stdout=out,
+                                              stderr=subprocess.STDOUT)  # fmt: skip
+        log.info("router_started", pid=self.procs[ROUTER].pid, instances=targets)
+
     def wait_ready(self, names: list[str], deadline: float) -> None:
-        """Until the named instances said READY=1; RuntimeError if any instance exits first."""
+        """Until the named processes said READY=1; RuntimeError if any process exits first."""
         try:
             outcome = self.readiness.wait(self.procs, names, deadline)
         except RuntimeError as e:
@@ -190,34 +228,49 @@ class Deployment:
         if outcome != "ready":
             raise RuntimeError(f"{', '.join(names)} not ready within {START_TIMEOUT_S} s")
 
-    def start(self, n_prefill: int, n_decode: int) -> str:
+    def start_unified(self, n: int) -> str:
+        """N unified instances behind the router; returns the deployment's client endpoint."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        names = [f"unified-{i}" for i in range(n)]
+        for name in names:
+            self.start_instance(name, "unified", ROUTED)
+        self.wait_ready(names, deadline)
+        return self._front(names, deadline)
+
+    def start_pd(self, n_prefill: int, n_decode: int) -> str:
+        """The pool, N prefill and M decode instances, the router in front of the decode ones;
+        returns the deployment's client endpoint."""
         deadline = time.monotonic() + START_TIMEOUT_S
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.start_pool()
-        no_http = {"KVD_HTTP_PORT": "-1"}  # only the clients' entry point serves HTTP
-        prefill_dirs = [self.start_instance(f"prefill-{i}", "prefill", no_http) for i in range(n_prefill)]
+        prefill_dirs = [self.start_instance(f"prefill-{i}", "prefill", NO_HTTP) for i in range(n_prefill)]
         self.wait_ready([f"prefill-{i}" for i in range(n_prefill)], deadline)
-        specs = "[" + ", ".join(f'"{d}"' for d in prefill_dirs) + "]"
-        first_http = {} if self.http_port is None else {"KVD_HTTP_PORT": str(self.http_port)}
-        decode_dirs = [self.start_instance(f"decode-{j}", "decode", {"KVD_PD_PREFILL_ENDPOINTS": specs}
-                                           | (first_http if j == 0 else no_http))
-                       for j in range(n_decode)]  # fmt: skip
-        self.wait_ready([f"decode-{j}" for j in range(n_decode)], deadline)
-        endpoints = [(d / "endpoint").read_text().strip() for d in decode_dirs]
+        specs = "[" + ", ".join(json.dumps(str(d)) for d in prefill_dirs) + "]"
+        names = [f"decode-{j}" for j in range(n_decode)]
+        for name in names:
+            self.start_instance(name, "decode", ROUTED | {"KVD_PD_PREFILL_ENDPOINTS": specs})
+        self.wait_ready(names, deadline)
+        return self._front(names, deadline)
+
+    def _front(self, names: list[str], deadline: float) -> str:
+        """The clients' instances are ready: list them, put the router in front, publish."""
+        endpoints = [(self.run_dir / name / "endpoint").read_text().strip() for name in names]
         (self.run_dir / "endpoints").write_text("\n".join(endpoints) + "\n")
-        http = decode_dirs[0] / "http_endpoint"
-        if http.exists():  # written before the endpoint file, so before READY=1
-            publish_endpoint(self.run_dir / "http_endpoint", http.read_text().strip())
+        self.start_router(names)
+        self.wait_ready([ROUTER], deadline)  # its http_endpoint is written by then
+        # DIR/endpoint: the first instance's ZeroMQ client endpoint, until the router serves the
+        # ZeroMQ client API and writes DIR/endpoint itself before READY=1; then this line goes.
         publish_endpoint(self.run_dir / "endpoint", endpoints[0])
         return endpoints[0]
 
     # ---- stop --------------------------------------------------------------------------
     def stop(self) -> None:
-        """Decode instances first, until they exit (they drain their clients, whose handoffs
-        still need the prefill instances), then prefill (they drain their handoffs), then
-        the pool."""
-        for first in (True, False):
-            group = [(name, proc) for name, proc in self.procs.items() if name.startswith("decode") == first]
+        """The router first (no new request reaches an instance), then the clients'
+        instances, until they exit (they drain their clients, whose handoffs still need the
+        prefill instances), then prefill (they drain their handoffs), then the pool."""
+        for rank in (0, 1, 2):
+            group = [(name, proc) for name, proc in self.procs.items() if _stop_rank(name) == rank]
             for _, proc in group:
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)
@@ -232,30 +285,67 @@ class Deployment:
             server.stop()
         if self.local_pool is not None:
             shutil.rmtree(self.local_pool, ignore_errors=True)
-        for name in ("endpoint", "http_endpoint"):
+        for name in ("endpoint", "http_endpoint", "endpoints"):
             with contextlib.suppress(OSError):
                 (self.run_dir / name).unlink()
 
 
+def _stop_rank(name: str) -> int:
+    return 0 if name == ROUTER else 2 if name.startswith("prefill") else 1
+
+
+def launch_unified(n: int, run_dir: Path, config: str | None = None, http_port: int | None = None) -> int:
+    """`kvd launch unified`: N unified instances behind the router, in the foreground until
+    SIGTERM/SIGINT or a process exits."""
+    reason = "--instances must be >= 1" if n < 1 else _config_error(config)
+    if reason is not None:
+        return _refuse(reason)
+    return _run(Deployment(run_dir, None, config, http_port=http_port), lambda dep: dep.start_unified(n), instances=n)
+
+
 def launch_pd(n_prefill: int, n_decode: int, pool: str, run_dir: Path, config: str | None = None,
               redis_url: str | None = None, http_port: int | None = None) -> int:  # fmt: skip
-    """Run a deployment in the foreground until SIGTERM/SIGINT or an instance exits."""
+    """`kvd launch pd`: a PD deployment behind the router, in the foreground until
+    SIGTERM/SIGINT or a process exits."""
+    reason = "--prefill and --decode must be >= 1" if n_prefill < 1 or n_decode < 1 else _config_error(config)
+    if reason is not None:
+        return _refuse(reason)
+    return _run(Deployment(run_dir, pool, config, redis_url, http_port), lambda dep: dep.start_pd(n_prefill, n_decode),
+                prefill=n_prefill, decode=n_decode)  # fmt: skip
+
+
+def _refuse(reason: str) -> int:
+    print(f"kvd launch: {reason}", file=sys.stderr)
+    return 2
+
+
+def _config_error(config: str | None) -> str | None:
+    """Why every process would refuse `config` (a missing file, a bad key), or None. Read as
+    the processes read it, less their role, which the launcher sets per process."""
+    from kvd.config import ConfigError, load_config
+
+    try:
+        load_config(config, {"daemon.role": "unified"}, environ=daemon_env())
+    except ConfigError as e:
+        return f"config: {e}"
+    return None
+
+
+def _run(dep: Deployment, start: Callable[[Deployment], str], **shape: int) -> int:
+    """Start `dep` with `start(dep)`, serve until a signal or an exit, stop it; the exit code."""
     from kvd.config import LogConfig
     from kvd.logs import configure_logging
 
     configure_logging(LogConfig(), process="launch", role="launch")
-    if n_prefill < 1 or n_decode < 1:
-        print("kvd launch: --prefill and --decode must be >= 1", file=sys.stderr)
-        return 2
-    dep = Deployment(run_dir, pool, config, redis_url, http_port)
     wake_r, wake_w = os.pipe()  # the signal handler's byte wakes the wait below
     os.set_blocking(wake_w, False)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: os.write(wake_w, b"\0"))
     code = 0
     try:
-        endpoint = dep.start(n_prefill, n_decode)
-        log.info("deployment_ready", endpoint=endpoint, run_dir=str(dep.run_dir), prefill=n_prefill, decode=n_decode)
+        endpoint = start(dep)
+        http = (dep.run_dir / "http_endpoint").read_text().strip()
+        log.info("deployment_ready", endpoint=endpoint, http=http, run_dir=str(dep.run_dir), **shape)
         dep.readiness.wait(dep.procs, [], math.inf, stop_fd=wake_r)  # until a signal; an exit raises
     except (RuntimeError, OSError, ValueError) as e:  # a server that would not start, a dead instance
         log.error("deployment_failed", error=str(e))

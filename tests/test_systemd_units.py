@@ -1,5 +1,5 @@
-"""systemd/kvd.service and kvd@.service: notify + watchdog, hardening, a stop timeout that
-covers the drain; `systemd-analyze security --offline=yes` at 2.5 or below for every unit,
+"""systemd/kvd.service, kvd@.service and kvd-route.service: notify + watchdog, hardening, a
+stop timeout that covers the drain; `systemd-analyze security --offline=yes` at 2.5 or below for every unit,
 with and without the GPU drop-in, which relaxes device access only; `systemd-analyze
 verify` clean; kvd serving under the units' system call filter (tests/syscall_filter.py,
 no systemd needed). Each skips, naming why, where its tool is missing or too old."""
@@ -20,7 +20,11 @@ from kvd.client import Client
 from kvd.config import DaemonConfig
 
 UNITS = Path(__file__).resolve().parents[1] / "systemd"
-NAMES = ["kvd.service", "kvd@.service"]
+NAMES = ["kvd.service", "kvd@.service"]  # the instances' units, each with a GPU drop-in
+ROUTE = "kvd-route.service"  # the router's: no model, no drop-in
+# What each unit runs, and the only paths it writes besides the cache.
+EXEC = {"kvd.service": ("serve", "--run-dir /run/kvd"), "kvd@.service": ("serve", "--run-dir /run/kvd"),
+        ROUTE: ("route", "--config /etc/kvd/route.toml --run-dir /run/kvd-route")}  # fmt: skip
 MAX_EXPOSURE = 2.5
 HARDENING = {
     "NoNewPrivileges": "yes",
@@ -73,7 +77,7 @@ def seconds(value: str) -> float:
     return float(value)
 
 
-@pytest.mark.parametrize("name", ["kvd.service", "kvd@.service"])
+@pytest.mark.parametrize("name", [*NAMES, ROUTE])
 def test_unit_contract(name):
     unit = parse_unit(UNITS / name)
     svc = {k: v[-1] for k, v in unit["Service"].items()}
@@ -87,9 +91,10 @@ def test_unit_contract(name):
     assert unit["Service"]["SystemCallFilter"] == ["@system-service", "~@privileged"]
     env = " ".join(unit["Service"]["Environment"])
     assert "KVD_CACHE_DIR=/var/cache/kvd" in env and "HF_HUB_OFFLINE=1" in env
-    assert set(svc["ReadWritePaths"].split()) == {"/var/cache/kvd", "/run/kvd"}
+    command, run_dir = EXEC[name]
+    assert set(svc["ReadWritePaths"].split()) == {"/var/cache/kvd", run_dir.split()[-1]}
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]
-    assert " serve " in svc["ExecStart"] and "--run-dir /run/kvd" in svc["ExecStart"]
+    assert f" {command} " in svc["ExecStart"] and run_dir in svc["ExecStart"]
 
 
 def test_template_is_per_role():
@@ -151,7 +156,7 @@ def exposure(unit: Path) -> tuple[float, dict[str, bool]]:
 
 
 @needs_analyze
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [*NAMES, ROUTE])
 def test_security_exposure(tmp_path, name):
     figure, _ = exposure(install(tmp_path, name))
     assert figure <= MAX_EXPOSURE, f"{name}: exposure {figure} > {MAX_EXPOSURE}"
@@ -169,9 +174,9 @@ def test_security_exposure_with_gpu_dropin(tmp_path, name):
 
 
 @needs_analyze
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [*NAMES, ROUTE])
 def test_systemd_analyze_verify(tmp_path, name):
-    unit = install(tmp_path, name, ("gpu.conf", "ip.conf.example"))
+    unit = install(tmp_path, name, () if name == ROUTE else ("gpu.conf", "ip.conf.example"))
     instance = unit.with_name("kvd@decode.service") if "@" in name else unit
     proc = subprocess.run(["systemd-analyze", "verify", str(instance)], capture_output=True, text=True, timeout=60)
     # verify exits 0 even on unknown keys; its warnings about our files are what matter

@@ -3,12 +3,14 @@
 The protocol is one datagram of `KEY=VALUE` lines to the unix socket named by
 NOTIFY_SOCKET (a leading '@' names the abstract namespace). Without NOTIFY_SOCKET
 (not under systemd) every call is a no-op. The daemon reads the environment once, at
-start-up, and hands the result here.
+start-up, and hands the result here (`watchdog_interval` reads WATCHDOG_USEC the same way).
 """
 
 from __future__ import annotations
 
+import os
 import socket
+from collections.abc import Mapping
 
 import structlog
 
@@ -52,3 +54,12 @@ class Notifier:
 
     def stopping(self) -> None:
         self.notify("STOPPING=1")
+
+
+def watchdog_interval(environ: Mapping[str, str]) -> float | None:
+    """Seconds between WATCHDOG=1 pings: half of WATCHDOG_USEC, as systemd advises; None when
+    systemd watches no process here or another one (WATCHDOG_PID), as sd_watchdog_enabled()."""
+    usec, pid = environ.get("WATCHDOG_USEC", ""), environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6

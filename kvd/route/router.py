@@ -20,6 +20,10 @@ in the order; with none left the client gets 503. An instance that fails after t
 began ends a stream with an error event and `[DONE]`, or a whole response with 502; an answer
 not done within `request_timeout_s` ends the same way with 504. A body the router cannot
 read is still forwarded: the instance answers its own 400.
+
+Under systemd (Type=notify; `kvd launch` listens the same way): READY=1 once the endpoint
+files are written, WATCHDOG=1 every half WATCHDOG_USEC while the event loop runs, STOPPING=1
+at SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import structlog
 from aiohttp import web
 
 from kvd.config import KvdConfig, resolve_run_dir
+from kvd.daemon.notify import Notifier
 from kvd.daemon.openai_api import DONE, JSON, error_body, sse
 from kvd.ipc import publish_endpoint
 from kvd.route.backend import Backend
@@ -250,15 +255,23 @@ class Router:
         return status, f"route: instance {b.name!r} failed: {why}"
 
 
-async def run(cfg: KvdConfig) -> int:
-    """Serve until SIGTERM/SIGINT; returns the exit code."""
+async def run(cfg: KvdConfig, notifier: Notifier | None = None, watchdog_s: float | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit code. `notifier`: systemd's socket (READY=1,
+    STOPPING=1, and WATCHDOG=1 every `watchdog_s` when that is set)."""
     from kvd.worker.models import load_tokenizer, resolve_model
 
     t0 = time.monotonic()
+    notifier = notifier or Notifier(None)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if not stop.is_set():
+            notifier.stopping()
+            stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     if not cfg.route.instances:
         log.error("route_start_failed", reason="route.instances: no instance configured")
         return 2
@@ -277,6 +290,8 @@ async def run(cfg: KvdConfig) -> int:
         await router.close()
         return 1
     publish_endpoint(run_dir / "http_endpoint", url)
+    if not stop.is_set():  # every endpoint file is written: READY=1 says so (a signal meanwhile: never ready)
+        notifier.ready(f"routing on {url}")
     log.info("route_ready", url=url, duration_ms=round(1000 * (time.monotonic() - t0), 1))
     failed: list[str] = []
 
@@ -290,12 +305,22 @@ async def run(cfg: KvdConfig) -> int:
 
     follow = asyncio.create_task(router.subscriber.run())
     follow.add_done_callback(followed)
+    watchdog = asyncio.create_task(_watchdog(notifier, watchdog_s)) if watchdog_s else None
     await stop.wait()
     follow.cancel()
+    if watchdog is not None:
+        watchdog.cancel()
     _unpublish(run_dir / "http_endpoint", url)
     await router.close()
     log.info("route_stopped", exit_code=1 if failed else 0)
     return 1 if failed else 0
+
+
+async def _watchdog(notifier: Notifier, interval_s: float) -> None:
+    """WATCHDOG=1 while the event loop turns: a blocked loop stops the pings and systemd restarts the router."""
+    while True:
+        await asyncio.sleep(interval_s)
+        notifier.watchdog()
 
 
 def _unpublish(path: Path, url: str) -> None:
@@ -306,11 +331,12 @@ def _unpublish(path: Path, url: str) -> None:
         pass
 
 
-def route(cfg: KvdConfig) -> int:
-    """`kvd route`: JSON logs, uvloop, then `run`."""
+def route(cfg: KvdConfig, notify_socket: str | None = None, watchdog_s: float | None = None) -> int:
+    """`kvd route`: JSON logs, uvloop, then `run` (NOTIFY_SOCKET and the watchdog's period as
+    the command line read them from the environment)."""
     import uvloop
 
     from kvd.logs import configure_logging
 
     configure_logging(cfg.log, "route", "route")
-    return uvloop.run(run(cfg))
+    return uvloop.run(run(cfg, Notifier(notify_socket), watchdog_s))

@@ -226,6 +226,8 @@ def free_port() -> int:
     (["serve", "--port", "99999"], None, "daemon.port"),
     (["trace", "x", "/nonexistent/kvd.log"], None, "trace"),
     (["launch", "pd", "--pool", "redis", "--run-dir", "RUN"], {"PATH": "/nonexistent"}, "redis-server"),
+    (["launch", "unified", "--instances", "0", "--run-dir", "RUN"], None, "--instances must be >= 1"),
+    (["launch", "unified", "--config", "/nonexistent/kvd.toml", "--run-dir", "RUN"], None, "config"),
     (["status", "--run-dir", "RUN"], {"KVD_BOGUS_KEY": "1"}, "KVD_BOGUS_KEY"),
 ])  # fmt: skip
 def test_cli_misuse_is_one_line_and_a_nonzero_exit(tmp_path, args, env, expect):
@@ -237,7 +239,7 @@ def test_cli_misuse_is_one_line_and_a_nonzero_exit(tmp_path, args, env, expect):
     assert "Traceback" not in out.stderr and "Traceback" not in out.stdout, out.stderr
     errors = [line for line in out.stderr.splitlines() if line.strip() and not line.lstrip().startswith("{")]
     assert len(errors) == 1 and expect in errors[0], out.stderr
-    if args[0] == "launch":
+    if args[:2] == ["launch", "pd"]:  # a deployment that began to start is stopped
         stopped = [json.loads(line) for line in out.stdout.splitlines() + out.stderr.splitlines()
                    if '"deployment_stopped"' in line]  # fmt: skip
         assert stopped and stopped[-1]["exit_code"] == 1

@@ -3,7 +3,8 @@ and `kvd launch pd` as users run it.
 
 - `kvd launch pd --prefill 2 --decode 1 --pool redis`: greedy output identical to the
   offline engine; the same prompt sent twice at once so two prefill instances write the
-  same keys together (already-exists is success); SIGTERM stops every process.
+  same keys together (already-exists is success); the router in front of the decode
+  instance serves DIR/http_endpoint; SIGTERM stops every process.
 - redis-server killed while a read is pending: 502, blocks back, integrity ok; restarted on
   its port, the next requests succeed (no sticky failure).
 - a Redis pool too small for the load (maxmemory, no eviction): refused writes recompute on
@@ -93,18 +94,20 @@ def test_launch_pd_with_redis_two_prefill_instances(tmp_path, prompts, refs):
         stats = wait_clean(decode, *prefills)
         assert all(s["pd"]["handoffs"] >= 1 for s in stats[1:]), "both prefill instances served"
         pids = [e["pid"] for e in log_events(tmp_path / "launch.txt", "pool_server_started")] or []
-        # The OpenAI HTTP API on the decode instance, the deployment's entry point.
+        # The OpenAI HTTP API: the router's, in front of the decode instance (the prefill ones serve none).
         url = (run_dir / "http_endpoint").read_text().strip()
-        assert url == (run_dir / "decode-0" / "http_endpoint").read_text().strip()
+        assert url != (run_dir / "decode-0" / "http_endpoint").read_text().strip()
         assert not any((run_dir / f"prefill-{i}" / "http_endpoint").exists() for i in range(2))
         body = json.dumps({"prompt": prompts[0], "max_tokens": 10, "temperature": 0}).encode()
         with urllib.request.urlopen(urllib.request.Request(url + "/v1/completions", data=body), timeout=60) as r:
+            assert r.headers["X-Kvd-Instance"] == "decode-0"
             assert json.loads(r.read())["choices"][0]["text"] == refs[0].text
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(90)
     assert code == 0, (tmp_path / "launch.txt").read_text()[-3000:]
-    assert not (run_dir / "endpoint").exists()
+    assert not any((run_dir / f).exists() for f in ("endpoint", "http_endpoint", "endpoints"))
+    assert log_events(run_dir / "route" / "kvd.log", "route_stopped")[0]["exit_code"] == 0
     for pid in pids:  # the redis-server it started is gone
         assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
 

@@ -37,7 +37,8 @@ def instance(tmp_path: Path) -> DaemonHandle:
     return d
 
 
-def start_router(tmp_path: Path, instances: dict[str, DaemonHandle | str], policy: str = "kv") -> DaemonHandle:
+def start_router(tmp_path: Path, instances: dict[str, DaemonHandle | str], policy: str = "kv",
+                 env: dict[str, str] | None = None) -> DaemonHandle:  # fmt: skip
     """`kvd route` in front of `instances` (a daemon: its run dir; a string: a bare URL)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     run_dir, log_file, stdout = tmp_path / "run", tmp_path / "route.log", tmp_path / "stdout.txt"
@@ -47,7 +48,7 @@ def start_router(tmp_path: Path, instances: dict[str, DaemonHandle | str], polic
     config.write_text(f'[daemon]\nrun_dir = "{run_dir}"\n[log]\nformat = "json"\nfile = "{log_file}"\n'
                       f'[http]\nport = 0\n[route]\npolicy = "{policy}"\nretry_interval_s = 0.2\n'
                       f"instances = [{listed}]\n")  # fmt: skip
-    proc = start_kvd(["route", "--config", str(config)], daemon_env(), stdout)
+    proc = start_kvd(["route", "--config", str(config)], daemon_env(env), stdout)
     url = wait_endpoint(proc, run_dir / "http_endpoint", 60, stdout)
     return DaemonHandle(proc, url, run_dir, log_file, stdout)
 
@@ -243,3 +244,29 @@ def test_a_draining_instance_sends_new_requests_elsewhere(tmp_path, pair):
     finally:
         assert router.stop() == 0
         draining.stop()
+
+
+def test_the_router_tells_systemd_ready_watchdog_and_stopping(tmp_path, pair):
+    """As kvd.service's daemon does: READY=1 once http_endpoint is written, WATCHDOG=1 every half
+    WATCHDOG_USEC, STOPPING=1 at SIGTERM, then exit 0 with its endpoint file gone."""
+    notify_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify_path))
+    sock.settimeout(30)
+    try:
+        router = start_router(tmp_path / "route", {"a": pair["a"]},
+                              env={"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "200000"})  # fmt: skip
+        states = [sock.recv(4096).decode()]
+        assert states[0].startswith("READY=1") and router.endpoint in states[0], states
+        t0 = time.monotonic()
+        while sum("WATCHDOG=1" in s for s in states) < 3:  # every 0.1 s
+            states.append(sock.recv(4096).decode())
+        assert time.monotonic() - t0 < 5, states
+        router.proc.send_signal(signal.SIGTERM)
+        while "STOPPING=1" not in states[-1]:
+            states.append(sock.recv(4096).decode())
+        assert router.proc.wait(30) == 0
+        assert not (router.run_dir / "http_endpoint").exists()
+        assert log_events(router.log_file, "route_stopped")[0]["exit_code"] == 0
+    finally:
+        sock.close()
