@@ -69,7 +69,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     from kvd.daemon.notify import watchdog_interval
     from kvd.route.router import route
 
-    overrides = {"daemon.run_dir": args.run_dir, "http.port": args.http_port}
+    overrides = {"daemon.run_dir": args.run_dir, "daemon.port": args.port, "http.port": args.http_port}
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
@@ -113,6 +113,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
+    if status.get("role") == "router":
+        return _print_router_status(status)
     blocks = status["blocks"]
     print(f"kvd {status['role']} · {status['state']} · {status['endpoint']} · up {status['uptime_s']:.0f} s")
     print(f"requests   queue {status['queue']}  running {status['running']}  live {status['live_requests']}")
@@ -125,6 +127,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"not ready  {'; '.join(status['not_ready'])}")
     procs = "  ".join(f"{n} pid {p['pid']} {'up' if p['alive'] else 'DOWN'}" for n, p in status["processes"].items())
     print(f"processes  {procs}")
+    return 0
+
+
+def _print_router_status(status: dict) -> int:
+    print(f"kvd router · {status['state']} · {status['endpoint']} · {status['http_url']} · "
+          f"up {status['uptime_s']:.0f} s")  # fmt: skip
+    print(f"requests   live {status['live_requests']}   policy {status['policy']}   "
+          f"prefix hit rate {status['prefix_hit_rate']:.1%}")  # fmt: skip
+    for name, i in status["instances"].items():
+        print(f"instance   {name} {'up' if i['up'] else 'DOWN'}  in flight {i['in_flight']}  requests {i['requests']}"
+              f"  failovers {i['failovers']}  errors {i['errors']}  {i['endpoint'] or i['url']}")  # fmt: skip
     return 0
 
 
@@ -165,9 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--http-port", type=int, help="also serve the OpenAI HTTP API; 0 = a random free port")
     s.set_defaults(fn=cmd_serve)
 
-    r = sub.add_parser("route", help="the OpenAI HTTP API in front of several instances, KV-cache aware")
+    r = sub.add_parser("route", help="the client and OpenAI HTTP APIs in front of several instances, KV-cache aware")
     r.add_argument("--config", help="a TOML file ([route] lists the instances; conf/route.toml)")
-    r.add_argument("--run-dir", help="where the http_endpoint file goes")
+    r.add_argument("--run-dir", help="where the endpoint and http_endpoint files go")
+    r.add_argument("--port", type=int, help="its ZeroMQ client API; 0 = a random free port (default: [daemon] port)")
     r.add_argument("--http-port", type=int, help="0 = a random free port (default: [http] port)")
     r.set_defaults(fn=cmd_route)
 
@@ -199,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--pool", choices=["local", "mooncake", "redis"], default="local")
     lp.add_argument("--redis-url", help="use this Redis server instead of starting one")
     for kind in (lu, lp):
-        kind.add_argument("--run-dir", required=True, help="DIR/http_endpoint gets the router's URL, DIR/endpoint "
-                                                           "the first instance's client endpoint")  # fmt: skip
+        kind.add_argument("--run-dir", required=True, help="DIR/http_endpoint and DIR/endpoint get the router's "
+                                                           "URL and client endpoint")  # fmt: skip
         kind.add_argument("--config", help="a TOML file every process starts from (role, ports and run dir "
                                            "are set per process)")  # fmt: skip
         kind.add_argument("--http-port", type=int, help="the router's OpenAI HTTP API (default: the config's "

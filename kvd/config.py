@@ -356,12 +356,13 @@ ROUTE_POLICIES = ("kv", "round_robin", "least_loaded")
 
 
 class RouteInstance(_Section):
-    """One instance behind `kvd route`: its run directory (where it writes `http_endpoint`,
-    `kv_events_endpoint` and `kv_snapshot_endpoint`) or those endpoints themselves."""
+    """One instance behind `kvd route`: its run directory (where it writes `endpoint`,
+    `http_endpoint`, `kv_events_endpoint` and `kv_snapshot_endpoint`) or those endpoints themselves."""
 
     name: str = ""  # "": "i<index>"; the X-Kvd-Instance header and the metrics' label
     run_dir: str = ""  # read at the router's start for whichever endpoints below are ""
     url: str = ""  # its HTTP base URL, http://127.0.0.1:PORT
+    endpoint: str = ""  # its ZeroMQ client endpoint, tcp://127.0.0.1:PORT ("" and no run_dir: HTTP only)
     events: str = ""  # its KV-event PUB endpoint ("" and no run_dir: no KV events, never a prefix hit)
     snapshot: str = ""  # its snapshot endpoint
 

@@ -35,6 +35,15 @@ def bind_random(sock: zmq.Socket, host: str = "127.0.0.1") -> str:
     return f"tcp://{host}:{port}"
 
 
+def bind_tcp(sock: zmq.Socket, host: str, port: int) -> str:
+    """Bind to `host`:`port` (0: a free port); returns the endpoint peers connect to."""
+    if port == 0:
+        return bind_random(sock, host)
+    endpoint = f"tcp://{host}:{port}"
+    sock.bind(endpoint)
+    return endpoint
+
+
 def ipc_base() -> Path:
     """Where instances make their private ipc directories: $XDG_RUNTIME_DIR, else the temp dir."""
     return Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
@@ -89,6 +98,7 @@ class Link:
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         self._events = zmq.Socket.shadow(self.monitor.underlying)  # non-blocking reads, sync or asyncio
         self._up = False
+        self.drops = 0  # connections lost so far
         try:
             self.sock.connect(endpoint)
         except zmq.ZMQError:
@@ -103,6 +113,7 @@ class Link:
             except zmq.Again:
                 return self._up
             self._up = event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
+            self.drops += not self._up
 
     def close(self) -> None:
         if self.sock.closed:

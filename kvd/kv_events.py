@@ -28,7 +28,9 @@ on its own without telling, so this tier is what the instance wrote, bounded, no
 the pool still has).
 
 A batch carries the instance's id, its epoch (random per start: a restarted instance has
-a new one), a sequence number and a timestamp. The sequence number grows by one per
+a new one), a sequence number, a timestamp and the instance's `Load` (waiting and running
+requests, free blocks): the router's status feed, so a heartbeat also goes out on any tick
+whose load differs from the last one sent. The sequence number grows by one per
 batch that carries events; a batch without events is a heartbeat and repeats the last
 number, so a subscriber sees that it missed the last batch within a heartbeat. A
 subscriber that sees a gap (or a new epoch) asks for a `Snapshot`: every hash the
@@ -83,6 +85,15 @@ class AllCleared(_Event, tag="cleared"):
 KVEvent = BlockStored | BlockRemoved | AllCleared
 
 
+class Load(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
+    """How busy the instance is as the batch leaves: its scheduler's queues and KV blocks."""
+
+    waiting: int
+    running: int
+    free_blocks: int  # neither held by a request nor cached
+    num_blocks: int
+
+
 class EventBatch(_Event, tag="batch"):
     """One PUB message: an instance's events since its previous batch, in order."""
 
@@ -91,6 +102,7 @@ class EventBatch(_Event, tag="batch"):
     seq: int  # +1 per batch with events; a heartbeat (no events) repeats the last
     ts: float  # wall clock (time.time()) when sent
     events: list[KVEvent]
+    load: Load | None = None  # None while the instance has no engine (a worker restarting)
 
 
 class SnapshotRequest(_Event, tag="snapshot_request"):

@@ -13,16 +13,16 @@ instances (`DIR/prefill-<i>`), once their PD endpoints are up M decode instances
 (`DIR/decode-<j>`) pointed at every prefill instance.
 
 Then `kvd route` in front of the clients' instances (the unified ones, or the decode ones),
-its run dir DIR, its log and output in `DIR/route/`: each of those instances serves HTTP
-and publishes KV events on random ports (written to its run dir, which the router reads),
-and the router serves the OpenAI HTTP API on `--http-port` (or the config's `[http] port`;
--1 or 0: a random one) and writes its URL to `DIR/http_endpoint`. `DIR/endpoints` lists the
-instances' client endpoints and `DIR/endpoint` names the first (the ZeroMQ client API is not
-the router's yet). Each process is `kvd serve` or `kvd route` configured by `--config`
-(default: the built-in defaults) plus `KVD_*` variables for its role, run directory, ports,
-pool and log file (`DIR/<instance>/kvd.log`, which `kvd trace` reads). SIGTERM or Ctrl-C
-stops everything (the router first, then the instances, which drain); so does any process
-exiting on its own, with exit code 1.
+its run dir DIR, its log and output in `DIR/route/`: each of those instances serves HTTP and
+publishes KV events on random ports (written to its run dir, which the router reads), and
+the router serves the OpenAI HTTP API on `--http-port` (or the config's `[http] port`; -1 or
+0: a random one) and its ZeroMQ client API on a random port, and writes them to
+`DIR/http_endpoint` and `DIR/endpoint`. `DIR/endpoints` lists the instances' client
+endpoints. Each process is `kvd serve` or `kvd route` configured by `--config` (default: the
+built-in defaults) plus `KVD_*` variables for its role, run directory, ports, pool and log
+file (`DIR/<instance>/kvd.log`, which `kvd trace` reads). SIGTERM or Ctrl-C stops everything
+(the router first, then the instances, which drain); so does any process exiting on its own,
+with exit code 1.
 
 Every process reports readiness to the launcher as it would to systemd: NOTIFY_SOCKET names
 the launcher's socket (`Readiness`), and the launcher waits on that socket and on each
@@ -49,7 +49,6 @@ from pathlib import Path
 
 import structlog
 
-from kvd.ipc import publish_endpoint
 from kvd.spawn import daemon_env
 
 log = structlog.get_logger("kvd.launch")
@@ -198,7 +197,7 @@ class Deployment:
 
     def start_router(self, targets: list[str]) -> None:
         """`kvd route` in front of the named instances (ready by now: it reads their run dirs
-        at its start); its run dir is DIR, where it writes http_endpoint itself."""
+        at its start); its run dir is DIR, where it writes endpoint and http_endpoint itself."""
         log_dir = self.run_dir / ROUTER
         log_dir.mkdir(parents=True, exist_ok=True)
         for stale in ("endpoint", "http_endpoint"):
@@ -207,8 +206,9 @@ class Deployment:
         listed = ", ".join(f"{{name = {json.dumps(n)}, run_dir = {json.dumps(str(self.run_dir / n))}}}"
                            for n in targets)  # fmt: skip
         # KVD_DAEMON_ROLE: the router has none, but a config written for decode instances must validate.
+        # KVD_DAEMON_PORT: the instances' config may fix theirs; the router's ZeroMQ API takes a free one.
         extra = {"KVD_ROUTE_INSTANCES": f"[{listed}]", "KVD_LOG_FILE": str(log_dir / "kvd.log"),
-                 "KVD_DAEMON_ROLE": "unified"}  # fmt: skip
+                 "KVD_DAEMON_ROLE": "unified", "KVD_DAEMON_PORT": "0"}  # fmt: skip
         if "KVD_PD_SECRET" in self.pool_env:  # the instances' KV events are CURVE with it
             extra["KVD_PD_SECRET"] = self.pool_env["KVD_PD_SECRET"]
         cmd = [sys.executable, "-m", "kvd.cli", ROUTER, "--run-dir", str(self.run_dir)]
@@ -258,11 +258,8 @@ class Deployment:
         endpoints = [(self.run_dir / name / "endpoint").read_text().strip() for name in names]
         (self.run_dir / "endpoints").write_text("\n".join(endpoints) + "\n")
         self.start_router(names)
-        self.wait_ready([ROUTER], deadline)  # its http_endpoint is written by then
-        # DIR/endpoint: the first instance's ZeroMQ client endpoint, until the router serves the
-        # ZeroMQ client API and writes DIR/endpoint itself before READY=1; then this line goes.
-        publish_endpoint(self.run_dir / "endpoint", endpoints[0])
-        return endpoints[0]
+        self.wait_ready([ROUTER], deadline)  # its endpoint and http_endpoint are written by then
+        return (self.run_dir / "endpoint").read_text().strip()
 
     # ---- stop --------------------------------------------------------------------------
     def stop(self) -> None:

@@ -95,11 +95,13 @@ def test_launch_unified_puts_the_router_in_front(tmp_path, tiny_llama_dir):
     names = ["unified-0", "unified-1"]
     try:
         endpoint = wait_endpoint(proc, run_dir / "endpoint", 180, out)
-        # DIR/endpoint: the first instance's client endpoint; DIR/endpoints: both.
+        # DIR/endpoint: the router's ZeroMQ client API; DIR/endpoints: both instances'.
         endpoints = [(run_dir / n / "endpoint").read_text().strip() for n in names]
-        assert (run_dir / "endpoints").read_text().split() == endpoints and endpoint == endpoints[0]
+        assert (run_dir / "endpoints").read_text().split() == endpoints and endpoint not in endpoints
         with Client(endpoint, timeout=60) as c:
             assert c.generate(prompt="a b c", max_tokens=2, ignore_eos=True).finish_reason == "length"
+            st = c.status()
+        assert st["role"] == "router" and sorted(st["instances"]) == names
         url = (run_dir / "http_endpoint").read_text().strip()  # the router's: no instance's
         assert url not in [(run_dir / n / "http_endpoint").read_text().strip() for n in names]
         with urllib.request.urlopen(url + "/health", timeout=10) as r:

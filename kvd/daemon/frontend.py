@@ -62,12 +62,44 @@ class _Loose(msgspec.Struct):
 _LOOSE = msgspec.msgpack.Decoder(_Loose)
 
 
-def _readable_request_id(payload: memoryview | bytes) -> str | None:
+def readable_request_id(payload: memoryview | bytes) -> str | None:
     try:
         request_id = _LOOSE.decode(payload).request_id
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
     return request_id if request_id and len(request_id) <= MAX_REQUEST_ID else None
+
+
+class DisconnectWatch:
+    """Which clients of a ROUTER socket have left (see the module docstring): `seen(frames)`
+    for every message received, `gone()` before each (and whenever the monitor polls in)."""
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        self._sock = sock
+        self.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._sync = zmq.Socket.shadow(self.monitor.underlying)  # non-blocking reads once polled
+        self._fd_clients: dict[int, set[bytes]] = {}
+
+    def seen(self, frames: list[zmq.Frame]) -> bytes:
+        """The identity of a message's sender, noted with its connection's descriptor."""
+        identity = frames[0].bytes
+        self._fd_clients.setdefault(frames[-1].get(zmq.SRCFD), set()).add(identity)
+        return identity
+
+    def gone(self) -> list[bytes]:
+        """The clients whose connections closed since the last call."""
+        out: list[bytes] = []
+        while True:
+            try:
+                event = parse_monitor_message(self._sync.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return out
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                out.extend(self._fd_clients.pop(event["value"], ()))
+
+    def close(self) -> None:
+        self._sock.disable_monitor()
+        self.monitor.close(linger=0)
 
 
 class _Route:
@@ -107,11 +139,8 @@ class Frontend:
         self._enc = msgspec.msgpack.Encoder()
         self.num_malformed = 0
         self._admitting: set[_Route] = set()  # requests whose grammar compiles: no record yet to abort
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        # Blocking twins of both sockets for non-blocking reads once the poller says ready.
-        self._sync = zmq.Socket.shadow(sock.underlying)
-        self._sync_monitor = zmq.Socket.shadow(self._monitor.underlying)
-        self._fd_clients: dict[int, set[bytes]] = {}
+        self._watch = DisconnectWatch(sock)
+        self._sync = zmq.Socket.shadow(sock.underlying)  # non-blocking reads once the poller says ready
 
     async def send(self, identity: bytes, msg: ServerMessage) -> None:
         try:
@@ -122,7 +151,7 @@ class Frontend:
     async def run(self) -> None:
         poller = zmq.asyncio.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        poller.register(self._monitor, zmq.POLLIN)
+        poller.register(self._watch.monitor, zmq.POLLIN)
         try:
             while True:
                 await poller.poll()
@@ -133,26 +162,18 @@ class Frontend:
                     except zmq.Again:
                         break
                     self._drain_monitor()
-                    identity = frames[0].bytes
-                    self._fd_clients.setdefault(frames[-1].get(zmq.SRCFD), set()).add(identity)
+                    identity = self._watch.seen(frames)
                     if len(frames) != 2:  # a message is one part: extra parts make it ambiguous
                         await self.reject(identity, frames[1].buffer if len(frames) > 1 else b"",
                                           f"frame: a message is one part, got {len(frames) - 1}")  # fmt: skip
                         continue
                     await self.handle(identity, frames[1].buffer)
         finally:
-            self.sock.disable_monitor()
-            self._monitor.close(linger=0)
+            self._watch.close()
 
     def _drain_monitor(self) -> None:
-        while True:
-            try:
-                event = parse_monitor_message(self._sync_monitor.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                return
-            if event["event"] == zmq.EVENT_DISCONNECTED:
-                for identity in self._fd_clients.pop(event["value"], ()):
-                    self.on_disconnect(identity)
+        for identity in self._watch.gone():
+            self.on_disconnect(identity)
 
     async def handle(self, identity: bytes, payload: memoryview) -> None:
         if len(payload) > self.max_frame_bytes:
@@ -176,7 +197,7 @@ class Frontend:
         """One Error for a frame that is no valid message, tied to its request when its
         request_id can be read, so the client's other requests never hear of it."""
         self.num_malformed += 1
-        request_id = _readable_request_id(payload)
+        request_id = readable_request_id(payload)
         log.warning("frame_rejected", request_id=request_id, bytes=len(payload), reason=reason)
         if self._route(request_id) is not None:  # a live request's id: the error must not end that stream
             request_id = None

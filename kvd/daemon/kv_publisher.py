@@ -2,7 +2,9 @@
 
     publisher.log                    # the KVEventLog the engine's block manager records into
     publisher.step()                 # after each schedule(): the pending events go out as a batch
-    publisher.tick()                 # every second: stragglers, or a heartbeat when nothing went out
+    publisher.load = lambda: Load(...)   # the instance's load, sent with every batch
+    publisher.tick()                 # every second: stragglers, else a heartbeat if the load changed or
+                                     # nothing went out for a while
     await publisher.run()            # answers SnapshotRequests
     publisher.close()
 
@@ -23,6 +25,7 @@ import asyncio
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +37,12 @@ from zmq.auth.asyncio import AsyncioAuthenticator
 
 from kvd.cache.event_log import KVEventLog
 from kvd.config import KvdConfig
-from kvd.ipc import OnlyKey, bind_random, publish_endpoint
+from kvd.ipc import OnlyKey, bind_tcp, publish_endpoint
 from kvd.kv_events import (
     EventBatch,
     EventKeys,
     KVEvent,
+    Load,
     Snapshot,
     encoder,
     request_decoder,
@@ -64,6 +68,8 @@ class KVEventPublisher:
         self._interval_s = ev.flush_interval_ms / 1e3
         self._heartbeat_s = cfg.daemon.heartbeat_interval_s
         self._last_sent = 0.0
+        self.load: Callable[[], Load | None] = lambda: None
+        self._last_load: Load | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._enc = encoder()
         self._dec = request_decoder()
@@ -84,8 +90,8 @@ class KVEventPublisher:
                 sock.curve_server = True
                 sock.curve_secretkey = keys.server_secret
                 sock.curve_publickey = keys.server_public
-        self.endpoint = _bind(self.pub, ev.host, ev.port)
-        self.snapshot_endpoint = _bind(self.snap, ev.host, ev.snapshot_port)
+        self.endpoint = bind_tcp(self.pub, ev.host, ev.port)
+        self.snapshot_endpoint = bind_tcp(self.snap, ev.host, ev.snapshot_port)
         self._files = ((run_dir / "kv_events_endpoint", self.endpoint),
                        (run_dir / "kv_snapshot_endpoint", self.snapshot_endpoint))  # fmt: skip
         for path, endpoint in self._files:
@@ -95,8 +101,13 @@ class KVEventPublisher:
 
     # ---- batches -----------------------------------------------------------------------
     def step(self) -> None:
-        """After a schedule(): the pending events go out now, or at the flush interval's end."""
+        """After a schedule() (and when the engine goes idle): the pending events go out now,
+        or at the flush interval's end; with none pending, a heartbeat if the requests waiting
+        or running changed (a request arrived or ended), so the load a router weighs is a step old."""
         if not self.log.num_pending:
+            load, last = self.load(), self._last_load
+            if load is not None and (last is None or (load.waiting, load.running) != (last.waiting, last.running)):
+                self._send([])
             return
         wait = self._last_sent + self._interval_s - time.monotonic()
         if wait <= 0:
@@ -116,16 +127,18 @@ class KVEventPublisher:
             self._send(events[i : i + n])
 
     def tick(self) -> None:
-        """Every second: what is pending, else a heartbeat if nothing went out for a while."""
+        """Every second: what is pending, else a heartbeat if the load changed or nothing went
+        out for a while."""
         if self.log.num_pending:
             self.flush()
-        elif time.monotonic() - self._last_sent >= self._heartbeat_s:
+        elif self.load() != self._last_load or time.monotonic() - self._last_sent >= self._heartbeat_s:
             self._send([])
 
     def _send(self, events: list[KVEvent]) -> None:
         if self.pub.closed:  # the daemon is stopping
             return
-        batch = EventBatch(self.instance, self.epoch, self.seq, time.time(), events)
+        self._last_load = self.load()
+        batch = EventBatch(self.instance, self.epoch, self.seq, time.time(), events, self._last_load)
         self.pub.send(self._enc.encode(batch), zmq.NOBLOCK, copy=False)  # past the HWM PUB drops, never blocks
         self.num_batches += 1
         self._last_sent = time.monotonic()
@@ -175,10 +188,3 @@ class KVEventPublisher:
             except OSError:
                 pass
 
-
-def _bind(sock: zmq.Socket, host: str, port: int) -> str:
-    if port == 0:
-        return bind_random(sock, host)
-    endpoint = f"tcp://{host}:{port}"
-    sock.bind(endpoint)
-    return endpoint

@@ -47,7 +47,7 @@ from kvd.daemon.pd.prefill import PrefillRole
 from kvd.daemon.role import Role
 from kvd.daemon.serving import Serving
 from kvd.daemon.supervisor import ChildDied, Supervisor
-from kvd.ipc import bind_random, publish_endpoint
+from kvd.ipc import bind_tcp, publish_endpoint
 from kvd.logs import ms_since
 from kvd.messages import ErrorCode
 
@@ -144,11 +144,7 @@ class Daemon:
         # A hard cap well above max_frame_bytes: libzmq drops a peer sending more than this.
         sock.setsockopt(zmq.MAXMSGSIZE, 8 * self.cfg.daemon.max_frame_bytes)
         d = self.cfg.daemon
-        if d.port == 0:
-            self.endpoint = bind_random(sock, d.host)
-        else:
-            self.endpoint = f"tcp://{d.host}:{d.port}"
-            sock.bind(self.endpoint)
+        self.endpoint = bind_tcp(sock, d.host, d.port)
         self.frontend = Frontend(sock, self.serving, self.status, d.max_frame_bytes)
         publish_endpoint(self.run_dir / "endpoint", self.endpoint)
 

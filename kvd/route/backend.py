@@ -1,6 +1,7 @@
 """Backend: one instance behind the router — where it answers, how busy and whether it is up.
 
     backends = Backend.from_config(cfg.route)    # run dirs read once, at start
+    b.url, b.endpoint                            # its HTTP API, its ZeroMQ client API
     b.in_flight                                  # requests the router has open on it
     b.mark_down(reason, probe)                   # no request goes to it until `probe` finds /health 200
 
@@ -28,9 +29,10 @@ MAX_RETRY_INTERVAL_S = 30.0
 class Backend:
     """One instance: its endpoints, the router's requests on it, up or down."""
 
-    def __init__(self, name: str, url: str, events: str = "", snapshot: str = "") -> None:
+    def __init__(self, name: str, url: str, events: str = "", snapshot: str = "", endpoint: str = "") -> None:
         self.name = name
         self.url = url.rstrip("/")
+        self.endpoint = endpoint  # its ZeroMQ client endpoint; "": the router's ZeroMQ clients never reach it
         self.events = events  # "": it publishes no KV events; its prefix never matches
         self.snapshot = snapshot
         self.in_flight = 0
@@ -55,7 +57,8 @@ class Backend:
 
             events = read(inst.events, "kv_events_endpoint", optional=True)
             snapshot = read(inst.snapshot, "kv_snapshot_endpoint", optional=not events)
-            out.append(cls(name, read(inst.url, "http_endpoint"), events, snapshot))
+            out.append(cls(name, read(inst.url, "http_endpoint"), events, snapshot,
+                           read(inst.endpoint, "endpoint", optional=True)))  # fmt: skip
         return out
 
     def mark_down(self, reason: str, probe: Callable[[Backend], Awaitable[bool]], interval_s: float) -> None:

@@ -11,13 +11,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+if TYPE_CHECKING:
+    from kvd.route.backend import Backend
 
 
 class RouteMetrics:
     """The router's counters and gauges, labelled by instance name."""
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, backends: Mapping[str, Backend]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("kvd_route_requests", "Requests forwarded to an instance.", ["instance"], registry=r)
@@ -30,9 +36,10 @@ class RouteMetrics:
                               ["instance"], registry=r)  # fmt: skip
         self.in_flight = Gauge("kvd_route_in_flight", "Requests in flight on an instance.", ["instance"], registry=r)
         self.up = Gauge("kvd_route_instance_up", "1 while the instance takes requests.", ["instance"], registry=r)
-        for name in names:  # every series exists from the start, at 0
-            for metric in (self.requests, self.hit_blocks, self.failovers, self.errors, self.in_flight):
+        for name, b in backends.items():  # every series exists from the start, at 0
+            for metric in (self.requests, self.hit_blocks, self.failovers, self.errors):
                 metric.labels(name)
+            self.in_flight.labels(name).set_function(lambda b=b: b.in_flight)  # the backend's count, read at scrape
             self.up.labels(name).set(1)
 
     def render(self) -> bytes:

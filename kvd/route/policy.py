@@ -3,13 +3,14 @@
     policy = Policy("kv", load_weight=4.0)
     order = policy.order(["a", "b"], in_flight={"a": 2, "b": 0}, matched={"a": 10})   # ["a", "b"]
 
-Pure: no sockets, no clock. `kv` scores an instance by the leading blocks of the prompt it
-holds (`KVIndex.prefix_match`) less `load_weight` per request the router has in flight on
-it, so a conversation stays where its KV is until that instance is `load_weight` requests
-per block busier than another; `least_loaded` takes the fewest in flight; `round_robin`
-takes each in turn. Ties go to the fewer in flight, then by turns, so prompts no instance
-holds spread out. The rest of the order is where a request goes when its first choice
-refuses the connection.
+Pure: no sockets, no clock. `in_flight` is each instance's requests as the router sees them
+(`Router.load`: its own in flight there, or the waiting and running the instance reports in
+its KV events when more). `kv` scores an instance by the leading blocks of the prompt it
+holds (`KVIndex.prefix_match`) less `load_weight` per request on it, so a conversation stays
+where its KV is until that instance is `load_weight` requests per block busier than another;
+`least_loaded` takes the fewest requests; `round_robin` takes each in turn. Ties go to the
+fewer in flight, then by turns, so prompts no instance holds spread out. The rest of the
+order is where a request goes when its first choice refuses the connection.
 """
 
 from __future__ import annotations

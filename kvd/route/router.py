@@ -1,5 +1,5 @@
-"""`kvd route`: the OpenAI HTTP API in front of several instances, each request sent where its
-prompt's KV blocks already are.
+"""`kvd route`: the OpenAI HTTP API and the ZeroMQ client API in front of several instances,
+each request sent where its prompt's KV blocks already are.
 
     POST /v1/completions, /v1/chat/completions   tokenized and hashed once, forwarded to one instance
     GET  /v1/models                              forwarded to a live instance
@@ -11,7 +11,9 @@ with each instance's block size and algorithm (from its snapshot, kvd.route.inde
 against the KV index the instances' events keep (kvd.route.subscriber), and the live
 instances are ordered by the policy (kvd.route.policy). The body goes unchanged to the first,
 over a keep-alive aiohttp session, and its answer comes back byte for byte (server-sent
-events included) with `X-Kvd-Instance` naming it. The router does no model work.
+events included) with `X-Kvd-Instance` naming it. The router does no model work. Its ZeroMQ
+client API (kvd.route.zmq_api) routes a client's Generate the same way and answers Status
+with `Router.status` (`kvd status` against the router's endpoint).
 
 Failure: an instance that refuses the connection, does not accept it within
 `connect_timeout_s`, or answers 503 (draining, restarting) before its answer began is marked
@@ -29,12 +31,16 @@ at SIGTERM/SIGINT.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import structlog
+import zmq
+import zmq.asyncio
 from aiohttp import web
 
 from kvd.config import KvdConfig, resolve_run_dir
@@ -47,6 +53,7 @@ from kvd.route.metrics import RouteMetrics
 from kvd.route.policy import Policy
 from kvd.route.prompt import PromptHasher
 from kvd.route.subscriber import KVEventSubscriber
+from kvd.route.zmq_api import ZmqFront
 
 log = structlog.get_logger("kvd.route")
 
@@ -78,8 +85,10 @@ class Router:
         for b in backends:
             if b.events:
                 self.subscriber.add(b.name, b.events, b.snapshot)
-        self.metrics = RouteMetrics(list(self.backends))
+        self.metrics = RouteMetrics(self.backends)
         self.url: str | None = None
+        self.zmq: ZmqFront | None = None
+        self._t_start = time.monotonic()
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._timeout = aiohttp.ClientTimeout(total=cfg.route.request_timeout_s,
@@ -87,6 +96,11 @@ class Router:
         self._probe_timeout = aiohttp.ClientTimeout(total=cfg.route.connect_timeout_s + 1.0)
 
     # ---- lifecycle ---------------------------------------------------------------------
+    def bind_zmq(self, ctx: zmq.asyncio.Context) -> str:
+        """Bind the ZeroMQ client API (`[daemon]` host and port); returns its endpoint."""
+        self.zmq = ZmqFront(self, ctx)
+        return self.zmq.bind()
+
     async def start(self) -> str:
         """Open the client session, bind (port 0: a free one) and serve; returns the base URL."""
         # No cookie jar: one client's cookies must never ride on another's requests (and it costs per request).
@@ -107,6 +121,8 @@ class Router:
         return self.url
 
     async def close(self) -> None:
+        if self.zmq is not None:
+            self.zmq.close()
         for b in self.backends.values():
             b.close()
         if self._runner is not None:
@@ -114,6 +130,33 @@ class Router:
         if self._session is not None:
             await self._session.close()
         self.subscriber.close()
+
+    def status(self) -> dict[str, Any]:
+        """What `kvd status` shows for the router."""
+        m = self.metrics
+        blocks = m.prompt_blocks._value.get()
+        hits = sum(m.hit_blocks.labels(n)._value.get() for n in self.backends)
+        return {
+            "role": "router",
+            "state": "ready" if any(b.up for b in self.backends.values()) else "no instance up",
+            "endpoint": self.zmq.endpoint if self.zmq is not None else None,
+            "http_url": self.url,
+            "uptime_s": round(time.monotonic() - self._t_start, 3),
+            "policy": self.policy.name,
+            "prefix_hit_rate": hits / blocks if blocks else 0.0,
+            **(self.zmq.status() if self.zmq is not None else {}),
+            "kv_events": {"batches": self.subscriber.num_batches, "gaps": self.subscriber.num_gaps,
+                          "snapshots": self.subscriber.num_snapshots},  # fmt: skip
+            "instances": {
+                name: {"up": b.up, "in_flight": b.in_flight, "load": self.subscriber.loads.get(name),
+                       "requests": int(m.requests.labels(name)._value.get()),
+                       "failovers": int(m.failovers.labels(name)._value.get()),
+                       "errors": int(m.errors.labels(name)._value.get()), "url": b.url, "endpoint": b.endpoint,
+                       "kv_events_seq": self.index.seq(name)}  # fmt: skip
+                for name, b in self.backends.items()
+            },
+            "processes": {"router": {"pid": os.getpid(), "alive": True}},
+        }
 
     # ---- endpoints ---------------------------------------------------------------------
     @web.middleware
@@ -137,18 +180,18 @@ class Router:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def models(self, request: web.Request) -> web.StreamResponse:
-        return await self._forward(request, b"", self._live_order(None))
+        return await self._forward(request, b"", self.live_order(None))
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         matched = None
         if self.policy.uses_prefix:
             ids = self.hasher.token_ids(request.path, raw)
-            matched = self._matched(ids) if ids is not None else None
-        return await self._forward(request, raw, self._live_order(matched), matched)
+            matched = self.matched(ids) if ids is not None else None
+        return await self._forward(request, raw, self.live_order(matched), matched)
 
     # ---- routing -----------------------------------------------------------------------
-    def _matched(self, ids: list[int]) -> dict[str, tuple[int, int]]:
+    def matched(self, ids: list[int]) -> dict[str, tuple[int, int]]:
         """Per instance with KV events: (leading blocks of the prompt it holds, full blocks)."""
         by_layout: dict[tuple[int, str], list[str]] = {}
         for name in self.index.instances:
@@ -162,19 +205,24 @@ class Router:
             out.update({name: (held.get(name, 0), len(hashes)) for name in names})
         return out
 
-    def _live_order(self, matched: dict[str, tuple[int, int]] | None) -> list[Backend]:
+    def live_order(self, matched: dict[str, tuple[int, int]] | None) -> list[Backend]:
         live = [name for name, b in self.backends.items() if b.up]
-        in_flight = {name: self.backends[name].in_flight for name in live}
         blocks = {name: held for name, (held, _) in matched.items()} if matched else None
-        return [self.backends[name] for name in self.policy.order(live, in_flight, blocks)]
+        return [self.backends[name] for name in self.policy.order(live, {n: self.load(n) for n in live}, blocks)]
+
+    def load(self, name: str) -> int:
+        """`name`'s requests: the router's own in flight there, or the instance's waiting and
+        running (its KV events' load) when those are more (clients of its own, n choices)."""
+        own = self.backends[name].in_flight
+        reported = self.subscriber.loads.get(name)
+        return max(own, reported.waiting + reported.running) if reported is not None else own
 
     async def _forward(self, request: web.Request, raw: bytes, order: list[Backend],
                        matched: dict[str, tuple[int, int]] | None = None) -> web.StreamResponse:  # fmt: skip
         """Send the request to the first of `order` that takes it; pass its answer back."""
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
         for i, b in enumerate(order):
-            b.in_flight += 1
-            self.metrics.in_flight.labels(b.name).inc()
+            self.started(b)
             try:
                 try:
                     upstream = await self._session.request(request.method, b.url + request.path_qs, data=raw or None,
@@ -189,24 +237,39 @@ class Router:
                     if upstream.status == _RETRY_ELSEWHERE and i + 1 < len(order):
                         self._refused(b, "answered 503")
                         continue
-                    self.metrics.requests.labels(b.name).inc()
-                    if matched and b.name in matched:
-                        held, total = matched[b.name]
-                        self.metrics.hit_blocks.labels(b.name).inc(held)
-                        self.metrics.prompt_blocks.inc(total)
+                    self.counted(b, matched)
                     return await self._pass_back(request, upstream, b)
                 finally:
                     upstream.release()
             finally:
-                b.in_flight -= 1
-                self.metrics.in_flight.labels(b.name).dec()
+                self.ended(b)
         return _error(503, "route: no instance is up" if not order else "route: every instance refused the request")
+
+    # ---- accounting, for either API ------------------------------------------------------
+    def started(self, b: Backend) -> None:
+        """A request is in flight on `b` (it weighs in the policy's load until `ended`)."""
+        b.in_flight += 1
+
+    def ended(self, b: Backend) -> None:
+        b.in_flight -= 1
+
+    def counted(self, b: Backend, matched: dict[str, tuple[int, int]] | None) -> None:
+        """`b` took a request: counted as routed there, with the prompt blocks it held."""
+        self.metrics.requests.labels(b.name).inc()
+        if matched and b.name in matched:
+            held, total = matched[b.name]
+            self.metrics.hit_blocks.labels(b.name).inc(held)
+            self.metrics.prompt_blocks.inc(total)
+
+    def lost(self, b: Backend, why: str) -> None:
+        """`b`'s connection broke: down until its /health says otherwise."""
+        self.metrics.up.labels(b.name).set(0)
+        b.mark_down(why, self._probe, self.route.retry_interval_s)
 
     def _refused(self, b: Backend, reason: str) -> None:
         """`b` did not start the request: it is down until its /health says otherwise."""
         self.metrics.failovers.labels(b.name).inc()
-        self.metrics.up.labels(b.name).set(0)
-        b.mark_down(reason, self._probe, self.route.retry_interval_s)
+        self.lost(b, reason)
 
     async def _probe(self, b: Backend) -> bool:
         try:
@@ -250,8 +313,7 @@ class Router:
         self.metrics.errors.labels(b.name).inc()
         log.warning("instance_failed", instance=b.name, status=status, error=why)
         if status == 502:  # its connection broke: more requests would meet the same, until /health says otherwise
-            self.metrics.up.labels(b.name).set(0)
-            b.mark_down(why, self._probe, self.route.retry_interval_s)
+            self.lost(b, why)
         return status, f"route: instance {b.name!r} failed: {why}"
 
 
@@ -283,35 +345,53 @@ async def run(cfg: KvdConfig, notifier: Notifier | None = None, watchdog_s: floa
         return 1
     router = Router(cfg, tokenizer, backends)
     run_dir = resolve_run_dir(cfg)
+    ctx = zmq.asyncio.Context()
     try:
         url = await router.start()
-    except OSError as e:
+        endpoint = router.bind_zmq(ctx)
+    except (OSError, zmq.ZMQError) as e:
         log.error("route_start_failed", reason=f"{type(e).__name__}: {e}")
         await router.close()
+        ctx.term()
         return 1
-    publish_endpoint(run_dir / "http_endpoint", url)
+    waiting = await router.zmq.connected(cfg.route.connect_timeout_s)
+    if waiting:  # served without them until they answer (each request tries the connected ones)
+        log.warning("instances_not_connected", instances=waiting, timeout_s=cfg.route.connect_timeout_s)
+    publish_endpoint(run_dir / "endpoint", endpoint)
+    publish_endpoint(run_dir / "http_endpoint", url)  # last: a launcher waiting on it finds both
     if not stop.is_set():  # every endpoint file is written: READY=1 says so (a signal meanwhile: never ready)
         notifier.ready(f"routing on {url}")
-    log.info("route_ready", url=url, duration_ms=round(1000 * (time.monotonic() - t0), 1))
+    log.info("route_ready", url=url, endpoint=endpoint, duration_ms=round(1000 * (time.monotonic() - t0), 1))
     failed: list[str] = []
 
-    def followed(task: asyncio.Task) -> None:
-        """Following the KV events ends by cancel (or at once with no instance to follow): an
-        error would leave the index stale, so the router stops with it (systemd restarts it)."""
-        if not task.cancelled() and task.exception() is not None:
-            failed.append(f"{type(task.exception()).__name__}: {task.exception()}")
-            log.error("route_failed", reason=f"kv events: {failed[0]}")
-            stop.set()
+    def watched(what: str):
+        """Following the KV events ends by cancel (or at once with no instance to follow), the
+        ZeroMQ API by cancel: an error would leave the index stale or the clients unserved, so
+        the router stops with it (systemd restarts it)."""
 
-    follow = asyncio.create_task(router.subscriber.run())
-    follow.add_done_callback(followed)
+        def done(task: asyncio.Task) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                failed.append(f"{what}: {type(task.exception()).__name__}: {task.exception()}")
+                log.error("route_failed", reason=failed[-1])
+                stop.set()
+
+        return done
+
+    tasks = {"kv events": asyncio.create_task(router.subscriber.run()),
+             "zeromq api": asyncio.create_task(router.zmq.run())}  # fmt: skip
+    for what, task in tasks.items():
+        task.add_done_callback(watched(what))
     watchdog = asyncio.create_task(_watchdog(notifier, watchdog_s)) if watchdog_s else None
     await stop.wait()
-    follow.cancel()
     if watchdog is not None:
         watchdog.cancel()
+    for task in tasks.values():
+        task.cancel()
+    await asyncio.gather(*tasks.values(), return_exceptions=True)
+    _unpublish(run_dir / "endpoint", endpoint)
     _unpublish(run_dir / "http_endpoint", url)
     await router.close()
+    ctx.term()
     log.info("route_stopped", exit_code=1 if failed else 0)
     return 1 if failed else 0
 

@@ -4,6 +4,7 @@
     sub.add("a", events_endpoint, snapshot_endpoint)     # or sub.add_run_dir("a", run_dir)
     await sub.run()                                      # one follower per instance, until cancelled
     sub.index.prefix_match(hashes)
+    sub.loads["a"]                                       # its Load as of its last batch (None: none yet)
     sub.close()
 
 Per instance: a SUB socket on its events endpoint and a DEALER on its snapshot endpoint.
@@ -26,6 +27,7 @@ import zmq.asyncio
 
 from kvd.kv_events import (
     EventKeys,
+    Load,
     Snapshot,
     SnapshotRequest,
     batch_decoder,
@@ -68,6 +70,7 @@ class KVEventSubscriber:
         self.ctx = zmq.asyncio.Context()
         self._keys = EventKeys.derive(secret) if secret else None
         self._sources: dict[str, _Source] = {}
+        self.loads: dict[str, Load | None] = {}  # each instance's last reported load: the status feed
         self._timeout = snapshot_timeout_s
         self._enc = encoder()
         self._batches = batch_decoder()
@@ -109,6 +112,7 @@ class KVEventSubscriber:
                 log.warning("frame_rejected", channel="kv_events", instance=name, error=str(e))
                 continue
             self.num_batches += 1
+            self.loads[name] = batch.load  # current whatever the batch's place in the sequence
             if self.index.apply(name, batch) == Applied.GAP:
                 self.num_gaps += 1
                 log.info("kv_events_gap", instance=name, seq=batch.seq, applied=self.index.seq(name))

@@ -79,10 +79,11 @@ def test_launch_pd_with_redis_two_prefill_instances(tmp_path, prompts, refs):
     try:
         wait_for(lambda: (run_dir / "endpoint").exists() or proc.poll() is not None, 300, "kvd launch")
         assert proc.poll() is None, (tmp_path / "launch.txt").read_text()[-3000:]
-        endpoint = endpoint_of(run_dir)
+        endpoint = endpoint_of(run_dir)  # the router's, in front of the decode instance
         from harness import DaemonHandle
 
-        decode = DaemonHandle(proc, endpoint, run_dir / "decode-0", run_dir / "decode-0" / "kvd.log", tmp_path)
+        decode = DaemonHandle(proc, endpoint_of(run_dir / "decode-0"), run_dir / "decode-0",
+                              run_dir / "decode-0" / "kvd.log", tmp_path)  # fmt: skip
         wait_linked(decode)
         # Every prompt twice at once: the two prefill instances write the same keys together.
         served = run_all(endpoint, prompts + prompts, 10)

@@ -14,82 +14,16 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import aiohttp
 import pytest
-from harness import DaemonHandle, log_events, start_daemon, wait_for
+from harness import log_events, wait_for
+from route_harness import BS, SYSTEM, chat, instance, post, start_router
 
 from kvd.client import Client
 from kvd.route.prompt import PromptHasher
 from kvd.route.subscriber import KVEventSubscriber
-from kvd.spawn import daemon_env, start_kvd, wait_endpoint
 from kvd.worker.models import load_tokenizer
-
-BS = 16
-SYSTEM = "You are a careful assistant who answers in one short sentence. " * 6  # several blocks
-
-
-def instance(tmp_path: Path) -> DaemonHandle:
-    d = start_daemon(tmp_path, None, cache={"block_size": BS, "num_blocks": 256}, http={"port": 0},
-                     kv_events={"port": 0})  # fmt: skip
-    d.url = (d.run_dir / "http_endpoint").read_text().strip()
-    return d
-
-
-def start_router(tmp_path: Path, instances: dict[str, DaemonHandle | str], policy: str = "kv",
-                 env: dict[str, str] | None = None) -> DaemonHandle:  # fmt: skip
-    """`kvd route` in front of `instances` (a daemon: its run dir; a string: a bare URL)."""
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    run_dir, log_file, stdout = tmp_path / "run", tmp_path / "route.log", tmp_path / "stdout.txt"
-    listed = ", ".join(f'{{name = "{name}", url = "{d}"}}' if isinstance(d, str) else
-                       f'{{name = "{name}", run_dir = "{d.run_dir}"}}' for name, d in instances.items())  # fmt: skip
-    config = tmp_path / "route.toml"
-    config.write_text(f'[daemon]\nrun_dir = "{run_dir}"\n[log]\nformat = "json"\nfile = "{log_file}"\n'
-                      f'[http]\nport = 0\n[route]\npolicy = "{policy}"\nretry_interval_s = 0.2\n'
-                      f"instances = [{listed}]\n")  # fmt: skip
-    proc = start_kvd(["route", "--config", str(config)], daemon_env(env), stdout)
-    url = wait_endpoint(proc, run_dir / "http_endpoint", 60, stdout)
-    return DaemonHandle(proc, url, run_dir, log_file, stdout)
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory, smollm2_dir):
-    started = []
-    try:
-        for name in ("a", "b"):
-            started.append(instance(tmp_path_factory.mktemp(name)))
-        yield dict(zip("ab", started))
-    finally:
-        for d in started:
-            assert d.stop() == 0
-
-
-@pytest.fixture(scope="module")
-def routers(tmp_path_factory, pair):
-    started = {}
-    try:
-        for policy in ("kv", "round_robin"):
-            started[policy] = start_router(tmp_path_factory.mktemp(policy), pair, policy)
-        yield started
-    finally:
-        for r in started.values():
-            assert r.stop() == 0
-
-
-def post(url: str, path: str, body: bytes | dict, timeout: float = 60) -> tuple[int, dict, dict]:
-    """(status, JSON body, headers), error statuses included."""
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read()), r.headers
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read()), e.headers
-
-
-def chat(messages: list[dict], **kw) -> dict:
-    return {"messages": messages, "max_tokens": 4, "temperature": 0, **kw}
 
 
 def test_a_conversation_follows_its_prefix_and_round_robin_alternates(routers):
@@ -226,7 +160,7 @@ def test_a_draining_instance_sends_new_requests_elsewhere(tmp_path, pair):
     draining = instance(tmp_path / "d")
     router = start_router(tmp_path / "route", {"d": draining, "a": pair["a"]})
     try:
-        prompt = "Drained. " + SYSTEM  # blocks only d holds
+        prompt = "Drained. " + SYSTEM * 3  # blocks only d holds: enough to outweigh its busy stream (its load)
         assert post(draining.url, "/v1/completions", {"prompt": prompt, "max_tokens": 1})[0] == 200
         time.sleep(0.5)
         body = {"prompt": "Keeps d busy.", "max_tokens": 2000, "ignore_eos": True, "stream": True}

@@ -30,7 +30,7 @@ import zmq
 import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 
-from kvd.ipc import OnlyKey, bind_random, curve_pair, publish_endpoint
+from kvd.ipc import OnlyKey, bind_tcp, curve_pair, publish_endpoint
 from kvd.messages import FromPrefill, Ping, Pong, ToPrefill
 
 log = structlog.get_logger("kvd.peers")
@@ -75,9 +75,7 @@ class PrefillServer:
             self.sock.curve_server = True
             self.sock.curve_secretkey = keys.server_secret
             self.sock.curve_publickey = keys.server_public
-        self.endpoint = bind_random(self.sock, host) if port == 0 else f"tcp://{host}:{port}"
-        if port:
-            self.sock.bind(self.endpoint)
+        self.endpoint = bind_tcp(self.sock, host, port)
         self._enc = msgspec.msgpack.Encoder()
         self._dec = msgspec.msgpack.Decoder(ToPrefill)
         self._file = run_dir / "pd_endpoint"
