@@ -156,10 +156,13 @@ class ZmqFront:
                 self._handle(identity, frames[1].buffer)
 
     def _send(self, identity: bytes, payload: bytes) -> None:
-        try:  # a ROUTER never blocks: a gone peer's reply is dropped
-            self._sync.send_multipart([identity, payload], zmq.NOBLOCK, copy=False)
-        except zmq.ZMQError as e:
-            log.warning("reply_dropped", error=str(e))
+        # Through the asyncio socket, never its blocking shadow: a send lets libzmq take in what
+        # arrived meanwhile, and only the asyncio socket then wakes the poller for it (ZMQ_FD is
+        # edge-triggered: a shadow send left a client's frame unread until the next one came).
+        # A ROUTER never blocks: the future is done at once, and a gone peer's reply dropped.
+        fut = self.sock.send_multipart([identity, payload], copy=False)
+        if fut.done() and fut.exception() is not None:
+            log.warning("reply_dropped", error=str(fut.exception()))
 
     def _error(self, identity: bytes, request_id: str | None, code: ErrorCode, message: str) -> None:
         self._send(identity, self._enc.encode(Error(request_id, code, message)))
@@ -270,10 +273,9 @@ class ZmqFront:
         self._to_raw(b, self._enc.encode(msg))
 
     def _to_raw(self, b: Backend, frame: bytes) -> None:
-        try:
-            self.links[b.name].sock.send(frame, zmq.NOBLOCK)
-        except zmq.Again:  # its high-water mark: the request fails like a broken connection
-            self._lost(b, "its queue in the router is full")
+        fut = self.links[b.name].sock.send(frame, zmq.NOBLOCK)  # the asyncio socket, as in `_send`
+        if fut.done() and fut.exception() is not None:  # its high-water mark: as a broken connection
+            self._lost(b, f"its queue in the router is full ({fut.exception()})")
 
     async def _relay(self, name: str) -> None:
         """Pass `name`'s replies back; a disconnect fails (or moves) its requests."""

@@ -54,9 +54,12 @@ def test_ids_bad_frames_and_aborts_behave_as_on_an_instance(routers, pair):
             await stream.aclose()  # leaving the stream aborts the request on its instance
 
     asyncio.run(run())
-    aborted = [d for d in pair.values() if any(e["request_id"] == "z-1" for e in log_events(d.log_file,
-                                                                                             "request_aborted"))]
-    assert len(aborted) == 1
+
+    def aborted() -> list:
+        return [d for d in pair.values()
+                if any(e["request_id"] == "z-1" for e in log_events(d.log_file, "request_aborted"))]  # fmt: skip
+
+    assert len(wait_for(aborted, 10, "the instance to abort the left stream")) == 1
     with Client(routers["round_robin"].zmq, timeout=30) as c:
         with pytest.raises(KvdError) as e:
             c.generate(prompt="x", max_tokens=-1)  # refused by the client itself, as for an instance
