@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import math
+import os
 import signal
 import sys
 import tempfile
@@ -41,6 +43,7 @@ from kvd.bench.route_client import RunStats, play
 from kvd.bench.route_fleet import Fleet
 from kvd.bench.route_workload import User, conversation_blocks, make_users
 from kvd.config import ROUTE_POLICIES
+from kvd.cpu import machine_flags
 
 BLOCK_SIZE = 16  # the instances' default
 BLOCKS_FRACTION = 0.65  # of every conversation's blocks, per instance
@@ -74,6 +77,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.instances or args.instances[0] < 1:
         p.error("--instances: counts >= 1")
     return args
+
+
+def machine() -> str:
+    """The CPU's model name, cores and the SIMD / matrix flags that set the instances' speed."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in machine_flags()]
+    return f"{model}, {os.cpu_count()} cores, {' '.join(flags) or 'no avx2'}"
 
 
 def _row(label: str, count: int, blocks: int, s: RunStats, same: str) -> str:
@@ -133,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     blocks = args.blocks or math.ceil(BLOCKS_FRACTION * sum(need))
     first_prompts = [len(text.chat_ids([{"role": "system", "content": u.system},
                                         {"role": "user", "content": u.messages[0]}])) for u in users]  # fmt: skip
+    print(f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {machine()}")
     print(f"{args.users} users x {args.turns} turns, first prompts {min(first_prompts)}-{max(first_prompts)} tokens, "
           f"max_tokens {args.max_tokens}; every conversation's last turn fills {sum(need)} blocks of {BLOCK_SIZE} "
           f"tokens ({min(need)}-{max(need)} each); {blocks} blocks per instance ({blocks / sum(need):.0%}), "
