@@ -78,3 +78,9 @@ def test_flags():
     assert parse(["--instances", "3,2", "--policies", "kv"]).instances == [2, 3]
     with pytest.raises(SystemExit):
         parse(["--policies", "random"])
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse(["--help"])
+    assert e.value.code == 0 and "--overhead" in capsys.readouterr().out

@@ -20,10 +20,12 @@ empty): unified `kvd serve` on the embedded model, float32, `--threads` torch th
 every user's whole conversation fills, so one instance cannot hold them all and two can; the
 baseline run, first, is ONE instance with the blocks of the fewest instances together. Per run:
 prefix hit rate (cached / prompt tokens, summed from the answers' usage), TTFT p50/p99,
-output tok/s (completion tokens / wall time) and requests per instance (`X-Kvd-Instance`).
+output tok/s (completion tokens / wall time), requests per instance (`X-Kvd-Instance`) and
+moves (follow-ups sent elsewhere than the user's previous turn). The baseline has `--threads`
+threads too, so its TTFT and tok/s are one core's: it is there for its hit rate.
 Then the issue's targets: kv's hit rate ≥ 90% of the baseline's, and round-robin's TTFT p50
-≥ 2x kv's, both with 2 instances (the fewest given). A full default run takes about N minutes
-on a 2-core machine. Not recorded: docs/benchmarks.md has the runs.
+≥ 2x kv's, both with 2 instances (the fewest given). The issue's sizes are the defaults: a full
+run (7 runs) took 11 minutes on a 2-core EPYC. Not recorded: docs/benchmarks.md has the runs.
 """
 
 from __future__ import annotations
@@ -65,8 +67,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--turns", type=int, default=6)
     p.add_argument("--instances", type=_ints, default=[2, 3], help="instance counts, comma-separated")
     p.add_argument("--policies", default=",".join(ROUTE_POLICIES), help="comma-separated")
-    p.add_argument("--blocks", type=int, default=None, help=f"KV blocks per instance (default {BLOCKS_FRACTION:.0%} "
-                                                            "of what every conversation fills)")  # fmt: skip
+    p.add_argument("--blocks", type=int, default=None,
+                   help=f"KV blocks per instance (default {BLOCKS_FRACTION * 100:.0f}%% of all conversations' blocks)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per instance")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=None, help="keep configs and logs here (default: a temp dir)")
