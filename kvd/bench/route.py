@@ -74,7 +74,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=None, help="keep configs and logs here (default: a temp dir)")
     args = p.parse_args(argv)
     args.policies = [x.strip() for x in args.policies.split(",") if x.strip()]
-    if unknown := [x for x in args.policies if x not in ROUTE_POLICIES] or not args.policies:
+    unknown = [x for x in args.policies if x not in ROUTE_POLICIES]
+    if unknown or not args.policies:
         p.error(f"--policies: unknown or empty {unknown}; choose from {','.join(ROUTE_POLICIES)}")
     if not args.instances or args.instances[0] < 1:
         p.error("--instances: counts >= 1")
