@@ -102,3 +102,4 @@ bench: install model native bench-peer
 	$(PY) -m kvd.bench.choices
 	$(PY) -m kvd.bench.sampler
 	$(PY) -m kvd.bench.structured
+	$(PY) -m kvd.bench.route

@@ -1,0 +1,92 @@
+"""The latency `kvd route` adds: the same short requests straight to an instance and through a router.
+
+    python -m kvd.bench.route --overhead [--requests 50] [--max-tokens 1] [--chat]   (or `kvd bench route ...`)
+
+One unified instance (the embedded model, HTTP and KV events on, random loopback ports) and
+one router in front of it. Each of `--requests` rounds sends the same short completion (or
+chat) once straight and once through the router, in alternating order, one at a time, over a
+keep-alive aiohttp session each (as a client would hold): the two paths share the machine's
+drift. The first rounds warm both paths and are not counted. Prints each path's p50 and p90
+and the p50 difference (the issue's target: ≤ 1 ms), and the router process's CPU time
+per request (user + system: what the hop costs, apart from waiting for a core). Not recorded; about 30 s, most of it the
+instance's start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import psutil
+
+from kvd.spawn import daemon_env, start_kvd, wait_endpoint
+
+WARMUP = 5
+
+
+def _start(args: list[str], config: Path, text: str, endpoint: Path, workdir: Path):
+    config.write_text(text)
+    proc = start_kvd([*args, "--config", str(config)], daemon_env(), workdir / f"{config.stem}.out")
+    return proc, wait_endpoint(proc, endpoint, 180, workdir / f"{config.stem}.out")
+
+
+async def measure(direct: str, routed: str, body: dict, path: str, n: int) -> tuple[list[float], list[float]]:
+    times: dict[str, list[float]] = {direct: [], routed: []}
+    async with aiohttp.ClientSession() as a, aiohttp.ClientSession() as b:
+        sessions = {direct: a, routed: b}
+        for i in range(WARMUP + n):
+            for url in (direct, routed) if i % 2 else (routed, direct):
+                t0 = time.perf_counter()
+                async with sessions[url].post(url + path, json=body) as r:
+                    answer = await r.read()
+                if r.status != 200:
+                    raise SystemExit(f"route bench: {url}{path} answered {r.status}: {answer[:300]!r}")
+                if i >= WARMUP:
+                    times[url].append(time.perf_counter() - t0)
+    return times[direct], times[routed]
+
+
+def _p(values: list[float], q: int) -> float:
+    return 1000 * statistics.quantiles(values, n=100)[q - 1]
+
+
+def run(requests: int, max_tokens: int, chat: bool) -> None:
+    """Measure and print (kvd.bench.route --overhead)."""
+    with tempfile.TemporaryDirectory(prefix="kvd-bench-route-") as tmp:
+        workdir = Path(tmp)
+        inst_run, route_run = workdir / "instance", workdir / "route"
+        inst, url = _start(["serve"], workdir / "instance.toml",
+                           f'[daemon]\nrun_dir = "{inst_run}"\n[model]\ndtype = "float32"\n[http]\nport = 0\n'
+                           f'[kv_events]\nport = 0\n[log]\nformat = "json"\nfile = "{workdir}/instance.log"\n',
+                           inst_run / "http_endpoint", workdir)  # fmt: skip
+        router = None
+        try:
+            router, routed = _start(["route"], workdir / "route.toml",
+                                    f'[daemon]\nrun_dir = "{route_run}"\n[http]\nport = 0\n[log]\nformat = "json"\n'
+                                    f'file = "{workdir}/route.log"\n[route]\n'
+                                    f'instances = [{{name = "a", run_dir = "{inst_run}"}}]\n',
+                                    route_run / "http_endpoint", workdir)  # fmt: skip
+            text = "Say hello in one word."
+            if chat:
+                path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": text}]}
+            else:
+                path, body = "/v1/completions", {"prompt": text}
+            body |= {"max_tokens": max_tokens, "temperature": 0}
+            cpu = psutil.Process(router.pid).cpu_times
+            before = sum(cpu()[:2])
+            direct_s, routed_s = asyncio.run(measure(url, routed, body, path, requests))
+            router_cpu_ms = 1000 * (sum(cpu()[:2]) - before) / (WARMUP + requests)
+        finally:
+            for proc in (router, inst):
+                if proc is not None:
+                    proc.terminate()
+                    proc.wait(30)
+    d50, r50 = _p(direct_s, 50), _p(routed_s, 50)
+    print(f"{path}, {requests} sequential requests each, max_tokens {max_tokens}:")
+    print(f"  direct   p50 {d50:.2f} ms  p90 {_p(direct_s, 90):.2f} ms")
+    print(f"  routed   p50 {r50:.2f} ms  p90 {_p(routed_s, 90):.2f} ms")
+    print(f"  added    p50 {r50 - d50:+.2f} ms (target <= 1 ms); the router's CPU: {router_cpu_ms:.2f} ms per request")
