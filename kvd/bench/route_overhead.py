@@ -1,11 +1,12 @@
 """The latency `kvd route` adds: the same short requests straight to an instance and through a router.
 
-    python -m kvd.bench.route --overhead [--requests 50] [--max-tokens 1] [--chat]   (or `kvd bench route ...`)
+    python -m kvd.bench.route --overhead [--requests 50] [--max-tokens 1] [--chat] [--streams 1] [--zmq]
 
 One unified instance (the embedded model, HTTP and KV events on, random loopback ports) and
 one router in front of it. Each of `--requests` rounds sends the same short completion (or
-chat) once straight and once through the router, in alternating order, one at a time, over a
-keep-alive aiohttp session each (as a client would hold): the two paths share the machine's
+chat) `--streams` times at once straight and as many through the router, the two paths in
+alternating order, over a keep-alive aiohttp session each (as a client would hold; `--zmq`:
+one kvd.client.AsyncClient each, the ZeroMQ client API): the two paths share the machine's
 drift. The first rounds warm both paths and are not counted. Prints each path's p50 and p90
 and the p50 difference (the issue's target: ≤ 1 ms), and the router process's CPU time
 per request (user + system: what the hop costs, apart from waiting for a core). Not recorded; about 30 s, most of it the
@@ -15,6 +16,7 @@ instance's start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import tempfile
 import time
@@ -34,19 +36,34 @@ def _start(args: list[str], config: Path, text: str, endpoint: Path, workdir: Pa
     return proc, wait_endpoint(proc, endpoint, 180, workdir / f"{config.stem}.out")
 
 
-async def measure(direct: str, routed: str, body: dict, path: str, n: int) -> tuple[list[float], list[float]]:
+async def measure(direct: str, routed: str, body: dict, path: str, n: int, streams: int,
+                  zmq: bool) -> tuple[list[float], list[float]]:  # fmt: skip
+    """Per-request seconds of each path, `streams` requests at once per round."""
+    from kvd.client import AsyncClient
+
     times: dict[str, list[float]] = {direct: [], routed: []}
-    async with aiohttp.ClientSession() as a, aiohttp.ClientSession() as b:
-        sessions = {direct: a, routed: b}
+    async with contextlib.AsyncExitStack() as stack:
+        if zmq:
+            clients = {url: await stack.enter_async_context(AsyncClient(url, timeout=120)) for url in times}
+        else:
+            clients = {url: await stack.enter_async_context(aiohttp.ClientSession()) for url in times}
+
+        async def one(url: str) -> float:
+            t0 = time.perf_counter()
+            if zmq:
+                await clients[url].generate(**body)
+                return time.perf_counter() - t0
+            async with clients[url].post(url + path, json=body) as r:
+                answer = await r.read()
+            if r.status != 200:
+                raise SystemExit(f"route bench: {url}{path} answered {r.status}: {answer[:300]!r}")
+            return time.perf_counter() - t0
+
         for i in range(WARMUP + n):
             for url in (direct, routed) if i % 2 else (routed, direct):
-                t0 = time.perf_counter()
-                async with sessions[url].post(url + path, json=body) as r:
-                    answer = await r.read()
-                if r.status != 200:
-                    raise SystemExit(f"route bench: {url}{path} answered {r.status}: {answer[:300]!r}")
+                took = await asyncio.gather(*(one(url) for _ in range(streams)))
                 if i >= WARMUP:
-                    times[url].append(time.perf_counter() - t0)
+                    times[url] += took
     return times[direct], times[routed]
 
 
@@ -54,7 +71,7 @@ def _p(values: list[float], q: int) -> float:
     return 1000 * statistics.quantiles(values, n=100)[q - 1]
 
 
-def run(requests: int, max_tokens: int, chat: bool) -> None:
+def run(requests: int, max_tokens: int, chat: bool, streams: int = 1, zmq: bool = False) -> None:
     """Measure and print (kvd.bench.route --overhead)."""
     with tempfile.TemporaryDirectory(prefix="kvd-bench-route-") as tmp:
         workdir = Path(tmp)
@@ -71,22 +88,26 @@ def run(requests: int, max_tokens: int, chat: bool) -> None:
                                     f'instances = [{{name = "a", run_dir = "{inst_run}"}}]\n',
                                     route_run / "http_endpoint", workdir)  # fmt: skip
             text = "Say hello in one word."
-            if chat:
+            if zmq:  # the instance's and the router's client endpoints instead
+                url, routed = ((d / "endpoint").read_text().strip() for d in (inst_run, route_run))
+                path, body = "zeromq", {"chat": [{"role": "user", "content": text}]} if chat else {"prompt": text}
+            elif chat:
                 path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": text}]}
             else:
                 path, body = "/v1/completions", {"prompt": text}
             body |= {"max_tokens": max_tokens, "temperature": 0}
             cpu = psutil.Process(router.pid).cpu_times
             before = sum(cpu()[:2])
-            direct_s, routed_s = asyncio.run(measure(url, routed, body, path, requests))
-            router_cpu_ms = 1000 * (sum(cpu()[:2]) - before) / (WARMUP + requests)
+            direct_s, routed_s = asyncio.run(measure(url, routed, body, path, requests, streams, zmq))
+            router_cpu_ms = 1000 * (sum(cpu()[:2]) - before) / ((WARMUP + requests) * streams)
         finally:
             for proc in (router, inst):
                 if proc is not None:
                     proc.terminate()
                     proc.wait(30)
     d50, r50 = _p(direct_s, 50), _p(routed_s, 50)
-    print(f"{path}, {requests} sequential requests each, max_tokens {max_tokens}:")
+    print(f"{path}{', chat' if chat and zmq else ''}, {requests} rounds of {streams} concurrent request(s) per path, "
+          f"max_tokens {max_tokens}:")  # fmt: skip
     print(f"  direct   p50 {d50:.2f} ms  p90 {_p(direct_s, 90):.2f} ms")
     print(f"  routed   p50 {r50:.2f} ms  p90 {_p(routed_s, 90):.2f} ms")
     print(f"  added    p50 {r50 - d50:+.2f} ms (target <= 1 ms); the router's CPU: {router_cpu_ms:.2f} ms per request")

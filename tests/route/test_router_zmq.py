@@ -98,6 +98,9 @@ def test_a_killed_instance_fails_its_stream_with_502_and_the_rest_go_elsewhere(t
         st = asyncio.run(run())
         assert not st["instances"]["c"]["up"] and st["instances"]["c"]["errors"] == 1
         assert st["instances"]["a"]["requests"] == 3
+        with Client(pair["a"].endpoint, timeout=10) as c:  # the survivor leaked nothing
+            survivor = wait_for(lambda: (s := c.status())["live_requests"] == 0 and s, 10, "a to be idle")
+        assert survivor["integrity"] == "ok" and survivor["blocks"]["held"] == 0, survivor
     finally:
         assert router.stop() == 0
         doomed.stop()
