@@ -115,12 +115,13 @@ class Link:
             self._up = event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
             self.drops += not self._up
 
-    def close(self) -> None:
+    def close(self, linger: int = 0) -> None:
+        """`linger` ms for what is still queued to leave (0: dropped)."""
         if self.sock.closed:
             return
         self.sock.disable_monitor()
         self.monitor.close(linger=0)
-        self.sock.close(linger=0)
+        self.sock.close(linger=linger)
 
 
 class BadFrame(Exception):

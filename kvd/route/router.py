@@ -61,6 +61,7 @@ log = structlog.get_logger("kvd.route")
 _HOP = frozenset({"host", "connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer",
                   "upgrade", "proxy-authorization", "proxy-authenticate", "date", "server"})  # fmt: skip
 _RETRY_ELSEWHERE = 503  # an instance that answers this before its answer began has not started the request
+DRAINING = "route: shutting down"
 
 
 def _json(status: int, obj, headers: dict[str, str] | None = None) -> web.Response:
@@ -88,6 +89,7 @@ class Router:
         self.metrics = RouteMetrics(self.backends)
         self.url: str | None = None
         self.zmq: ZmqFront | None = None
+        self.draining = False  # SIGTERM: new requests get 503 while those in flight finish
         self._t_start = time.monotonic()
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -131,6 +133,19 @@ class Router:
             await self._session.close()
         self.subscriber.close()
 
+    async def drain(self, timeout_s: float) -> None:
+        """Refuse new requests (503) and wait up to `timeout_s` for those in flight to end."""
+        self.draining = True
+        t0 = time.monotonic()
+        log.info("route_draining", in_flight=self.in_flight(), timeout_s=timeout_s)
+        while self.in_flight() and time.monotonic() - t0 < timeout_s:
+            await asyncio.sleep(0.05)
+        log.info("route_drained", left=self.in_flight(), duration_ms=round(1000 * (time.monotonic() - t0), 1))
+
+    def in_flight(self) -> int:
+        """Requests the router has in flight on any instance, over either API."""
+        return sum(b.in_flight for b in self.backends.values())
+
     def status(self) -> dict[str, Any]:
         """What `kvd status` shows for the router."""
         m = self.metrics
@@ -169,6 +184,8 @@ class Router:
             return _error(e.status, f"path: {request.method} {request.path}: {e.reason}")
 
     async def health(self, request: web.Request) -> web.Response:
+        if self.draining:
+            return _error(503, DRAINING)
         up = [b.name for b in self.backends.values() if b.up]
         if not up:
             return _error(503, "health: no instance is up")
@@ -183,6 +200,8 @@ class Router:
         return await self._forward(request, b"", self.live_order(None))
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
+        if self.draining:
+            return _error(503, DRAINING)
         raw = await request.read()
         matched = None
         if self.policy.uses_prefix:
@@ -383,6 +402,8 @@ async def run(cfg: KvdConfig, notifier: Notifier | None = None, watchdog_s: floa
         task.add_done_callback(watched(what))
     watchdog = asyncio.create_task(_watchdog(notifier, watchdog_s)) if watchdog_s else None
     await stop.wait()
+    if not failed:  # in-flight answers finish (the ZeroMQ API still relays them); new requests get 503
+        await router.drain(cfg.daemon.drain_timeout_s)
     if watchdog is not None:
         watchdog.cancel()
     for task in tasks.values():

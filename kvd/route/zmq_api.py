@@ -55,6 +55,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("kvd.route")
 
+FINAL_LINGER_MS = 500  # at close: the last Errors and Aborts get this long to leave
+
 
 class _Forward:
     """One live request: where it came from, where it is, and what is left of it."""
@@ -120,13 +122,17 @@ class ZmqFront:
                 tg.create_task(self._relay(name))
 
     def close(self) -> None:
-        for f in self._live.values():
-            if f.timer is not None:
-                f.timer.cancel()
+        """Requests still live (past the drain) end with 503 and are aborted on their
+        instances; the clients' socket lingers a moment so those errors leave."""
+        for f in list(self._live.values()):
+            if f.backend is not None:
+                self._to(f.backend, Abort(f.request_id))
+            self._error(f.identity, f.request_id, ErrorCode.UNAVAILABLE, "route: shutting down")
+            self._end(f)
         for link in self.links.values():
-            link.close()
+            link.close(linger=FINAL_LINGER_MS)
         self._watch.close()
-        self.sock.close(linger=0)
+        self.sock.close(linger=FINAL_LINGER_MS)
 
     def status(self) -> dict[str, Any]:
         return {"live_requests": len(self._live), "malformed_frames": self.num_malformed,
@@ -193,6 +199,9 @@ class ZmqFront:
             self._send(identity, self._enc.encode(StatusReply(self.router.status())))
 
     def _generate(self, identity: bytes, msg: Generate, frame: bytes) -> None:
+        if self.router.draining:
+            self._error(identity, msg.request_id, ErrorCode.UNAVAILABLE, "route: shutting down")
+            return
         if msg.request_id in self._live:
             self._error(identity, msg.request_id, ErrorCode.BAD_REQUEST,
                         f"request_id: {msg.request_id!r} is already in use")  # fmt: skip

@@ -16,7 +16,7 @@ import time
 
 import pytest
 from harness import log_events, start_daemon, wait_for
-from route_harness import SYSTEM, instance, start_router
+from route_harness import SYSTEM, instance, post, start_router
 
 from kvd.client import AsyncClient, Client, KvdError
 
@@ -157,3 +157,29 @@ def test_thousands_of_requests_with_aborts_leak_nothing_anywhere(tmp_path, tiny_
         assert router.stop() == 0
         for d in instances.values():
             assert d.stop() == 0
+
+
+def test_sigterm_drains_the_router_new_requests_get_503(tmp_path, pair):
+    """SIGTERM: the router refuses new requests (503, HTTP and ZeroMQ) while the ones in flight
+    finish on their instances, then exits 0."""
+    router = start_router(tmp_path / "route", {"a": pair["a"]})
+
+    async def run():
+        async with AsyncClient(router.zmq, timeout=60) as c, AsyncClient(router.zmq, timeout=60) as late:
+            stream = c.stream(prompt="Still going. " + SYSTEM, max_tokens=200, ignore_eos=True)
+            got = len((await anext(stream)).token_ids)
+            router.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            with pytest.raises(KvdError) as e:
+                await late.generate(prompt="too late", max_tokens=2)
+            assert e.value.code == 503 and "shutting down" in e.value.message
+            status, body, _ = post(router.endpoint, "/v1/completions", {"prompt": "too late", "max_tokens": 2})
+            assert status == 503 and "shutting down" in body["error"]["message"]
+            async for chunk in stream:
+                got += len(chunk.token_ids)
+            return got
+
+    assert asyncio.run(run()) == 200
+    assert router.proc.wait(30) == 0
+    drained = log_events(router.log_file, "route_drained")
+    assert drained and drained[0]["left"] == 0
