@@ -19,7 +19,7 @@ PACKAGES = ("daemon", "engine", "scheduler", "connector")
 KNOWN = {
     "scheduler/scheduler.py:Scheduler.requests": "the one table of records, by request id",
     "connector/transfers.py:PoolTransfers._tasks": "transfers in flight, by messenger task id (each holds its record)",
-    "daemon/frontend.py:Frontend._fd_clients": "client identities, by connection file descriptor",
+    "daemon/frontend.py:DisconnectWatch._fd_clients": "client identities, by connection file descriptor",
     "daemon/supervisor.py:Supervisor._channels": "the children's channels, by process name",
     "daemon/supervisor.py:Supervisor._ready": "Ready handshakes awaited, by process name",
     "daemon/pd/handoff.py:PDRole.counts": "the role's counters, by name",

@@ -3,11 +3,13 @@
     python -m kvd.bench.route --overhead [--requests 50] [--max-tokens 1] [--chat] [--streams 1] [--zmq]
 
 One unified instance (the embedded model, HTTP and KV events on, random loopback ports) and
-one router in front of it. Each of `--requests` rounds sends the same short completion (or
-chat) `--streams` times at once straight and as many through the router, the two paths in
-alternating order, over a keep-alive aiohttp session each (as a client would hold; `--zmq`:
-one kvd.client.AsyncClient each, the ZeroMQ client API): the two paths share the machine's
-drift. The first rounds warm both paths and are not counted. Prints each path's p50 and p90
+one router in front of it. `--streams` concurrent streams each send the same short
+completion (or chat) `--requests` times straight to the instance and as many through the
+router, alternating the two paths request by request (stream k starting with path k mod 2),
+each next request as soon as the last is answered, over one keep-alive aiohttp session per
+path (as a client would hold; `--zmq`: one kvd.client.AsyncClient per path, the ZeroMQ
+client API): both paths see the same load from the other streams and share the machine's
+drift. Each stream's first requests warm both paths and are not counted. Prints each path's p50 and p90
 and the p50 difference (the issue's target: ≤ 1 ms), and the router process's CPU time
 per request (user + system: what the hop costs, apart from waiting for a core). Not recorded; about 30 s, most of it the
 instance's start.
@@ -38,7 +40,7 @@ def _start(args: list[str], config: Path, text: str, endpoint: Path, workdir: Pa
 
 async def measure(direct: str, routed: str, body: dict, path: str, n: int, streams: int,
                   zmq: bool) -> tuple[list[float], list[float]]:  # fmt: skip
-    """Per-request seconds of each path, `streams` requests at once per round."""
+    """Per-request seconds of each path, `streams` streams alternating the paths."""
     from kvd.client import AsyncClient
 
     times: dict[str, list[float]] = {direct: [], routed: []}
@@ -59,11 +61,15 @@ async def measure(direct: str, routed: str, body: dict, path: str, n: int, strea
                 raise SystemExit(f"route bench: {url}{path} answered {r.status}: {answer[:300]!r}")
             return time.perf_counter() - t0
 
-        for i in range(WARMUP + n):
-            for url in (direct, routed) if i % 2 else (routed, direct):
-                took = await asyncio.gather(*(one(url) for _ in range(streams)))
-                if i >= WARMUP:
-                    times[url] += took
+        async def worker(k: int) -> None:
+            # Each stream alternates the paths, so both see the same load from the others.
+            for i in range(2 * (WARMUP + n)):
+                url = (direct, routed)[(i + k) % 2]
+                took = await one(url)
+                if i >= 2 * WARMUP:
+                    times[url].append(took)
+
+        await asyncio.gather(*(worker(k) for k in range(streams)))
     return times[direct], times[routed]
 
 
@@ -99,15 +105,15 @@ def run(requests: int, max_tokens: int, chat: bool, streams: int = 1, zmq: bool 
             cpu = psutil.Process(router.pid).cpu_times
             before = sum(cpu()[:2])
             direct_s, routed_s = asyncio.run(measure(url, routed, body, path, requests, streams, zmq))
-            router_cpu_ms = 1000 * (sum(cpu()[:2]) - before) / ((WARMUP + requests) * streams)
+            router_cpu_ms = 1000 * (sum(cpu()[:2]) - before) / (2 * (WARMUP + requests) * streams)
         finally:
             for proc in (router, inst):
                 if proc is not None:
                     proc.terminate()
                     proc.wait(30)
     d50, r50 = _p(direct_s, 50), _p(routed_s, 50)
-    print(f"{path}{', chat' if chat and zmq else ''}, {requests} rounds of {streams} concurrent request(s) per path, "
-          f"max_tokens {max_tokens}:")  # fmt: skip
+    print(f"{path}{', chat' if chat and zmq else ''}, {streams} stream(s) x {requests} requests per path, "
+          f"alternating, max_tokens {max_tokens}:")  # fmt: skip
     print(f"  direct   p50 {d50:.2f} ms  p90 {_p(direct_s, 90):.2f} ms")
     print(f"  routed   p50 {r50:.2f} ms  p90 {_p(routed_s, 90):.2f} ms")
     print(f"  added    p50 {r50 - d50:+.2f} ms (target <= 1 ms); the router's CPU: {router_cpu_ms:.2f} ms per request")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 import structlog
@@ -50,8 +50,31 @@ from kvd.messages import (
 )
 
 if TYPE_CHECKING:
+    from kvd.config import KvdConfig
     from kvd.route.backend import Backend
-    from kvd.route.router import Router
+    from kvd.route.metrics import RouteMetrics
+    from kvd.route.policy import Policy
+    from kvd.route.prompt import PromptHasher
+
+
+class Routing(Protocol):
+    """What the ZeroMQ API uses of the router (kvd.route.router.Router, which owns it): the
+    instances, the ordering of a request's prompt, the accounting both APIs share."""
+
+    cfg: KvdConfig
+    backends: dict[str, Backend]
+    policy: Policy
+    hasher: PromptHasher
+    metrics: RouteMetrics
+    draining: bool
+
+    def matched(self, ids: list[int]) -> dict[str, tuple[int, int]]: ...
+    def live_order(self, matched: dict[str, tuple[int, int]] | None) -> list[Backend]: ...
+    def started(self, b: Backend) -> None: ...
+    def ended(self, b: Backend) -> None: ...
+    def counted(self, b: Backend, matched: dict[str, tuple[int, int]] | None) -> None: ...
+    def lost(self, b: Backend, why: str) -> None: ...
+    def status(self) -> dict[str, Any]: ...
 
 log = structlog.get_logger("kvd.route")
 
@@ -81,11 +104,11 @@ class _Forward:
 class ZmqFront:
     """The ROUTER socket clients use and a Link to each instance with a client endpoint."""
 
-    def __init__(self, router: Router, ctx: zmq.asyncio.Context) -> None:
+    def __init__(self, router: Routing, ctx: zmq.asyncio.Context) -> None:
         self.router = router
         self.ctx = ctx
         self.max_frame_bytes = router.cfg.daemon.max_frame_bytes
-        self.timeout_s = router.route.request_timeout_s
+        self.timeout_s = router.cfg.route.request_timeout_s
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, 8 * self.max_frame_bytes)
