@@ -169,6 +169,7 @@ class AsyncClient:
             self._ctx.term()
             raise
         self._sock = self._link.sock
+        self._connecting = asyncio.Lock()
         self._enc = msgspec.msgpack.Encoder()
         self._dec = msgspec.msgpack.Decoder(ServerMessage)
         self._queues: dict[str, asyncio.Queue] = {}
@@ -192,10 +193,13 @@ class AsyncClient:
     async def _send(self, frame: bytes) -> None:
         """Send once a daemon is connected (503 if none within connect_timeout)."""
         deadline = time.monotonic() + self.connect_timeout
-        while not self._link.up():
-            left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms <= 0 or not await self._link.monitor.poll(left_ms, zmq.POLLIN):
-                raise _unreachable(self.endpoint, self.connect_timeout)
+        # One task at a time watches the monitor: the first to read the handshake would leave
+        # the others' polls waiting for an event that has been taken.
+        async with self._connecting:
+            while not self._link.up():
+                left_ms = int((deadline - time.monotonic()) * 1000)
+                if left_ms <= 0 or not await self._link.monitor.poll(left_ms, zmq.POLLIN):
+                    raise _unreachable(self.endpoint, self.connect_timeout)
         await self._sock.send(frame)
 
     def _send_now(self, frame: bytes) -> None:

@@ -2,7 +2,7 @@
 
     python -m kvd.bench.route [--users 24] [--turns 6] [--instances 2,3] [--policies kv,round_robin,least_loaded]
                               [--max-tokens 32] [--blocks N] [--threads 1] [--seed 0] [--workdir DIR]
-    python -m kvd.bench.route --overhead [--requests 50] [--max-tokens 1] [--chat] [--streams N] [--zmq]
+    python -m kvd.bench.route --overhead [--requests 50] [--max-tokens 1] [--chat] [--streams N] [--zmq] [--threads 1]
                                                                   (kvd.bench.route_overhead)
     (or `kvd bench route ...`)
 
@@ -72,7 +72,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--policies", default=",".join(ROUTE_POLICIES), help="comma-separated")
     p.add_argument("--blocks", type=int, default=None,
                    help=f"KV blocks per instance (default {BLOCKS_FRACTION * 100:.0f}%% of all conversations' blocks)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per instance")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per instance (0: every core)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=None, help="keep configs and logs here (default: a temp dir)")
     args = p.parse_args(argv)
@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.overhead:
         from kvd.bench.route_overhead import run
 
-        return run(args.requests, 1 if args.max_tokens is None else args.max_tokens, args.chat, args.streams, args.zmq)
+        return run(args.requests, 1 if args.max_tokens is None else args.max_tokens, args.chat, args.streams, args.zmq,
+                   args.threads)  # fmt: skip
     args.max_tokens = 32 if args.max_tokens is None else args.max_tokens
     from kvd.engine.text import TextStage
     from kvd.worker.models import embedded_model_dir, load_tokenizer

@@ -2,14 +2,15 @@
 
     python -m kvd.bench.route --overhead [--requests 50] [--max-tokens 1] [--chat] [--streams 1] [--zmq]
 
-One unified instance (the embedded model, HTTP and KV events on, random loopback ports) and
-one router in front of it. `--streams` concurrent streams each send the same short
-completion (or chat) `--requests` times straight to the instance and as many through the
-router, alternating the two paths request by request (stream k starting with path k mod 2),
-each next request as soon as the last is answered, over one keep-alive aiohttp session per
-path (as a client would hold; `--zmq`: one kvd.client.AsyncClient per path, the ZeroMQ
-client API): both paths see the same load from the other streams and share the machine's
-drift. Each stream's first requests warm both paths and are not counted. Prints each path's p50 and p90
+One unified instance (the embedded model, HTTP and KV events on, random loopback ports,
+`--threads` torch threads: 0 every core) and one router in front of it. `--streams`
+concurrent streams each send the same short completion (or chat) `--requests` times straight
+to the instance and as many through the router, alternating the two paths request by request
+(stream k starting with path k mod 2), each next request as soon as the last is answered,
+over one keep-alive aiohttp session per path (as a client would hold; `--zmq`: one
+kvd.client.AsyncClient per path, the ZeroMQ client API): both paths see the same load from
+the other streams and share the machine's drift. Each stream's first requests warm both
+paths and are not counted. Prints each path's p50 and p90
 and the p50 difference (the issue's target: ≤ 1 ms), and the router process's CPU time
 per request (user + system: what the hop costs, apart from waiting for a core). Not recorded; about 30 s, most of it the
 instance's start.
@@ -77,14 +78,15 @@ def _p(values: list[float], q: int) -> float:
     return 1000 * statistics.quantiles(values, n=100)[q - 1]
 
 
-def run(requests: int, max_tokens: int, chat: bool, streams: int = 1, zmq: bool = False) -> None:
+def run(requests: int, max_tokens: int, chat: bool, streams: int = 1, zmq: bool = False, threads: int = 0) -> None:
     """Measure and print (kvd.bench.route --overhead)."""
     with tempfile.TemporaryDirectory(prefix="kvd-bench-route-") as tmp:
         workdir = Path(tmp)
         inst_run, route_run = workdir / "instance", workdir / "route"
         inst, url = _start(["serve"], workdir / "instance.toml",
-                           f'[daemon]\nrun_dir = "{inst_run}"\n[model]\ndtype = "float32"\n[http]\nport = 0\n'
-                           f'[kv_events]\nport = 0\n[log]\nformat = "json"\nfile = "{workdir}/instance.log"\n',
+                           f'[daemon]\nrun_dir = "{inst_run}"\n[model]\ndtype = "float32"\nthreads = {threads}\n'
+                           f'[http]\nport = 0\n[kv_events]\nport = 0\n'
+                           f'[log]\nformat = "json"\nfile = "{workdir}/instance.log"\n',
                            inst_run / "http_endpoint", workdir)  # fmt: skip
         router = None
         try:
