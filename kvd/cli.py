@@ -136,8 +136,11 @@ def _print_router_status(status: dict) -> int:
     print(f"requests   live {status['live_requests']}   policy {status['policy']}   "
           f"prefix hit rate {status['prefix_hit_rate']:.1%}")  # fmt: skip
     for name, i in status["instances"].items():
-        print(f"instance   {name} {'up' if i['up'] else 'DOWN'}  in flight {i['in_flight']}  requests {i['requests']}"
-              f"  failovers {i['failovers']}  errors {i['errors']}  {i['endpoint'] or i['url']}")  # fmt: skip
+        load = i.get("load")
+        reported = f"  queue {load['waiting']} running {load['running']} free {load['free_blocks']}" if load else ""
+        print(f"instance   {name} {'up' if i['up'] else 'DOWN'}  in flight {i['in_flight']}{reported}"
+              f"  requests {i['requests']}  failovers {i['failovers']}  errors {i['errors']}"
+              f"  {i['endpoint'] or i['url']}")  # fmt: skip
     return 0
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import structlog
 import zmq
 import zmq.asyncio
@@ -47,6 +48,7 @@ from kvd.config import KvdConfig, resolve_run_dir
 from kvd.daemon.notify import Notifier
 from kvd.daemon.openai_api import DONE, JSON, error_body, sse
 from kvd.ipc import publish_endpoint
+from kvd.kv_events import Load
 from kvd.route.backend import Backend
 from kvd.route.index import KVIndex
 from kvd.route.metrics import RouteMetrics
@@ -163,7 +165,7 @@ class Router:
             "kv_events": {"batches": self.subscriber.num_batches, "gaps": self.subscriber.num_gaps,
                           "snapshots": self.subscriber.num_snapshots},  # fmt: skip
             "instances": {
-                name: {"up": b.up, "in_flight": b.in_flight, "load": self.subscriber.loads.get(name),
+                name: {"up": b.up, "in_flight": b.in_flight, "load": _fields(self.subscriber.loads.get(name)),
                        "requests": int(m.requests.labels(name)._value.get()),
                        "failovers": int(m.failovers.labels(name)._value.get()),
                        "errors": int(m.errors.labels(name)._value.get()), "url": b.url, "endpoint": b.endpoint,
@@ -422,6 +424,11 @@ async def _watchdog(notifier: Notifier, interval_s: float) -> None:
     while True:
         await asyncio.sleep(interval_s)
         notifier.watchdog()
+
+
+def _fields(load: Load | None) -> dict[str, int] | None:
+    """An instance's reported load as a map (status is JSON to `kvd status --json`)."""
+    return msgspec.structs.asdict(load) if load is not None else None
 
 
 def _unpublish(path: Path, url: str) -> None:

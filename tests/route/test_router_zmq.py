@@ -34,6 +34,8 @@ def test_a_conversation_follows_its_prefix_and_status_shows_the_router(routers):
         st = c.status()
     assert st["role"] == "router" and st["policy"] == "kv" and st["state"] == "ready"
     assert set(st["instances"]) == {"a", "b"} and st["live_requests"] == 0
+    load = st["instances"]["a"]["load"]  # the instance's own figures, from its KV events
+    assert set(load) == {"waiting", "running", "free_blocks", "num_blocks"} and load["num_blocks"] == 256
     assert sorted(i["requests"] for i in st["instances"].values())[-1] >= 2  # both turns on one instance
     out = subprocess.run([sys.executable, "-m", "kvd.cli", "status", "--endpoint", routers["kv"].zmq],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
