@@ -43,6 +43,7 @@ from kvd.daemon.openai_api import (
     TokenText,
     error_body,
     sse,
+    start_site,
 )
 from kvd.daemon.owner import Rejected
 from kvd.daemon.serving import Serving
@@ -52,7 +53,6 @@ from kvd.messages import MAX_REQUEST_ID, ChatMessage, ErrorCode, Generate
 
 log = structlog.get_logger("kvd.http")
 
-SHUTDOWN_TIMEOUT_S = 5.0  # after the drain: handlers still writing their last event get this long
 GUARDED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")  # what [http] api_key guards
 
 
@@ -131,12 +131,7 @@ class HttpFrontend:
         app.router.add_get("/tokenizer_info", self.tokenizer_info)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics_page)
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        self.url = f"http://{self.cfg.host}:{port}"
+        self._runner, self.url = await start_site(app, self.cfg.host, self.cfg.port)
         log.info("http_serving", url=self.url, auth=bool(self.cfg.api_key))
         return self.url
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
+from aiohttp import web
 
 from kvd.daemon.tools import (
     NamedToolChoice,
@@ -34,6 +35,17 @@ from kvd.sampling import SamplingParams, StructuredOutputs
 from kvd.scheduler.output import Logprobs
 
 JSON = msgspec.json.Encoder()
+SHUTDOWN_TIMEOUT_S = 5.0  # after the drain: handlers still writing their last event get this long
+
+
+async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
+    """Serve `app` on host:port (0: a free one), as an instance and the router both do: its
+    handlers cancelled when a client leaves, no access log, and at cleanup (after the caller's
+    drain) open answers get SHUTDOWN_TIMEOUT_S, not aiohttp's 60 s. Returns the runner and the URL."""
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, max(port, 0), shutdown_timeout=SHUTDOWN_TIMEOUT_S).start()
+    return runner, f"http://{host}:{runner.addresses[0][1]}"
 
 
 class StreamOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
