@@ -49,6 +49,7 @@ class BlockPool:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks)
         self._cached: dict[bytes, Block] = {}
+        self._num_cached_only = 0  # blocks in the free queue that carry a hash (kept as they move)
         self.num_evictions = 0
         self.events = events
 
@@ -60,7 +61,13 @@ class BlockPool:
 
     @property
     def num_cached_only(self) -> int:
-        return sum(1 for b in self._free.values() if b.block_hash is not None)
+        """Free blocks still in the prefix-cache index (evicted, oldest first, when allocated)."""
+        return self._num_cached_only
+
+    @property
+    def num_empty(self) -> int:
+        """Blocks neither held by a request nor cached."""
+        return len(self._free) - self._num_cached_only
 
     @property
     def num_held(self) -> int:
@@ -82,6 +89,7 @@ class BlockPool:
         for _ in range(n):
             _, block = self._free.popitem(last=False)
             if block.block_hash is not None:
+                self._num_cached_only -= 1
                 self._evict(block)
             block.ref_cnt = 1
             out.append(block)
@@ -92,6 +100,7 @@ class BlockPool:
         for block in blocks:
             if block.ref_cnt == 0:
                 del self._free[block.block_id]
+                self._num_cached_only -= block.block_hash is not None
             block.ref_cnt += 1
 
     def free(self, blocks: Iterable[Block]) -> None:
@@ -102,6 +111,7 @@ class BlockPool:
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
                 self._free[block.block_id] = block
+                self._num_cached_only += block.block_hash is not None
 
     def cache(self, block: Block, block_hash: bytes) -> bool:
         """Index a full, computed block under its hash. False if caching is off or the hash is taken."""
@@ -111,6 +121,7 @@ class BlockPool:
             return False
         block.block_hash = block_hash
         self._cached[block_hash] = block
+        self._num_cached_only += block.ref_cnt == 0
         return True
 
     def _evict(self, block: Block) -> None:
@@ -143,6 +154,8 @@ class BlockPool:
                 raise RuntimeError(f"block pool: {block} has a hash the index does not map to it")
         if len(self._cached) != sum(1 for b in self.blocks if b.block_hash is not None):
             raise RuntimeError("block pool: the hash index holds blocks that carry no hash")
+        if cached_only != self._num_cached_only:
+            raise RuntimeError(f"block pool: {cached_only} cached-only blocks, counted {self._num_cached_only}")
         if free_uncached + cached_only + held != self.num_blocks:
             raise RuntimeError(
                 f"block pool: free {free_uncached} + cached-only {cached_only} + held {held}"

@@ -207,13 +207,12 @@ class Engine:
 
     def stats(self) -> dict[str, float | int]:
         pool = self.kv.pool
-        cached_only = pool.num_cached_only
         return {
             "waiting": len(self.scheduler.waiting),
             "running": len(self.scheduler.running),
             "blocks_total": pool.num_blocks,
-            "blocks_free": pool.num_free - cached_only,
-            "blocks_cached_only": cached_only,
+            "blocks_free": pool.num_empty,
+            "blocks_cached_only": pool.num_cached_only,
             "blocks_held": pool.num_held,
             "prefix_hit_rate": self.kv.prefix_hit_rate,
             "prefix_hit_tokens": self.kv.prefix_hits,
