@@ -137,7 +137,8 @@ def _print_router_status(status: dict) -> int:
           f"prefix hit rate {status['prefix_hit_rate']:.1%}")  # fmt: skip
     for name, i in status["instances"].items():
         load = i.get("load")
-        reported = f"  queue {load['waiting']} running {load['running']} free {load['free_blocks']}" if load else ""
+        reported = (f"  queue {load['waiting']} running {load['running']} free {load['free_blocks']}"
+                    f" cached {load.get('cached_blocks', 0)}" if load else "")  # fmt: skip
         print(f"instance   {name} {'up' if i['up'] else 'DOWN'}  in flight {i['in_flight']}{reported}"
               f"  requests {i['requests']}  failovers {i['failovers']}  errors {i['errors']}"
               f"  {i['endpoint'] or i['url']}")  # fmt: skip

@@ -29,7 +29,7 @@ the pool still has).
 
 A batch carries the instance's id, its epoch (random per start: a restarted instance has
 a new one), a sequence number, a timestamp and the instance's `Load` (waiting and running
-requests, free blocks): the router's status feed, so a heartbeat also goes out on any tick
+requests, empty and cached-only blocks): the router's status feed, so a heartbeat also goes out on any tick
 whose load differs from the last one sent. The sequence number grows by one per
 batch that carries events; a batch without events is a heartbeat and repeats the last
 number, so a subscriber sees that it missed the last batch within a heartbeat. A
@@ -92,6 +92,7 @@ class Load(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=T
     running: int
     free_blocks: int  # neither held by a request nor cached
     num_blocks: int
+    cached_blocks: int = 0  # not held, still in the prefix cache (evicted first when blocks run short)
 
 
 class EventBatch(_Event, tag="batch"):

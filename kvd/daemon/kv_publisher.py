@@ -126,6 +126,11 @@ class KVEventPublisher:
             self.seq += 1
             self._send(events[i : i + n])
 
+    def clear(self) -> None:
+        """The instance's KV cache is gone (its worker lost, or a new engine): `cleared`, sent now."""
+        self.log.cleared()
+        self.flush()
+
     def tick(self) -> None:
         """Every second: what is pending, else a heartbeat if the load changed or nothing went
         out for a while."""

@@ -91,9 +91,8 @@ class Serving:
             self.grammars = Grammars(self.text.tokenizer, info.vocab_size)
         events = None
         if self.kv_events is not None:  # the new engine's KV cache starts empty
+            self.kv_events.clear()
             events = self.kv_events.log
-            events.cleared()
-            self.kv_events.flush()
         self.engine = Engine(self.cfg.engine, info, tokenizer_eos(self.text.tokenizer), self.role.connector(info),
                              self.grammars, events)  # fmt: skip
         if self.kv_events is not None:
@@ -116,8 +115,7 @@ class Serving:
         await self.role.engine_lost()
         self.engine = None
         if self.kv_events is not None:
-            self.kv_events.log.cleared()
-            self.kv_events.flush()
+            self.kv_events.clear()
 
     async def on_messenger_lost(self) -> None:
         if self.engine is not None:
@@ -408,7 +406,7 @@ class Serving:
         if self.engine is None:
             return None
         sched, pool = self.engine.scheduler, self.engine.kv.pool
-        return Load(len(sched.waiting), len(sched.running), pool.num_free - pool.num_cached_only, pool.num_blocks)
+        return Load(len(sched.waiting), len(sched.running), pool.num_empty, pool.num_blocks, pool.num_cached_only)
 
     def stats(self) -> dict[str, Any]:
         """The engine's figures (empty while a worker restarts), for status and metrics."""
