@@ -99,11 +99,21 @@ class Link:
         self._events = zmq.Socket.shadow(self.monitor.underlying)  # non-blocking reads, sync or asyncio
         self._up = False
         self.drops = 0  # connections lost so far
+        self.endpoint = endpoint
         try:
             self.sock.connect(endpoint)
         except zmq.ZMQError:
             self.close()
             raise
+
+    def repoint(self, endpoint: str) -> None:
+        """Connect to `endpoint` instead (the peer restarted elsewhere); the monitor goes on."""
+        try:
+            self.sock.disconnect(self.endpoint)
+        except zmq.ZMQError:  # not connected there any more
+            pass
+        self.sock.connect(endpoint)
+        self.endpoint = endpoint
 
     def up(self) -> bool:
         """Whether the peer is connected, as of the monitor's events so far."""

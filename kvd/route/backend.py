@@ -1,14 +1,18 @@
 """Backend: one instance behind the router — where it answers, how busy and whether it is up.
 
-    backends = Backend.from_config(cfg.route)    # run dirs read once, at start
+    backends = Backend.from_config(cfg.route)    # run dirs read at start
     b.url, b.endpoint                            # its HTTP API, its ZeroMQ client API
+    b.reread()                                   # its run dir again: True if an endpoint moved
     b.in_flight                                  # requests the router has open on it
+    b.requests, b.failovers, b.errors            # what the router counted there
     b.mark_down(reason, probe)                   # no request goes to it until `probe` finds /health 200
 
 A backend is down from a refused connection (or a 503 before its answer began) until a
 /health probe answers 200; the probes wait `retry_interval_s`, doubling up to
 MAX_RETRY_INTERVAL_S, so a dead instance costs a request nothing and a returning one is
-used within seconds.
+used within seconds. An instance given by its run dir may come back on other ports (random
+ones, as `kvd launch` and the default config give): before each probe the router reads the
+run dir again (`reread`) and points its sockets at what it finds.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 
 import structlog
 
-from kvd.config import RouteConfig
+from kvd.config import RouteConfig, RouteInstance
 
 log = structlog.get_logger("kvd.route")
 
@@ -29,37 +33,44 @@ MAX_RETRY_INTERVAL_S = 30.0
 class Backend:
     """One instance: its endpoints, the router's requests on it, up or down."""
 
-    def __init__(self, name: str, url: str, events: str = "", snapshot: str = "", endpoint: str = "") -> None:
+    def __init__(self, name: str, url: str, events: str = "", snapshot: str = "", endpoint: str = "",
+                 source: RouteInstance | None = None) -> None:  # fmt: skip
         self.name = name
+        self.source = source  # the config entry: its run dir and the endpoints it gives itself
         self.url = url.rstrip("/")
         self.endpoint = endpoint  # its ZeroMQ client endpoint; "": the router's ZeroMQ clients never reach it
         self.events = events  # "": it publishes no KV events; its prefix never matches
         self.snapshot = snapshot
         self.in_flight = 0
         self.up = True
+        # what the router counted here (kvd.route.metrics and `kvd status` read them)
+        self.requests = 0  # forwarded to it
+        self.hit_blocks = 0  # prompt blocks it held of those
+        self.failovers = 0  # refused before they started
+        self.errors = 0  # failed after their answer began
         self._probe: asyncio.Task | None = None
 
     @classmethod
     def from_config(cls, cfg: RouteConfig) -> list[Backend]:
         """The configured instances; an endpoint left "" is read from the instance's run dir
         (OSError when a file the config relies on is missing: start the instances first)."""
-        out = []
-        for name, inst in zip(cfg.names, cfg.instances):
-            run_dir = Path(inst.run_dir).expanduser() if inst.run_dir else None
+        return [cls(name, *_endpoints(inst), source=inst) for name, inst in zip(cfg.names, cfg.instances)]
 
-            def read(given: str, file: str, optional: bool = False) -> str:
-                if given or run_dir is None:
-                    return given
-                path = run_dir / file
-                if optional and not path.exists():
-                    return ""
-                return path.read_text().strip()
-
-            events = read(inst.events, "kv_events_endpoint", optional=True)
-            snapshot = read(inst.snapshot, "kv_snapshot_endpoint", optional=not events)
-            out.append(cls(name, read(inst.url, "http_endpoint"), events, snapshot,
-                           read(inst.endpoint, "endpoint", optional=True)))  # fmt: skip
-        return out
+    def reread(self) -> bool:
+        """Read the run dir again; True if an endpoint changed (then they are the new ones).
+        An instance stopped or still starting has no files: its endpoints stay as they were."""
+        if self.source is None or not self.source.run_dir:
+            return False
+        try:
+            url, events, snapshot, endpoint = _endpoints(self.source)
+        except OSError:
+            return False
+        if (url.rstrip("/"), events, snapshot, endpoint) == (self.url, self.events, self.snapshot, self.endpoint):
+            return False
+        log.info("instance_moved", instance=self.name, url=url, endpoint=endpoint, events=events,
+                 was={"url": self.url, "endpoint": self.endpoint, "events": self.events})  # fmt: skip
+        self.url, self.events, self.snapshot, self.endpoint = url.rstrip("/"), events, snapshot, endpoint
+        return True
 
     def mark_down(self, reason: str, probe: Callable[[Backend], Awaitable[bool]], interval_s: float) -> None:
         """Stop sending it requests until `probe(self)` is True (tried after a back-off)."""
@@ -82,3 +93,21 @@ class Backend:
     def close(self) -> None:
         if self._probe is not None:
             self._probe.cancel()
+
+
+def _endpoints(inst: RouteInstance) -> tuple[str, str, str, str]:
+    """(url, events, snapshot, endpoint) of a config entry: each one it leaves "" read from its
+    run dir (OSError when a file it relies on is missing: the instance is not up)."""
+    run_dir = Path(inst.run_dir).expanduser() if inst.run_dir else None
+
+    def read(given: str, file: str, optional: bool = False) -> str:
+        if given or run_dir is None:
+            return given
+        path = run_dir / file
+        if optional and not path.exists():
+            return ""
+        return path.read_text().strip()
+
+    events = read(inst.events, "kv_events_endpoint", optional=True)
+    snapshot = read(inst.snapshot, "kv_snapshot_endpoint", optional=not events)
+    return read(inst.url, "http_endpoint"), events, snapshot, read(inst.endpoint, "endpoint", optional=True)

@@ -7,40 +7,51 @@
     kvd_route_errors_total{instance}            requests that failed on it after their answer began
     kvd_route_in_flight{instance}               requests the router has in flight on it
     kvd_route_instance_up{instance}             1 while the router sends it requests, 0 while it is down
+
+Each figure is kept once, as a plain count on its `Backend` (and the router's own prompt
+block count); a scrape reads them, and so does `Router.status`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
     from kvd.route.backend import Backend
 
+# (name, help, Backend attribute, family) of the per-instance series
+_PER_INSTANCE = (
+    ("kvd_route_requests", "Requests forwarded to an instance.", "requests", CounterMetricFamily),
+    ("kvd_route_prefix_hit_blocks", "Prompt blocks the chosen instance held.", "hit_blocks", CounterMetricFamily),
+    ("kvd_route_failovers", "Requests an instance refused before they started.", "failovers", CounterMetricFamily),
+    ("kvd_route_errors", "Requests that failed on an instance after their answer began.", "errors",
+     CounterMetricFamily),
+    ("kvd_route_in_flight", "Requests in flight on an instance.", "in_flight", GaugeMetricFamily),
+    ("kvd_route_instance_up", "1 while the instance takes requests.", "up", GaugeMetricFamily),
+)  # fmt: skip
+
 
 class RouteMetrics:
-    """The router's counters and gauges, labelled by instance name."""
+    """The router's counters and gauges, labelled by instance name, read at each scrape."""
 
-    def __init__(self, backends: Mapping[str, Backend]) -> None:
+    def __init__(self, backends: Mapping[str, Backend], prompt_blocks: Callable[[], int]) -> None:
+        self.backends = backends
+        self.prompt_blocks = prompt_blocks
         self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("kvd_route_requests", "Requests forwarded to an instance.", ["instance"], registry=r)
-        self.prompt_blocks = Counter("kvd_route_prompt_blocks", "Full prompt blocks of routed requests.", registry=r)
-        self.hit_blocks = Counter("kvd_route_prefix_hit_blocks", "Prompt blocks the chosen instance held.",
-                                  ["instance"], registry=r)  # fmt: skip
-        self.failovers = Counter("kvd_route_failovers", "Requests an instance refused before they started.",
-                                 ["instance"], registry=r)  # fmt: skip
-        self.errors = Counter("kvd_route_errors", "Requests that failed on an instance after their answer began.",
-                              ["instance"], registry=r)  # fmt: skip
-        self.in_flight = Gauge("kvd_route_in_flight", "Requests in flight on an instance.", ["instance"], registry=r)
-        self.up = Gauge("kvd_route_instance_up", "1 while the instance takes requests.", ["instance"], registry=r)
-        for name, b in backends.items():  # every series exists from the start, at 0
-            for metric in (self.requests, self.hit_blocks, self.failovers, self.errors):
-                metric.labels(name)
-            self.in_flight.labels(name).set_function(lambda b=b: b.in_flight)  # the backend's count, read at scrape
-            self.up.labels(name).set(1)
+        self.registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily("kvd_route_prompt_blocks", "Full prompt blocks of routed requests.",
+                                  value=self.prompt_blocks())  # fmt: skip
+        for name, doc, attr, family in _PER_INSTANCE:
+            metric = family(name, doc, labels=["instance"])
+            for b in self.backends.values():
+                metric.add_metric([b.name], int(getattr(b, attr)))
+            yield metric
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -46,7 +46,7 @@ from aiohttp import web
 
 from kvd.config import KvdConfig, resolve_run_dir
 from kvd.daemon.notify import Notifier
-from kvd.daemon.openai_api import DONE, JSON, error_body, sse
+from kvd.daemon.openai_api import DONE, JSON, error_body, sse, start_site
 from kvd.ipc import publish_endpoint
 from kvd.kv_events import Load
 from kvd.route.backend import Backend
@@ -88,7 +88,8 @@ class Router:
         for b in backends:
             if b.events:
                 self.subscriber.add(b.name, b.events, b.snapshot)
-        self.metrics = RouteMetrics(self.backends)
+        self.prompt_blocks = 0  # full prompt blocks of the requests routed with hashes
+        self.metrics = RouteMetrics(self.backends, lambda: self.prompt_blocks)
         self.url: str | None = None
         self.zmq: ZmqFront | None = None
         self.draining = False  # SIGTERM: new requests get 503 while those in flight finish
@@ -116,10 +117,7 @@ class Router:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics_page)
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self.cfg.http.host, max(self.cfg.http.port, 0)).start()
-        self.url = f"http://{self.cfg.http.host}:{self._runner.addresses[0][1]}"
+        self._runner, self.url = await start_site(app, self.cfg.http.host, self.cfg.http.port)
         log.info("route_serving", url=self.url, policy=self.policy.name,
                  instances={b.name: b.url for b in self.backends.values()})  # fmt: skip
         return self.url
@@ -150,9 +148,8 @@ class Router:
 
     def status(self) -> dict[str, Any]:
         """What `kvd status` shows for the router."""
-        m = self.metrics
-        blocks = m.prompt_blocks._value.get()
-        hits = sum(m.hit_blocks.labels(n)._value.get() for n in self.backends)
+        blocks = self.prompt_blocks
+        hits = sum(b.hit_blocks for b in self.backends.values())
         return {
             "role": "router",
             "state": "ready" if any(b.up for b in self.backends.values()) else "no instance up",
@@ -166,9 +163,8 @@ class Router:
                           "snapshots": self.subscriber.num_snapshots},  # fmt: skip
             "instances": {
                 name: {"up": b.up, "in_flight": b.in_flight, "load": _fields(self.subscriber.loads.get(name)),
-                       "requests": int(m.requests.labels(name)._value.get()),
-                       "failovers": int(m.failovers.labels(name)._value.get()),
-                       "errors": int(m.errors.labels(name)._value.get()), "url": b.url, "endpoint": b.endpoint,
+                       "requests": b.requests, "failovers": b.failovers, "errors": b.errors, "url": b.url,
+                       "endpoint": b.endpoint,
                        "kv_events_seq": self.index.seq(name)}  # fmt: skip
                 for name, b in self.backends.items()
             },
@@ -228,8 +224,18 @@ class Router:
 
     def live_order(self, matched: dict[str, tuple[int, int]] | None) -> list[Backend]:
         live = [name for name, b in self.backends.items() if b.up]
-        blocks = {name: held for name, (held, _) in matched.items()} if matched else None
-        return [self.backends[name] for name in self.policy.order(live, {n: self.load(n) for n in live}, blocks)]
+        held = short = None
+        if matched:
+            held = {name: h for name, (h, _) in matched.items()}
+            short = {name: self.short(name, total - h) for name, (h, total) in matched.items()}
+        order = self.policy.order(live, {n: self.load(n) for n in live}, held, short)
+        return [self.backends[name] for name in order]
+
+    def short(self, name: str, blocks: int) -> int:
+        """Of `blocks` new blocks for a prompt, how many `name` has no room for: more than its
+        free and cached-only blocks (as it last reported them; 0 when it reports none)."""
+        reported = self.subscriber.loads.get(name)
+        return max(0, blocks - reported.free_blocks - reported.cached_blocks) if reported is not None else 0
 
     def load(self, name: str) -> int:
         """`name`'s requests: the router's own in flight there, or the instance's waiting and
@@ -276,31 +282,34 @@ class Router:
 
     def counted(self, b: Backend, matched: dict[str, tuple[int, int]] | None) -> None:
         """`b` took a request: counted as routed there, with the prompt blocks it held."""
-        self.metrics.requests.labels(b.name).inc()
+        b.requests += 1
         if matched and b.name in matched:
             held, total = matched[b.name]
-            self.metrics.hit_blocks.labels(b.name).inc(held)
-            self.metrics.prompt_blocks.inc(total)
+            b.hit_blocks += held
+            self.prompt_blocks += total
 
     def lost(self, b: Backend, why: str) -> None:
         """`b`'s connection broke: down until its /health says otherwise."""
-        self.metrics.up.labels(b.name).set(0)
         b.mark_down(why, self._probe, self.route.retry_interval_s)
 
     def _refused(self, b: Backend, reason: str) -> None:
         """`b` did not start the request: it is down until its /health says otherwise."""
-        self.metrics.failovers.labels(b.name).inc()
+        b.failovers += 1
         self.lost(b, reason)
 
     async def _probe(self, b: Backend) -> bool:
+        """Whether `b` is back: its run dir read again (it may have restarted on other ports),
+        then its /health."""
+        if b.reread():
+            if self.zmq is not None:
+                self.zmq.repoint(b)
+            if b.events:
+                self.subscriber.repoint(b.name, b.events, b.snapshot)
         try:
             async with self._session.get(b.url + "/health", timeout=self._probe_timeout) as r:
-                ok = r.status == 200
+                return r.status == 200
         except (aiohttp.ClientError, TimeoutError):
-            ok = False
-        if ok:
-            self.metrics.up.labels(b.name).set(1)
-        return ok
+            return False
 
     async def _pass_back(self, request: web.Request, upstream: aiohttp.ClientResponse,
                          b: Backend) -> web.StreamResponse:  # fmt: skip
@@ -331,7 +340,7 @@ class Router:
     def _failure(self, b: Backend, e: Exception) -> tuple[int, str]:
         status = 504 if isinstance(e, TimeoutError) else 502
         why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        self.metrics.errors.labels(b.name).inc()
+        b.errors += 1
         log.warning("instance_failed", instance=b.name, status=status, error=why)
         if status == 502:  # its connection broke: more requests would meet the same, until /health says otherwise
             self.lost(b, why)

@@ -2,6 +2,7 @@
 
     sub = KVEventSubscriber(secret=cfg.pd.secret)        # the deployment's secret: CURVE
     sub.add("a", events_endpoint, snapshot_endpoint)     # or sub.add_run_dir("a", run_dir)
+    sub.repoint("a", events_endpoint, snapshot_endpoint) # it restarted on other ports
     await sub.run()                                      # one follower per instance, until cancelled
     sub.index.prefix_match(hashes)
     sub.loads["a"]                                       # its Load as of its last batch (None: none yet)
@@ -54,8 +55,20 @@ class _Source:
                 sock.curve_publickey = keys.subscriber_public
                 sock.curve_secretkey = keys.subscriber_secret
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.endpoints = (events, snapshots)
         self.sub.connect(events)
         self.dealer.connect(snapshots)
+
+    def repoint(self, events: str, snapshots: str) -> None:
+        """Follow the instance at new endpoints (it restarted elsewhere): a new epoch there makes
+        the follower resync, and a snapshot request still unanswered is asked again there."""
+        for sock, old, new in zip((self.sub, self.dealer), self.endpoints, (events, snapshots)):
+            try:
+                sock.disconnect(old)
+            except zmq.ZMQError:
+                pass
+            sock.connect(new)
+        self.endpoints = (events, snapshots)
 
     def close(self) -> None:
         self.sub.close(linger=0)
@@ -85,6 +98,11 @@ class KVEventSubscriber:
         if name in self._sources:
             raise ValueError(f"name: instance {name!r} is already followed")
         self._sources[name] = _Source(self.ctx, name, events_endpoint, snapshot_endpoint, self._keys)
+
+    def repoint(self, name: str, events_endpoint: str, snapshot_endpoint: str) -> None:
+        """`name` now publishes at these endpoints (one not followed since the start stays so)."""
+        if name in self._sources:
+            self._sources[name].repoint(events_endpoint, snapshot_endpoint)
 
     def add_run_dir(self, name: str, run_dir: str | Path) -> None:
         """Follow the instance whose run directory holds `kv_events_endpoint` and `kv_snapshot_endpoint`."""

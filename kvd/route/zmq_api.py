@@ -52,7 +52,6 @@ from kvd.messages import (
 if TYPE_CHECKING:
     from kvd.config import KvdConfig
     from kvd.route.backend import Backend
-    from kvd.route.metrics import RouteMetrics
     from kvd.route.policy import Policy
     from kvd.route.prompt import PromptHasher
 
@@ -65,7 +64,6 @@ class Routing(Protocol):
     backends: dict[str, Backend]
     policy: Policy
     hasher: PromptHasher
-    metrics: RouteMetrics
     draining: bool
 
     def matched(self, ids: list[int]) -> dict[str, tuple[int, int]]: ...
@@ -143,6 +141,12 @@ class ZmqFront:
             tg.create_task(self._serve())
             for name in self.links:
                 tg.create_task(self._relay(name))
+
+    def repoint(self, b: Backend) -> None:
+        """`b` restarted at another client endpoint: the link connects there (what was on the
+        old connection already failed or moved when it dropped)."""
+        if b.name in self.links and b.endpoint:
+            self.links[b.name].repoint(b.endpoint)
 
     def close(self) -> None:
         """Requests still live (past the drain) end with 503 and are aborted on their
@@ -284,7 +288,7 @@ class ZmqFront:
         log.warning("instance_failed", instance=name, status=504, request_id=f.request_id,
                     error=f"no answer within {self.timeout_s} s")  # fmt: skip
         if f.backend is not None:
-            self.router.metrics.errors.labels(f.backend.name).inc()
+            f.backend.errors += 1
             self._to(f.backend, Abort(f.request_id))
         self._error(f.identity, f.request_id, ErrorCode.DEADLINE,
                     f"route: instance {name!r} gave no answer within {self.timeout_s} s")  # fmt: skip
@@ -349,7 +353,7 @@ class ZmqFront:
         elif isinstance(msg, Error):
             if not f.accepted and msg.code in RETRYABLE:  # refused before it started: the next one
                 log.info("instance_refused", instance=b.name, request_id=f.request_id, code=int(msg.code))
-                self.router.metrics.failovers.labels(b.name).inc()
+                b.failovers += 1
                 if msg.code == ErrorCode.UNAVAILABLE:  # draining or restarting: no more until /health is 200
                     self.router.lost(b, "answered 503")
                 self.router.ended(b)
@@ -378,7 +382,7 @@ class ZmqFront:
             if not f.accepted:
                 self._dispatch(f)
                 continue
-            self.router.metrics.errors.labels(b.name).inc()
+            b.errors += 1
             self._error(f.identity, f.request_id, ErrorCode(502), f"route: instance {b.name!r} failed: {why}")
             self._end(f)
 

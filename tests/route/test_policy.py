@@ -16,6 +16,16 @@ def test_kv_weighs_held_prefix_blocks_against_requests_in_flight():
     assert p.order([], {}, {}) == []
 
 
+def test_kv_counts_blocks_an_instance_has_no_room_for():
+    p = Policy("kv", load_weight=4.0)
+    # a holds 5 of the prompt's blocks but lacks room for 6 of the rest: as if it held none
+    assert p.order(["a", "b"], {"a": 0, "b": 0}, {"a": 5}, {"a": 6, "b": 0}) == ["b", "a"]
+    assert p.order(["a", "b"], {"a": 0, "b": 0}, {"a": 5}, {"a": 4, "b": 0}) == ["a", "b"]
+    assert p.order(["a", "b"], {"a": 0, "b": 0}, {}, {"a": 1}) == ["b", "a"]  # nothing held: the roomier
+    ll = Policy("least_loaded")
+    assert ll.order(["a", "b"], {"a": 0, "b": 1}, {}, {"a": 50}) == ["a", "b"]  # room is kv's business only
+
+
 def test_ties_spread_by_turns():
     p = Policy("kv")
     firsts = [p.order(["a", "b", "c"], {}, {})[0] for _ in range(6)]

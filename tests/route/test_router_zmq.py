@@ -35,7 +35,8 @@ def test_a_conversation_follows_its_prefix_and_status_shows_the_router(routers):
     assert st["role"] == "router" and st["policy"] == "kv" and st["state"] == "ready"
     assert set(st["instances"]) == {"a", "b"} and st["live_requests"] == 0
     load = st["instances"]["a"]["load"]  # the instance's own figures, from its KV events
-    assert set(load) == {"waiting", "running", "free_blocks", "num_blocks"} and load["num_blocks"] == 256
+    assert set(load) == {"waiting", "running", "free_blocks", "num_blocks", "cached_blocks"}
+    assert load["num_blocks"] == 256 and load["free_blocks"] + load["cached_blocks"] <= 256
     assert sorted(i["requests"] for i in st["instances"].values())[-1] >= 2  # both turns on one instance
     out = subprocess.run([sys.executable, "-m", "kvd.cli", "status", "--endpoint", routers["kv"].zmq],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
@@ -109,6 +110,40 @@ def test_a_killed_instance_fails_its_stream_with_502_and_the_rest_go_elsewhere(t
 
 
 @pytest.mark.slow
+def test_an_instance_restarted_on_other_ports_is_found_there(tmp_path, pair):
+    """An instance given by its run dir stops and starts again on new random ports: the router
+    reads the run dir again before its /health probe and points its HTTP requests, its
+    ZeroMQ link and its KV-event sockets there."""
+    first = instance(tmp_path / "c")
+    router = start_router(tmp_path / "route", {"c": first, "a": pair["a"]})
+    second = None
+    try:
+        with Client(router.zmq, timeout=60) as c:
+            wait_for(lambda: c.status()["kv_events"]["snapshots"] >= 2, 30, "the router to sync both instances")
+            old = (first.url, first.endpoint)
+            assert first.stop() == 0
+            wait_for(lambda: not c.status()["instances"]["c"]["up"], 30, "the router to see c gone")
+            second = instance(tmp_path / "c")  # the same run dir: new ports in its endpoint files
+            assert (second.url, second.endpoint) != old
+            prompt = "Only the new c holds this. " + SYSTEM
+            assert post(second.url, "/v1/completions", {"prompt": prompt, "max_tokens": 1})[0] == 200
+            wait_for(lambda: c.status()["instances"]["c"]["up"], 60, "the router to find c again")
+            # c's new epoch, synced through the repointed KV-event sockets: 2 at start, then c again
+            wait_for(lambda: c.status()["kv_events"]["snapshots"] >= 3, 30, "the router to resync c")
+            out = c.generate(prompt=prompt, max_tokens=1, temperature=0.0)
+            assert out.num_cached_tokens >= 16  # where the index said it is held: c, over the repointed link
+            st = c.status()["instances"]
+            assert st["c"]["requests"] == 1 and st["c"]["url"] == second.url and st["c"]["endpoint"] == second.endpoint
+        status, body, headers = post(router.endpoint, "/v1/completions", {"prompt": prompt, "max_tokens": 1})
+        assert status == 200 and headers["X-Kvd-Instance"] == "c", body
+        assert "instance_moved" in {e.get("event") for e in log_events(router.log_file)}
+    finally:
+        assert router.stop() == 0
+        first.stop()
+        if second is not None:
+            assert second.stop() == 0
+
+
 def test_thousands_of_requests_with_aborts_leak_nothing_anywhere(tmp_path, tiny_llama_dir):
     """10,000 requests through the router over loopback, of every 50 one from a client that
     disconnects mid-stream and four aborted mid-stream: every one ends, and both instances'
