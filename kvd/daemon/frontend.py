@@ -20,8 +20,8 @@ descriptor is never blamed on the new client.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, NamedTuple
 
 import msgspec
 import structlog
@@ -102,6 +102,65 @@ class DisconnectWatch:
         self.monitor.close(linger=0)
 
 
+class Malformed(NamedTuple):
+    """A frame that is no valid client message: what can be read of it, and why."""
+
+    payload: memoryview | bytes
+    reason: str
+
+
+class ClientInbox:
+    """What arrives on a client-facing ROUTER socket, an instance's (`Frontend`) or the
+    router's (kvd.route.zmq_api): each message decoded, or `Malformed` (extra parts, over
+    `max_frame_bytes`, not a client message: the reason names the field), with its sender.
+    Disconnects are watched (`DisconnectWatch`) and `on_gone(identity)` is called for each
+    client that left, before any frame that follows."""
+
+    def __init__(self, sock: zmq.asyncio.Socket, max_frame_bytes: int, on_gone: Callable[[bytes], None]) -> None:
+        self.sock = sock
+        self.max_frame_bytes = max_frame_bytes
+        self.watch = DisconnectWatch(sock)
+        self._on_gone = on_gone
+        self._sync = zmq.Socket.shadow(sock.underlying)  # non-blocking reads once the poller says ready
+        self._dec = msgspec.msgpack.Decoder(ClientMessage)
+
+    async def messages(self) -> AsyncIterator[tuple[bytes, ClientMessage | Malformed, memoryview]]:
+        """(sender, message, its frame) as they come, until cancelled (the router forwards the
+        frame as it came)."""
+        poller = zmq.asyncio.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.watch.monitor, zmq.POLLIN)
+        while True:
+            await poller.poll()
+            self._gone()
+            while True:
+                try:
+                    frames = self._sync.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self._gone()
+                yield self.watch.seen(frames), self._decode(frames), frames[-1].buffer
+
+    def _gone(self) -> None:
+        for identity in self.watch.gone():
+            self._on_gone(identity)
+
+    def _decode(self, frames: list[zmq.Frame]) -> ClientMessage | Malformed:
+        if len(frames) != 2:  # a message is one part: extra parts make it ambiguous
+            return Malformed(frames[1].buffer if len(frames) > 1 else b"",
+                             f"frame: a message is one part, got {len(frames) - 1}")  # fmt: skip
+        payload = frames[1].buffer
+        if len(payload) > self.max_frame_bytes:
+            return Malformed(b"", f"frame: {len(payload)} bytes exceeds max_frame_bytes {self.max_frame_bytes}")
+        try:
+            return self._dec.decode(payload)
+        except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as e:
+            return Malformed(payload, field_error(e) if isinstance(e, msgspec.ValidationError) else f"frame: {e}")
+
+    def close(self) -> None:
+        self.watch.close()
+
+
 class _Route:
     """One request's way back: the client identity it came from, its id there and whether it
     streams. It is the `Outbox` of the request's records (its n choices share it), kept on
@@ -134,13 +193,10 @@ class Frontend:
         self.sock = sock
         self.serving = serving
         self.status = status
-        self.max_frame_bytes = max_frame_bytes
-        self._dec = msgspec.msgpack.Decoder(ClientMessage)
         self._enc = msgspec.msgpack.Encoder()
         self.num_malformed = 0
         self._admitting: set[_Route] = set()  # requests whose grammar compiles: no record yet to abort
-        self._watch = DisconnectWatch(sock)
-        self._sync = zmq.Socket.shadow(sock.underlying)  # non-blocking reads once the poller says ready
+        self.inbox = ClientInbox(sock, max_frame_bytes, self.on_disconnect)
 
     async def send(self, identity: bytes, msg: ServerMessage) -> None:
         try:
@@ -149,44 +205,16 @@ class Frontend:
             log.warning("reply_dropped", error=str(e))
 
     async def run(self) -> None:
-        poller = zmq.asyncio.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        poller.register(self._watch.monitor, zmq.POLLIN)
         try:
-            while True:
-                await poller.poll()
-                self._drain_monitor()
-                while True:
-                    try:
-                        frames = self._sync.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    self._drain_monitor()
-                    identity = self._watch.seen(frames)
-                    if len(frames) != 2:  # a message is one part: extra parts make it ambiguous
-                        await self.reject(identity, frames[1].buffer if len(frames) > 1 else b"",
-                                          f"frame: a message is one part, got {len(frames) - 1}")  # fmt: skip
-                        continue
-                    await self.handle(identity, frames[1].buffer)
+            async for identity, msg, _ in self.inbox.messages():
+                await self.handle(identity, msg)
         finally:
-            self._watch.close()
+            self.inbox.close()
 
-    def _drain_monitor(self) -> None:
-        for identity in self._watch.gone():
-            self.on_disconnect(identity)
-
-    async def handle(self, identity: bytes, payload: memoryview) -> None:
-        if len(payload) > self.max_frame_bytes:
-            await self.reject(identity, b"", f"frame: {len(payload)} bytes exceeds max_frame_bytes "
-                                             f"{self.max_frame_bytes}")  # fmt: skip
-            return
-        try:
-            msg = self._dec.decode(payload)
-        except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as e:
-            text = field_error(e) if isinstance(e, msgspec.ValidationError) else f"frame: {e}"
-            await self.reject(identity, payload, text)
-            return
-        if isinstance(msg, Generate):
+    async def handle(self, identity: bytes, msg: ClientMessage | Malformed) -> None:
+        if isinstance(msg, Malformed):
+            await self.reject(identity, msg.payload, msg.reason)
+        elif isinstance(msg, Generate):
             await self.on_generate(identity, msg)
         elif isinstance(msg, Abort):
             self.on_abort(msg.request_id, identity)

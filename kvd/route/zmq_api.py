@@ -33,8 +33,8 @@ import zmq
 import zmq.asyncio
 
 from kvd.daemon.backoff import RETRYABLE
-from kvd.daemon.frontend import DisconnectWatch, readable_request_id
-from kvd.ipc import Link, bind_tcp, field_error
+from kvd.daemon.frontend import ClientInbox, Malformed, readable_request_id
+from kvd.ipc import Link, bind_tcp
 from kvd.messages import (
     Abort,
     Accepted,
@@ -112,10 +112,8 @@ class ZmqFront:
         self.sock.setsockopt(zmq.MAXMSGSIZE, 8 * self.max_frame_bytes)
         self.links = {b.name: Link(ctx, b.endpoint) for b in router.backends.values() if b.endpoint}
         self._drops = dict.fromkeys(self.links, 0)  # each link's connections lost, as handled
-        self._watch = DisconnectWatch(self.sock)
-        self._sync = zmq.Socket.shadow(self.sock.underlying)
+        self.inbox = ClientInbox(self.sock, self.max_frame_bytes, self._client_left)
         self._live: dict[str, _Forward] = {}
-        self._client_dec = msgspec.msgpack.Decoder(ClientMessage)
         self._server_dec = msgspec.msgpack.Decoder(ServerMessage)
         self._enc = msgspec.msgpack.Encoder()
         self.endpoint: str | None = None
@@ -158,7 +156,7 @@ class ZmqFront:
             self._end(f)
         for link in self.links.values():
             link.close(linger=FINAL_LINGER_MS)
-        self._watch.close()
+        self.inbox.close()
         self.sock.close(linger=FINAL_LINGER_MS)
 
     def status(self) -> dict[str, Any]:
@@ -167,26 +165,8 @@ class ZmqFront:
 
     # ---- clients -----------------------------------------------------------------------
     async def _serve(self) -> None:
-        poller = zmq.asyncio.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        poller.register(self._watch.monitor, zmq.POLLIN)
-        while True:
-            await poller.poll()
-            for identity in self._watch.gone():
-                self._client_left(identity)
-            while True:
-                try:
-                    frames = self._sync.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                for identity in self._watch.gone():
-                    self._client_left(identity)
-                identity = self._watch.seen(frames)
-                if len(frames) != 2:
-                    self._reject(identity, frames[1].buffer if len(frames) > 1 else b"",
-                                 f"frame: a message is one part, got {len(frames) - 1}")  # fmt: skip
-                    continue
-                self._handle(identity, frames[1].buffer)
+        async for identity, msg, frame in self.inbox.messages():
+            self._handle(identity, msg, frame)
 
     def _send(self, identity: bytes, payload: bytes) -> None:
         # Through the asyncio socket, never its blocking shadow: a send lets libzmq take in what
@@ -207,17 +187,11 @@ class ZmqFront:
         log.warning("frame_rejected", request_id=request_id, bytes=len(payload), reason=reason)
         self._error(identity, None if request_id in self._live else request_id, ErrorCode.BAD_REQUEST, reason)
 
-    def _handle(self, identity: bytes, payload: memoryview) -> None:
-        if len(payload) > self.max_frame_bytes:
-            self._reject(identity, b"", f"frame: {len(payload)} bytes exceeds max_frame_bytes {self.max_frame_bytes}")
-            return
-        try:
-            msg = self._client_dec.decode(payload)
-        except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as e:
-            self._reject(identity, payload, field_error(e) if isinstance(e, msgspec.ValidationError) else f"frame: {e}")
-            return
-        if isinstance(msg, Generate):
-            self._generate(identity, msg, bytes(payload))
+    def _handle(self, identity: bytes, msg: ClientMessage | Malformed, frame: memoryview) -> None:
+        if isinstance(msg, Malformed):
+            self._reject(identity, msg.payload, msg.reason)
+        elif isinstance(msg, Generate):
+            self._generate(identity, msg, bytes(frame))
         elif isinstance(msg, Abort):
             f = self._live.get(msg.request_id)
             if f is not None and f.identity == identity and f.backend is not None:
