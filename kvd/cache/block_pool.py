@@ -17,7 +17,7 @@ Contract:
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, KeysView
 
 from kvd.cache.event_log import KVEventLog
 from kvd.kv_events import DEVICE
@@ -73,9 +73,9 @@ class BlockPool:
     def num_held(self) -> int:
         return self.num_blocks - len(self._free)
 
-    def cached_hashes(self) -> set[bytes]:
-        """Every hash in the prefix-cache index."""
-        return set(self._cached)
+    def cached_hashes(self) -> KeysView[bytes]:
+        """Every hash in the prefix-cache index (a live view: no copy, compares equal to a set)."""
+        return self._cached.keys()
 
     def get_cached(self, block_hash: bytes) -> Block | None:
         return self._cached.get(block_hash) if self.enable_caching else None
