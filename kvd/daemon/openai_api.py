@@ -42,9 +42,9 @@ async def start_site(app: web.Application, host: str, port: int) -> tuple[web.Ap
     """Serve `app` on host:port (0: a free one), as an instance and the router both do: its
     handlers cancelled when a client leaves, no access log, and at cleanup (after the caller's
     drain) open answers get SHUTDOWN_TIMEOUT_S, not aiohttp's 60 s. Returns the runner and the URL."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
-    await web.TCPSite(runner, host, max(port, 0), shutdown_timeout=SHUTDOWN_TIMEOUT_S).start()
+    await web.TCPSite(runner, host, max(port, 0)).start()
     return runner, f"http://{host}:{runner.addresses[0][1]}"
 
 
