@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from kvd.kv_events import AllCleared, BlockRemoved, BlockStored, EventBatch, Snapshot
+import msgspec
+
+from kvd.kv_events import AllCleared, BlockRemoved, BlockStored, EventBatch, Load, Snapshot, batch_decoder, encoder
 from kvd.route.index import Applied, KVIndex
 
 H = [bytes([i]) * 16 for i in range(8)]
@@ -45,3 +47,12 @@ def test_gaps_stale_batches_heartbeats_and_restarts():
     assert idx.hashes("a", "device") == set() and idx.where(H[4]) == {"a": {"host"}}
     idx.drop("a")
     assert idx.instances == [] and idx.where(H[4]) == {}
+
+
+def test_a_load_without_cached_blocks_reads_as_none_cached():
+    """An instance of the version before `Load.cached_blocks` sends four fields: a router reads
+    them with 0 cached-only blocks (its blocks short then count the empty ones alone)."""
+    old = msgspec.msgpack.encode(["batch", "i", 1, 0, 0.0, [], [2, 3, 10, 64]])
+    assert batch_decoder().decode(old).load == Load(2, 3, 10, 64, 0)
+    new = batch_decoder().decode(encoder().encode(EventBatch("i", 1, 0, 0.0, [], Load(2, 3, 10, 64, 7))))
+    assert new.load.cached_blocks == 7
