@@ -289,28 +289,30 @@ def peer_env(threads: int) -> dict[str, str]:
                          "VLLM_TARGET_DEVICE": "cpu"}  # fmt: skip
 
 
-class VllmServer:
-    """`vllm serve` on 127.0.0.1 and a free port, from the peer venv; stopped by PID."""
+class HttpServer:
+    """An external OpenAI server (`vllm serve`, `llama-server`) on 127.0.0.1 and a free port:
+    `argv` (set by the subclass, with `self.port`) runs in a session of its own with its output
+    in `log`; ready once GET /health answers 200; stopped by its process group."""
 
-    def __init__(self, model_dir: Path, dtype: str, workdir: Path, threads: int) -> None:
+    def __init__(self, name: str, log: Path, env: dict[str, str], start_timeout_s: float) -> None:
+        self.name = name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = workdir / f"vllm-serve-{dtype}.log"
-        self.argv = [*VLLM_CLI, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port),
-                     "--dtype", dtype, "--served-model-name", MODEL_NAME, "--seed", "0",
-                     "--kv-cache-memory-bytes", str(int(KV_CACHE_GB * 2**30)), "--no-enable-prefix-caching"]  # fmt: skip
-        self.env = peer_env(threads)
+        self.log = log
+        self.env = env
+        self.start_timeout_s = start_timeout_s
+        self.argv: list[str] = []
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> str:
         with self.log.open("w") as out:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                          env=self.env, start_new_session=True)  # fmt: skip
-        deadline = time.monotonic() + VLLM_START_TIMEOUT_S
+        deadline = time.monotonic() + self.start_timeout_s
         while True:  # an external server: its /health is all there is to wait on
             if self.proc.poll() is not None:
                 tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-15:])
-                raise DaemonError(f"vllm serve exited with {self.proc.returncode}:\n{tail}")
+                raise DaemonError(f"{self.name} exited with {self.proc.returncode}:\n{tail}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
                     if r.status == 200:
@@ -318,17 +320,27 @@ class VllmServer:
             except (urllib.error.URLError, OSError):
                 pass
             if time.monotonic() > deadline:
-                raise DaemonError(f"vllm serve not ready within {VLLM_START_TIMEOUT_S:.0f} s")
+                raise DaemonError(f"{self.name} not ready within {self.start_timeout_s:.0f} s")
             time.sleep(1.0)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # its engine core is a child process
+            os.killpg(self.proc.pid, signal.SIGTERM)  # vllm serve's engine core is a child process
             try:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+
+
+class VllmServer(HttpServer):
+    """`vllm serve` from the peer venv, with an explicit KV cache size and no prefix caching."""
+
+    def __init__(self, model_dir: Path, dtype: str, workdir: Path, threads: int) -> None:
+        super().__init__("vllm serve", workdir / f"vllm-serve-{dtype}.log", peer_env(threads), VLLM_START_TIMEOUT_S)
+        self.argv = [*VLLM_CLI, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port),
+                     "--dtype", dtype, "--served-model-name", MODEL_NAME, "--seed", "0",
+                     "--kv-cache-memory-bytes", str(int(KV_CACHE_GB * 2**30)), "--no-enable-prefix-caching"]  # fmt: skip
 
 
 def vllm_bench(url: str, model_dir: Path, work: Workload, cfg, workdir: Path, label: str, threads: int) -> dict:
@@ -395,9 +407,14 @@ def median_run(runs: list[ModeResult]) -> ModeResult:
     return sorted(runs, key=lambda m: m.tok_s)[len(runs) // 2]
 
 
+def per_round(results: dict[str, list[ModeResult]], a: str, b: str) -> list[float]:
+    """a / b output tok/s, run by run (each pair ran in the same round, back to back)."""
+    return [x.tok_s / y.tok_s for x, y in zip(results[a], results[b])]
+
+
 def round_ratios(results: dict[str, list[ModeResult]], a: str, b: str) -> list[float]:
-    """a / b output tok/s of the streams mode, round by round (the two ran back to back)."""
-    return [x.tok_s / y.tok_s for x, y in zip(results[a][1:], results[b][1:])]
+    """a / b output tok/s of the streams mode, round by round (the runs after the latency mode)."""
+    return per_round({a: results[a][1:], b: results[b][1:]}, a, b)
 
 
 def ratio_line(label: str, ratios: list[float], target: str) -> str:
