@@ -17,6 +17,7 @@ from kvd.bench.peers import (
     STREAMS,
     VLLM,
     LlamaBuild,
+    cpu_line,
     f32_copy,
     goal_lines,
     llama_fields,
@@ -24,12 +25,13 @@ from kvd.bench.peers import (
     parse,
     ratio_table,
     same_line,
+    settle_line,
     sections,
     slot_context,
     speed_table,
 )
 from kvd.bench.serve import FULL, QUICK, DaemonError, ModeResult
-from kvd.bench.serve_http import GREEDY, MODEL_NAME, SAMPLED
+from kvd.bench.serve_http import GREEDY, MODEL_NAME, SAMPLED, CpuUse
 
 
 def test_llama_server_argv():
@@ -173,3 +175,11 @@ def test_the_makefile_passes_its_llama_dir():
     version = next(line.split(":=")[1].strip() for line in makefile.splitlines() if line.startswith("LLAMA_VERSION"))
     assert parse([]).llama_dir == Path(f".peers/llama.cpp-{version}")
     assert "$(PY) -m kvd.bench.peers --llama-dir $(LLAMA_DIR)" in makefile
+
+
+def test_cpu_and_settle_lines():
+    uses = {KVD_GGUF: [CpuUse(1.0, 2.0, 0.5, 1000, 0.1), CpuUse(1.0, 4.0, 0.5, 1000, 0.2)],
+            VLLM: [CpuUse(2.0, 2.0, 0.5, 1000, 3.5), CpuUse(2.0, 2.0, 0.5, 1000, 1.0)]}  # fmt: skip
+    assert cpu_line(uses, "32 streams").endswith(f"{KVD_GGUF} 4.00 / 0.50; {VLLM} 4.00 / 0.50")
+    line = settle_line({SINGLE: uses, STREAMS: {VLLM: [CpuUse(0, 0, 0, 1, 7.25)]}})
+    assert line.endswith(f": {KVD_GGUF} 0.2, {VLLM} 7.2")  # the longest of every section's runs

@@ -24,7 +24,8 @@ by one each round (kvd.bench.serve_http's `streams_rounds`), so a drift of this 
 speed (±10% from minute to minute) falls on every server of a round alike; the ratios
 kvd / peer are taken within each round and the median of the rounds is the headline. An
 idle server takes no CPU (measured and printed before the rounds); `vllm serve` compiles
-its model for minutes at every start, once.
+its model for minutes at every start, once. A server may go on working after its last
+response; the next server's run waits until it is quiet (serve_http's `settle`).
 
 Fairness: every server gets this process's cores as threads (`llama-server -t N -tb N`),
 prefix caching off (kvd's config, vLLM's flag, `llama-server --no-cache-prompt --cache-ram
@@ -92,6 +93,7 @@ VLLM = "vllm serve float32"
 LLAMA_GGUF, LLAMA_F32 = "llama-server GGUF", "llama-server F32"
 SERVERS = (KVD_GGUF, KVD_F32, VLLM, LLAMA_GGUF, LLAMA_F32)  # the tables' order
 SINGLE, STREAMS, SAMPLED_STREAMS = "single stream", "streams greedy", "streams sampled"
+Results = dict[str, dict[str, list[ModeResult]]]  # the runs of each section (by name), by server, round by round
 # the ratios printed, kvd / peer: kvd/llama.cpp beside kvd/vLLM for each of kvd's two weights
 PAIRS = ((KVD_GGUF, LLAMA_GGUF), (KVD_GGUF, VLLM), (KVD_F32, LLAMA_F32), (KVD_F32, VLLM))
 SAME = ((KVD_F32, VLLM), (KVD_F32, LLAMA_F32), (KVD_GGUF, LLAMA_GGUF), (KVD_GGUF, KVD_F32))  # (nearly) one function
@@ -272,7 +274,7 @@ def idle_cpu(up: dict[str, Served], seconds: float) -> dict[str, float]:
 
 
 async def measure(up: dict[str, Served], secs: list[Section],
-                  warm: Workload) -> tuple[dict[str, dict[str, list[ModeResult]]], dict[str, dict[str, list[CpuUse]]]]:  # fmt: skip
+                  warm: Workload) -> tuple[Results, dict[str, dict[str, list[CpuUse]]]]:
     """Every server's warm-up (greedy and sampled), then each section's rounds: the results
     and the CPU each run took, by section, then server."""
     for label, s in up.items():
@@ -286,7 +288,7 @@ async def measure(up: dict[str, Served], secs: list[Section],
 
 
 # ---- report ----------------------------------------------------------------------------------
-def ratios(results: dict[str, dict[str, list[ModeResult]]], section: str, kvd: str, peer: str) -> list[float] | None:
+def ratios(results: Results, section: str, kvd: str, peer: str) -> list[float] | None:
     runs = results[section]
     return per_round(runs, kvd, peer) if kvd in runs and peer in runs else None
 
@@ -295,7 +297,7 @@ def cell(r: list[float] | None) -> str:
     return "–" if r is None else f"**{statistics.median(r):.2f}** ({', '.join(f'{x:.2f}' for x in r)})"
 
 
-def speed_table(results: dict[str, dict[str, list[ModeResult]]], secs: list[Section]) -> str:
+def speed_table(results: Results, secs: list[Section]) -> str:
     """Output tok/s of each server's median round, a column per section (the issue's table)."""
     rows = ["| server | " + " | ".join(f"{s.title} tok/s" for s in secs) + " |", "|---|" + "--:|" * len(secs)]
     for label in dict.fromkeys(label for sec in secs for label in results[sec.name]):
@@ -305,7 +307,7 @@ def speed_table(results: dict[str, dict[str, list[ModeResult]]], secs: list[Sect
     return "\n".join(rows)
 
 
-def ratio_table(results: dict[str, dict[str, list[ModeResult]]], secs: list[Section]) -> str:
+def ratio_table(results: Results, secs: list[Section]) -> str:
     """kvd / peer output tok/s, a row per pair of PAIRS (kvd/llama.cpp beside kvd/vLLM): the
     median of the rounds' ratios, then each round's."""
     rows = ["| kvd / peer (median of rounds; each round) | " + " | ".join(s.title for s in secs) + " |",
@@ -317,7 +319,7 @@ def ratio_table(results: dict[str, dict[str, list[ModeResult]]], secs: list[Sect
     return "\n".join(rows) if len(rows) > 2 else "No ratios: no peer ran."
 
 
-def goal_lines(results: dict[str, dict[str, list[ModeResult]]], secs: list[Section]) -> list[str]:
+def goal_lines(results: Results, secs: list[Section]) -> list[str]:
     titles = {s.name: s.title for s in secs}
     lines = []
     for g in GOALS:
@@ -331,7 +333,7 @@ def goal_lines(results: dict[str, dict[str, list[ModeResult]]], secs: list[Secti
     return lines
 
 
-def bandwidth_line(results: dict[str, dict[str, list[ModeResult]]], files: dict[str, Path], copy_gb_s: float) -> str:
+def bandwidth_line(results: Results, files: dict[str, Path], copy_gb_s: float) -> str:
     """The single stream's weight bytes a second (tok/s x the bytes a token reads) against the copy bandwidth."""
     parts = []
     for label, path in files.items():
@@ -344,7 +346,7 @@ def bandwidth_line(results: dict[str, dict[str, list[ModeResult]]], files: dict[
             f"≥ 70% for kvd GGUF): " + "; ".join(parts))  # fmt: skip
 
 
-def same_line(results: dict[str, dict[str, list[ModeResult]]], title: str) -> str:
+def same_line(results: Results, title: str) -> str:
     """How many greedy outputs (texts) of the streams section's first round two servers share:
     the same weights should give the same tokens but at near-ties of the top two logits."""
     runs = results[STREAMS]
@@ -364,7 +366,15 @@ def cpu_line(cpu: dict[str, list[CpuUse]], title: str) -> str:
             + "; ".join(f"{label} {per_k(uses, True):.2f} / {per_k(uses, False):.2f}" for label, uses in cpu.items()))
 
 
-def detail_rows(results: dict[str, dict[str, list[ModeResult]]]) -> list[ModeResult]:
+def settle_line(cpu: dict[str, dict[str, list[CpuUse]]]) -> str:
+    """How long each server went on working after its runs' last response (the next run waited)."""
+    parts = [f"{label} {max(u.settle_s for by in cpu.values() for u in by.get(label, [])):.1f}"
+             for label in dict.fromkeys(label for by in cpu.values() for label in by)]  # fmt: skip
+    return ("seconds a server went on taking CPU after a run's last response, the longest of its runs (the next "
+            "run waited till it was quiet): " + ", ".join(parts))
+
+
+def detail_rows(results: Results) -> list[ModeResult]:
     """Each server's median round of each section, named to say so (kvd.bench.serve's table)."""
     return [replace(m, name=f"{m.name} (median of {len(runs)})") for runs_by in results.values()
             for runs in runs_by.values() for m in [median_run(runs)]]  # fmt: skip
@@ -431,6 +441,7 @@ def main(argv: list[str] | None = None) -> None:
         bandwidth_line(results, files, copy_gb_s),
         cpu_line(cpu[STREAMS], secs[1].title),
         same_line(results, secs[1].title),
+        settle_line(cpu),
         f"requests: single stream, one {len(single[0][0])}-token prompt and {new_tokens} new tokens; streams, "
         f"{len(prompts)} requests (kvd.bench.serve's), prompts {sum(map(len, prompts))} tokens in all, "
         f"{sum(max_tokens)} requested output tokens, {cfg.concurrency} at a time; EOS ignored, token-id prompts, "

@@ -99,12 +99,23 @@ GREEDY = {"temperature": 0}
 SAMPLED = {"temperature": 0.8, "top_p": 0.95}  # what chat clients send (no seed: per-request seeds cost vLLM more)
 
 
+async def post(session: aiohttp.ClientSession, url: str, body: dict, headers: dict) -> aiohttp.ClientResponse:
+    """POST `body`, and once more if the pooled connection it went out on was closed under it:
+    llama-server closes its connection after each streamed response though its headers say
+    keep-alive, and a reuse can win the race with the close (curl retries such a request too)."""
+    try:
+        return await session.post(url, json=body, headers=headers)
+    except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as e:
+        log.info("bench_post_retried", url=url, error=str(e))
+        return await session.post(url, json=body, headers=headers)
+
+
 async def http_stream_one(session: aiohttp.ClientSession, url: str, request_id: str, prompt: list[int],
                           max_tokens: int, sampling: dict = GREEDY) -> Sample:  # fmt: skip
     body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}, **sampling}  # fmt: skip
     sample = Sample(request_id, perf_counter())
-    async with session.post(url + "/v1/completions", json=body, headers={"X-Request-Id": request_id}) as resp:
+    async with await post(session, url + "/v1/completions", body, {"X-Request-Id": request_id}) as resp:
         if resp.status != 200:
             raise DaemonError(f"{url}: HTTP {resp.status}: {(await resp.text())[:300]}")
         async for line in resp.content:
@@ -219,6 +230,7 @@ class CpuUse:
     rest: float
     client: float
     tokens: int
+    settle_s: float = 0.0  # how long the server went on working after its last response (`settle`)
 
 
 def client_cpu() -> float:
@@ -248,7 +260,8 @@ async def measure(targets: list[Target], work: Workload, warm: Workload, cfg,
 async def streams_rounds(targets: list[Target], work: Workload, streams: tuple[str, str, list[float], int],
                          rounds: int) -> tuple[dict[str, list[ModeResult]], dict[str, list[CpuUse]]]:  # fmt: skip
     """The streams mode (name, tag, delays, limit) `rounds` times, every target back to back
-    in each round, the order rotated by one each round; its results and CPU by target label."""
+    in each round, the order rotated by one each round, each run's server left to `settle`
+    before the next; its results and CPU (the settling's included) by target label."""
     name, tag, delays, limit = streams
     results: dict[str, list[ModeResult]] = {t.label: [] for t in targets}
     cpu: dict[str, list[CpuUse]] = {t.label: [] for t in targets}
@@ -256,11 +269,33 @@ async def streams_rounds(targets: list[Target], work: Workload, streams: tuple[s
         for t in rotated(targets, r):
             (root0, rest0), client0 = tree_cpu(t.pid), client_cpu()
             m = await t.run(f"{t.label}, {name}", f"{tag}-r{r}", work, delays, limit)
-            (root1, rest1), client1 = tree_cpu(t.pid), client_cpu()
+            client1 = client_cpu()
+            quiet_after = await settle(t.pid)
+            root1, rest1 = tree_cpu(t.pid)
             results[t.label].append(m)
-            cpu[t.label].append(CpuUse(root1 - root0, rest1 - rest0, client1 - client0, m.tokens))
-            log.info("bench_round", target=t.label, round=r, tok_s=round(m.tok_s, 1))
+            cpu[t.label].append(CpuUse(root1 - root0, rest1 - rest0, client1 - client0, m.tokens, quiet_after))
+            log.info("bench_round", target=t.label, round=r, tok_s=round(m.tok_s, 1), settle_s=round(quiet_after, 2))
     return results, cpu
+
+
+SETTLE_EVERY_S = 0.1  # how often a finished target's CPU is read
+SETTLE_QUIET_S = 0.025  # quiet: less CPU than this in one read's interval (a quarter of a core; ticks of 10 ms)
+SETTLE_LIMIT_S = 30.0
+
+
+async def settle(pid: int) -> float:
+    """Seconds until the process tree of `pid` goes quiet after a run (at most SETTLE_LIMIT_S):
+    a server that goes on working after its last response (vllm serve's engine core, for one)
+    would otherwise take the cores from the next target of the round."""
+    start = perf_counter()
+    last = sum(tree_cpu(pid))
+    while perf_counter() - start < SETTLE_LIMIT_S:
+        await asyncio.sleep(SETTLE_EVERY_S)
+        now = sum(tree_cpu(pid))
+        if now - last < SETTLE_QUIET_S:
+            break
+        last = now
+    return perf_counter() - start
 
 
 async def measure_servers(endpoint: str, http: dict[str, tuple[str, int]], work: Workload, warm: Workload, cfg,
