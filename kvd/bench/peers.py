@@ -237,7 +237,7 @@ class Served:
 
 
 @contextlib.contextmanager
-def servers(workdir: Path, threads: int, max_num_seqs: int, vllm: bool, llama: LlamaBuild,
+def servers(workdir: Path, threads: int, max_num_seqs: int, vllm: bool, llama_server: Path,
             llama_models: dict[str, Path], slots: int, ctx_per_slot: int) -> Iterator[dict[str, Served]]:  # fmt: skip
     """Every server up until the block ends, by label: kvd's two (`max_num_seqs`), `vllm serve`
     with `vllm`, `llama-server` on each of `llama_models` (label -> GGUF file; `slots` of
@@ -250,7 +250,7 @@ def servers(workdir: Path, threads: int, max_num_seqs: int, vllm: bool, llama: L
             stack.callback(server.stop)
             up[VLLM] = Served(server.start(), server.proc.pid)
         for label, model in llama_models.items():
-            server = LlamaServer(llama.server, model, label, workdir, threads, slots, ctx_per_slot)
+            server = LlamaServer(llama_server, model, label, workdir, threads, slots, ctx_per_slot)
             stack.callback(server.stop)
             up[label] = Served(server.start(), server.proc.pid, llama_fields)
         for label, quantization in ((KVD_F32, "none"), (KVD_GGUF, "auto")):
@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="kvd-bench-peers-") as tmp:
         try:
             models = llama.models(gguf) if why is None else {}
-            with servers(Path(tmp), threads, cfg.max_num_seqs, vllm, llama, models, cfg.concurrency, ctx) as up:
+            with servers(Path(tmp), threads, cfg.max_num_seqs, vllm, llama.server, models, cfg.concurrency, ctx) as up:
                 idle = idle_cpu(up, IDLE_S)
                 results, cpu = asyncio.run(measure(up, secs, warm))
                 copy_gb_s = memory_bandwidth()
