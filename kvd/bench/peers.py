@@ -447,7 +447,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{sum(max_tokens)} requested output tokens, {cfg.concurrency} at a time; EOS ignored, token-id prompts, "
         f"streaming, one aiohttp client; greedy, or temperature 0.8 / top_p 0.95 (llama-server: top_k 0, min_p 0 "
         f"besides, undoing its defaults)",
-        f"servers side by side, {threads} threads each, float32 activations, prefix caching off: kvd "
+        f"servers side by side, {threads} threads each, float32 (no bf16; the GGUF runs round a decode step's "
+        f"activations to 8 bits per block for integer dots), prefix caching off: kvd "
         f"max_num_seqs {cfg.max_num_seqs}; vLLM KV cache {KV_CACHE_GB} GiB; llama-server -np "
         f"{cfg.concurrency} slots of {ctx} tokens (-c {cfg.concurrency * ctx}, a KV stream per slot), "
         f"--no-cache-prompt --cache-ram 0, continuous batching; rounds: single stream "
