@@ -116,6 +116,7 @@ bench: install model native bench-peer bench-llama
 	$(PY) -m kvd.bench.offline
 	$(PY) -m kvd.bench.serve
 	$(PY) -m kvd.bench.serve_http
+	$(PY) -m kvd.bench.peers --llama-dir $(LLAMA_DIR)
 	$(PY) -m kvd.bench.swap
 	$(PY) -m kvd.bench.pool
 	$(PY) -m kvd.bench.pd

@@ -10,7 +10,7 @@
     kvd launch pd --prefill N --decode M --pool local|mooncake|redis --run-dir DIR [--config FILE] [--http-port P]
     kvd route --config conf/route.toml [--run-dir DIR] [--http-port P]
     kvd trace REQUEST_ID [LOG ...]
-    kvd bench offline|serve|serve_http|versus|pd|swap|pool|prefill_group|choices|soak|route [ARGS ...]
+    kvd bench offline|serve|serve_http|versus|pd|swap|pool|prefill_group|choices|soak|route|peers [ARGS ...]
 
 Without --endpoint, the client commands read `<run_dir>/endpoint`, which `kvd serve`
 writes once every process is Ready.
@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks: offline (engine vs transformers) or serve (daemon)")
     b.add_argument("kind", choices=["offline", "serve", "serve_http", "versus", "pd", "swap", "pool",
-                                      "prefill_group", "choices", "soak", "route"])
+                                      "prefill_group", "choices", "soak", "route", "peers"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=cmd_bench)
     return p

@@ -1,12 +1,27 @@
 """kvd.bench.serve_http's measurement: the order the servers run in, the ratios, and the CPU it counts."""
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
+import time
+
+import aiohttp
 
 from kvd.bench.serve import FULL, ModeResult, Sample
-from kvd.bench.serve_http import Target, cpu_line, measure, median_run, ratio_lines, rotated, table_rows, tree_cpu
+from kvd.bench.serve_http import (
+    Target,
+    cpu_line,
+    http_stream_one,
+    measure,
+    median_run,
+    ratio_lines,
+    rotated,
+    settle,
+    table_rows,
+    tree_cpu,
+)
 
 # A child that burns `seconds` of CPU, says so, and waits to be killed (alive when counted).
 BURN_IN_CHILD = """
@@ -88,3 +103,48 @@ def test_measure_runs_every_target_in_each_round_in_rotated_order():
     assert [m.name.split(", ")[0] for m in rows] == list(rates) * 2
     assert rows[3].name.endswith("(median of 3)")
     assert cpu_line(cpu).startswith("CPU seconds per 1,000 output tokens")
+
+
+def test_settle_waits_while_the_target_works_on():
+    proc = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                             "while time.process_time() - t < 0.6: pass\ntime.sleep(60)"])  # fmt: skip
+    try:
+        time.sleep(0.1)  # it is burning now
+        assert 0.3 < asyncio.run(settle(proc.pid)) < 5  # till its 0.6 s of CPU are spent
+        assert asyncio.run(settle(proc.pid)) < 0.35  # sleeping: quiet at the first or second look
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def closing_then_answering_server(connections: list):
+    """A server whose first connection closes without an answer (a connection the server closed
+    as the client sent on it); later ones answer one streamed completion of two tokens."""
+    chunks = [{"choices": [{"text": "a"}]}, {"choices": [{"text": "b"}], "usage": {"completion_tokens": 2}}]
+    body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        head = (await reader.readuntil(b"\r\n\r\n")).lower().split(b"\r\n")
+        length = int(next(line.split(b":")[1] for line in head if line.startswith(b"content-length")))
+        await reader.readexactly(length)
+        if len(connections) > 1:
+            writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n"
+                         f"{body}".encode())  # fmt: skip
+            await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+def test_a_post_whose_connection_closes_goes_out_once_more():
+    async def go():
+        connections: list = []
+        server = await closing_then_answering_server(connections)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        async with server, aiohttp.ClientSession() as session:
+            sample = await http_stream_one(session, url, "r0", [1, 2, 3], 2)
+        return sample, len(connections)
+
+    sample, connections = asyncio.run(go())
+    assert connections == 2 and sample.text == "ab" and sample.num_tokens == 2

@@ -40,6 +40,7 @@ import random
 import statistics
 import sys
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from pathlib import Path
 from time import perf_counter
@@ -351,6 +352,14 @@ def machine_info() -> dict[str, str]:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
     }
+
+
+NOTABLE_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_tile")
+
+
+def flags_summary(flags: AbstractSet[str]) -> str:
+    """The CPU flags among NOTABLE_FLAGS (the kernels' and the dtypes' choices), for a record."""
+    return " + ".join(f for f in NOTABLE_FLAGS if f in flags) or "none of " + ", ".join(NOTABLE_FLAGS)
 
 
 def machine_summary(info: dict[str, str]) -> str:

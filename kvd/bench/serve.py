@@ -197,15 +197,16 @@ class ServedDaemon:
     SIGTERM to its PID (SIGKILL after STOP_TIMEOUT_S) and is safe to call twice."""
 
     def __init__(self, workdir: Path, max_num_seqs: int, dtype: str = ENGINE_OPTIONS["dtype"],
-                 http_model: str | None = None) -> None:  # fmt: skip
-        """`http_model`: also serve the OpenAI API (a random port), under this model name."""
+                 http_model: str | None = None, quantization: str = "none") -> None:  # fmt: skip
+        """`http_model`: also serve the OpenAI API (a random port), under this model name;
+        `quantization`: the config's `model.quantization`."""
         self.run_dir = workdir / "run"
         self.log_file = workdir / "kvd.log"
         self.stdout = workdir / "stdout.txt"
         self.config = workdir / "kvd.toml"
         self.config.write_text(
             f'[daemon]\nport = 0\nrun_dir = "{self.run_dir.as_posix()}"\n'
-            f'[model]\ndevice = "{ENGINE_OPTIONS["device"]}"\ndtype = "{dtype}"\n'
+            f'[model]\ndevice = "{ENGINE_OPTIONS["device"]}"\ndtype = "{dtype}"\nquantization = "{quantization}"\n'
             + (f'[http]\nport = 0\nserved_model_name = "{http_model}"\n' if http_model else "")
             + f"[cache]\nenable_prefix_caching = {str(ENGINE_OPTIONS['enable_prefix_caching']).lower()}\n"
             f"[scheduler]\nmax_num_seqs = {max_num_seqs}\n"

@@ -99,12 +99,23 @@ GREEDY = {"temperature": 0}
 SAMPLED = {"temperature": 0.8, "top_p": 0.95}  # what chat clients send (no seed: per-request seeds cost vLLM more)
 
 
+async def post(session: aiohttp.ClientSession, url: str, body: dict, headers: dict) -> aiohttp.ClientResponse:
+    """POST `body`, and once more if the pooled connection it went out on was closed under it:
+    llama-server closes its connection after each streamed response though its headers say
+    keep-alive, and a reuse can win the race with the close (curl retries such a request too)."""
+    try:
+        return await session.post(url, json=body, headers=headers)
+    except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as e:
+        log.info("bench_post_retried", url=url, error=str(e))
+        return await session.post(url, json=body, headers=headers)
+
+
 async def http_stream_one(session: aiohttp.ClientSession, url: str, request_id: str, prompt: list[int],
                           max_tokens: int, sampling: dict = GREEDY) -> Sample:  # fmt: skip
     body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}, **sampling}  # fmt: skip
     sample = Sample(request_id, perf_counter())
-    async with session.post(url + "/v1/completions", json=body, headers={"X-Request-Id": request_id}) as resp:
+    async with await post(session, url + "/v1/completions", body, {"X-Request-Id": request_id}) as resp:
         if resp.status != 200:
             raise DaemonError(f"{url}: HTTP {resp.status}: {(await resp.text())[:300]}")
         async for line in resp.content:
@@ -219,6 +230,7 @@ class CpuUse:
     rest: float
     client: float
     tokens: int
+    settle_s: float = 0.0  # how long the server went on working after its last response (`settle`)
 
 
 def client_cpu() -> float:
@@ -248,7 +260,8 @@ async def measure(targets: list[Target], work: Workload, warm: Workload, cfg,
 async def streams_rounds(targets: list[Target], work: Workload, streams: tuple[str, str, list[float], int],
                          rounds: int) -> tuple[dict[str, list[ModeResult]], dict[str, list[CpuUse]]]:  # fmt: skip
     """The streams mode (name, tag, delays, limit) `rounds` times, every target back to back
-    in each round, the order rotated by one each round; its results and CPU by target label."""
+    in each round, the order rotated by one each round, each run's server left to `settle`
+    before the next; its results and CPU (the settling's included) by target label."""
     name, tag, delays, limit = streams
     results: dict[str, list[ModeResult]] = {t.label: [] for t in targets}
     cpu: dict[str, list[CpuUse]] = {t.label: [] for t in targets}
@@ -256,11 +269,33 @@ async def streams_rounds(targets: list[Target], work: Workload, streams: tuple[s
         for t in rotated(targets, r):
             (root0, rest0), client0 = tree_cpu(t.pid), client_cpu()
             m = await t.run(f"{t.label}, {name}", f"{tag}-r{r}", work, delays, limit)
-            (root1, rest1), client1 = tree_cpu(t.pid), client_cpu()
+            client1 = client_cpu()
+            quiet_after = await settle(t.pid)
+            root1, rest1 = tree_cpu(t.pid)
             results[t.label].append(m)
-            cpu[t.label].append(CpuUse(root1 - root0, rest1 - rest0, client1 - client0, m.tokens))
-            log.info("bench_round", target=t.label, round=r, tok_s=round(m.tok_s, 1))
+            cpu[t.label].append(CpuUse(root1 - root0, rest1 - rest0, client1 - client0, m.tokens, quiet_after))
+            log.info("bench_round", target=t.label, round=r, tok_s=round(m.tok_s, 1), settle_s=round(quiet_after, 2))
     return results, cpu
+
+
+SETTLE_EVERY_S = 0.1  # how often a finished target's CPU is read
+SETTLE_QUIET_S = 0.025  # quiet: less CPU than this in one read's interval (a quarter of a core; ticks of 10 ms)
+SETTLE_LIMIT_S = 30.0
+
+
+async def settle(pid: int) -> float:
+    """Seconds until the process tree of `pid` goes quiet after a run (at most SETTLE_LIMIT_S):
+    a server that goes on working after its last response (vllm serve's engine core, for one)
+    would otherwise take the cores from the next target of the round."""
+    start = perf_counter()
+    last = sum(tree_cpu(pid))
+    while perf_counter() - start < SETTLE_LIMIT_S:
+        await asyncio.sleep(SETTLE_EVERY_S)
+        now = sum(tree_cpu(pid))
+        if now - last < SETTLE_QUIET_S:
+            break
+        last = now
+    return perf_counter() - start
 
 
 async def measure_servers(endpoint: str, http: dict[str, tuple[str, int]], work: Workload, warm: Workload, cfg,
@@ -289,28 +324,30 @@ def peer_env(threads: int) -> dict[str, str]:
                          "VLLM_TARGET_DEVICE": "cpu"}  # fmt: skip
 
 
-class VllmServer:
-    """`vllm serve` on 127.0.0.1 and a free port, from the peer venv; stopped by PID."""
+class HttpServer:
+    """An external OpenAI server (`vllm serve`, `llama-server`) on 127.0.0.1 and a free port:
+    `argv` (set by the subclass, with `self.port`) runs in a session of its own with its output
+    in `log`; ready once GET /health answers 200; stopped by its process group."""
 
-    def __init__(self, model_dir: Path, dtype: str, workdir: Path, threads: int) -> None:
+    def __init__(self, name: str, log: Path, env: dict[str, str], start_timeout_s: float) -> None:
+        self.name = name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = workdir / f"vllm-serve-{dtype}.log"
-        self.argv = [*VLLM_CLI, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port),
-                     "--dtype", dtype, "--served-model-name", MODEL_NAME, "--seed", "0",
-                     "--kv-cache-memory-bytes", str(int(KV_CACHE_GB * 2**30)), "--no-enable-prefix-caching"]  # fmt: skip
-        self.env = peer_env(threads)
+        self.log = log
+        self.env = env
+        self.start_timeout_s = start_timeout_s
+        self.argv: list[str] = []
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> str:
         with self.log.open("w") as out:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                          env=self.env, start_new_session=True)  # fmt: skip
-        deadline = time.monotonic() + VLLM_START_TIMEOUT_S
+        deadline = time.monotonic() + self.start_timeout_s
         while True:  # an external server: its /health is all there is to wait on
             if self.proc.poll() is not None:
                 tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-15:])
-                raise DaemonError(f"vllm serve exited with {self.proc.returncode}:\n{tail}")
+                raise DaemonError(f"{self.name} exited with {self.proc.returncode}:\n{tail}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
                     if r.status == 200:
@@ -318,17 +355,27 @@ class VllmServer:
             except (urllib.error.URLError, OSError):
                 pass
             if time.monotonic() > deadline:
-                raise DaemonError(f"vllm serve not ready within {VLLM_START_TIMEOUT_S:.0f} s")
+                raise DaemonError(f"{self.name} not ready within {self.start_timeout_s:.0f} s")
             time.sleep(1.0)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # its engine core is a child process
+            os.killpg(self.proc.pid, signal.SIGTERM)  # vllm serve's engine core is a child process
             try:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+
+
+class VllmServer(HttpServer):
+    """`vllm serve` from the peer venv, with an explicit KV cache size and no prefix caching."""
+
+    def __init__(self, model_dir: Path, dtype: str, workdir: Path, threads: int) -> None:
+        super().__init__("vllm serve", workdir / f"vllm-serve-{dtype}.log", peer_env(threads), VLLM_START_TIMEOUT_S)
+        self.argv = [*VLLM_CLI, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(self.port),
+                     "--dtype", dtype, "--served-model-name", MODEL_NAME, "--seed", "0",
+                     "--kv-cache-memory-bytes", str(int(KV_CACHE_GB * 2**30)), "--no-enable-prefix-caching"]  # fmt: skip
 
 
 def vllm_bench(url: str, model_dir: Path, work: Workload, cfg, workdir: Path, label: str, threads: int) -> dict:
@@ -395,9 +442,14 @@ def median_run(runs: list[ModeResult]) -> ModeResult:
     return sorted(runs, key=lambda m: m.tok_s)[len(runs) // 2]
 
 
+def per_round(results: dict[str, list[ModeResult]], a: str, b: str) -> list[float]:
+    """a / b output tok/s, run by run (each pair ran in the same round, back to back)."""
+    return [x.tok_s / y.tok_s for x, y in zip(results[a], results[b])]
+
+
 def round_ratios(results: dict[str, list[ModeResult]], a: str, b: str) -> list[float]:
-    """a / b output tok/s of the streams mode, round by round (the two ran back to back)."""
-    return [x.tok_s / y.tok_s for x, y in zip(results[a][1:], results[b][1:])]
+    """a / b output tok/s of the streams mode, round by round (the runs after the latency mode)."""
+    return per_round({a: results[a][1:], b: results[b][1:]}, a, b)
 
 
 def ratio_line(label: str, ratios: list[float], target: str) -> str:

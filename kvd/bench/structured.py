@@ -47,7 +47,7 @@ import structlog
 from jsonschema import Draft202012Validator
 
 import kvd.worker.model_runner as model_runner
-from kvd.bench.offline import RECORD_PATH, machine_info, machine_summary, record
+from kvd.bench.offline import RECORD_PATH, flags_summary, machine_info, machine_summary, record
 from kvd.bench.sampler import ROWS, TimedSampler, passage_tokens, step_ms, timed
 from kvd.bench.serve import (
     FULL,
@@ -68,6 +68,7 @@ from kvd.bench.serve_http import (
     cpu_line,
     http_samples,
     median_run,
+    per_round,
     ratio_line,
     servers,
     streams_rounds,
@@ -111,7 +112,6 @@ SCHEMA = {
 SPEC = StructuredOutputs(json=json.dumps(SCHEMA))
 INSTRUCTION = "\n\nThe passage above, described as JSON:\n"  # after each constrained request's prompt
 CONSTRAINED_MAX_TOKENS = 256  # SCHEMA's complete outputs took 173-229 tokens here; a run of whitespace reaches it
-NOTABLE_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_tile")
 
 
 # ---- compiling ---------------------------------------------------------------------------------
@@ -279,11 +279,6 @@ async def measure_served(http: dict[str, tuple[str, int]], reqs: RequestSet, war
 
 
 # ---- report ----------------------------------------------------------------------------------
-def per_round(results: dict[str, list[ModeResult]], a: str, b: str) -> list[float]:
-    """a / b output tok/s, round by round (the two ran back to back)."""
-    return [x.tok_s / y.tok_s for x, y in zip(results[a], results[b])]
-
-
 def served_lines(results: dict[str, list[ModeResult]], reqs: RequestSet, sampled: bool) -> list[str]:
     lines = []
     for suffix in [""] + ([" sampled"] if sampled else []):
@@ -403,12 +398,11 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(1)
     medians = [replace(median_run(runs), name=f"{median_run(runs).name} (median of {len(runs)})")
                for runs in results.values()]  # fmt: skip
-    notable = " + ".join(f for f in NOTABLE_FLAGS if f in flags) or "none of " + ", ".join(NOTABLE_FLAGS)
     n, half = len(reqs.prompts), sum(reqs.constrained)
     plain = [m for m, c in zip(reqs.max_tokens, reqs.constrained) if not c]
     parts = [
         f"Configuration: {'quick' if args.quick else 'full'}; machine: {', '.join(f'{k} {v}' for k, v in info.items())}"
-        f"; CPU flags: {notable}.",
+        f"; CPU flags: {flags_summary(flags)}.",
         f"The schema: {len(SCHEMA['properties'])} fields (strings with maxLength, two enums, integers and a number "
         f"with ranges, a boolean, a nested object of 3, an array of 1-3 strings), all required.",
         "### Compiling (`Grammars.compile`)",
