@@ -222,7 +222,7 @@ def test_group_prefill_of_an_int8_instance_is_its_int8_prefill(groups, prompts, 
     first, kv = one.prefill("int8-ref-prefill-300", prompts[300])
     result = groups(1, 2).prefill(prompts[300])
     # The runner's own prefill KV differs from the float model's by int8's rounding of the
-    # weights (max ~1e-1); two prefills of the same weights agree to float32 rounding.
+    # weights (measured: up to 0.36); two prefills of the same weights agree to float32 rounding.
     assert torch.allclose(result.kv, kv, atol=2e-3, rtol=1e-3), f"KV max diff {(result.kv - kv).abs().max():.2e}"
 
 

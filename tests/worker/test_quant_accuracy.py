@@ -64,7 +64,7 @@ def test_perplexity_change_of_int8_and_int4_stays_below_the_bound(smollm2_dir):
 MAX_TOKENS = 24
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
              "Explain what a KV cache is in one sentence.", "List three prime numbers."]  # fmt: skip
-GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=2)
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=5)  # the ref's top 5 judge a divergence
 
 
 def _prompts(llm: LLM) -> list[list[int]]:
@@ -78,8 +78,9 @@ def _prompts(llm: LLM) -> list[list[int]]:
 
 
 def _check(outs, refs, label: str, tie_gap: float = QUANT_TIE_GAP, min_exact: int | None = None) -> None:
-    """Token-identical to `refs`, except from a step where the ref's top-2 logprobs were within
-    tie_gap; at least min_exact outputs (default: all but two) identical throughout."""
+    """Token-identical to `refs`, except from a step where the token picked instead was one of
+    the ref's top 5, within tie_gap of its best (a near tie); at least min_exact outputs
+    (default: all but two) identical throughout."""
     exact = 0
     for i, (out, ref) in enumerate(zip(outs, refs)):
         step = next((s for s, (a, b) in enumerate(zip(out.token_ids, ref.token_ids)) if a != b), None)
@@ -87,9 +88,11 @@ def _check(outs, refs, label: str, tie_gap: float = QUANT_TIE_GAP, min_exact: in
             assert out.token_ids == ref.token_ids, f"{label} prompt {i}: {len(out.token_ids)} tokens"
             exact += 1
             continue
-        top = ref.logprobs[step].top_logprobs
-        assert top[0] - top[1] < tie_gap, f"{label} prompt {i}: diverged at step {step}, gap {top[0] - top[1]:.3f}"
-        assert out.token_ids[step] == ref.logprobs[step].top_ids[1], f"{label} prompt {i}: not the runner-up"
+        top = ref.logprobs[step]
+        picked = out.token_ids[step]
+        assert picked in top.top_ids, f"{label} prompt {i}: diverged at step {step} to a token outside the ref's top 5"
+        behind = top.top_logprobs[0] - top.top_logprobs[top.top_ids.index(picked)]
+        assert behind < tie_gap, f"{label} prompt {i}: diverged at step {step} to a token {behind:.3f} behind"
     want = len(refs) - 2 if min_exact is None else min_exact
     assert exact >= want, f"{label}: {exact} of {len(refs)} identical (ties on most would hide a broken path)"
 
@@ -140,13 +143,14 @@ def test_swap_preemption_gives_the_tokens_of_no_preemption(smollm2_dir, baseline
 
 # bf16 against float32 (not against transformers' bf16, as tests/engine/test_bf16.py): 30
 # layers of bf16 activations move the top logits by tenths. Measured on the seven prompts
-# (24 tokens each): every one diverges, at steps 0-18, where float32's top-2 gap was 0.05 to
-# 0.67; the first divergence is always to float32's runner-up.
+# (24 tokens each): every one diverges, at steps 0-18, to a token of float32's top 5 that was
+# 0.05 to 0.67 behind float32's best (not always its runner-up).
 BF16_VS_FLOAT32_TIE_GAP = 1.0
-# Teacher-forced on PPL_TOKENS of text, where no tie can compound: bounds on bf16's change
-# against float32 (both `auto`); on 2,048 tokens it is +0.25% perplexity (docs/benchmarks.md).
-BF16_PPL_CHANGE_BOUND = 0.03
-BF16_MEAN_LOGPROB_CHANGE_BOUND = 0.25
+# Teacher-forced on PPL_TOKENS of text, where no tie can compound: bf16's change against
+# float32 (both `auto`, the prefill path) measured -0.33% perplexity and 0.038 mean |logprob
+# change| per token (on 2,048 tokens: +0.25%, docs/benchmarks.md); bounds with 2.6x-6x margin.
+BF16_PPL_CHANGE_BOUND = 0.02
+BF16_MEAN_LOGPROB_CHANGE_BOUND = 0.1
 
 
 @pytest.mark.slow
@@ -165,4 +169,3 @@ def test_bf16_activations_with_the_gguf_blocks_match_float32_within_ties(smollm2
     per_token = sum(abs(a - b) for a, b in zip(got, want)) / len(got)
     assert abs(change) < BF16_PPL_CHANGE_BOUND, f"bf16 auto: perplexity {change:+.2%} against float32 auto"
     assert per_token < BF16_MEAN_LOGPROB_CHANGE_BOUND, f"bf16 auto: mean |logprob change| {per_token:.3f}"
-    print(f"bf16 auto against float32 auto: perplexity {change:+.3%}, mean |logprob change| {per_token:.4f}")
