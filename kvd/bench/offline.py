@@ -111,14 +111,18 @@ class Results:
 
 
 # ---- prompts ---------------------------------------------------------------------------
+def english_text() -> str:
+    """The Python language reference that CPython ships (`pydoc_data.topics`), ~113k tokens."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
 class PromptSource:
     """Slices of one long English token stream, each starting at an offset not used before."""
 
     def __init__(self, tokenizer, seed: int = 0) -> None:
-        from pydoc_data.topics import topics
-
-        text = "\n\n".join(topics[k] for k in sorted(topics))
-        self.tokens: list[int] = tokenizer.encode(text, add_special_tokens=False)
+        self.tokens: list[int] = tokenizer.encode(english_text(), add_special_tokens=False)
         self.rng = random.Random(seed)
         self._used: set[int] = set()
 

@@ -26,7 +26,7 @@ from kvd.distributed import ChunkPlan, GroupFailed, LayerMap, ParallelConfig, Pr
 from kvd.sampling import SamplingParams
 from kvd.scheduler.output import CachedRequestData, NewRequestData, SchedulerOutput
 from kvd.worker.model_runner import ModelRunner
-from reference import BF16_TIE_GAP, assert_greedy_match
+from reference import BF16_TIE_GAP, QUANT_TIE_GAP, assert_greedy_match
 
 pytestmark = pytest.mark.timeout(120)  # tests that start processes set their own, larger bound
 
@@ -168,6 +168,62 @@ def test_pipeline_stage_holds_only_its_layers(groups, decoder):
     with pytest.raises(ValueError, match="token_ids"):
         group.prefill([1, 49152])
     assert group.alive  # a refused prompt never reaches the ranks
+
+
+@pytest.fixture(scope="module")
+def quantized(smollm2_dir):
+    """quantization -> a one-process Decoder with that `model.quantization`, loaded once."""
+    blocks = -(-(300 + DECODE_STEPS + 1) // 16)
+    runners: dict[str, Decoder] = {}
+
+    def get(quantization: str) -> Decoder:
+        if quantization not in runners:
+            config = ModelConfig(dtype="float32", quantization=quantization)
+            runners[quantization] = Decoder(ModelRunner(smollm2_dir, config, CacheConfig(num_blocks=blocks)),
+                                            GREEDY_LOGPROBS)  # fmt: skip
+        return runners[quantization]
+
+    return get
+
+
+@pytest.mark.timeout(240)
+def test_group_prefill_hands_its_kv_to_a_runner_of_the_gguf_blocks(groups, prompts, quantized):
+    """The daemon's path with `model.quantization = "auto"`: the group prefills, the worker's
+    runner decodes. The ranks load the float checkpoint whatever the quantization (see the
+    int8 test below); for `auto` on the embedded model that is no difference, because those
+    float weights are the GGUF's blocks dequantized and the runner's prefill dequantizes the
+    same blocks into float GEMMs: the group's KV is the runner's own to float32 rounding, and
+    the tokens are the runner's own prefill + decode's up to QUANT_TIE_GAP (the runner takes
+    the first token from its integer-dot lm_head, the group from the float one)."""
+    group = groups(1, 2)  # the pipeline group of the tests above: no start of its own
+    one = quantized("auto")
+    assert one.runner.fast.quantization == "auto"
+    exact = 0
+    for n in (17, 300):
+        one.gaps = []
+        first, kv = one.prefill(f"auto-ref-prefill-{n}", prompts[n])
+        ref = one.decode(f"auto-ref-{n}", prompts[n], first)
+        gaps = one.gaps  # the prefill's first token, then each decoded one
+        result = group.prefill(prompts[n])
+        assert torch.allclose(result.kv, kv, atol=2e-3, rtol=1e-3), f"{n} tokens: KV max diff " \
+            f"{(result.kv - kv).abs().max():.2e}"
+        got = one.decode(f"auto-group-{n}", prompts[n], result.first_token, result.kv)
+        exact += assert_greedy_match(got, ref, gaps, f"auto group, prompt of {n}", QUANT_TIE_GAP)
+    assert exact >= 1  # a tie on both prompts would hide a broken handoff
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.xfail(strict=True, reason="the group's ranks load the float checkpoint (kvd.distributed.stage."
+                   "load_stage): model.quantization = int8 / int4 does not reach them, so a quantized instance's "
+                   "long prompts are prefilled with float weights, and the pool stores that KV under the quantized "
+                   "model's namespace")  # fmt: skip
+def test_group_prefill_of_an_int8_instance_is_its_int8_prefill(groups, prompts, quantized):
+    one = quantized("int8")
+    first, kv = one.prefill("int8-ref-prefill-300", prompts[300])
+    result = groups(1, 2).prefill(prompts[300])
+    # The runner's own prefill KV differs from the float model's by int8's rounding of the
+    # weights (measured: up to 0.36); two prefills of the same weights agree to float32 rounding.
+    assert torch.allclose(result.kv, kv, atol=2e-3, rtol=1e-3), f"KV max diff {(result.kv - kv).abs().max():.2e}"
 
 
 # ---- failures ----------------------------------------------------------------------------

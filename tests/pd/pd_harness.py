@@ -65,13 +65,14 @@ def wait_clean(*daemons: DaemonHandle, timeout: float = 30.0) -> list[dict]:
 
 
 @functools.cache
-def _offline(model_dir: Path, dtype: str) -> LLM:
-    return LLM(str(model_dir), dtype=dtype)  # loaded once per test process (a few seconds each time otherwise)
+def _offline(model_dir: Path, dtype: str, quantization: str) -> LLM:
+    # loaded once per test process (a few seconds each time otherwise)
+    return LLM(str(model_dir), dtype=dtype, quantization=quantization)
 
 
-def reference(model_dir: Path, prompts: list, max_tokens: int, dtype: str = "float32"):
+def reference(model_dir: Path, prompts: list, max_tokens: int, dtype: str = "float32", quantization: str = "none"):
     """The offline engine's greedy outputs, with the top-2 logprobs that tell a tie."""
-    llm = _offline(model_dir, dtype)
+    llm = _offline(model_dir, dtype, quantization)
     return llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=2))
 
 
