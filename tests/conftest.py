@@ -1,16 +1,19 @@
-"""Shared fixtures: the embedded model (converted once into the kvd cache) and
-tiny random-weight models of each supported family (built once per session)."""
+"""Shared fixtures: the embedded model (converted once into the kvd cache, its float32
+weights included) and tiny random-weight models of each supported family (built once per
+session)."""
 
 from pathlib import Path
 
 import pytest
 
-from kvd.worker.models import embedded_model_dir, tiny_model_dir
+from kvd.worker.models import embedded_model_dir, ensure_float_weights, tiny_model_dir
 
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    return embedded_model_dir()
+    path = embedded_model_dir()
+    ensure_float_weights(path)  # the tests that read the checkpoint's float32 weights directly
+    return path
 
 
 @pytest.fixture(scope="session")

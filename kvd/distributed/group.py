@@ -60,7 +60,7 @@ from kvd.distributed.messages import (
 from kvd.distributed.plan import LayerMap
 from kvd.distributed.rank import RankRunner
 from kvd.distributed.stage import param_counts
-from kvd.worker.models import load_config
+from kvd.worker.models import ensure_float_weights, load_config
 
 log = structlog.get_logger(__name__)
 
@@ -106,6 +106,7 @@ class PrefillGroup:
             )
         self.model_dir = Path(model_dir)
         self.config = config
+        ensure_float_weights(self.model_dir)  # the ranks load float weights (quantized ones are the worker's)
         hf = load_config(self.model_dir)
         if not config.pp <= hf.num_hidden_layers:
             raise ValueError(

@@ -15,15 +15,16 @@ of the step. `Decoder` runs the same computation from the same weights with:
   float32 outputs are transformers' up to float32's own rounding;
 - kvd's paged attention (`attention.attend`), as the transformers path uses it.
 
-`Decoder.build(model)` returns None — and the runner keeps transformers' forward,
-with the reason logged — where this path does not apply: not on the CPU, no native
-ops, another model family or a configuration it does not cover (sliding windows,
-biases it does not know, rope that is not plain rotate-half).
+`Decoder.why_not(config, device, dtype)` says, before any weight is loaded, where this
+path does not apply — not on the CPU, no native ops, another model family or a
+configuration it does not cover (sliding windows, biases it does not know, rope that is
+not plain rotate-half) — and the runner keeps transformers' forward, with the reason
+logged. Where it applies, `Decoder.build(model, source)` takes every projection, the
+embedding and the lm_head from the weight source, so a model whose source reads them from
+a GGUF file is never loaded as float (`kvd.worker.quant_load`); `weight_bytes` is what it holds.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import structlog
 import torch
@@ -31,6 +32,7 @@ import torch
 from kvd import ops
 from kvd.worker import attention
 from kvd.worker.linear import available
+from kvd.worker.quant import QuantWeight
 from kvd.worker.quant_load import FloatSource
 
 log = structlog.get_logger(__name__)
@@ -78,30 +80,41 @@ class Decoder:
         """Every projection of a step, lm_head last (what `kvd bench offline` times as the bound)."""
         return [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [self.lm_head]
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights held (packed, in blocks or float), each storage once: a tied
+        lm_head in blocks shares the embedding's."""
+        held = [self.final_norm, *_tensors(self.embed), *_tensors(self.lm_head)]
+        for layer in self.layers:
+            held += [layer.input_norm, layer.post_norm, layer.q_norm, layer.k_norm]
+            held += [t for lin in (layer.qkv, layer.o, layer.gate_up, layer.down) for t in _tensors(lin)]
+        sizes = {}
+        for t in (t for t in held if t is not None):
+            if t.is_mkldnn:  # oneDNN's packed weights have no storage to share
+                sizes[id(t)] = t.numel() * t.element_size()
+            else:
+                sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(sizes.values())
+
     @classmethod
-    def build(cls, model, source: Callable[[], FloatSource] | None = None) -> Decoder | None:
-        """The decoder, or None (logged) where it does not apply; `source` makes the weight
-        source, called only when it does (a GGUF source opens the file)."""
-        reason = cls._why_not(model)
-        if reason is not None:
-            log.info("kvd_decoder_off", reason=reason)
-            return None
-        decoder = cls(model, ops.native(), source() if source is not None else None)
+    def build(cls, model, source: FloatSource | None = None) -> Decoder:
+        """The decoder over `model`, its projections, embedding and lm_head from `source`
+        (where `why_not` found nothing against it)."""
+        decoder = cls(model, ops.native(), source)
         log.info("kvd_decoder_on", layers=len(decoder.layers), family=model.config.model_type,
                  quantization=decoder.quantization)  # fmt: skip
         return decoder
 
     @staticmethod
-    def _why_not(model) -> str | None:
-        cfg = model.config
-        first = next(model.parameters())
-        if first.device.type != "cpu":
-            return f"the model is on {first.device.type}: transformers' forward serves it"
+    def why_not(cfg, device: torch.device, dtype: torch.dtype) -> str | None:
+        """Why the decoder does not run a model of config `cfg` in `dtype` on `device`, or None."""
+        if device.type != "cpu":
+            return f"the model is on {device.type}: transformers' forward serves it"
         if cfg.model_type not in FAMILIES:
             return f"model_type {cfg.model_type!r} is not one of {', '.join(FAMILIES)}"
         if ops.native() is None:
             return "the native ops are not built"
-        reason = available(first.dtype)
+        reason = available(dtype)
         if reason is not None:
             return reason
         if getattr(cfg, "hidden_act", "silu") != "silu":
@@ -146,3 +159,15 @@ class Decoder:
             nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.final_norm
             nat.add_rms_norm(x, residual, nxt, self.eps)  # residual += mlp; x = the next norm
         return x
+
+
+def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The tensors a decoder module holds: its parameters, and the packed or quantized weight,
+    bias and index tensors kept as plain attributes."""
+    held = list(module.parameters())
+    for value in vars(module).values():
+        if isinstance(value, torch.Tensor):
+            held.append(value)
+        elif isinstance(value, QuantWeight):
+            held += [t for t in (value.qs, value.d, value.m) if t is not None]
+    return held

