@@ -1,8 +1,8 @@
 """GGUFFile: a GGUF file's tensors by name, read from its header in milliseconds.
 
 gguf's own `GGUFReader` turns every metadata value into numpy views, the tokenizer's
-98,000 strings included: 5 s for the embedded SmolLM2's file, on every start of a worker
-that runs it. The weights need none of those values. `GGUFFile` walks the header with
+98,000 strings included: 2 s for the embedded SmolLM2's file (5 s on a loaded machine), on
+every start of a worker that runs it; this takes 11-16 ms (docs/benchmarks.md). The weights need none of those values. `GGUFFile` walks the header with
 `struct` (GGUF v2/v3: magic, version, counts, key/values, tensor infos, aligned data),
 keeps the scalar and string values (`general.architecture`, `general.alignment`, ...),
 skips the arrays, and maps the file: each tensor's `data` is a (rows, row bytes) uint8 view

