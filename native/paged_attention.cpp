@@ -462,7 +462,8 @@ void sample_rows(torch::Tensor x, torch::Tensor temperature, torch::Tensor kth, 
                  torch::Tensor top_p, torch::Tensor uniform, torch::Tensor tokens, torch::Tensor threshold);
 // quant_linear.cpp
 void quant_linear(torch::Tensor out, torch::Tensor x, torch::Tensor qs, torch::Tensor d, torch::Tensor m,
-                  int64_t kind, bool int_dot);
+                  int64_t kind, bool int_dot, int64_t isa);
+std::vector<int64_t> quant_isas();
 void quant_dequantize(torch::Tensor out, torch::Tensor qs, torch::Tensor d, torch::Tensor m, int64_t kind,
                       torch::Tensor rows);
 
@@ -475,7 +476,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &silu_and_mul, "out = silu(x[:, :I]) * x[:, I:]");
   m.def("prefill_attention_supported", &prefill_attention_supported, "whether this build has prefill_attention for a head size");
   m.def("prefill_attention", &prefill_attention, "a prefill chunk's causal attention over its paged KV (CPU)");
-  m.def("quant_linear", &quant_linear, "out = x . W^T with W in Q8_0 / Q4_0 / Q4_1 blocks (CPU)");
+  m.def("quant_linear", &quant_linear, "out = x . W^T with W in Q8_0 / Q4_0 / Q4_1 blocks, columns tiled by 16 (CPU)");
+  m.def("quant_isas", &quant_isas, "quant_linear's paths in this build: 0 scalar, 1 AVX2, 2 AVX2+VNNI, 3 AVX-512, 4 AVX-512+VNNI");
   m.def("quant_dequantize", &quant_dequantize, "the float32 weights of the given columns of a quantized W");
   m.def("sample_rows", &sample_rows, "sampled rows: exp, min-p/top-k/top-p threshold and draw, without a sort (CPU)");
 }

@@ -5,310 +5,323 @@
 //   kind 1  Q4_0  w = d * (q - 8)    q 0..15, d f16   (18 bytes)
 //   kind 2  Q4_1  w = d * q + m      q 0..15, d, m f16 (20 bytes)
 //
-// Storage, one row of blocks per output column n: qs (N, K/32 * 16) uint8 nibbles for Q4 (byte
-// j holds weight j in its low nibble and weight j + 16 in its high one, GGUF's order), (N, K)
-// int8 for Q8_0; d and m (N, K/32) float16. Scales apart from the quants, so the 16 or 32
-// quant bytes of a block are one aligned-size load.
+// Storage: the tiled layout of kvd_quant.h, columns interleaved 16 at a time: qs (N, K/32 *
+// 16 or 32) uint8, d and m (N, K/32) float16, each holding exactly GGUF's bytes, reordered.
 //
-//   quant_linear(out, x, qs, d, m, kind, int_dot)
+//   quant_linear(out, x, qs, d, m, kind, int_dot, isa)
 //       int_dot: x is quantized per block of 32 to int8 (scale max|x| / 127, as llama.cpp's
-//       Q8_0 activations) and each block's dot is integer (VNNI dpbusd where the build has
+//       Q8_0 activations) and each block's dot is integer (VNNI vpdpbusd where the path has
 //       it, maddubs + madd elsewhere), scaled once per block. Otherwise every weight is
 //       widened to float in registers and multiplied by x in float (no activation rounding).
+//       isa: -1 the best path this build has, else one of quant_isas() (tests run each).
 //   quant_dequantize(out, qs, d, m, kind, rows)
 //       out[i] = the float32 weights of column rows[i] (the embedding lookup, and the
 //       prefill path's tiles for a float GEMM).
+//   quant_isas()
+//       the paths built: 0 scalar, 1 AVX2, 2 AVX2 + VNNI, 3 AVX-512, 4 AVX-512 + VNNI.
 //
-// Decode reads each weight byte once per call: a column's blocks (a few hundred bytes) stay
-// in L1 while every tile of activation rows passes over them. Columns run in parallel.
+// Decode reads each weight byte once per call: a tile's blocks (a few KiB) stay in L1 while
+// every group of activation rows passes over them. Tiles run in parallel.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define KVD_QUANT_VEC 1
-#endif
+#include "kvd_quant.h"
 
 namespace {
 
-enum Kind : int64_t { kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2 };
-constexpr int64_t kBlock = 32;
+using namespace kvd::quant;
 
-inline int64_t quant_bytes(int64_t kind) { return kind == kQ8_0 ? kBlock : kBlock / 2; }
+enum Isa : int64_t { kBest = -1, kScalar = 0, kAvx2 = 1, kAvx2Vnni = 2, kAvx512 = 3, kAvx512Vnni = 4 };
 
-inline float h2f(const at::Half h) {
-#if defined(KVD_QUANT_VEC)
-  return _cvtsh_ss(h.x);
-#else
-  return static_cast<float>(h);
+std::vector<int64_t> built_isas() {
+  std::vector<int64_t> isas{kScalar};
+#if defined(KVD_Q_AVX2)
+  isas.push_back(kAvx2);
 #endif
+#if defined(KVD_Q_AVX2_VNNI)
+  isas.push_back(kAvx2Vnni);
+#endif
+#if defined(KVD_Q_AVX512)
+  isas.push_back(kAvx512);
+#endif
+#if defined(KVD_Q_AVX512_VNNI)
+  isas.push_back(kAvx512Vnni);
+#endif
+  return isas;
 }
 
-// The weights' view the kernels take: raw pointers and strides of one quantized matrix.
+// The weights' view the kernels take: raw pointers and sizes of one tiled matrix.
 struct QWeights {
   const uint8_t* qs;
   const at::Half* d;
   const at::Half* m;  // Q4_1 only
-  int64_t kind, nb, row_bytes;  // blocks per column, quant bytes per column
+  int64_t kind, N, nb, qb;  // columns, blocks per column, quant bytes per block
+
+  int64_t tiles() const { return (N + kTile - 1) / kTile; }
+  int width(int64_t t) const { return static_cast<int>(std::min<int64_t>(kTile, N - t * kTile)); }
+  // Column n's block b: its first group's four bytes; group g is 4 width(tile) bytes on.
+  const uint8_t* block(int64_t n, int64_t b) const {
+    const int64_t t = n / kTile, wd = width(t);
+    return qs + t * kTile * nb * qb + b * wd * qb + (n % kTile) * 4;
+  }
+  int64_t group_stride(int64_t n) const { return 4 * width(n / kTile); }
+  // Byte i (GGUF's order) of column n's block b, and the offset of its scales.
+  uint8_t byte(int64_t n, int64_t b, int64_t i) const { return block(n, b)[(i / 4) * group_stride(n) + i % 4]; }
+  int64_t scale_at(int64_t n, int64_t b) const {
+    const int64_t t = n / kTile;
+    return t * kTile * nb + b * width(t) + n % kTile;
+  }
+  Tile tile(int64_t t) const {
+    return {qs + t * kTile * nb * qb, d + t * kTile * nb, m ? m + t * kTile * nb : nullptr};
+  }
+  // The quant d q + m of a weight is q * d plus this (per unit of an activation sum)
+  float min_term(int64_t n, int64_t b) const {
+    if (kind == kQ4_1) return static_cast<float>(m[scale_at(n, b)]);
+    return kind == kQ4_0 ? -8.f * static_cast<float>(d[scale_at(n, b)]) : 0.f;
+  }
+  int quant(int64_t n, int64_t b, int64_t k) const {  // weight k (0..31) of a block, as stored
+    if (kind == kQ8_0) return static_cast<int8_t>(byte(n, b, k));
+    return k < 16 ? byte(n, b, k) & 0x0F : byte(n, b, k - 16) >> 4;
+  }
 };
 
-// m of block b of column n: the term added per unit of the block's activation sum.
-inline float block_min(const QWeights& w, int64_t n, int64_t b, float dw) {
-  if (w.kind == kQ4_1) return h2f(w.m[n * w.nb + b]);
-  return w.kind == kQ4_0 ? -8.f * dw : 0.f;
-}
+// The short last tile copied into a full one, zero columns after its width: the kernels
+// then read every tile alike.
+struct PaddedTile {
+  std::vector<uint8_t> q;
+  std::vector<at::Half> d, m;
 
-// Activations quantized per block: q int8, scale da, and sa = da * sum(q) for the m term.
+  PaddedTile(const QWeights& w) {
+    const int64_t t = w.tiles() - 1;
+    const int wd = w.width(t);
+    if (wd == kTile) return;
+    const Tile src = w.tile(t);
+    q.assign(w.nb * kTile * w.qb, 0);
+    d.assign(w.nb * kTile, at::Half(0.f));
+    m.assign(w.m ? w.nb * kTile : 0, at::Half(0.f));
+    for (int64_t b = 0; b < w.nb; ++b) {
+      for (int64_t g = 0; g < w.qb / 4; ++g)
+        std::memcpy(q.data() + b * kTile * w.qb + g * kTile * 4, src.q + b * wd * w.qb + g * wd * 4, wd * 4);
+      std::copy_n(src.d + b * wd, wd, d.data() + b * kTile);
+      if (w.m) std::copy_n(src.m + b * wd, wd, m.data() + b * kTile);
+    }
+  }
+  bool empty() const { return q.empty(); }
+  Tile tile() const { return {q.data(), d.data(), m.empty() ? nullptr : m.data()}; }
+};
+
+// Activations quantized per block (Acts' buffers).
 struct QActs {
   std::vector<int8_t> q;
   std::vector<float> da, sa;
+  Acts view(int64_t K) const { return {q.data(), da.data(), sa.data(), K, K / kBlock}; }
 };
 
 template <typename T>
-void quantize_acts(const T* x, int64_t ldx, int64_t M, int64_t K, QActs& a) {
+void quantize32_scalar(const T* x, int8_t* q, bool biased, float& da, float& sa) {
+  float v[kBlock], amax = 0.f;
+  for (int i = 0; i < kBlock; ++i) {
+    v[i] = static_cast<float>(x[i]);
+    amax = std::max(amax, std::fabs(v[i]));
+  }
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  int sum = 0;
+  for (int i = 0; i < kBlock; ++i) {
+    const int qi = static_cast<int>(std::nearbyint(v[i] * inv));
+    sum += qi;
+    q[i] = static_cast<int8_t>(biased ? qi ^ 0x80 : qi);
+  }
+  da = amax / 127.f;
+  sa = da * static_cast<float>(sum);
+}
+
+// Rows quantized block by block, by the path's vector code (V) or the scalar one (void).
+template <class V, typename T>
+void quantize_acts(const T* x, int64_t ldx, int64_t M, int64_t K, bool biased, QActs& a) {
   const int64_t nb = K / kBlock;
   a.q.resize(M * K);
   a.da.resize(M * nb);
   a.sa.resize(M * nb);
-  at::parallel_for(0, M, 8, [&](int64_t r0, int64_t r1) {
-    float v[kBlock];
-    for (int64_t r = r0; r < r1; ++r) {
+  // a few rows take microseconds: parallel only for prefill-sized inputs
+  at::parallel_for(0, M, std::max<int64_t>(1, (1 << 16) / K), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
       for (int64_t b = 0; b < nb; ++b) {
         const T* src = x + r * ldx + b * kBlock;
-        float amax = 0.f;
-        for (int i = 0; i < kBlock; ++i) {
-          v[i] = static_cast<float>(src[i]);
-          amax = std::max(amax, std::fabs(v[i]));
-        }
-        const float da = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
         int8_t* q = a.q.data() + r * K + b * kBlock;
-        int sum = 0;
-        for (int i = 0; i < kBlock; ++i) {
-          q[i] = static_cast<int8_t>(std::nearbyint(v[i] * inv));
-          sum += q[i];
-        }
-        a.da[r * nb + b] = da;
-        a.sa[r * nb + b] = da * static_cast<float>(sum);
+        if constexpr (std::is_void_v<V>)
+          quantize32_scalar(src, q, biased, a.da[r * nb + b], a.sa[r * nb + b]);
+        else
+          V::quantize32(src, q, biased, a.da[r * nb + b], a.sa[r * nb + b]);
       }
-    }
   });
 }
 
-#if defined(KVD_QUANT_VEC)
-// A block's 32 weights as bytes in order: Q4 nibbles unpacked (0..15), Q8_0 as stored.
-inline __m256i load_block(const QWeights& w, const uint8_t* p) {
-  if (w.kind == kQ8_0) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m128i lo = _mm_and_si128(b, _mm_set1_epi8(0x0F));
-  const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
-  return _mm256_set_m128i(hi, lo);
+template <int N, class Fn>
+inline void with_rows(int r, Fn&& fn) {
+  if constexpr (N > 0) {
+    if (r == N) return fn(std::integral_constant<int, N>{});
+    with_rows<N - 1>(r, fn);
+  }
 }
 
-// Eight int32 lanes, each the sum of four u8 * s8 products. maddubs saturates its int16 pairs
-// at 2 * 255 * 127; the unsigned side here is at most 128, so it never does.
-inline __m256i dot_u8s8(__m256i u, __m256i s) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
-#elif defined(__AVXVNNI__)
-  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
-#else
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
-#endif
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-// Columns [n, n + C) against activation rows [r0, r0 + R), integer dots: each block's
-// weights are loaded and unpacked once for the R rows (R * C accumulators in registers).
-template <int R, int C>
-void tile_int(const QWeights& w, int64_t n, const QActs& a, int64_t r0, int64_t K, float* out, int64_t ldo) {
-  __m256 acc[R][C];
-  float accm[R][C] = {};
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
-  const int64_t nb = w.nb, qb = quant_bytes(w.kind);
-  for (int64_t b = 0; b < nb; ++b) {
-    __m256i wu[C], wv[C];
-    float dw[C], mw[C];
-    for (int c = 0; c < C; ++c) {
-      wv[c] = load_block(w, w.qs + (n + c) * w.row_bytes + b * qb);
-      // Q8_0 is signed: |w| goes to the unsigned operand and w's sign onto the activation
-      wu[c] = w.kind == kQ8_0 ? _mm256_sign_epi8(wv[c], wv[c]) : wv[c];
-      dw[c] = h2f(w.d[(n + c) * nb + b]);
-      mw[c] = block_min(w, n + c, b, dw[c]);
-    }
-    for (int r = 0; r < R; ++r) {
-      const int64_t ab = (r0 + r) * nb + b;
-      const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + (r0 + r) * K + b * kBlock));
-      const float da = a.da[ab], sa = a.sa[ab];
-      for (int c = 0; c < C; ++c) {
-        const __m256i s = w.kind == kQ8_0 ? _mm256_sign_epi8(av, wv[c]) : av;
-        const __m256 dot = _mm256_cvtepi32_ps(dot_u8s8(wu[c], s));
-        acc[r][c] = _mm256_fmadd_ps(dot, _mm256_set1_ps(dw[c] * da), acc[r][c]);
-        accm[r][c] += mw[c] * sa;
+// Every tile in [t0, t1) against all M rows: per tile and part of it (V::kCols columns), the
+// rows in groups of up to V::kRows, each group one pass over the tile's blocks (in L1 after
+// the first).
+template <class V, int64_t kKind>
+void tiles_vec(const QWeights& w, const PaddedTile& pad, const Acts& a, const float* xf, int64_t M, bool int_dot,
+               int64_t t0, int64_t t1, float* out) {
+  const int64_t K = w.nb * kBlock;
+  float tmp[V::kRows * V::kCols];
+  for (int64_t t = t0; t < t1; ++t) {
+    const int wd = w.width(t);
+    const Tile tile = wd == kTile ? w.tile(t) : pad.tile();
+    for (int part = 0; part * V::kCols < wd; ++part) {
+      const int cols = std::min(V::kCols, wd - part * V::kCols);
+      for (int64_t r0 = 0; r0 < M; r0 += V::kRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(V::kRows, M - r0));
+        float* dst = cols == V::kCols ? out + r0 * w.N + t * kTile + part * V::kCols : tmp;
+        const int64_t ldo = cols == V::kCols ? w.N : V::kCols;
+        with_rows<V::kRows>(rows, [&](auto r) {
+          constexpr int R = decltype(r)::value;
+          if (int_dot)
+            tile_int<V, kKind, R>(tile, part, a, r0, dst, ldo);
+          else
+            tile_float<V, kKind, R>(tile, part, xf, K, w.nb, r0, dst, ldo);
+        });
+        if (dst == tmp)
+          for (int r = 0; r < rows; ++r)
+            std::copy_n(tmp + r * V::kCols, cols, out + (r0 + r) * w.N + t * kTile + part * V::kCols);
       }
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) out[(r0 + r) * ldo + n + c] = hsum(acc[r][c]) + accm[r][c];
 }
-
-// Eight weights of a block as float: bytes [8 i, 8 i + 8) of the unpacked block, d * q + m.
-inline __m256 widen8(const QWeights& w, __m256i q, int i, __m256 d, __m256 m) {
-  const __m128i half = i < 2 ? _mm256_castsi256_si128(q) : _mm256_extracti128_si256(q, 1);
-  const __m128i part = (i & 1) ? _mm_srli_si128(half, 8) : half;
-  const __m256i q32 = w.kind == kQ8_0 ? _mm256_cvtepi8_epi32(part) : _mm256_cvtepu8_epi32(part);
-  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(q32), d, m);
-}
-
-// The same tile with every weight widened to float and float activations (xf, row-major K).
-template <int R, int C>
-void tile_float(const QWeights& w, int64_t n, const float* xf, int64_t r0, int64_t K, float* out, int64_t ldo) {
-  __m256 acc[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
-  const int64_t nb = w.nb, qb = quant_bytes(w.kind);
-  for (int64_t b = 0; b < nb; ++b) {
-    for (int c = 0; c < C; ++c) {
-      const __m256i q = load_block(w, w.qs + (n + c) * w.row_bytes + b * qb);
-      const float dw = h2f(w.d[(n + c) * nb + b]);
-      const __m256 d = _mm256_set1_ps(dw), m = _mm256_set1_ps(block_min(w, n + c, b, dw));
-      for (int i = 0; i < 4; ++i) {
-        const __m256 wf = widen8(w, q, i, d, m);
-        for (int r = 0; r < R; ++r)
-          acc[r][c] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(xf + (r0 + r) * K + b * kBlock + 8 * i), acc[r][c]);
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) out[(r0 + r) * ldo + n + c] = hsum(acc[r][c]);
-}
-
-// All rows against columns [n0, n1): C columns at a time, rows in tiles of up to 4 (AVX2's
-// sixteen registers hold 4 x 2 accumulators beside the weights), leftover columns one by one.
-template <bool kInt>
-void columns(const QWeights& w, const QActs& a, const float* xf, int64_t M, int64_t K, int64_t n0, int64_t n1,
-             float* out, int64_t ldo) {
-  auto run = [&](auto rows, auto cols, int64_t n, int64_t r0) {
-    constexpr int R = decltype(rows)::value, C = decltype(cols)::value;
-    if constexpr (kInt)
-      tile_int<R, C>(w, n, a, r0, K, out, ldo);
-    else
-      tile_float<R, C>(w, n, xf, r0, K, out, ldo);
-  };
-  using I1 = std::integral_constant<int, 1>;
-  using I2 = std::integral_constant<int, 2>;
-  using I3 = std::integral_constant<int, 3>;
-  using I4 = std::integral_constant<int, 4>;
-  auto rows_of = [&](auto cols, int64_t n) {
-    if (M == 1) {
-      run(I1{}, cols, n, 0);
-      return;
-    }
-    int64_t r = 0;
-    for (; r + 4 <= M; r += 4) run(I4{}, cols, n, r);
-    switch (M - r) {
-      case 3: run(I3{}, cols, n, r); break;
-      case 2: run(I2{}, cols, n, r); break;
-      case 1: run(I1{}, cols, n, r); break;
-      default: break;
-    }
-  };
-  int64_t n = n0;
-  if (M == 1) {  // one row: four columns give four independent FMA chains
-    for (; n + 4 <= n1; n += 4) rows_of(I4{}, n);
-  } else {
-    for (; n + 2 <= n1; n += 2) rows_of(I2{}, n);
-  }
-  for (; n < n1; ++n) rows_of(I1{}, n);
-}
-#endif
 
 // The scalar code: the same sums, one weight at a time (builds without AVX2, FMA and F16C).
-float weight_at(const QWeights& w, int64_t n, int64_t k) {
-  const int64_t b = k / kBlock, j = k % kBlock;
-  const float dw = h2f(w.d[n * w.nb + b]);
-  const uint8_t* blk = w.qs + n * w.row_bytes + b * quant_bytes(w.kind);
-  if (w.kind == kQ8_0) return dw * static_cast<float>(static_cast<int8_t>(blk[j]));
-  const int q = j < 16 ? blk[j] & 0x0F : blk[j - 16] >> 4;
-  return dw * static_cast<float>(q) + block_min(w, n, b, dw);
-}
-
-void columns_scalar(const QWeights& w, const float* xf, int64_t M, int64_t K, int64_t n0, int64_t n1, float* out,
-                    int64_t ldo) {
-  for (int64_t n = n0; n < n1; ++n)
+void tiles_scalar(const QWeights& w, const Acts& a, const float* xf, int64_t M, bool int_dot, int64_t t0,
+                  int64_t t1, float* out) {
+  const int64_t K = w.nb * kBlock;
+  for (int64_t n = t0 * kTile; n < std::min(w.N, t1 * kTile); ++n)
     for (int64_t r = 0; r < M; ++r) {
       float s = 0.f;
-      for (int64_t k = 0; k < K; ++k) s += weight_at(w, n, k) * xf[r * K + k];
-      out[r * ldo + n] = s;
+      for (int64_t b = 0; b < w.nb; ++b) {
+        const float dw = static_cast<float>(w.d[w.scale_at(n, b)]), mn = w.min_term(n, b);
+        if (int_dot) {
+          const int8_t* q = a.q + r * K + b * kBlock;
+          int dot = 0;
+          for (int k = 0; k < kBlock; ++k) dot += w.quant(n, b, k) * q[k];
+          s += dw * a.da[r * w.nb + b] * static_cast<float>(dot) + mn * a.sa[r * w.nb + b];
+        } else {
+          for (int k = 0; k < kBlock; ++k)
+            s += (dw * static_cast<float>(w.quant(n, b, k)) + mn) * xf[r * K + b * kBlock + k];
+        }
+      }
+      out[r * w.N + n] = s;
     }
+}
+
+template <class V>
+constexpr bool biased_acts(int64_t kind) {
+  if constexpr (std::is_void_v<V>)
+    return false;
+  else
+    return kind == kQ8_0 && V::kHasVnni;
+}
+
+// The whole call on one path (V void: the scalar code).
+template <class V>
+void run(const QWeights& w, const torch::Tensor& x, bool int_dot, float* out) {
+  const int64_t M = x.size(0), K = x.size(1);
+  QActs qa;
+  torch::Tensor xf;
+  if (int_dot) {
+    const bool biased = biased_acts<V>(w.kind);
+    if (x.scalar_type() == at::kFloat)
+      quantize_acts<V>(x.data_ptr<float>(), x.stride(0), M, K, biased, qa);
+    else
+      quantize_acts<V>(x.data_ptr<c10::BFloat16>(), x.stride(0), M, K, biased, qa);
+  } else {
+    xf = x.to(at::kFloat).contiguous();
+  }
+  const Acts a = qa.view(K);
+  const float* xp = int_dot ? nullptr : xf.data_ptr<float>();
+  // Grain: enough tiles that a thread's share is worth waking it for (about 64 KiB of quants
+  // at one row; the work grows with the rows)
+  const int64_t work = kTile * w.nb * w.qb * (1 + M / 4);
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / work);
+  if constexpr (std::is_void_v<V>) {
+    at::parallel_for(0, w.tiles(), grain,
+                     [&](int64_t t0, int64_t t1) { tiles_scalar(w, a, xp, M, int_dot, t0, t1, out); });
+  } else {
+    const PaddedTile pad(w);
+    at::parallel_for(0, w.tiles(), grain, [&](int64_t t0, int64_t t1) {
+      switch (w.kind) {
+        case kQ8_0: tiles_vec<V, kQ8_0>(w, pad, a, xp, M, int_dot, t0, t1, out); break;
+        case kQ4_0: tiles_vec<V, kQ4_0>(w, pad, a, xp, M, int_dot, t0, t1, out); break;
+        default: tiles_vec<V, kQ4_1>(w, pad, a, xp, M, int_dot, t0, t1, out); break;
+      }
+    });
+  }
 }
 
 QWeights check_weights(const torch::Tensor& qs, const torch::Tensor& d, const torch::Tensor& m, int64_t kind,
                        int64_t K, const char* op) {
   TORCH_CHECK(kind == kQ8_0 || kind == kQ4_0 || kind == kQ4_1, op, ": kind must be 0 (Q8_0), 1 (Q4_0) or 2 (Q4_1)");
   TORCH_CHECK(K % kBlock == 0, op, ": in_features ", K, " is not a multiple of 32");
-  const int64_t nb = K / kBlock, N = qs.size(0);
-  TORCH_CHECK(qs.dim() == 2 && qs.scalar_type() == at::kByte && qs.is_contiguous() && qs.size(1) == nb * quant_bytes(kind),
-              op, ": qs must be contiguous uint8 (N, ", nb * quant_bytes(kind), ")");
+  const int64_t nb = K / kBlock, N = qs.size(0), qb = quant_bytes(kind);
+  TORCH_CHECK(qs.dim() == 2 && qs.scalar_type() == at::kByte && qs.is_contiguous() && qs.size(1) == nb * qb, op,
+              ": qs must be contiguous uint8 (N, ", nb * qb, ")");
   TORCH_CHECK(d.scalar_type() == at::kHalf && d.is_contiguous() && d.numel() == N * nb, op,
               ": d must be contiguous float16 (N, K/32)");
   if (kind == kQ4_1)
     TORCH_CHECK(m.scalar_type() == at::kHalf && m.is_contiguous() && m.numel() == N * nb, op,
                 ": m must be contiguous float16 (N, K/32) for Q4_1");
   return {qs.data_ptr<uint8_t>(), d.data_ptr<at::Half>(), kind == kQ4_1 ? m.data_ptr<at::Half>() : nullptr, kind,
-          nb, nb * quant_bytes(kind)};
+          N, nb, qb};
 }
 
 }  // namespace
 
+std::vector<int64_t> quant_isas() { return built_isas(); }
+
 void quant_linear(torch::Tensor out, torch::Tensor x, torch::Tensor qs, torch::Tensor d, torch::Tensor m,
-                  int64_t kind, bool int_dot) {
+                  int64_t kind, bool int_dot, int64_t isa) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "quant_linear: x must be 2-D with contiguous rows");
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16, "quant_linear: x must be float32 or bfloat16");
   const int64_t M = x.size(0), K = x.size(1);
   const QWeights w = check_weights(qs, d, m, kind, K, "quant_linear");
-  const int64_t N = qs.size(0);
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == N && out.is_contiguous() && out.scalar_type() == dt,
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == w.N && out.is_contiguous() &&
+                  out.scalar_type() == dt,
               "quant_linear: out must be contiguous (M, N) of x's dtype");
+  const std::vector<int64_t> isas = built_isas();
+  if (isa == kBest) isa = isas.back();
+  TORCH_CHECK(std::find(isas.begin(), isas.end(), isa) != isas.end(), "quant_linear: isa ", isa,
+              " is not built here (quant_isas())");
+  if (M == 0 || w.N == 0) return;
   // float32 results go straight into out; bfloat16 ones through a float buffer, rounded once
-  torch::Tensor acc = dt == at::kFloat ? out : torch::empty({M, N}, x.options().dtype(at::kFloat));
+  torch::Tensor acc = dt == at::kFloat ? out : torch::empty({M, w.N}, x.options().dtype(at::kFloat));
   float* o = acc.data_ptr<float>();
-  torch::Tensor xf;
-  QActs a;
-#if defined(KVD_QUANT_VEC)
-  if (int_dot) {
-    if (dt == at::kFloat)
-      quantize_acts(x.data_ptr<float>(), x.stride(0), M, K, a);
-    else
-      quantize_acts(x.data_ptr<c10::BFloat16>(), x.stride(0), M, K, a);
+  switch (isa) {
+#if defined(KVD_Q_AVX512_VNNI)
+    case kAvx512Vnni: run<Zmm<true>>(w, x, int_dot, o); break;
+#endif
+#if defined(KVD_Q_AVX512)
+    case kAvx512: run<Zmm<false>>(w, x, int_dot, o); break;
+#endif
+#if defined(KVD_Q_AVX2_VNNI)
+    case kAvx2Vnni: run<Ymm<true>>(w, x, int_dot, o); break;
+#endif
+#if defined(KVD_Q_AVX2)
+    case kAvx2: run<Ymm<false>>(w, x, int_dot, o); break;
+#endif
+    default: run<void>(w, x, int_dot, o); break;
   }
-#else
-  int_dot = false;
-#endif
-  if (!int_dot) xf = x.to(at::kFloat).contiguous();
-  const float* xp = int_dot ? nullptr : xf.data_ptr<float>();
-  // Grain: enough columns that a thread's share is worth waking it for (about 64 KiB of quants)
-  const int64_t grain = std::max<int64_t>(8, (64 << 10) / std::max<int64_t>(1, w.row_bytes));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-#if defined(KVD_QUANT_VEC)
-    if (int_dot)
-      columns<true>(w, a, xp, M, K, n0, n1, o, N);
-    else
-      columns<false>(w, a, xp, M, K, n0, n1, o, N);
-#else
-    columns_scalar(w, xp, M, K, n0, n1, o, N);
-#endif
-  });
   if (dt != at::kFloat) out.copy_(acc);
 }
 
@@ -321,24 +334,30 @@ void quant_dequantize(torch::Tensor out, torch::Tensor qs, torch::Tensor d, torc
   TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.size(0) == out.size(0),
               "quant_dequantize: rows must be (R,) int64, one per row of out");
   const int64_t* idx = rows.data_ptr<int64_t>();
-  const int64_t N = qs.size(0);
   for (int64_t i = 0; i < rows.size(0); ++i)
-    TORCH_CHECK(idx[i] >= 0 && idx[i] < N, "quant_dequantize: row ", idx[i], " is outside [0, ", N, ")");
+    TORCH_CHECK(idx[i] >= 0 && idx[i] < w.N, "quant_dequantize: row ", idx[i], " is outside [0, ", w.N, ")");
   float* o = out.data_ptr<float>();
   at::parallel_for(0, rows.size(0), 16, [&](int64_t i0, int64_t i1) {
+    uint8_t blk[kBlock];
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t n = idx[i];
-      float* dst = o + i * K;
-#if defined(KVD_QUANT_VEC)
       for (int64_t b = 0; b < w.nb; ++b) {
-        const __m256i q = load_block(w, w.qs + n * w.row_bytes + b * quant_bytes(kind));
-        const float dw = h2f(w.d[n * w.nb + b]);
-        const __m256 dv = _mm256_set1_ps(dw), mv = _mm256_set1_ps(block_min(w, n, b, dw));
-        for (int j = 0; j < 4; ++j) _mm256_storeu_ps(dst + b * kBlock + 8 * j, widen8(w, q, j, dv, mv));
+        // the block's groups gathered back into GGUF's order, then widened (products of a
+        // float16 scale and a quant are exact in float32: one rounding, in any order)
+        const uint8_t* src = w.block(n, b);
+        const int64_t stride = w.group_stride(n);
+        for (int64_t g = 0; g < w.qb / 4; ++g) std::memcpy(blk + 4 * g, src + g * stride, 4);
+        const float dw = static_cast<float>(w.d[w.scale_at(n, b)]), mn = w.min_term(n, b);
+        float* dst = o + i * K + b * kBlock;
+        if (kind == kQ8_0) {
+          for (int k = 0; k < kBlock; ++k) dst[k] = dw * static_cast<float>(static_cast<int8_t>(blk[k]));
+        } else {
+          for (int k = 0; k < 16; ++k) {
+            dst[k] = dw * static_cast<float>(blk[k] & 0x0F) + mn;
+            dst[k + 16] = dw * static_cast<float>(blk[k] >> 4) + mn;
+          }
+        }
       }
-#else
-      for (int64_t k = 0; k < K; ++k) dst[k] = weight_at(w, n, k);
-#endif
     }
   });
 }

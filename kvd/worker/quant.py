@@ -9,8 +9,15 @@ stores them, and never as float32:
 
 `qs` keeps each block's quant bytes in GGUF's order (for Q4, byte j has weight j in its low
 nibble and weight j + 16 in its high one) in an (N, K/32 * bytes) uint8 tensor; `d` and `m`
-are (N, K/32) float16 beside it. That is the layout native/quant_linear.cpp reads: a
-column's quants in one run, the scales in another.
+are (N, K/32) float16 beside it: a column's quants in one run, as the loaders build them.
+
+`tile()` repacks a matrix, in place and byte for byte, into the layout the native kernels
+read (native/kvd_quant.h): columns interleaved `TILE` at a time, so that one vector load
+holds a block's four quant bytes of 16 columns and one vpdpbusd serves them all, each
+weight vector reused for every row of a decode batch; d and m tiled alike. The tensors keep
+their shapes and sizes (only the order of bytes changes), and the values `d * q + m` are
+unchanged. `QuantLinear` and `QuantEmbedding` tile the weight they are given (the object
+itself: a tied embedding and lm_head share one copy).
 
 - `QuantLinear(weight)`: out = x . W^T. Up to `INT_DOT_MAX_ROWS` rows (decode) run the
   native kernel, which streams the quantized bytes once per call; more rows (prefill)
@@ -33,7 +40,9 @@ import torch
 from kvd import ops
 
 BLOCK = 32
-INT_DOT_MAX_ROWS = 8  # more rows: dequantized tiles into a float GEMM (measured: docs/benchmarks.md)
+TILE = 16  # columns interleaved in the kernels' layout (kvd_quant.h's kTile)
+INT_DOT_MAX_ROWS = 32  # more rows: dequantized tiles into a float GEMM (measured: docs/benchmarks.md)
+BEST_ISA = -1  # quant_linear's path: the best this build has (tests pass each of quant_isas())
 TILE_COLUMNS = 4096  # columns dequantized at a time on the GEMM path (every layer's matrix whole; lm_head in 12)
 
 
@@ -51,12 +60,14 @@ class Kind(enum.IntEnum):
 
 @dataclass
 class QuantWeight:
-    """One quantized (N, K) matrix: quants (N, K/32 * bytes) uint8, scales d (and m) (N, K/32) float16."""
+    """One quantized (N, K) matrix: quants (N, K/32 * bytes) uint8, scales d (and m) (N, K/32)
+    float16; in GGUF's column-by-column order, or in the kernels' order once `tiled`."""
 
     kind: Kind
     qs: torch.Tensor
     d: torch.Tensor
     m: torch.Tensor | None
+    tiled: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -67,22 +78,87 @@ class QuantWeight:
         return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.m) if t is not None)
 
     def rows(self, index: torch.Tensor) -> QuantWeight:
-        """The columns (output rows) `index` of this matrix, in that order (a copy)."""
+        """The columns (output rows) `index` of this matrix, in that order (a copy, in GGUF's order)."""
+        if self.tiled:
+            q_at, s_at = _tiled_offsets(self.shape, self.kind, index)
+            m = None if self.m is None else self.m.view(-1)[s_at]
+            return QuantWeight(self.kind, self.qs.view(-1)[q_at], self.d.view(-1)[s_at], m)
         return QuantWeight(self.kind, self.qs[index], self.d[index], None if self.m is None else self.m[index])
 
     @staticmethod
     def cat(parts: list[QuantWeight]) -> QuantWeight:
-        """Matrices of one kind and K stacked along N (q, k and v as one projection)."""
+        """Matrices of one kind and K stacked along N (q, k and v as one projection), before tiling."""
         kinds = {p.kind for p in parts}
         if len(kinds) != 1:
             raise ValueError(f"cannot stack blocks of different kinds: {sorted(k.name for k in kinds)}")
+        if any(p.tiled for p in parts):
+            raise ValueError("cannot stack tiled matrices: stack them before QuantLinear tiles them")
         m = None if parts[0].m is None else torch.cat([p.m for p in parts])
         return QuantWeight(parts[0].kind, torch.cat([p.qs for p in parts]), torch.cat([p.d for p in parts]), m)
+
+    def tile(self) -> QuantWeight:
+        """Repack into the kernels' tiled layout in place (this object; nothing if already tiled)."""
+        if not self.tiled:
+            self.qs, self.d, self.m = (None if t is None else _retile(t, self.shape, True)
+                                       for t in (self.qs, self.d, self.m))  # fmt: skip
+            self.tiled = True
+        return self
+
+    def untiled(self) -> QuantWeight:
+        """This matrix in GGUF's column order (itself when not tiled, else a copy)."""
+        if not self.tiled:
+            return self
+        qs, d, m = (None if t is None else _retile(t, self.shape, False) for t in (self.qs, self.d, self.m))
+        return QuantWeight(self.kind, qs, d, m)
+
+
+# ---- the tiled layout ------------------------------------------------------------------------------
+# Column n lies in tile n // TILE, whose width is TILE but for the last tile (N % TILE). In a
+# tile, block b's quant bytes are G groups of 4 (G = bytes / 4) stored [b][group][column][4],
+# its scales [b][column]: a column's block is G words `width` words apart.
+def _retile(t: torch.Tensor, shape: tuple[int, int], to_tiles: bool) -> torch.Tensor:
+    """One of qs, d, m reordered between GGUF's layout and the tiled one (a copy, same shape)."""
+    n, k = shape
+    nb, full = k // BLOCK, n - n % TILE
+    per = t.shape[1] // nb  # elements a block: quant bytes, or 1 for a scale
+    word = 4 if per > 1 else 1  # quants move in 4-byte groups, scales one by one
+    rows = t.view(n, nb, per // word, word)  # (N, nb, G, word)
+    out = torch.empty_like(t)
+    flat, cut = out.view(-1), full * nb * per
+    head = flat[:cut].view(full // TILE, nb, per // word, TILE, word)  # (tiles, nb, G, TILE, word)
+    tail = flat[cut:].view(nb, per // word, n - full, word)  # (nb, G, width, word)
+    if to_tiles:
+        head.copy_(rows[:full].view(full // TILE, TILE, nb, per // word, word).permute(0, 2, 3, 1, 4))
+        tail.copy_(rows[full:].permute(1, 2, 0, 3))
+        return out
+    src = t.view(-1)
+    rows_out = out.view(n, nb, per // word, word)
+    rows_out[:full].view(full // TILE, TILE, nb, per // word, word).copy_(
+        src[:cut].view(full // TILE, nb, per // word, TILE, word).permute(0, 3, 1, 2, 4))
+    rows_out[full:].copy_(src[cut:].view(nb, per // word, n - full, word).permute(2, 0, 1, 3))
+    return out
+
+
+def _tiled_offsets(shape: tuple[int, int], kind: Kind, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where columns `index` of a tiled matrix lie: flat offsets into qs, (L, K/32 * bytes) in
+    GGUF's order, and into d / m, (L, K/32)."""
+    n, k = shape
+    nb, qb = k // BLOCK, kind.quant_bytes
+    idx = index.reshape(-1).long()
+    t, c = idx // TILE, idx % TILE
+    width = (n - t * TILE).clamp(max=TILE)[:, None]  # (L, 1)
+    blocks = torch.arange(nb)[None]  # (1, nb)
+    scales = t[:, None] * TILE * nb + blocks * width + c[:, None]  # (L, nb)
+    byte = torch.arange(qb)[None, None]  # (1, 1, qb)
+    quants = (t[:, None, None] * TILE * nb * qb + blocks[..., None] * width[..., None] * qb
+              + (byte // 4) * width[..., None] * 4 + c[:, None, None] * 4 + byte % 4)  # fmt: skip
+    return quants.reshape(len(idx), nb * qb), scales
 
 
 # ---- references and float -> blocks -------------------------------------------------------------
 def _unpack(w: QuantWeight) -> torch.Tensor:
     """The integer quants, (N, K/32, 32) int32."""
+    w = w.untiled()
     n, k = w.shape
     qs = w.qs.view(n, k // BLOCK, w.kind.quant_bytes)
     if w.kind is Kind.Q8_0:
@@ -92,6 +168,7 @@ def _unpack(w: QuantWeight) -> torch.Tensor:
 
 def dequantize_ref(w: QuantWeight) -> torch.Tensor:
     """The float32 matrix (N, K)."""
+    w = w.untiled()
     n, k = w.shape
     q = _unpack(w).float()  # (N, nb, 32)
     d = w.d.float().unsqueeze(-1)  # (N, nb, 1)
@@ -108,9 +185,12 @@ def quantize_acts_ref(x: torch.Tensor) -> torch.Tensor:
     steps of max|x| / 127. Returned as float (M, K)."""
     m, k = x.shape
     xb = x.float().reshape(m, k // BLOCK, BLOCK)
-    da = xb.abs().amax(-1, keepdim=True) / 127  # (M, nb, 1)
-    q = torch.where(da > 0, xb / torch.where(da > 0, da, 1), 0).round()
-    return (q * da).reshape(m, k)
+    amax = xb.abs().amax(-1, keepdim=True)  # (M, nb, 1)
+    # x times 127 / max, as the kernel computes it (x / step rounds differently at a few ties)
+    # (a tensor divided: `127 / t` is 127 * (1 / t) in torch, rounded twice)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127) / torch.where(amax > 0, amax, 1), 0)
+    q = (xb * inv).round()  # half to even, as std::nearbyint and cvtps2dq
+    return (q * (amax / 127)).reshape(m, k)
 
 
 def quant_linear_ref(x: torch.Tensor, w: QuantWeight, int_dot: bool = False) -> torch.Tensor:
@@ -158,7 +238,7 @@ class QuantLinear(torch.nn.Module):
 
     def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None, int_dot: bool = True) -> None:
         super().__init__()
-        self.weight = weight
+        self.weight = weight.tile()
         self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else bias.detach().contiguous()
         self.int_dot = int_dot
@@ -173,14 +253,14 @@ class QuantLinear(torch.nn.Module):
         elif x2.shape[0] <= INT_DOT_MAX_ROWS:
             x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
             out = x2.new_empty(x2.shape[0], self.out_features)  # (M, N)
-            nat.quant_linear(out, x2, w.qs, w.d, _m(w), int(w.kind), self.int_dot)
+            nat.quant_linear(out, x2, w.qs, w.d, _m(w), int(w.kind), self.int_dot, BEST_ISA)
         else:
-            out = self._tiled(x2, nat)
+            out = self._prefill(x2, nat)
         if self.bias is not None:
             out += self.bias
         return out.view(*lead, self.out_features)
 
-    def _tiled(self, x: torch.Tensor, nat) -> torch.Tensor:
+    def _prefill(self, x: torch.Tensor, nat) -> torch.Tensor:
         """Prefill: TILE_COLUMNS columns dequantized at a time, each into one float GEMM."""
         xf = x.float()
         parts = []
@@ -199,7 +279,7 @@ class QuantEmbedding(torch.nn.Module):
 
     def __init__(self, weight: QuantWeight, dtype: torch.dtype) -> None:
         super().__init__()
-        self.weight = weight
+        self.weight = weight.tile()
         self.dtype = dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (N,) -> (N, E)

@@ -1,6 +1,7 @@
-"""Quantized weights: the native kernel against pure-torch dequantize + matmul, GGUF blocks
-against the float weights they were converted into, and the Q4_1-kept model's greedy tokens
-against transformers' float32 ones."""
+"""Quantized weights: the tiled layout against GGUF's, the native kernel (every path this
+build has) against pure-torch dequantize + matmul, GGUF blocks against the float weights
+they were converted into, and the Q4_1-kept model's greedy tokens against transformers'
+float32 ones."""
 
 from __future__ import annotations
 
@@ -10,10 +11,16 @@ import torch
 from kvd import ops
 from kvd.config import ModelConfig
 from kvd.worker import quant
-from kvd.worker.quant import Kind, QuantEmbedding, QuantLinear, dequantize_ref, quant_linear_ref, quantize
+from kvd.worker.quant import (Kind, QuantEmbedding, QuantLinear, QuantWeight, dequantize_ref, quant_linear_ref,
+                              quantize)  # fmt: skip
 from tests.reference import QUANT_TIE_GAP, assert_greedy_match, hf_greedy
 
 needs_native = pytest.mark.skipif(ops.native() is None, reason="the native ops are not built")
+# quant_linear's paths in this build (0 scalar, 1 AVX2, 2 AVX2 + VNNI, 3 AVX-512, 4 AVX-512 +
+# VNNI): the tests run each, so an AVX-512 machine checks the AVX2 code too
+ISAS = ops.native().quant_isas() if ops.native() is not None else []
+# Odd shapes: a short last tile (N % 16 of 1, 3, 2, 5, 12), a single block, one whole tile
+SHAPES = [(5, 64), (67, 96), (16, 32), (192, 576), (130, 1536), (33, 32), (1, 64), (21, 160), (300, 96)]
 
 # The kernel sums in another order than torch's matmul: float32 rounding of sums of up to
 # 1,536 products of size ~1, outputs of size ~30 (observed: at most 9e-5).
@@ -24,19 +31,78 @@ def _m(w):
     return w.m if w.m is not None else w.d
 
 
+def _copy(w: QuantWeight) -> QuantWeight:
+    return QuantWeight(w.kind, w.qs.clone(), w.d.clone(), None if w.m is None else w.m.clone())
+
+
+@pytest.mark.parametrize("kind", list(Kind))
+@pytest.mark.parametrize("n, k", SHAPES)
+def test_tiling_reorders_the_bytes_and_keeps_every_value(kind, n, k):
+    w = quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)), kind)
+    t = _copy(w)
+    assert t.tile() is t and t.tiled and t.tile() is t  # in place, once
+    assert t.shape == w.shape and t.nbytes == w.nbytes  # no byte more than GGUF's
+    assert t.qs.shape == w.qs.shape and t.d.shape == w.d.shape
+    if n > 1:
+        assert not torch.equal(t.qs, w.qs)  # the order did change
+    for a, b in zip((t.untiled().qs, t.untiled().d, t.untiled().m), (w.qs, w.d, w.m)):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert torch.equal(dequantize_ref(t), dequantize_ref(w))  # d * q + m bit for bit
+    ids = torch.tensor([n - 1, 0, n // 2, n - 1, min(n - 1, 17)])
+    got, want = t.rows(ids), w.rows(ids)
+    assert torch.equal(got.qs, want.qs) and torch.equal(got.d, want.d)
+    assert torch.equal(dequantize_ref(got), dequantize_ref(w)[ids])
+    with pytest.raises(ValueError, match="tiled"):
+        QuantWeight.cat([t, w])
+
+
+def test_a_tied_embedding_and_lm_head_share_one_tiled_copy():
+    w = quantize(torch.randn(40, 64, generator=torch.Generator().manual_seed(5)), Kind.Q8_0)
+    want = dequantize_ref(w)
+    embed = QuantEmbedding(w, torch.float32)
+    head = QuantLinear(embed.weight)
+    assert head.weight is embed.weight is w and w.tiled
+    assert torch.equal(embed(torch.tensor([3, 39])), want[[3, 39]])
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(head(x), quant_linear_ref(x, w, True), atol=KERNEL_ATOL, rtol=KERNEL_RTOL)
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kind", list(Kind))
+@pytest.mark.parametrize("int_dot", [True, False])
+def test_kernel_matches_dequantize_then_matmul(isa, kind, int_dot):
+    """Every row count of a decode batch (1..32, and 33 and 40 past it) on every shape."""
+    for n, k in SHAPES:
+        g = torch.Generator().manual_seed(n * 1000 + k)
+        w = quantize(torch.randn(n, k, generator=g), kind)
+        t = _copy(w).tile()
+        for rows in [*range(1, 33), 33, 40]:
+            x = torch.randn(rows, k, generator=g)
+            out = torch.full((rows, n), float("nan"))
+            ops.native().quant_linear(out, x, t.qs, t.d, _m(t), int(kind), int_dot, isa)
+            # with int_dot the reference rounds x per block as the kernel does
+            torch.testing.assert_close(out, quant_linear_ref(x, w, int_dot), atol=KERNEL_ATOL, rtol=KERNEL_RTOL,
+                                       msg=lambda m: f"{n}x{k}, {rows} rows: {m}")  # fmt: skip
+
+
+@needs_native
+def test_kernel_refuses_a_path_not_built():
+    t = quantize(torch.randn(16, 32), Kind.Q4_1).tile()
+    with pytest.raises(RuntimeError, match="not built"):
+        ops.native().quant_linear(torch.empty(1, 16), torch.randn(1, 32), t.qs, t.d, t.m, 2, True, 99)
+
+
 @needs_native
 @pytest.mark.parametrize("kind", list(Kind))
-@pytest.mark.parametrize("n, k", [(5, 64), (67, 96), (192, 576), (130, 1536)])
-@pytest.mark.parametrize("rows", [1, 3, 4, 8, 32])
-@pytest.mark.parametrize("int_dot", [True, False])
-def test_kernel_matches_dequantize_then_matmul(kind, n, k, rows, int_dot):
-    g = torch.Generator().manual_seed(n * 1000 + k + rows)
-    w = quantize(torch.randn(n, k, generator=g), kind)
-    x = torch.randn(rows, k, generator=g)
-    out = torch.empty(rows, n)
-    ops.native().quant_linear(out, x, w.qs, w.d, _m(w), int(kind), int_dot)
-    # with int_dot the reference rounds x per block as the kernel does
-    torch.testing.assert_close(out, quant_linear_ref(x, w, int_dot), atol=KERNEL_ATOL, rtol=KERNEL_RTOL)
+def test_decode_rows_take_the_kernel(kind, monkeypatch):
+    g = torch.Generator().manual_seed(6)
+    w = quantize(torch.randn(200, 96, generator=g), kind)
+    lin = QuantLinear(_copy(w))
+    monkeypatch.setattr(QuantLinear, "_prefill", None)  # any row count up to the bound: no GEMM
+    for rows in range(1, quant.INT_DOT_MAX_ROWS + 1):
+        x = torch.randn(rows, 96, generator=g)
+        torch.testing.assert_close(lin(x), quant_linear_ref(x, w, True), atol=KERNEL_ATOL, rtol=KERNEL_RTOL)
 
 
 @needs_native

@@ -1,0 +1,302 @@
+// The vector kernels of quant_linear.cpp: one tile of a quantized matrix's columns against
+// a few activation rows, written once over a vector type and built for each instruction set
+// the compiler has (AVX2, AVX2 + VNNI, AVX-512, AVX-512 + VNNI), so that one build holds
+// every path and a test can run each.
+//
+// The tiled layout (kvd/worker/quant.py repacks GGUF's into it at load, byte for byte):
+// columns in tiles of kTile = 16 (the last tile holds the N % 16 left over, `width` < 16);
+// a tile's blocks one after another, and in a block its quant bytes as G groups of four
+// (G = 8 for Q8_0's 32 bytes, 4 for Q4's 16), each group one 32-bit word per column:
+//
+//   tile t at qs + 16 t nb qb; block b at + b width qb; group g at + g width 4; column c at + 4 c
+//   scales: d (and m) at + 16 t nb, then b width + c (float16)
+//
+// Group g of a column is GGUF's block bytes 4g..4g+3 (Q4: low nibbles weights 4g..4g+3,
+// high nibbles weights 16+4g..), so a 32-bit lane of a vector load is one column and a
+// vpdpbusd against one activation word broadcast adds four products to each of 16 (AVX-512)
+// or 8 (AVX2) columns at once. The column scales load as one vector and apply per block
+// with no horizontal sum; each weight vector loaded serves every row of the batch.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define KVD_Q_AVX2 1
+#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
+#define KVD_Q_AVX2_VNNI 1
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define KVD_Q_AVX512 1
+#if defined(__AVX512VNNI__)
+#define KVD_Q_AVX512_VNNI 1
+#endif
+#endif
+#endif
+
+namespace kvd::quant {
+
+enum Kind : int64_t { kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2 };
+constexpr int64_t kBlock = 32;
+constexpr int kTile = 16;  // columns a tile
+constexpr int kMaxGroups = 8;
+
+constexpr int64_t quant_bytes(int64_t kind) { return kind == kQ8_0 ? kBlock : kBlock / 2; }
+constexpr int groups(int64_t kind) { return static_cast<int>(quant_bytes(kind) / 4); }
+
+// One full tile (or a zero-padded copy of the short last one): kTile columns' groups.
+struct Tile {
+  const uint8_t* q;
+  const at::Half* d;
+  const at::Half* m;  // Q4_1 only
+};
+
+// Activation rows quantized per block of 32: row r's bytes at q + r K (int8; for the Q8_0
+// VNNI path int8 + 128 as uint8), scale da[r nb + b], and sa = da * sum(q) for the m term.
+struct Acts {
+  const int8_t* q;
+  const float* da;
+  const float* sa;
+  int64_t K, nb;
+};
+
+#if defined(KVD_Q_AVX2)
+// Eight columns a vector (AVX2's 16 registers: up to 4 rows live beside a block's weights).
+template <bool kVnni>
+struct Ymm {
+  using I = __m256i;
+  using F = __m256;
+  static constexpr int kCols = 8, kRows = 4;
+  static constexpr bool kHasVnni = kVnni;
+  static I load(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static I bcast4(const int8_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+  }
+  static I izero() { return _mm256_setzero_si256(); }
+  static I nibbles(I x, int shift) { return _mm256_and_si256(_mm256_srli_epi32(x, shift), _mm256_set1_epi8(0x0F)); }
+  static I nibble32(I x, int shift) { return _mm256_and_si256(_mm256_srli_epi32(x, shift), _mm256_set1_epi32(0x0F)); }
+  // acc + per 32-bit lane the sum of four u8 * s8 products. maddubs saturates its int16
+  // pairs at 2 * 255 * 127; the callers keep the unsigned side at most 127 there.
+  static I dot(I acc, I u, I s) {
+#if defined(KVD_Q_AVX2_VNNI)
+    if constexpr (kVnni) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+      return _mm256_dpbusd_epi32(acc, u, s);
+#else
+      return _mm256_dpbusd_avx_epi32(acc, u, s);
+#endif
+    }
+#endif
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+  }
+  static I abs8(I w) { return _mm256_abs_epi8(w); }
+  static I sign8(I a, I w) { return _mm256_sign_epi8(a, w); }  // a negated where w < 0, 0 where w = 0
+  static I times_neg128(I s) { return _mm256_sub_epi32(izero(), _mm256_slli_epi32(s, 7)); }
+  static I ones8() { return _mm256_set1_epi8(1); }
+  static I byte_s(I v, int j) { return _mm256_srai_epi32(_mm256_slli_epi32(v, 24 - 8 * j), 24); }
+  static F cvt(I v) { return _mm256_cvtepi32_ps(v); }
+  static F halves(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static F fzero() { return _mm256_setzero_ps(); }
+  static F set1(float x) { return _mm256_set1_ps(x); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static F loadf(const float* p) { return _mm256_loadu_ps(p); }
+  static F loadf(const c10::BFloat16* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  // 32 values at x as int8 steps of max|x| / 127 (nearest, ties to even, as std::nearbyint)
+  template <typename T>
+  static void quantize32(const T* x, int8_t* q, bool biased, float& da, float& sa) {
+    F v[4];
+    F amax = fzero();
+    const F sign = _mm256_set1_ps(-0.f);
+    for (int i = 0; i < 4; ++i) {
+      v[i] = loadf(x + 8 * i);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const float mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    const F inv = set1(mx > 0.f ? 127.f / mx : 0.f);
+    I iv[4];
+    for (int i = 0; i < 4; ++i) iv[i] = _mm256_cvtps_epi32(mul(v[i], inv));
+    const I sum = _mm256_add_epi32(_mm256_add_epi32(iv[0], iv[1]), _mm256_add_epi32(iv[2], iv[3]));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    s4 = _mm_hadd_epi32(s4, s4);
+    s4 = _mm_hadd_epi32(s4, s4);
+    // packs narrow within 128-bit halves: the permute puts the 32-bit groups back in order
+    const I p = _mm256_packs_epi16(_mm256_packs_epi32(iv[0], iv[1]), _mm256_packs_epi32(iv[2], iv[3]));
+    I b = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    if (biased) b = _mm256_xor_si256(b, _mm256_set1_epi8(static_cast<char>(0x80)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), b);
+    da = mx / 127.f;
+    sa = da * static_cast<float>(_mm_cvtsi128_si32(s4));
+  }
+};
+#endif
+
+#if defined(KVD_Q_AVX512)
+// A whole tile a vector (32 registers: 8 rows live beside a block's 8 weight vectors).
+template <bool kVnni>
+struct Zmm {
+  using I = __m512i;
+  using F = __m512;
+  static constexpr int kCols = 16, kRows = 8;
+  static constexpr bool kHasVnni = kVnni;
+  static I load(const uint8_t* p) { return _mm512_loadu_si512(p); }
+  static I bcast4(const int8_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+  }
+  static I izero() { return _mm512_setzero_si512(); }
+  static I nibbles(I x, int shift) { return _mm512_and_si512(_mm512_srli_epi32(x, shift), _mm512_set1_epi8(0x0F)); }
+  static I nibble32(I x, int shift) { return _mm512_and_si512(_mm512_srli_epi32(x, shift), _mm512_set1_epi32(0x0F)); }
+  static I dot(I acc, I u, I s) {
+#if defined(KVD_Q_AVX512_VNNI)
+    if constexpr (kVnni) return _mm512_dpbusd_epi32(acc, u, s);
+#endif
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+  }
+  static I abs8(I w) { return _mm512_abs_epi8(w); }
+  static I sign8(I a, I w) { return _mm512_mask_sub_epi8(a, _mm512_movepi8_mask(w), izero(), a); }
+  static I times_neg128(I s) { return _mm512_sub_epi32(izero(), _mm512_slli_epi32(s, 7)); }
+  static I ones8() { return _mm512_set1_epi8(1); }
+  static I byte_s(I v, int j) { return _mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * j), 24); }
+  static F cvt(I v) { return _mm512_cvtepi32_ps(v); }
+  static F halves(const at::Half* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static F fzero() { return _mm512_setzero_ps(); }
+  static F set1(float x) { return _mm512_set1_ps(x); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static F loadf(const float* p) { return _mm512_loadu_ps(p); }
+  static F loadf(const c10::BFloat16* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  template <typename T>
+  static void quantize32(const T* x, int8_t* q, bool biased, float& da, float& sa) {
+    const F v0 = loadf(x), v1 = loadf(x + 16);
+    const float mx = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    const F inv = set1(mx > 0.f ? 127.f / mx : 0.f);
+    const I i0 = _mm512_cvtps_epi32(mul(v0, inv)), i1 = _mm512_cvtps_epi32(mul(v1, inv));
+    __m128i b0 = _mm512_cvtepi32_epi8(i0), b1 = _mm512_cvtepi32_epi8(i1);
+    if (biased) {
+      b0 = _mm_xor_si128(b0, _mm_set1_epi8(static_cast<char>(0x80)));
+      b1 = _mm_xor_si128(b1, _mm_set1_epi8(static_cast<char>(0x80)));
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q), b0);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), b1);
+    da = mx / 127.f;
+    sa = da * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1)));
+  }
+};
+#endif
+
+// The block's column scales of this part of the tile: d, and the term per unit of the
+// activations' block sum (Q4_1: m; Q4_0: -8 d, its quants being q - 8; Q8_0: none).
+template <class V, int64_t kKind>
+inline void block_scales(const Tile& t, int64_t b, int part, typename V::F& d, typename V::F& mn) {
+  const int64_t at = b * kTile + part * V::kCols;
+  d = V::halves(t.d + at);
+  if constexpr (kKind == kQ4_1) mn = V::halves(t.m + at);
+  if constexpr (kKind == kQ4_0) mn = V::mul(d, V::set1(-8.f));
+}
+
+// Rows [r0, r0 + R) against the V::kCols columns `part` of tile t, all nb blocks, integer
+// dots: out[r * ldo + c] = sum over blocks of d da dot(q, a) + mn sa. Each block's weights
+// are loaded and unpacked once, then serve the R rows from registers.
+template <class V, int64_t kKind, int R>
+void tile_int(const Tile& t, int part, const Acts& a, int64_t r0, float* out, int64_t ldo) {
+  using I = typename V::I;
+  using F = typename V::F;
+  constexpr int G = groups(kKind);
+  // Q8_0's weights are signed, and vpdpbusd's unsigned side must be the activations': they
+  // arrive + 128, and each column's block sum of weights times 128 is taken back off
+  constexpr bool kBiased = kKind == kQ8_0 && V::kHasVnni;
+  F acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = V::fzero();
+  const uint8_t* q = t.q + part * V::kCols * 4;
+  for (int64_t b = 0; b < a.nb; ++b, q += kTile * 4 * G) {
+    I w[kMaxGroups];  // w[g]: weights 4g..4g+3 of each column, one 32-bit lane a column
+    if constexpr (kKind == kQ8_0) {
+      for (int g = 0; g < 8; ++g) w[g] = V::load(q + g * kTile * 4);
+    } else {
+      for (int g = 0; g < 4; ++g) {
+        const I x = V::load(q + g * kTile * 4);
+        w[g] = V::nibbles(x, 0);
+        w[g + 4] = V::nibbles(x, 4);
+      }
+    }
+    F d, mn;
+    block_scales<V, kKind>(t, b, part, d, mn);
+    I bias = V::izero();
+    if constexpr (kBiased) {
+      for (int g = 0; g < 8; ++g) bias = V::dot(bias, V::ones8(), w[g]);
+      bias = V::times_neg128(bias);
+    }
+    for (int r = 0; r < R; ++r) {
+      const int8_t* ar = a.q + (r0 + r) * a.K + b * kBlock;
+      I s = bias;
+      for (int g = 0; g < 8; ++g) {
+        const I av = V::bcast4(ar + 4 * g);
+        if constexpr (kKind != kQ8_0)
+          s = V::dot(s, w[g], av);  // quants 0..15 unsigned, activations signed
+        else if constexpr (kBiased)
+          s = V::dot(s, av, w[g]);
+        else  // maddubs: |w| unsigned, w's sign moved onto the activation
+          s = V::dot(s, V::abs8(w[g]), V::sign8(av, w[g]));
+      }
+      const int64_t ab = (r0 + r) * a.nb + b;
+      acc[r] = V::fmadd(V::cvt(s), V::mul(d, V::set1(a.da[ab])), acc[r]);
+      if constexpr (kKind != kQ8_0) acc[r] = V::fmadd(mn, V::set1(a.sa[ab]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) V::store(out + r * ldo, acc[r]);
+}
+
+// The same tile with float activations x (row r at x + (r0 + r) ldx): each weight widened
+// to float once, d q + m as a vector over the columns, then one FMA a row (an outer product).
+template <class V, int64_t kKind, int R>
+void tile_float(const Tile& t, int part, const float* x, int64_t ldx, int64_t nb, int64_t r0, float* out,
+                int64_t ldo) {
+  using I = typename V::I;
+  using F = typename V::F;
+  constexpr int G = groups(kKind);
+  F acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = V::fzero();
+  const uint8_t* q = t.q + part * V::kCols * 4;
+  for (int64_t b = 0; b < nb; ++b, q += kTile * 4 * G) {
+    F d, mn;
+    block_scales<V, kKind>(t, b, part, d, mn);
+    for (int g = 0; g < G; ++g) {
+      const I raw = V::load(q + g * kTile * 4);
+      for (int half = 0; half < (kKind == kQ8_0 ? 1 : 2); ++half) {
+        const int64_t k0 = b * kBlock + 4 * g + 16 * half;
+        for (int j = 0; j < 4; ++j) {
+          F wf;
+          if constexpr (kKind == kQ8_0)
+            wf = V::mul(V::cvt(V::byte_s(raw, j)), d);
+          else
+            wf = V::fmadd(V::cvt(V::nibble32(raw, 8 * j + 4 * half)), d, mn);
+          for (int r = 0; r < R; ++r) acc[r] = V::fmadd(wf, V::set1(x[(r0 + r) * ldx + k0 + j]), acc[r]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) V::store(out + r * ldo, acc[r]);
+}
+
+}  // namespace kvd::quant
