@@ -23,7 +23,6 @@
 #include <cstdint>
 #include <cstring>
 
-#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -37,6 +36,14 @@
 #define KVD_Q_AVX512_VNNI 1
 #endif
 #endif
+#endif
+
+// The float halves of the traits below are the other kernels' Vec8 and Vec16.
+#if defined(KVD_Q_AVX2)
+#include "kvd_avx2.h"
+#endif
+#if defined(KVD_Q_AVX512)
+#include "kvd_simd.h"
 #endif
 
 namespace kvd::quant {
@@ -65,23 +72,26 @@ struct Acts {
   int64_t K, nb;
 };
 
+// The integer half of a path's vector operations, beside the float half it inherits (the
+// other kernels' Vec8 / Vec16: zero, set1, load of float32 or bfloat16, mul, fmadd, store).
 #if defined(KVD_Q_AVX2)
 // Eight columns a vector (AVX2's 16 registers: up to 4 rows live beside a block's weights).
 template <bool kVnni>
-struct Ymm {
+struct Ymm : kvd::avx2::Vec8 {
   using I = __m256i;
-  using F = __m256;
   static constexpr int kCols = 8, kRows = 4;
   static constexpr bool kHasVnni = kVnni;
-  static I load(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static I iload(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   static I bcast4(const int8_t* p) {
     int32_t v;
     std::memcpy(&v, p, 4);
     return _mm256_set1_epi32(v);
   }
   static I izero() { return _mm256_setzero_si256(); }
+  // each byte's nibble at `shift` (0 or 4); nibble32: the 32-bit lane's at `shift`, alone
   static I nibbles(I x, int shift) { return _mm256_and_si256(_mm256_srli_epi32(x, shift), _mm256_set1_epi8(0x0F)); }
   static I nibble32(I x, int shift) { return _mm256_and_si256(_mm256_srli_epi32(x, shift), _mm256_set1_epi32(0x0F)); }
+  static I byte_s(I v, int j) { return _mm256_srai_epi32(_mm256_slli_epi32(v, 24 - 8 * j), 24); }  // signed byte j
   // acc + per 32-bit lane the sum of four u8 * s8 products. maddubs saturates its int16
   // pairs at 2 * 255 * 127; the callers keep the unsigned side at most 127 there.
   static I dot(I acc, I u, I s) {
@@ -100,33 +110,19 @@ struct Ymm {
   static I sign8(I a, I w) { return _mm256_sign_epi8(a, w); }  // a negated where w < 0, 0 where w = 0
   static I times_neg128(I s) { return _mm256_sub_epi32(izero(), _mm256_slli_epi32(s, 7)); }
   static I ones8() { return _mm256_set1_epi8(1); }
-  static I byte_s(I v, int j) { return _mm256_srai_epi32(_mm256_slli_epi32(v, 24 - 8 * j), 24); }
-  static F cvt(I v) { return _mm256_cvtepi32_ps(v); }
-  static F halves(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-  static F fzero() { return _mm256_setzero_ps(); }
-  static F set1(float x) { return _mm256_set1_ps(x); }
-  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
-  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
-  static F loadf(const float* p) { return _mm256_loadu_ps(p); }
-  static F loadf(const c10::BFloat16* p) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  }
+  static V cvt(I v) { return _mm256_cvtepi32_ps(v); }
+  static V halves(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   // 32 values at x as int8 steps of max|x| / 127 (nearest, ties to even, as std::nearbyint)
   template <typename T>
   static void quantize32(const T* x, int8_t* q, bool biased, float& da, float& sa) {
-    F v[4];
-    F amax = fzero();
-    const F sign = _mm256_set1_ps(-0.f);
+    V v[4];
+    V amax = zero();
     for (int i = 0; i < 4; ++i) {
-      v[i] = loadf(x + 8 * i);
-      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+      v[i] = load(x + 8 * i);
+      amax = max(amax, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v[i]));
     }
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    const float mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
-    const F inv = set1(mx > 0.f ? 127.f / mx : 0.f);
+    const float mx = max_of(amax);
+    const V inv = set1(mx > 0.f ? 127.f / mx : 0.f);
     I iv[4];
     for (int i = 0; i < 4; ++i) iv[i] = _mm256_cvtps_epi32(mul(v[i], inv));
     const I sum = _mm256_add_epi32(_mm256_add_epi32(iv[0], iv[1]), _mm256_add_epi32(iv[2], iv[3]));
@@ -147,12 +143,11 @@ struct Ymm {
 #if defined(KVD_Q_AVX512)
 // A whole tile a vector (32 registers: 8 rows live beside a block's 8 weight vectors).
 template <bool kVnni>
-struct Zmm {
+struct Zmm : kvd::Vec16 {
   using I = __m512i;
-  using F = __m512;
   static constexpr int kCols = 16, kRows = 8;
   static constexpr bool kHasVnni = kVnni;
-  static I load(const uint8_t* p) { return _mm512_loadu_si512(p); }
+  static I iload(const uint8_t* p) { return _mm512_loadu_si512(p); }
   static I bcast4(const int8_t* p) {
     int32_t v;
     std::memcpy(&v, p, 4);
@@ -161,6 +156,7 @@ struct Zmm {
   static I izero() { return _mm512_setzero_si512(); }
   static I nibbles(I x, int shift) { return _mm512_and_si512(_mm512_srli_epi32(x, shift), _mm512_set1_epi8(0x0F)); }
   static I nibble32(I x, int shift) { return _mm512_and_si512(_mm512_srli_epi32(x, shift), _mm512_set1_epi32(0x0F)); }
+  static I byte_s(I v, int j) { return _mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * j), 24); }
   static I dot(I acc, I u, I s) {
 #if defined(KVD_Q_AVX512_VNNI)
     if constexpr (kVnni) return _mm512_dpbusd_epi32(acc, u, s);
@@ -171,26 +167,15 @@ struct Zmm {
   static I sign8(I a, I w) { return _mm512_mask_sub_epi8(a, _mm512_movepi8_mask(w), izero(), a); }
   static I times_neg128(I s) { return _mm512_sub_epi32(izero(), _mm512_slli_epi32(s, 7)); }
   static I ones8() { return _mm512_set1_epi8(1); }
-  static I byte_s(I v, int j) { return _mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * j), 24); }
-  static F cvt(I v) { return _mm512_cvtepi32_ps(v); }
-  static F halves(const at::Half* p) {
+  static V cvt(I v) { return _mm512_cvtepi32_ps(v); }
+  static V halves(const at::Half* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  }
-  static F fzero() { return _mm512_setzero_ps(); }
-  static F set1(float x) { return _mm512_set1_ps(x); }
-  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
-  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
-  static F loadf(const float* p) { return _mm512_loadu_ps(p); }
-  static F loadf(const c10::BFloat16* p) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
   template <typename T>
   static void quantize32(const T* x, int8_t* q, bool biased, float& da, float& sa) {
-    const F v0 = loadf(x), v1 = loadf(x + 16);
-    const float mx = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-    const F inv = set1(mx > 0.f ? 127.f / mx : 0.f);
+    const V v0 = load(x), v1 = load(x + 16);
+    const float mx = max_of(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    const V inv = set1(mx > 0.f ? 127.f / mx : 0.f);
     const I i0 = _mm512_cvtps_epi32(mul(v0, inv)), i1 = _mm512_cvtps_epi32(mul(v1, inv));
     __m128i b0 = _mm512_cvtepi32_epi8(i0), b1 = _mm512_cvtepi32_epi8(i1);
     if (biased) {
@@ -207,96 +192,99 @@ struct Zmm {
 
 // The block's column scales of this part of the tile: d, and the term per unit of the
 // activations' block sum (Q4_1: m; Q4_0: -8 d, its quants being q - 8; Q8_0: none).
-template <class V, int64_t kKind>
-inline void block_scales(const Tile& t, int64_t b, int part, typename V::F& d, typename V::F& mn) {
-  const int64_t at = b * kTile + part * V::kCols;
-  d = V::halves(t.d + at);
-  if constexpr (kKind == kQ4_1) mn = V::halves(t.m + at);
-  if constexpr (kKind == kQ4_0) mn = V::mul(d, V::set1(-8.f));
+template <class S, int64_t kKind>
+inline void block_scales(const Tile& t, int64_t b, int part, typename S::V& d, typename S::V& mn) {
+  const int64_t at = b * kTile + part * S::kCols;
+  d = S::halves(t.d + at);
+  if constexpr (kKind == kQ4_1) mn = S::halves(t.m + at);
+  if constexpr (kKind == kQ4_0) mn = S::mul(d, S::set1(-8.f));
 }
 
-// Rows [r0, r0 + R) against the V::kCols columns `part` of tile t, all nb blocks, integer
+// Rows [r0, r0 + R) against the S::kCols columns `part` of tile t, all nb blocks, integer
 // dots: out[r * ldo + c] = sum over blocks of d da dot(q, a) + mn sa. Each block's weights
 // are loaded and unpacked once, then serve the R rows from registers.
-template <class V, int64_t kKind, int R>
+template <class S, int64_t kKind, int R>
 void tile_int(const Tile& t, int part, const Acts& a, int64_t r0, float* out, int64_t ldo) {
-  using I = typename V::I;
-  using F = typename V::F;
+  using I = typename S::I;
+  using V = typename S::V;
   constexpr int G = groups(kKind);
   // Q8_0's weights are signed, and vpdpbusd's unsigned side must be the activations': they
   // arrive + 128, and each column's block sum of weights times 128 is taken back off
-  constexpr bool kBiased = kKind == kQ8_0 && V::kHasVnni;
-  F acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = V::fzero();
-  const uint8_t* q = t.q + part * V::kCols * 4;
+  constexpr bool kBiased = kKind == kQ8_0 && S::kHasVnni;
+  V acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = S::zero();
+  const uint8_t* q = t.q + part * S::kCols * 4;
   for (int64_t b = 0; b < a.nb; ++b, q += kTile * 4 * G) {
     I w[kMaxGroups];  // w[g]: weights 4g..4g+3 of each column, one 32-bit lane a column
     if constexpr (kKind == kQ8_0) {
-      for (int g = 0; g < 8; ++g) w[g] = V::load(q + g * kTile * 4);
+      for (int g = 0; g < 8; ++g) w[g] = S::iload(q + g * kTile * 4);
     } else {
       for (int g = 0; g < 4; ++g) {
-        const I x = V::load(q + g * kTile * 4);
-        w[g] = V::nibbles(x, 0);
-        w[g + 4] = V::nibbles(x, 4);
+        const I x = S::iload(q + g * kTile * 4);
+        w[g] = S::nibbles(x, 0);
+        w[g + 4] = S::nibbles(x, 4);
       }
     }
-    F d, mn;
-    block_scales<V, kKind>(t, b, part, d, mn);
-    I bias = V::izero();
+    V d, mn;
+    block_scales<S, kKind>(t, b, part, d, mn);
+    I bias = S::izero();
     if constexpr (kBiased) {
-      for (int g = 0; g < 8; ++g) bias = V::dot(bias, V::ones8(), w[g]);
-      bias = V::times_neg128(bias);
+      for (int g = 0; g < 8; ++g) bias = S::dot(bias, S::ones8(), w[g]);
+      bias = S::times_neg128(bias);
     }
+    // unrolled, so that the R accumulators stay in registers (GCC kept them on the stack)
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const int8_t* ar = a.q + (r0 + r) * a.K + b * kBlock;
       I s = bias;
       for (int g = 0; g < 8; ++g) {
-        const I av = V::bcast4(ar + 4 * g);
+        const I av = S::bcast4(ar + 4 * g);
         if constexpr (kKind != kQ8_0)
-          s = V::dot(s, w[g], av);  // quants 0..15 unsigned, activations signed
+          s = S::dot(s, w[g], av);  // quants 0..15 unsigned, activations signed
         else if constexpr (kBiased)
-          s = V::dot(s, av, w[g]);
+          s = S::dot(s, av, w[g]);
         else  // maddubs: |w| unsigned, w's sign moved onto the activation
-          s = V::dot(s, V::abs8(w[g]), V::sign8(av, w[g]));
+          s = S::dot(s, S::abs8(w[g]), S::sign8(av, w[g]));
       }
       const int64_t ab = (r0 + r) * a.nb + b;
-      acc[r] = V::fmadd(V::cvt(s), V::mul(d, V::set1(a.da[ab])), acc[r]);
-      if constexpr (kKind != kQ8_0) acc[r] = V::fmadd(mn, V::set1(a.sa[ab]), acc[r]);
+      acc[r] = S::fmadd(S::cvt(s), S::mul(d, S::set1(a.da[ab])), acc[r]);
+      if constexpr (kKind != kQ8_0) acc[r] = S::fmadd(mn, S::set1(a.sa[ab]), acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) V::store(out + r * ldo, acc[r]);
+  for (int r = 0; r < R; ++r) S::store(out + r * ldo, acc[r]);
 }
 
 // The same tile with float activations x (row r at x + (r0 + r) ldx): each weight widened
 // to float once, d q + m as a vector over the columns, then one FMA a row (an outer product).
-template <class V, int64_t kKind, int R>
+template <class S, int64_t kKind, int R>
 void tile_float(const Tile& t, int part, const float* x, int64_t ldx, int64_t nb, int64_t r0, float* out,
                 int64_t ldo) {
-  using I = typename V::I;
-  using F = typename V::F;
+  using I = typename S::I;
+  using V = typename S::V;
   constexpr int G = groups(kKind);
-  F acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = V::fzero();
-  const uint8_t* q = t.q + part * V::kCols * 4;
+  V acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = S::zero();
+  const uint8_t* q = t.q + part * S::kCols * 4;
   for (int64_t b = 0; b < nb; ++b, q += kTile * 4 * G) {
-    F d, mn;
-    block_scales<V, kKind>(t, b, part, d, mn);
+    V d, mn;
+    block_scales<S, kKind>(t, b, part, d, mn);
     for (int g = 0; g < G; ++g) {
-      const I raw = V::load(q + g * kTile * 4);
+      const I raw = S::iload(q + g * kTile * 4);
       for (int half = 0; half < (kKind == kQ8_0 ? 1 : 2); ++half) {
         const int64_t k0 = b * kBlock + 4 * g + 16 * half;
         for (int j = 0; j < 4; ++j) {
-          F wf;
+          V wf;
           if constexpr (kKind == kQ8_0)
-            wf = V::mul(V::cvt(V::byte_s(raw, j)), d);
+            wf = S::mul(S::cvt(S::byte_s(raw, j)), d);
           else
-            wf = V::fmadd(V::cvt(V::nibble32(raw, 8 * j + 4 * half)), d, mn);
-          for (int r = 0; r < R; ++r) acc[r] = V::fmadd(wf, V::set1(x[(r0 + r) * ldx + k0 + j]), acc[r]);
+            wf = S::fmadd(S::cvt(S::nibble32(raw, 8 * j + 4 * half)), d, mn);
+#pragma GCC unroll 16
+          for (int r = 0; r < R; ++r) acc[r] = S::fmadd(wf, S::set1(x[(r0 + r) * ldx + k0 + j]), acc[r]);
         }
       }
     }
   }
-  for (int r = 0; r < R; ++r) V::store(out + r * ldo, acc[r]);
+  for (int r = 0; r < R; ++r) S::store(out + r * ldo, acc[r]);
 }
 
 }  // namespace kvd::quant

@@ -141,8 +141,8 @@ void quantize32_scalar(const T* x, int8_t* q, bool biased, float& da, float& sa)
   sa = da * static_cast<float>(sum);
 }
 
-// Rows quantized block by block, by the path's vector code (V) or the scalar one (void).
-template <class V, typename T>
+// Rows quantized block by block, by the path's vector code (S) or the scalar one (void).
+template <class S, typename T>
 void quantize_acts(const T* x, int64_t ldx, int64_t M, int64_t K, bool biased, QActs& a) {
   const int64_t nb = K / kBlock;
   a.q.resize(M * K);
@@ -154,10 +154,10 @@ void quantize_acts(const T* x, int64_t ldx, int64_t M, int64_t K, bool biased, Q
       for (int64_t b = 0; b < nb; ++b) {
         const T* src = x + r * ldx + b * kBlock;
         int8_t* q = a.q.data() + r * K + b * kBlock;
-        if constexpr (std::is_void_v<V>)
+        if constexpr (std::is_void_v<S>)
           quantize32_scalar(src, q, biased, a.da[r * nb + b], a.sa[r * nb + b]);
         else
-          V::quantize32(src, q, biased, a.da[r * nb + b], a.sa[r * nb + b]);
+          S::quantize32(src, q, biased, a.da[r * nb + b], a.sa[r * nb + b]);
       }
   });
 }
@@ -170,33 +170,33 @@ inline void with_rows(int r, Fn&& fn) {
   }
 }
 
-// Every tile in [t0, t1) against all M rows: per tile and part of it (V::kCols columns), the
-// rows in groups of up to V::kRows, each group one pass over the tile's blocks (in L1 after
+// Every tile in [t0, t1) against all M rows: per tile and part of it (S::kCols columns), the
+// rows in groups of up to S::kRows, each group one pass over the tile's blocks (in L1 after
 // the first).
-template <class V, int64_t kKind>
+template <class S, int64_t kKind>
 void tiles_vec(const QWeights& w, const PaddedTile& pad, const Acts& a, const float* xf, int64_t M, bool int_dot,
                int64_t t0, int64_t t1, float* out) {
   const int64_t K = w.nb * kBlock;
-  float tmp[V::kRows * V::kCols];
+  float tmp[S::kRows * S::kCols];
   for (int64_t t = t0; t < t1; ++t) {
     const int wd = w.width(t);
     const Tile tile = wd == kTile ? w.tile(t) : pad.tile();
-    for (int part = 0; part * V::kCols < wd; ++part) {
-      const int cols = std::min(V::kCols, wd - part * V::kCols);
-      for (int64_t r0 = 0; r0 < M; r0 += V::kRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(V::kRows, M - r0));
-        float* dst = cols == V::kCols ? out + r0 * w.N + t * kTile + part * V::kCols : tmp;
-        const int64_t ldo = cols == V::kCols ? w.N : V::kCols;
-        with_rows<V::kRows>(rows, [&](auto r) {
+    for (int part = 0; part * S::kCols < wd; ++part) {
+      const int cols = std::min(S::kCols, wd - part * S::kCols);
+      for (int64_t r0 = 0; r0 < M; r0 += S::kRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(S::kRows, M - r0));
+        float* dst = cols == S::kCols ? out + r0 * w.N + t * kTile + part * S::kCols : tmp;
+        const int64_t ldo = cols == S::kCols ? w.N : S::kCols;
+        with_rows<S::kRows>(rows, [&](auto r) {
           constexpr int R = decltype(r)::value;
           if (int_dot)
-            tile_int<V, kKind, R>(tile, part, a, r0, dst, ldo);
+            tile_int<S, kKind, R>(tile, part, a, r0, dst, ldo);
           else
-            tile_float<V, kKind, R>(tile, part, xf, K, w.nb, r0, dst, ldo);
+            tile_float<S, kKind, R>(tile, part, xf, K, w.nb, r0, dst, ldo);
         });
         if (dst == tmp)
           for (int r = 0; r < rows; ++r)
-            std::copy_n(tmp + r * V::kCols, cols, out + (r0 + r) * w.N + t * kTile + part * V::kCols);
+            std::copy_n(tmp + r * S::kCols, cols, out + (r0 + r) * w.N + t * kTile + part * S::kCols);
       }
     }
   }
@@ -225,26 +225,26 @@ void tiles_scalar(const QWeights& w, const Acts& a, const float* xf, int64_t M, 
     }
 }
 
-template <class V>
+template <class S>
 constexpr bool biased_acts(int64_t kind) {
-  if constexpr (std::is_void_v<V>)
+  if constexpr (std::is_void_v<S>)
     return false;
   else
-    return kind == kQ8_0 && V::kHasVnni;
+    return kind == kQ8_0 && S::kHasVnni;
 }
 
-// The whole call on one path (V void: the scalar code).
-template <class V>
+// The whole call on one path (S void: the scalar code).
+template <class S>
 void run(const QWeights& w, const torch::Tensor& x, bool int_dot, float* out) {
   const int64_t M = x.size(0), K = x.size(1);
   QActs qa;
   torch::Tensor xf;
   if (int_dot) {
-    const bool biased = biased_acts<V>(w.kind);
+    const bool biased = biased_acts<S>(w.kind);
     if (x.scalar_type() == at::kFloat)
-      quantize_acts<V>(x.data_ptr<float>(), x.stride(0), M, K, biased, qa);
+      quantize_acts<S>(x.data_ptr<float>(), x.stride(0), M, K, biased, qa);
     else
-      quantize_acts<V>(x.data_ptr<c10::BFloat16>(), x.stride(0), M, K, biased, qa);
+      quantize_acts<S>(x.data_ptr<c10::BFloat16>(), x.stride(0), M, K, biased, qa);
   } else {
     xf = x.to(at::kFloat).contiguous();
   }
@@ -254,16 +254,16 @@ void run(const QWeights& w, const torch::Tensor& x, bool int_dot, float* out) {
   // at one row; the work grows with the rows)
   const int64_t work = kTile * w.nb * w.qb * (1 + M / 4);
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / work);
-  if constexpr (std::is_void_v<V>) {
+  if constexpr (std::is_void_v<S>) {
     at::parallel_for(0, w.tiles(), grain,
                      [&](int64_t t0, int64_t t1) { tiles_scalar(w, a, xp, M, int_dot, t0, t1, out); });
   } else {
     const PaddedTile pad(w);
     at::parallel_for(0, w.tiles(), grain, [&](int64_t t0, int64_t t1) {
       switch (w.kind) {
-        case kQ8_0: tiles_vec<V, kQ8_0>(w, pad, a, xp, M, int_dot, t0, t1, out); break;
-        case kQ4_0: tiles_vec<V, kQ4_0>(w, pad, a, xp, M, int_dot, t0, t1, out); break;
-        default: tiles_vec<V, kQ4_1>(w, pad, a, xp, M, int_dot, t0, t1, out); break;
+        case kQ8_0: tiles_vec<S, kQ8_0>(w, pad, a, xp, M, int_dot, t0, t1, out); break;
+        case kQ4_0: tiles_vec<S, kQ4_0>(w, pad, a, xp, M, int_dot, t0, t1, out); break;
+        default: tiles_vec<S, kQ4_1>(w, pad, a, xp, M, int_dot, t0, t1, out); break;
       }
     });
   }
