@@ -170,12 +170,23 @@ inline void with_rows(int r, Fn&& fn) {
   }
 }
 
+// Rows of a tile's results (ld S::kCols, float) stored into out as T, `cols` of them a row.
+template <class S, typename T>
+inline void store_rows(const float* tmp, int rows, int cols, T* out, int64_t ldo) {
+  for (int r = 0; r < rows; ++r) {
+    if (cols == S::kCols)
+      S::store(out + r * ldo, S::load(tmp + r * S::kCols));  // bfloat16: rounded to nearest even
+    else
+      for (int c = 0; c < cols; ++c) out[r * ldo + c] = static_cast<T>(tmp[r * S::kCols + c]);
+  }
+}
+
 // Every tile in [t0, t1) against all M rows: per tile and part of it (S::kCols columns), the
 // rows in groups of up to S::kRows, each group one pass over the tile's blocks (in L1 after
-// the first).
-template <class S, int64_t kKind>
+// the first). float32 results go straight to out; others through a tile of floats in L1.
+template <class S, int64_t kKind, typename T>
 void tiles_vec(const QWeights& w, const PaddedTile& pad, const Acts& a, const float* xf, int64_t M, bool int_dot,
-               int64_t t0, int64_t t1, float* out) {
+               int64_t t0, int64_t t1, T* out) {
   const int64_t K = w.nb * kBlock;
   float tmp[S::kRows * S::kCols];
   for (int64_t t = t0; t < t1; ++t) {
@@ -185,8 +196,12 @@ void tiles_vec(const QWeights& w, const PaddedTile& pad, const Acts& a, const fl
       const int cols = std::min(S::kCols, wd - part * S::kCols);
       for (int64_t r0 = 0; r0 < M; r0 += S::kRows) {
         const int rows = static_cast<int>(std::min<int64_t>(S::kRows, M - r0));
-        float* dst = cols == S::kCols ? out + r0 * w.N + t * kTile + part * S::kCols : tmp;
-        const int64_t ldo = cols == S::kCols ? w.N : S::kCols;
+        T* at = out + r0 * w.N + t * kTile + part * S::kCols;
+        float* dst = tmp;
+        int64_t ldo = S::kCols;
+        if constexpr (std::is_same_v<T, float>) {
+          if (cols == S::kCols) dst = at, ldo = w.N;
+        }
         with_rows<S::kRows>(rows, [&](auto r) {
           constexpr int R = decltype(r)::value;
           if (int_dot)
@@ -194,17 +209,16 @@ void tiles_vec(const QWeights& w, const PaddedTile& pad, const Acts& a, const fl
           else
             tile_float<S, kKind, R>(tile, part, xf, K, w.nb, r0, dst, ldo);
         });
-        if (dst == tmp)
-          for (int r = 0; r < rows; ++r)
-            std::copy_n(tmp + r * S::kCols, cols, out + (r0 + r) * w.N + t * kTile + part * S::kCols);
+        if (dst == tmp) store_rows<S>(tmp, rows, cols, at, w.N);
       }
     }
   }
 }
 
 // The scalar code: the same sums, one weight at a time (builds without AVX2, FMA and F16C).
+template <typename T>
 void tiles_scalar(const QWeights& w, const Acts& a, const float* xf, int64_t M, bool int_dot, int64_t t0,
-                  int64_t t1, float* out) {
+                  int64_t t1, T* out) {
   const int64_t K = w.nb * kBlock;
   for (int64_t n = t0 * kTile; n < std::min(w.N, t1 * kTile); ++n)
     for (int64_t r = 0; r < M; ++r) {
@@ -221,7 +235,7 @@ void tiles_scalar(const QWeights& w, const Acts& a, const float* xf, int64_t M, 
             s += (dw * static_cast<float>(w.quant(n, b, k)) + mn) * xf[r * K + b * kBlock + k];
         }
       }
-      out[r * w.N + n] = s;
+      out[r * w.N + n] = static_cast<T>(s);
     }
 }
 
@@ -233,21 +247,16 @@ constexpr bool biased_acts(int64_t kind) {
     return kind == kQ8_0 && S::kHasVnni;
 }
 
-// The whole call on one path (S void: the scalar code).
-template <class S>
-void run(const QWeights& w, const torch::Tensor& x, bool int_dot, float* out) {
+// The whole call on one path (S void: the scalar code), x and out of dtype T.
+template <class S, typename T>
+void run_typed(const QWeights& w, const torch::Tensor& x, bool int_dot, T* out) {
   const int64_t M = x.size(0), K = x.size(1);
   QActs qa;
   torch::Tensor xf;
-  if (int_dot) {
-    const bool biased = biased_acts<S>(w.kind);
-    if (x.scalar_type() == at::kFloat)
-      quantize_acts<S>(x.data_ptr<float>(), x.stride(0), M, K, biased, qa);
-    else
-      quantize_acts<S>(x.data_ptr<c10::BFloat16>(), x.stride(0), M, K, biased, qa);
-  } else {
+  if (int_dot)
+    quantize_acts<S>(x.data_ptr<T>(), x.stride(0), M, K, biased_acts<S>(w.kind), qa);
+  else
     xf = x.to(at::kFloat).contiguous();
-  }
   const Acts a = qa.view(K);
   const float* xp = int_dot ? nullptr : xf.data_ptr<float>();
   // Grain: enough tiles that a thread's share is worth waking it for (about 64 KiB of quants
@@ -267,6 +276,58 @@ void run(const QWeights& w, const torch::Tensor& x, bool int_dot, float* out) {
       }
     });
   }
+}
+
+template <class S>
+void run(const QWeights& w, const torch::Tensor& x, bool int_dot, torch::Tensor& out) {
+  if (x.scalar_type() == at::kFloat)
+    run_typed<S>(w, x, int_dot, out.data_ptr<float>());
+  else
+    run_typed<S>(w, x, int_dot, out.data_ptr<c10::BFloat16>());
+}
+
+// One column's block as 32 floats d q + mn, its groups of four quant bytes `stride` apart
+// (products of a float16 scale and a quant are exact in float32: one rounding, as the
+// reference's). The embedding lookup and the prefill path's float tiles.
+inline void widen_block(const uint8_t* p, int64_t stride, int64_t kind, float dw, float mn, float* dst) {
+  auto word = [&](int g) {
+    int32_t v;
+    std::memcpy(&v, p + g * stride, 4);
+    return v;
+  };
+#if defined(KVD_Q_AVX2)
+  const __m256 d = _mm256_set1_ps(dw), m = _mm256_set1_ps(mn);
+  auto put8 = [&](__m256i q, float* to) { _mm256_storeu_ps(to, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), d, m)); };
+  if (kind == kQ8_0) {
+    for (int h = 0; h < 2; ++h) {  // weights 16 h .. 16 h + 15
+      const __m128i q = _mm_setr_epi32(word(4 * h), word(4 * h + 1), word(4 * h + 2), word(4 * h + 3));
+      put8(_mm256_cvtepi8_epi32(q), dst + 16 * h);
+      put8(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)), dst + 16 * h + 8);
+    }
+  } else {
+    const __m128i q = _mm_setr_epi32(word(0), word(1), word(2), word(3));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(q, mask), hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+    put8(_mm256_cvtepu8_epi32(lo), dst);
+    put8(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)), dst + 8);
+    put8(_mm256_cvtepu8_epi32(hi), dst + 16);
+    put8(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)), dst + 24);
+  }
+#else
+  uint8_t blk[kBlock];
+  for (int g = 0; g < quant_bytes(kind) / 4; ++g) {
+    const int32_t v = word(g);
+    std::memcpy(blk + 4 * g, &v, 4);
+  }
+  if (kind == kQ8_0) {
+    for (int k = 0; k < kBlock; ++k) dst[k] = dw * static_cast<float>(static_cast<int8_t>(blk[k]));
+  } else {
+    for (int k = 0; k < 16; ++k) {
+      dst[k] = dw * static_cast<float>(blk[k] & 0x0F) + mn;
+      dst[k + 16] = dw * static_cast<float>(blk[k] >> 4) + mn;
+    }
+  }
+#endif
 }
 
 QWeights check_weights(const torch::Tensor& qs, const torch::Tensor& d, const torch::Tensor& m, int64_t kind,
@@ -304,25 +365,22 @@ void quant_linear(torch::Tensor out, torch::Tensor x, torch::Tensor qs, torch::T
   TORCH_CHECK(std::find(isas.begin(), isas.end(), isa) != isas.end(), "quant_linear: isa ", isa,
               " is not built here (quant_isas())");
   if (M == 0 || w.N == 0) return;
-  // float32 results go straight into out; bfloat16 ones through a float buffer, rounded once
-  torch::Tensor acc = dt == at::kFloat ? out : torch::empty({M, w.N}, x.options().dtype(at::kFloat));
-  float* o = acc.data_ptr<float>();
+  // bfloat16 results are rounded once, from the float32 sums
   switch (isa) {
 #if defined(KVD_Q_AVX512_VNNI)
-    case kAvx512Vnni: run<Zmm<true>>(w, x, int_dot, o); break;
+    case kAvx512Vnni: run<Zmm<true>>(w, x, int_dot, out); break;
 #endif
 #if defined(KVD_Q_AVX512)
-    case kAvx512: run<Zmm<false>>(w, x, int_dot, o); break;
+    case kAvx512: run<Zmm<false>>(w, x, int_dot, out); break;
 #endif
 #if defined(KVD_Q_AVX2_VNNI)
-    case kAvx2Vnni: run<Ymm<true>>(w, x, int_dot, o); break;
+    case kAvx2Vnni: run<Ymm<true>>(w, x, int_dot, out); break;
 #endif
 #if defined(KVD_Q_AVX2)
-    case kAvx2: run<Ymm<false>>(w, x, int_dot, o); break;
+    case kAvx2: run<Ymm<false>>(w, x, int_dot, out); break;
 #endif
-    default: run<void>(w, x, int_dot, o); break;
+    default: run<void>(w, x, int_dot, out); break;
   }
-  if (dt != at::kFloat) out.copy_(acc);
 }
 
 void quant_dequantize(torch::Tensor out, torch::Tensor qs, torch::Tensor d, torch::Tensor m, int64_t kind,
@@ -338,26 +396,11 @@ void quant_dequantize(torch::Tensor out, torch::Tensor qs, torch::Tensor d, torc
     TORCH_CHECK(idx[i] >= 0 && idx[i] < w.N, "quant_dequantize: row ", idx[i], " is outside [0, ", w.N, ")");
   float* o = out.data_ptr<float>();
   at::parallel_for(0, rows.size(0), 16, [&](int64_t i0, int64_t i1) {
-    uint8_t blk[kBlock];
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t n = idx[i];
-      for (int64_t b = 0; b < w.nb; ++b) {
-        // the block's groups gathered back into GGUF's order, then widened (products of a
-        // float16 scale and a quant are exact in float32: one rounding, in any order)
-        const uint8_t* src = w.block(n, b);
-        const int64_t stride = w.group_stride(n);
-        for (int64_t g = 0; g < w.qb / 4; ++g) std::memcpy(blk + 4 * g, src + g * stride, 4);
-        const float dw = static_cast<float>(w.d[w.scale_at(n, b)]), mn = w.min_term(n, b);
-        float* dst = o + i * K + b * kBlock;
-        if (kind == kQ8_0) {
-          for (int k = 0; k < kBlock; ++k) dst[k] = dw * static_cast<float>(static_cast<int8_t>(blk[k]));
-        } else {
-          for (int k = 0; k < 16; ++k) {
-            dst[k] = dw * static_cast<float>(blk[k] & 0x0F) + mn;
-            dst[k + 16] = dw * static_cast<float>(blk[k] >> 4) + mn;
-          }
-        }
-      }
+      const int64_t n = idx[i], stride = w.group_stride(n);
+      for (int64_t b = 0; b < w.nb; ++b)
+        widen_block(w.block(n, b), stride, kind, static_cast<float>(w.d[w.scale_at(n, b)]), w.min_term(n, b),
+                    o + i * K + b * kBlock);
     }
   });
 }

@@ -116,6 +116,22 @@ def test_bfloat16_activations_round_once_at_the_output():
 
 
 @needs_native
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kind", list(Kind))
+def test_bfloat16_activations_on_every_path(isa, kind):
+    """Each path widens bf16 rows its own way before rounding them to int8: the float32
+    result of the same values, rounded once to bf16."""
+    g = torch.Generator().manual_seed(7)
+    t = quantize(torch.randn(67, 160, generator=g), kind).tile()
+    for rows in (1, 5, 19):
+        x = torch.randn(rows, 160, generator=g).bfloat16()
+        out, want = torch.empty(rows, 67, dtype=torch.bfloat16), torch.empty(rows, 67)
+        ops.native().quant_linear(out, x, t.qs, t.d, _m(t), int(kind), True, isa)
+        ops.native().quant_linear(want, x.float(), t.qs, t.d, _m(t), int(kind), True, isa)
+        assert torch.equal(out, want.bfloat16())
+
+
+@needs_native
 @pytest.mark.parametrize("kind", list(Kind))
 def test_prefill_rows_take_dequantized_tiles(kind, monkeypatch):
     monkeypatch.setattr(quant, "TILE_COLUMNS", 64)  # several tiles, the last one short
