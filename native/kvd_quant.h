@@ -25,6 +25,8 @@
 
 #include <c10/util/Half.h>
 
+#include "kvd_math.h"
+
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define KVD_Q_AVX2 1
 #if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
@@ -190,6 +192,15 @@ struct Zmm : kvd::Vec16 {
 };
 #endif
 
+// Block b of a tile into L1: its quant bytes (64 G, whole lines) and scales.
+template <int64_t kKind>
+inline void prefetch_block(const Tile& t, int64_t b) {
+  constexpr int kBytes = kTile * 4 * groups(kKind);
+  prefetch_row<uint8_t, kBytes>(t.q + b * kBytes);
+  prefetch_row<at::Half, kTile>(t.d + b * kTile);
+  if constexpr (kKind == kQ4_1) prefetch_row<at::Half, kTile>(t.m + b * kTile);
+}
+
 // The block's column scales of this part of the tile: d, and the term per unit of the
 // activations' block sum (Q4_1: m; Q4_0: -8 d, its quants being q - 8; Q8_0: none).
 template <class S, int64_t kKind>
@@ -202,9 +213,12 @@ inline void block_scales(const Tile& t, int64_t b, int part, typename S::V& d, t
 
 // Rows [r0, r0 + R) against the S::kCols columns `part` of tile t, all nb blocks, integer
 // dots: out[r * ldo + c] = sum over blocks of d da dot(q, a) + mn sa. Each block's weights
-// are loaded and unpacked once, then serve the R rows from registers.
+// are loaded and unpacked once, then serve the R rows from registers. `next`, where given,
+// is the tile this thread takes after t: its blocks are prefetched one by one as t's are
+// computed (with 16-32 rows the hardware prefetcher alone had left a matrix larger than the
+// cache at half speed).
 template <class S, int64_t kKind, int R>
-void tile_int(const Tile& t, int part, const Acts& a, int64_t r0, float* out, int64_t ldo) {
+void tile_int(const Tile& t, int part, const Acts& a, int64_t r0, float* out, int64_t ldo, const Tile* next) {
   using I = typename S::I;
   using V = typename S::V;
   constexpr int G = groups(kKind);
@@ -227,6 +241,7 @@ void tile_int(const Tile& t, int part, const Acts& a, int64_t r0, float* out, in
     }
     V d, mn;
     block_scales<S, kKind>(t, b, part, d, mn);
+    if (next != nullptr) prefetch_block<kKind>(*next, b);
     I bias = S::izero();
     if constexpr (kBiased) {
       for (int g = 0; g < 8; ++g) bias = S::dot(bias, S::ones8(), w[g]);
