@@ -7,9 +7,10 @@ of the Python language reference that kvd.bench.offline's prompts are drawn from
 through the decoder that serves. Each mode runs two paths of the quantized linears:
 - prefill: chunks of up to 1,024 rows, which dequantize weight tiles into a float GEMM
   (activations unrounded): the change is the weights' alone;
-- decode kernel: chunks of `INT_DOT_MAX_ROWS` rows (8), which take the integer-dot kernel
-  that decode steps run (activations rounded to int8 per block of 32): weights and
-  activations together, as generated tokens see them.
+- decode kernel: chunks of `INT_DOT_MAX_ROWS` rows (32) under `quant.int8_prompt_rows()`,
+  so that they take the integer-dot kernel that decode steps run (activations rounded to
+  int8 per block of 32; serving keeps a prompt's rows in float): weights and activations
+  together, as generated tokens see them.
 
 Columns: perplexity, its change against `none` in the same dtype and path (percent), and
 the mean and largest |change| of a token's logprob. Note that the embedded checkpoint's
@@ -22,6 +23,7 @@ quotes a run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -31,6 +33,7 @@ from kvd import LLM, SamplingParams
 from kvd.bench.offline import english_text
 from kvd.cpu import machine_flags, no_bf16_reason
 from kvd.worker.models import load_tokenizer, resolve_model
+from kvd.worker import quant
 from kvd.worker.quant import INT_DOT_MAX_ROWS
 
 MODES = ("none", "int8", "int4", "auto")
@@ -47,9 +50,12 @@ def text_ids(tokenizer, n_tokens: int) -> list[int]:
     return ids[:n_tokens]
 
 
-def prompt_logprobs(llm: LLM, ids: list[int]) -> list[float]:
-    """kvd's logprob of each token after the first, given the tokens before it."""
-    out = llm.generate([ids], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0), use_tqdm=False)[0]
+def prompt_logprobs(llm: LLM, ids: list[int], as_decode: bool = False) -> list[float]:
+    """kvd's logprob of each token after the first, given the tokens before it; `as_decode`:
+    the prompt's rows on int8 activations, as decode rows (chunks of up to INT_DOT_MAX_ROWS)."""
+    with quant.int8_prompt_rows() if as_decode else contextlib.nullcontext():
+        out = llm.generate([ids], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0),
+                           use_tqdm=False)[0]  # fmt: skip
     return [lp.logprob for lp in out.prompt_logprobs[1:]]
 
 
@@ -76,7 +82,7 @@ def measure(ids: list[int], dtypes: list[str]) -> list[Row]:
             base: list[float] | None = None
             for mode in MODES:
                 llm = LLM(quantization=mode, dtype=dtype, num_blocks=len(ids) // 16 + 4, max_num_batched_tokens=chunk)
-                lps = prompt_logprobs(llm, ids)
+                lps = prompt_logprobs(llm, ids, as_decode=chunk == INT_DOT_MAX_ROWS)
                 base = lps if base is None else base
                 diffs = [abs(a - b) for a, b in zip(lps, base)]
                 ppl, ppl0 = perplexity(lps), perplexity(base)

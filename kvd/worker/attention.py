@@ -81,6 +81,12 @@ def _current() -> _Context:
     return _ctx
 
 
+def decode_rows(n: int) -> int:
+    """How many of a linear's n rows are decode queries: the forward's `num_decodes` (they come
+    first), or all n outside a forward (a sampled row, a benchmark's call)."""
+    return n if _ctx is None else min(n, _ctx.meta.num_decodes)
+
+
 def cache_slots(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's cache (2, NB, BS, KVH, D) and the step's slot per packed token, for a caller
     that writes K/V itself (kvd's decoder, with the rotary embedding) before `attend(written=True)`."""

@@ -19,9 +19,12 @@ their shapes and sizes (only the order of bytes changes), and the values `d * q 
 unchanged. `QuantLinear` and `QuantEmbedding` tile the weight they are given (the object
 itself: a tied embedding and lm_head share one copy).
 
-- `QuantLinear(weight)`: out = x . W^T. Up to `INT_DOT_MAX_ROWS` rows (decode) run the
-  native kernel, which streams the quantized bytes once per call; more rows (prefill)
-  dequantize `TILE_COLUMNS` columns at a time into a float32 GEMM (oneDNN).
+- `QuantLinear(weight)`: out = x . W^T. Decode rows (up to `INT_DOT_MAX_ROWS`) run the
+  native kernel on int8 activations, which streams the quantized bytes once per call; prompt
+  rows (a step's prefill chunks, `attention.decode_rows`) keep float activations, so a
+  prompt's KV is the float model's whether it was chunked, hit the prefix cache or came from
+  a prefill instance: `TILE_COLUMNS` columns dequantized at a time into a float32 GEMM
+  (oneDNN), as are more than `INT_DOT_MAX_ROWS` decode rows.
 - `QuantEmbedding(weight)`: an embedding lookup that dequantizes only the rows it gathers
   (SmolLM2's tied Q8_0 embedding is also its lm_head's QuantLinear, one copy of the bytes).
 - `quantize(w, kind)`: a float matrix into blocks at load (`model.quantization = int8 | int4`:
@@ -32,12 +35,15 @@ itself: a tied embedding and lm_head share one copy).
 
 from __future__ import annotations
 
+import contextlib
 import enum
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from kvd import ops
+from kvd.worker import attention
 
 BLOCK = 32
 TILE = 16  # columns interleaved in the kernels' layout (kvd_quant.h's kTile)
@@ -232,6 +238,22 @@ def _nonzero(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d == 0, torch.ones_like(d), d.half().float())
 
 
+_int8_prompt_rows = False
+
+
+@contextlib.contextmanager
+def int8_prompt_rows() -> Iterator[None]:
+    """Within: prompt rows too round their activations to int8 (up to INT_DOT_MAX_ROWS in a
+    step), as decode rows do, so that a text is scored the way generated tokens see it
+    (kvd.bench.perplexity's "decode kernel" path); serving never enters it."""
+    global _int8_prompt_rows
+    prev, _int8_prompt_rows = _int8_prompt_rows, True
+    try:
+        yield
+    finally:
+        _int8_prompt_rows = prev
+
+
 # ---- modules ---------------------------------------------------------------------------------------
 class QuantLinear(torch.nn.Module):
     """A linear layer over a QuantWeight (inference only); bias kept in the activations' dtype."""
@@ -247,18 +269,36 @@ class QuantLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        w, nat = self.weight, ops.native()
-        if nat is None:
-            out = quant_linear_ref(x2, w, self.int_dot).to(x.dtype)
-        elif x2.shape[0] <= INT_DOT_MAX_ROWS:
-            x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-            out = x2.new_empty(x2.shape[0], self.out_features)  # (M, N)
-            nat.quant_linear(out, x2, w.qs, w.d, _m(w), int(w.kind), self.int_dot, BEST_ISA)
+        nat = ops.native()
+        # decode rows (first in a step's packed tokens) on int8 activations; prompt rows on float
+        # ones, so that a prompt's KV is the float model's whatever the chunking or prefix hit
+        d = 0 if not self.int_dot else x2.shape[0] if _int8_prompt_rows else attention.decode_rows(x2.shape[0])
+        if d == 0 or d > INT_DOT_MAX_ROWS:
+            out = self._float(x2, nat)
+        elif d == x2.shape[0]:
+            out = self._rows(x2, True)
         else:
-            out = self._prefill(x2, nat)
+            out = torch.cat([self._rows(x2[:d], True), self._float(x2[d:], nat)])
         if self.bias is not None:
             out += self.bias
         return out.view(*lead, self.out_features)
+
+    def _float(self, x: torch.Tensor, nat) -> torch.Tensor:
+        """Rows on float activations, on one path whatever their count: oneDNN gives a row the
+        same result in any batch (the native float kernel differs from it by float rounding,
+        which the next decode steps' int8 rounding can amplify into a flipped near-tie)."""
+        return self._rows(x, False) if nat is None else self._prefill(x, nat)
+
+    def _rows(self, x: torch.Tensor, int_dot: bool) -> torch.Tensor:
+        """The native kernel: streams the quantized bytes once for all of x's rows (the
+        reference where the native ops are not built)."""
+        w, nat = self.weight, ops.native()
+        if nat is None:
+            return quant_linear_ref(x, w, int_dot).to(x.dtype)
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        out = x.new_empty(x.shape[0], self.out_features)  # (M, N)
+        nat.quant_linear(out, x, w.qs, w.d, _m(w), int(w.kind), int_dot, BEST_ISA)
+        return out
 
     def _prefill(self, x: torch.Tensor, nat) -> torch.Tensor:
         """Prefill: TILE_COLUMNS columns dequantized at a time, each into one float GEMM."""

@@ -10,7 +10,7 @@ import torch
 
 from kvd import ops
 from kvd.config import ModelConfig
-from kvd.worker import quant
+from kvd.worker import attention, quant
 from kvd.worker.quant import (Kind, QuantEmbedding, QuantLinear, QuantWeight, dequantize_ref, quant_linear_ref,
                               quantize)  # fmt: skip
 from tests.reference import QUANT_TIE_GAP, assert_greedy_match, hf_greedy
@@ -103,6 +103,25 @@ def test_decode_rows_take_the_kernel(kind, monkeypatch):
     for rows in range(1, quant.INT_DOT_MAX_ROWS + 1):
         x = torch.randn(rows, 96, generator=g)
         torch.testing.assert_close(lin(x), quant_linear_ref(x, w, True), atol=KERNEL_ATOL, rtol=KERNEL_RTOL)
+
+
+@needs_native
+@pytest.mark.parametrize(("decodes", "prompt"), [(3, 7), (0, 12), (5, 40), (40, 2)])
+def test_a_steps_prompt_rows_keep_float_activations(decodes, prompt):
+    """In a forward, the first `num_decodes` rows (decode queries, up to the bound) round their
+    activations to int8; a prefill chunk's rows never do, and take one path (the GEMM) at any
+    count, so a prompt's KV does not depend on how it was chunked or on a prefix-cache hit."""
+    g = torch.Generator().manual_seed(8)
+    w = quantize(torch.randn(70, 96, generator=g), Kind.Q4_1)
+    lin = QuantLinear(_copy(w))
+    x = torch.randn(decodes + prompt, 96, generator=g)
+    meta = attention.AttentionMetadata(slot_mapping=torch.zeros(len(x), dtype=torch.long), num_decodes=decodes)
+    with attention.forward_context([], meta):
+        got = lin(x)
+    int_rows = decodes if decodes <= quant.INT_DOT_MAX_ROWS else 0
+    want = torch.cat([quant_linear_ref(x[:int_rows], w, True), quant_linear_ref(x[int_rows:], w, False)])
+    torch.testing.assert_close(got, want, atol=KERNEL_ATOL, rtol=KERNEL_RTOL)
+    assert not torch.allclose(quant_linear_ref(x, w, True), quant_linear_ref(x, w, False), atol=KERNEL_ATOL)
 
 
 @needs_native
