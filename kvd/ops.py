@@ -37,7 +37,7 @@ log = structlog.get_logger(__name__)
 
 NATIVE_DIR = Path(__file__).resolve().parent.parent / "native"
 _SOURCES = ["paged_attention.cpp", "prefill_attention.cpp", "fused.cpp", "swap_cache_layout.cpp", "quant_linear.cpp",
-            "sampling.cpp"]
+            "sampling.cpp", "decode_layers.cpp"]
 
 
 _CUDA_SOURCES = ["swap_cache_layout.cu"]

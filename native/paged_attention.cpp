@@ -466,6 +466,8 @@ void quant_linear(torch::Tensor out, torch::Tensor x, torch::Tensor qs, torch::T
 std::vector<int64_t> quant_isas();
 void quant_dequantize(torch::Tensor out, torch::Tensor qs, torch::Tensor d, torch::Tensor m, int64_t kind,
                       torch::Tensor rows);
+// decode_layers.cpp
+void register_decode_layers(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over paged KV (CPU, float32 or bfloat16)");
@@ -479,5 +481,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_linear", &quant_linear, "out = x . W^T with W in Q8_0 / Q4_0 / Q4_1 blocks, columns tiled by 16 (CPU)");
   m.def("quant_isas", &quant_isas, "quant_linear's paths in this build: 0 scalar, 1 AVX2, 2 AVX2+VNNI, 3 AVX-512, 4 AVX-512+VNNI");
   m.def("quant_dequantize", &quant_dequantize, "the float32 weights of the given columns of a quantized W");
+  register_decode_layers(m);  // DecodeLayers: a decode step's layers on quantized weights in one call
   m.def("sample_rows", &sample_rows, "sampled rows: exp, min-p/top-k/top-p threshold and draw, without a sort (CPU)");
 }

@@ -37,8 +37,6 @@ namespace {
 
 using namespace kvd::quant;
 
-constexpr int64_t kPrefetchRows = 4;  // from this many rows on, tile_int prefetches the next tile
-
 enum Isa : int64_t { kBest = -1, kScalar = 0, kAvx2 = 1, kAvx2Vnni = 2, kAvx512 = 3, kAvx512Vnni = 4 };
 
 std::vector<int64_t> built_isas() {
@@ -190,14 +188,14 @@ template <class S, int64_t kKind, typename T>
 void tiles_vec(const QWeights& w, const PaddedTile& pad, const Acts& a, const float* xf, int64_t M, bool int_dot,
                int64_t t0, int64_t t1, T* out) {
   const int64_t K = w.nb * kBlock;
-  const bool prefetch = M >= kPrefetchRows;
   float tmp[S::kRows * S::kCols];
   for (int64_t t = t0; t < t1; ++t) {
     const int wd = w.width(t);
     const Tile tile = wd == kTile ? w.tile(t) : pad.tile();
     const Tile next = t + 1 < t1 && w.width(t + 1) == kTile ? w.tile(t + 1) : tile;
-    // a single row streams the tiles as fast as the hardware prefetcher brings them; with a
-    // few rows the next tile is asked for block by block (docs/benchmarks.md)
+    // the next tile is asked for block by block as this one is computed: the hardware
+    // prefetcher alone left a decode step's matrices, streamed from memory, at half speed at
+    // 16-32 rows and at two thirds at one row (docs/benchmarks.md)
     for (int part = 0; part * S::kCols < wd; ++part) {
       const int cols = std::min(S::kCols, wd - part * S::kCols);
       for (int64_t r0 = 0; r0 < M; r0 += S::kRows) {
@@ -211,7 +209,7 @@ void tiles_vec(const QWeights& w, const PaddedTile& pad, const Acts& a, const fl
         with_rows<S::kRows>(rows, [&](auto r) {
           constexpr int R = decltype(r)::value;
           if (int_dot)
-            tile_int<S, kKind, R>(tile, part, a, r0, dst, ldo, prefetch && part == 0 && r0 == 0 ? &next : nullptr);
+            tile_int<S, kKind, R>(tile, part, a, r0, dst, ldo, part == 0 && r0 == 0 ? &next : nullptr);
           else
             tile_float<S, kKind, R>(tile, part, xf, K, w.nb, r0, dst, ldo);
         });

@@ -87,6 +87,14 @@ def decode_rows(n: int) -> int:
     return n if _ctx is None else min(n, _ctx.meta.num_decodes)
 
 
+def decode_only() -> tuple[list[torch.Tensor], AttentionMetadata] | None:
+    """The forward's caches and metadata when every packed token is a decode query (no
+    prefill chunk), else None: a step that `DecodeLayers` can run whole."""
+    if _ctx is None or _ctx.meta.prefills or _ctx.meta.num_decodes != len(_ctx.meta.slot_mapping):
+        return None
+    return _ctx.kv_caches, _ctx.meta
+
+
 def cache_slots(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's cache (2, NB, BS, KVH, D) and the step's slot per packed token, for a caller
     that writes K/V itself (kvd's decoder, with the rotary embedding) before `attend(written=True)`."""

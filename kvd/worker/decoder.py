@@ -13,7 +13,11 @@ of the step. `Decoder` runs the same computation from the same weights with:
   rotary embedding in place with each token's K and V written into its cache slot in the
   same pass, silu-and-mul; each rounds where transformers rounds, so
   float32 outputs are transformers' up to float32's own rounding;
-- kvd's paged attention (`attention.attend`), as the transformers path uses it.
+- kvd's paged attention (`attention.attend`), as the transformers path uses it;
+- on quantized weights, a step whose tokens are all decode queries (up to
+  `INT_DOT_MAX_ROWS`) runs every layer in one native call (`DecodeLayers`,
+  native/decode_layers.cpp): the same ops in the same order, without the interpreter
+  between them (at batch 1 that was most of the forward's time).
 
 `Decoder.why_not(config, device, dtype)` says, before any weight is loaded, where this
 path does not apply — not on the CPU, no native ops, another model family or a
@@ -30,9 +34,9 @@ import structlog
 import torch
 
 from kvd import ops
-from kvd.worker import attention
+from kvd.worker import attention, quant
 from kvd.worker.linear import available
-from kvd.worker.quant import QuantWeight
+from kvd.worker.quant import QuantLinear, QuantWeight
 from kvd.worker.quant_load import FloatSource
 
 log = structlog.get_logger(__name__)
@@ -75,6 +79,19 @@ class Decoder:
         self.layers = [_Layer(i, layer, head_norms, src) for i, layer in enumerate(inner.layers[: cfg.num_hidden_layers])]
         self.lm_head = src.lm_head(model.lm_head, self.embed)
         self.quantization = src.name
+        self.fused = self._fused()
+
+    def _fused(self):
+        """The native DecodeLayers over these layers, where every projection is a QuantLinear
+        on int8 activations; else None (float weights: the Python loop)."""
+        lins = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        if not all(isinstance(lin, QuantLinear) and lin.int_dot for lin in lins):
+            return None
+        fused = self.native.DecodeLayers(self.eps, self.heads, self.kv_heads, self.head_dim, self.scale, quant.BEST_ISA)
+        for layer in self.layers:
+            fused.add_layer(layer.input_norm, layer.post_norm, layer.q_norm, layer.k_norm, layer.qkv.matrix(),
+                            layer.o.matrix(), layer.gate_up.matrix(), layer.down.matrix())  # fmt: skip
+        return fused
 
     def linears(self) -> list[torch.nn.Module]:
         """Every projection of a step, lm_head last (what `kvd bench offline` times as the bound)."""
@@ -134,6 +151,11 @@ class Decoder:
         cos, sin = self.rotary(h, positions.unsqueeze(0))  # (1, N, D) each, in h's dtype
         cos, sin = cos[0].contiguous(), sin[0].contiguous()
         n = h.shape[0]
+        step = attention.decode_only() if self.fused is not None and n <= quant.INT_DOT_MAX_ROWS else None
+        if step is not None:
+            caches, meta = step
+            return self.fused.forward(h, cos, sin, caches, meta.slot_mapping, meta.decode_block_table,
+                                      meta.decode_lens, self.final_norm)  # fmt: skip
         H, KVH, D = self.heads, self.kv_heads, self.head_dim
         residual = h
         x = torch.empty_like(h)

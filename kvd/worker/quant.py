@@ -283,6 +283,11 @@ class QuantLinear(torch.nn.Module):
             out += self.bias
         return out.view(*lead, self.out_features)
 
+    def matrix(self) -> tuple:
+        """(qs, d, m, kind, bias): what native DecodeLayers calls quant_linear with."""
+        w = self.weight
+        return w.qs, w.d, _m(w), int(w.kind), self.bias
+
     def _float(self, x: torch.Tensor, nat) -> torch.Tensor:
         """Rows on float activations, on one path whatever their count: oneDNN gives a row the
         same result in any batch (the native float kernel differs from it by float rounding,
