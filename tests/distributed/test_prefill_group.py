@@ -14,6 +14,7 @@ with every rank process gone.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -115,17 +116,20 @@ def reference(decoder, prompts) -> dict[int, tuple[list[int], torch.Tensor]]:
 # ---- the group: one per (sp, pp), reused across prompts and strategies ---------------------
 @pytest.fixture(scope="module")
 def groups(smollm2_dir):
-    """get(sp, pp): the running group of that shape; the previous one is closed first."""
-    current: dict[tuple[int, int], PrefillGroup] = {}
+    """get(sp, pp, quantization): the running group of that shape whose ranks load the weights
+    of that `model.quantization`; the previous one is closed first."""
+    current: dict[tuple[int, int, str], PrefillGroup] = {}
 
-    def get(sp: int, pp: int) -> PrefillGroup:
-        if (sp, pp) not in current or not current[(sp, pp)].alive:
+    def get(sp: int, pp: int, quantization: str = "none") -> PrefillGroup:
+        key = (sp, pp, quantization)
+        if key not in current or not current[key].alive:
             for g in current.values():
                 g.close()
             current.clear()
             cfg = ParallelConfig(sp=sp, pp=pp, collective_timeout_s=60)
-            current[(sp, pp)] = PrefillGroup(smollm2_dir, cfg, max_tokens=2048, start_timeout_s=120).__enter__()
-        return current[(sp, pp)]
+            current[key] = PrefillGroup(smollm2_dir, cfg, max_tokens=2048, start_timeout_s=120,
+                                        quantization=quantization).__enter__()  # fmt: skip
+        return current[key]
 
     yield get
     for g in current.values():
@@ -168,62 +172,6 @@ def test_pipeline_stage_holds_only_its_layers(groups, decoder):
     with pytest.raises(ValueError, match="token_ids"):
         group.prefill([1, 49152])
     assert group.alive  # a refused prompt never reaches the ranks
-
-
-@pytest.fixture(scope="module")
-def quantized(smollm2_dir):
-    """quantization -> a one-process Decoder with that `model.quantization`, loaded once."""
-    blocks = -(-(300 + DECODE_STEPS + 1) // 16)
-    runners: dict[str, Decoder] = {}
-
-    def get(quantization: str) -> Decoder:
-        if quantization not in runners:
-            config = ModelConfig(dtype="float32", quantization=quantization)
-            runners[quantization] = Decoder(ModelRunner(smollm2_dir, config, CacheConfig(num_blocks=blocks)),
-                                            GREEDY_LOGPROBS)  # fmt: skip
-        return runners[quantization]
-
-    return get
-
-
-@pytest.mark.timeout(240)
-def test_group_prefill_hands_its_kv_to_a_runner_of_the_gguf_blocks(groups, prompts, quantized):
-    """The daemon's path with `model.quantization = "auto"`: the group prefills, the worker's
-    runner decodes. The ranks load the float checkpoint whatever the quantization (see the
-    int8 test below); for `auto` on the embedded model that is no difference, because those
-    float weights are the GGUF's blocks dequantized and the runner's prefill dequantizes the
-    same blocks into float GEMMs: the group's KV is the runner's own to float32 rounding, and
-    the tokens are the runner's own prefill + decode's up to QUANT_TIE_GAP (the runner takes
-    the first token from its integer-dot lm_head, the group from the float one)."""
-    group = groups(1, 2)  # the pipeline group of the tests above: no start of its own
-    one = quantized("auto")
-    assert one.runner.fast.quantization == "auto"
-    exact = 0
-    for n in (17, 300):
-        one.gaps = []
-        first, kv = one.prefill(f"auto-ref-prefill-{n}", prompts[n])
-        ref = one.decode(f"auto-ref-{n}", prompts[n], first)
-        gaps = one.gaps  # the prefill's first token, then each decoded one
-        result = group.prefill(prompts[n])
-        assert torch.allclose(result.kv, kv, atol=2e-3, rtol=1e-3), f"{n} tokens: KV max diff " \
-            f"{(result.kv - kv).abs().max():.2e}"
-        got = one.decode(f"auto-group-{n}", prompts[n], result.first_token, result.kv)
-        exact += assert_greedy_match(got, ref, gaps, f"auto group, prompt of {n}", QUANT_TIE_GAP)
-    assert exact >= 1  # a tie on both prompts would hide a broken handoff
-
-
-@pytest.mark.timeout(240)
-@pytest.mark.xfail(strict=True, reason="the group's ranks load the float checkpoint (kvd.distributed.stage."
-                   "load_stage): model.quantization = int8 / int4 does not reach them, so a quantized instance's "
-                   "long prompts are prefilled with float weights, and the pool stores that KV under the quantized "
-                   "model's namespace")  # fmt: skip
-def test_group_prefill_of_an_int8_instance_is_its_int8_prefill(groups, prompts, quantized):
-    one = quantized("int8")
-    first, kv = one.prefill("int8-ref-prefill-300", prompts[300])
-    result = groups(1, 2).prefill(prompts[300])
-    # The runner's own prefill KV differs from the float model's by int8's rounding of the
-    # weights (measured: up to 0.36); two prefills of the same weights agree to float32 rounding.
-    assert torch.allclose(result.kv, kv, atol=2e-3, rtol=1e-3), f"KV max diff {(result.kv - kv).abs().max():.2e}"
 
 
 # ---- failures ----------------------------------------------------------------------------
@@ -280,6 +228,62 @@ def test_rank_stuck_mid_prefill_times_out(tiny_llama_dir):
         elapsed = time.monotonic() - t0
         assert timeout * 0.9 < elapsed < timeout + 5
         assert _pids_gone(pids)  # the stopped rank too
+
+
+# ---- a quantized instance's group: its ranks load the runner's weights ---------------------
+# After the failure tests: those end the float (1, 2) group; each of these starts its own.
+@pytest.fixture(scope="module")
+def quantized(smollm2_dir):
+    """quantization -> a one-process Decoder with that `model.quantization`, loaded once."""
+    blocks = -(-(300 + DECODE_STEPS + 1) // 16)
+    runners: dict[str, Decoder] = {}
+
+    def get(quantization: str) -> Decoder:
+        if quantization not in runners:
+            config = ModelConfig(dtype="float32", quantization=quantization)
+            runners[quantization] = Decoder(ModelRunner(smollm2_dir, config, CacheConfig(num_blocks=blocks)),
+                                            GREEDY_LOGPROBS)  # fmt: skip
+        return runners[quantization]
+
+    return get
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("quantization", ["auto", "int8", "int4"])
+def test_group_prefill_of_a_quantized_instance_is_its_own_prefill(quantization, groups, prompts, quantized):
+    """The daemon's path with `model.quantization` auto (the GGUF's own Q8_0 / Q4_0 blocks),
+    int8 or int4 (the float checkpoint quantized at load): the group prefills, the worker's
+    runner decodes. The ranks build their stage from the runner's weight source and run prompt
+    rows as the runner's prefill does (float activations, the dequantize-tile GEMM), so the
+    group's KV is the runner's own prefill's to float32 rounding — against the float model's
+    it differs by the weights' rounding (int8: up to 0.36, measured) — and the tokens are the
+    runner's own prefill + decode's up to QUANT_TIE_GAP (the float rounding of the last
+    hidden state can flip a near-tie in the lm_head). Each rank holds its stage's weights in
+    blocks, not in float."""
+    group = groups(1, 2, quantization)
+    one = quantized(quantization)
+    assert one.runner.fast.quantization == quantization
+    held = [r.weight_bytes for r in group.ranks]
+    # Float32 would be about 4x (int8) or 7x (int4) the runner's bytes; the two stages hold them split.
+    assert sum(held) <= 1.05 * one.runner.weight_bytes and max(held) <= 0.7 * one.runner.weight_bytes, \
+        (held, one.runner.weight_bytes)
+    exact = 0
+    for n in (17, 300):
+        one.gaps = []
+        first, kv = one.prefill(f"{quantization}-ref-prefill-{n}", prompts[n])
+        ref = one.decode(f"{quantization}-ref-{n}", prompts[n], first)
+        gaps = one.gaps  # the prefill's first token, then each decoded one
+        result = group.prefill(prompts[n])
+        assert torch.allclose(result.kv, kv, atol=2e-3, rtol=1e-3), f"{n} tokens: KV max diff " \
+            f"{(result.kv - kv).abs().max():.2e}"
+        got = one.decode(f"{quantization}-group-{n}", prompts[n], result.first_token, result.kv)
+        exact += assert_greedy_match(got, ref, gaps, f"{quantization} group, prompt of {n}", QUANT_TIE_GAP)
+    assert exact >= 1  # a tie on both prompts would hide a broken handoff
+
+
+def test_group_refuses_an_unknown_quantization(smollm2_dir):
+    with pytest.raises(ValueError, match=re.escape("model.quantization: expected auto|none|int8|int4, got 'int3'")):
+        PrefillGroup(smollm2_dir, ParallelConfig(sp=2), quantization="int3")
 
 
 # ---- pure parts: config, layer map, chunk plan, paged handoff --------------------------------
