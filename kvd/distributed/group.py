@@ -12,6 +12,9 @@ Contract:
   owner hosts on a socket it binds itself (master_addr, port 0 = free; loopback by
   default), so the store outlives any rank and nothing binds another address. Every
   collective carries `collective_timeout_s`.
+- `quantization` is the owner's effective `model.quantization` (its decoder's): each rank
+  builds its stage from the same weight source (`kvd.distributed.stage.load_stage`), so a
+  quantized instance's prompts are prefilled with its quantized weights. CPU only.
 - `start` returns once every rank sent Ready; `prefill` sends the prompt to every rank and
   returns when every rank sent Done. KV and logits come back through shared-memory tensors
   the owner allocated; `PrefillResult.kv` is a view of them, valid until the next prefill.
