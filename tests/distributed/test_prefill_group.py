@@ -261,14 +261,15 @@ def test_group_prefill_of_a_quantized_instance_is_its_own_prefill(quantization, 
     runner's own prefill + decode's up to QUANT_TIE_GAP (the float rounding of the last
     hidden state can flip a near-tie in the lm_head). Each rank holds its stage's weights in
     blocks, not in float: float ranks hold 513 MB, against the runner's 138 (int8) or 94
-    (auto, int4). On the embedded model only int8's KV tells the float model's apart (up to 0.36,
-    measured); auto's blocks and int4's requantized Q4_0 weights give the float model's KV
-    to 8e-5, so for those the bytes held are what shows the ranks load blocks."""
+    (auto, int4). On the embedded model only int8's KV tells the float model's apart (up to
+    0.36, measured): its float weights are the GGUF's blocks dequantized, which auto reads
+    as they are and int4 requantizes almost exactly (both give the float model's KV to 8e-5),
+    so for those two the bytes held are what shows the ranks load blocks."""
     group = groups(1, 2, quantization)
     one = quantized(quantization)
     assert one.runner.fast.quantization == quantization
     held = [r.weight_bytes for r in group.ranks]
-    # Float32 would be about 4x (int8) or 7x (int4) the runner's bytes; the two stages hold them split.
+    # Float32 ranks would hold 3.7x (int8) or 5.5x (auto, int4) the runner's bytes; two stages split them.
     assert sum(held) <= 1.05 * one.runner.weight_bytes and max(held) <= 0.7 * one.runner.weight_bytes, \
         (held, one.runner.weight_bytes)
     exact = 0
