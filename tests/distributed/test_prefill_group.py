@@ -23,7 +23,7 @@ import time
 import pytest
 import torch
 
-from kvd.config import CacheConfig, ModelConfig
+from kvd.config import CacheConfig, ModelConfig, PrefillConfig
 from kvd.distributed import ChunkPlan, GroupFailed, LayerMap, ParallelConfig, PrefillGroup, write_kv_to_blocks
 from kvd.sampling import SamplingParams
 from kvd.scheduler.output import CachedRequestData, NewRequestData, SchedulerOutput
@@ -117,20 +117,17 @@ def reference(decoder, prompts) -> dict[int, tuple[list[int], torch.Tensor]]:
 # ---- the group: one per (sp, pp), reused across prompts and strategies ---------------------
 @pytest.fixture(scope="module")
 def groups(smollm2_dir):
-    """get(sp, pp, quantization): the running group of that shape whose ranks load the weights
-    of that `model.quantization`; the previous one is closed first."""
-    current: dict[tuple[int, int, str], PrefillGroup] = {}
+    """get(sp, pp): the running group of that shape; the previous one is closed first."""
+    current: dict[tuple[int, int], PrefillGroup] = {}
 
-    def get(sp: int, pp: int, quantization: str = "none") -> PrefillGroup:
-        key = (sp, pp, quantization)
-        if key not in current or not current[key].alive:
+    def get(sp: int, pp: int) -> PrefillGroup:
+        if (sp, pp) not in current or not current[(sp, pp)].alive:
             for g in current.values():
                 g.close()
             current.clear()
             cfg = ParallelConfig(sp=sp, pp=pp, collective_timeout_s=60)
-            current[key] = PrefillGroup(smollm2_dir, cfg, max_tokens=2048, start_timeout_s=120,
-                                        quantization=quantization).__enter__()  # fmt: skip
-        return current[key]
+            current[(sp, pp)] = PrefillGroup(smollm2_dir, cfg, max_tokens=2048, start_timeout_s=120).__enter__()
+        return current[(sp, pp)]
 
     yield get
     for g in current.values():
@@ -232,30 +229,38 @@ def test_rank_stuck_mid_prefill_times_out(tiny_llama_dir):
 
 
 # ---- a quantized instance's group: its ranks load the runner's weights ---------------------
-# After the failure tests: those end the float (1, 2) group; each of these starts its own.
+# After the failure tests, which end the float (1, 2) group: each runner here starts its own.
 @pytest.fixture(scope="module")
 def quantized(smollm2_dir):
-    """quantization -> a one-process Decoder with that `model.quantization`, loaded once."""
+    """quantization -> a one-process Decoder with that `model.quantization` and a (1, 2) prefill
+    group of its runner's own, as the daemon's worker builds it (only the latest one's group
+    keeps running). Its `group_min_tokens` chooses where a prompt is prefilled."""
     blocks = -(-(300 + DECODE_STEPS + 1) // 16)
     runners: dict[str, Decoder] = {}
+    prefill = PrefillConfig(parallel=ParallelConfig(sp=1, pp=2, collective_timeout_s=60))
 
     def get(quantization: str) -> Decoder:
         if quantization not in runners:
-            config = ModelConfig(dtype="float32", quantization=quantization)
-            runners[quantization] = Decoder(ModelRunner(smollm2_dir, config, CacheConfig(num_blocks=blocks)),
-                                            GREEDY_LOGPROBS)  # fmt: skip
+            for one in runners.values():
+                one.runner.group.close()
+            config = ModelConfig(dtype="float32", quantization=quantization, max_model_len=2048)
+            runner = ModelRunner(smollm2_dir, config, CacheConfig(num_blocks=blocks), prefill=prefill)
+            runners[quantization] = Decoder(runner, GREEDY_LOGPROBS)
         return runners[quantization]
 
-    return get
+    yield get
+    for one in runners.values():
+        one.runner.group.close()
 
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("quantization", ["auto", "int8", "int4"])
-def test_group_prefill_of_a_quantized_instance_is_its_own_prefill(quantization, groups, prompts, quantized):
-    """The daemon's path with `model.quantization` auto (the GGUF's own Q8_0 / Q4_0 blocks),
-    int8 or int4 (the float checkpoint quantized at load): the group prefills, the worker's
-    runner decodes. The ranks build their stage from the runner's weight source and run prompt
-    rows as the runner's prefill does (float activations, the dequantize-tile GEMM), so the
+def test_group_prefill_of_a_quantized_instance_is_its_own_prefill(quantization, prompts, quantized):
+    """The worker's path with `model.quantization` auto (the GGUF's own blocks), int8 or int4
+    (the float checkpoint quantized at load): its runner's group prefills a prompt of at
+    least `group_min_tokens` into the runner's blocks, the runner decodes. The ranks build
+    their stage from the runner's weight source and run prompt rows as the runner's prefill
+    does (float activations, the dequantize-tile GEMM), so the
     group's KV is the runner's own prefill's to float32 rounding — against the float model's
     it differs by the weights' rounding (int8: up to 0.36, measured) — and the tokens are the
     runner's own prefill + decode's up to QUANT_TIE_GAP (the float rounding of the last
@@ -265,23 +270,25 @@ def test_group_prefill_of_a_quantized_instance_is_its_own_prefill(quantization, 
     0.36, measured): its float weights are the GGUF's blocks dequantized, which auto reads
     as they are and int4 requantizes almost exactly (both give the float model's KV to 8e-5),
     so for those two the bytes held are what shows the ranks load blocks."""
-    group = groups(1, 2, quantization)
     one = quantized(quantization)
-    assert one.runner.fast.quantization == quantization
+    runner, group = one.runner, one.runner.group
+    assert runner.fast.quantization == quantization and group.quantization == quantization
     held = [r.weight_bytes for r in group.ranks]
     # Float32 ranks would hold 3.7x (int8) or 5.5x (auto, int4) the runner's bytes; two stages split them.
-    assert sum(held) <= 1.05 * one.runner.weight_bytes and max(held) <= 0.7 * one.runner.weight_bytes, \
-        (held, one.runner.weight_bytes)
+    assert sum(held) <= 1.05 * runner.weight_bytes and max(held) <= 0.7 * runner.weight_bytes, \
+        (held, runner.weight_bytes)
     exact = 0
     for n in (17, 300):
+        runner.group_min_tokens = n + 1  # the runner's own prefill
         one.gaps = []
         first, kv = one.prefill(f"{quantization}-ref-prefill-{n}", prompts[n])
         ref = one.decode(f"{quantization}-ref-{n}", prompts[n], first)
         gaps = one.gaps  # the prefill's first token, then each decoded one
-        result = group.prefill(prompts[n])
-        assert torch.allclose(result.kv, kv, atol=2e-3, rtol=1e-3), f"{n} tokens: KV max diff " \
-            f"{(result.kv - kv).abs().max():.2e}"
-        got = one.decode(f"{quantization}-group-{n}", prompts[n], result.first_token, result.kv)
+        runner.group_min_tokens = n  # the group's, into the runner's blocks, the first token from its logits
+        group_first, group_kv = one.prefill(f"{quantization}-group-prefill-{n}", prompts[n])
+        assert torch.allclose(group_kv, kv, atol=2e-3, rtol=1e-3), f"{n} tokens: KV max diff " \
+            f"{(group_kv - kv).abs().max():.2e}"
+        got = one.decode(f"{quantization}-group-{n}", prompts[n], group_first)
         exact += assert_greedy_match(got, ref, gaps, f"{quantization} group, prompt of {n}", QUANT_TIE_GAP)
     assert exact >= 1  # a tie on both prompts would hide a broken handoff
 
