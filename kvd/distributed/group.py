@@ -12,6 +12,9 @@ Contract:
   owner hosts on a socket it binds itself (master_addr, port 0 = free; loopback by
   default), so the store outlives any rank and nothing binds another address. Every
   collective carries `collective_timeout_s`.
+- `quantization` is the owner's effective `model.quantization` (its decoder's): each rank
+  builds its stage from the same weight source (`kvd.distributed.stage.load_stage`), so a
+  quantized instance's prompts are prefilled with its quantized weights. CPU only.
 - `start` returns once every rank sent Ready; `prefill` sends the prompt to every rank and
   returns when every rank sent Done. KV and logits come back through shared-memory tensors
   the owner allocated; `PrefillResult.kv` is a view of them, valid until the next prefill.
@@ -61,6 +64,7 @@ from kvd.distributed.plan import LayerMap
 from kvd.distributed.rank import RankRunner
 from kvd.distributed.stage import param_counts
 from kvd.worker.models import ensure_float_weights, load_config
+from kvd.worker.quant_load import MODES
 
 log = structlog.get_logger(__name__)
 
@@ -97,16 +101,21 @@ class PrefillGroup:
 
     def __init__(self, model_dir: str | Path, config: ParallelConfig, *, max_tokens: int | None = None,
                  dtype: torch.dtype = torch.float32, device: str = "cpu", threads_per_rank: int | None = None,
-                 start_timeout_s: float = 300.0) -> None:  # fmt: skip
+                 start_timeout_s: float = 300.0, quantization: str = "none") -> None:  # fmt: skip
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device: expected cpu|cuda, got {device!r}")
+        if quantization not in MODES:
+            raise ValueError(f"model.quantization: expected {'|'.join(MODES)}, got {quantization!r}")
+        if quantization != "none" and device != "cpu":
+            raise ValueError(f"model.quantization = {quantization}: the prefill group's quantized ranks run on the CPU")
         if device == "cuda" and torch.cuda.device_count() < config.world_size:
             raise ValueError(
                 f"prefill.parallel: {config.world_size} ranks need as many GPUs, found {torch.cuda.device_count()}"
             )
         self.model_dir = Path(model_dir)
         self.config = config
-        ensure_float_weights(self.model_dir)  # the ranks load float weights (quantized ones are the worker's)
+        self.quantization = quantization
+        ensure_float_weights(self.model_dir)  # the ranks read float tensors (quantized ones from them, or the norms)
         hf = load_config(self.model_dir)
         if not config.pp <= hf.num_hidden_layers:
             raise ValueError(
@@ -163,7 +172,7 @@ class PrefillGroup:
                 spec = RankSpec(
                     rank, cfg.sp, cfg.pp, self.layer_map.bounds, str(self.model_dir), self.max_tokens,
                     _DTYPE_NAMES[self.dtype], self.device, self.threads, cfg.master_addr, port,
-                    cfg.collective_timeout_s, ifname,
+                    cfg.collective_timeout_s, ifname, self.quantization,
                 )  # fmt: skip
                 ours, theirs = ctx.Pipe(duplex=True)
                 args = (msgspec.msgpack.encode(spec), theirs, self._kv_out, self._logits_out)
@@ -178,6 +187,7 @@ class PrefillGroup:
             raise
         self.ranks = [ready[r] for r in range(cfg.world_size)]
         log.info("prefill_group_ready", sp=cfg.sp, pp=cfg.pp, pids=self.pids, layers=self.layer_map.bounds,
+                 quantization=self.quantization,
                  weight_mb=[round(r.weight_bytes / 2**20) for r in self.ranks])  # fmt: skip
 
     def close(self, grace_s: float = 5.0) -> None:

@@ -28,6 +28,7 @@ class RankSpec(msgspec.Struct, array_like=True, frozen=True):
     store_port: int
     collective_timeout_s: float
     gloo_ifname: str  # "" = gloo's default; the loopback interface when the group is local
+    quantization: str  # the instance runner's effective model.quantization: none | auto | int8 | int4
 
 
 class Prefill(msgspec.Struct, array_like=True, frozen=True, tag=True):
@@ -51,7 +52,7 @@ class Ready(msgspec.Struct, array_like=True, frozen=True, tag=True):
     sp_rank: int
     first_layer: int
     end_layer: int
-    weight_bytes: int  # parameter bytes this rank holds (tied weights once)
+    weight_bytes: int  # weight bytes this rank holds, float or quantized (tied weights once)
     holds_embedding: bool
     holds_head: bool
 

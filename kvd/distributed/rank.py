@@ -47,7 +47,7 @@ class RankRunner:
         self.kv_out = kv_out  # (L, 2, max_tokens, KVH, D), shared with the group
         self.logits_out = logits_out  # (V,) float32, shared with the group
         self.model = load_stage(spec.model_dir, self.layer_map, self.stage, head=self.rank == 0,
-                                dtype=self.dtype, device=self.device)  # fmt: skip
+                                dtype=self.dtype, device=self.device, quantization=spec.quantization)  # fmt: skip
         kvh, d = kv_out.shape[3], kv_out.shape[4]
         # Capacity: the padded last round can pass max_tokens by at most sp - 1 tokens.
         self.buffer = ContiguousKVBuffer(len(self.model.layers), spec.max_tokens + spec.sp - 1, kvh, d,
@@ -112,7 +112,8 @@ class RankRunner:
         if self.is_first:
             n = len(ids)
             chunk = ids[lo:hi] + [0] * max(0, hi - max(lo, n))  # pad positions (>= n) get token 0
-            return self.model.embed(torch.tensor([chunk], device=self.device))  # (1, T, E)
+            # (T, E) from a QuantEmbedding, (1, T, E) from torch's
+            return self.model.embed(torch.tensor([chunk], device=self.device)).view(1, len(chunk), -1)  # (1, T, E)
         hidden = torch.empty(1, hi - lo, self.hidden_size, dtype=self.dtype, device=self.device)  # (1, T, E)
         p2p.recv(hidden, self.rank - self.sp, r)
         return hidden

@@ -11,10 +11,22 @@ the pipeline.
 Parameter names map explicitly to checkpoint names: `layers.<local>.*` ->
 `model.layers.<global>.*`, `embed.weight` -> `model.embed_tokens.weight`, `norm.weight` ->
 `model.norm.weight`, `lm_head.weight` -> `lm_head.weight` (or the embedding when tied).
+
+`quantization` is the instance runner's (`kvd.worker.quant_load`): with `int8` / `int4` /
+`auto` the rank takes its projections, embedding and lm_head from the same weight source
+the runner's decoder takes them from — the float checkpoint quantized at load with
+`quantize` (int8: Q8_0 layers; int4: Q4_1 layers; the embedding and lm_head Q8_0), or the
+GGUF file's own blocks (`auto` on a model from a GGUF file; the norms come from the float
+checkpoint) — one module at a time, so a rank holds its stage's quantized weights and at
+most one module's float ones while it loads. The projections run prompt rows as the
+runner's prefill does (float activations through `QuantLinear`'s dequantize-tile GEMM), so
+the stage's KV is the runner's own to float rounding; the lm_head, like the runner's for a
+sampled row, runs on int8 activations.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -24,7 +36,9 @@ from torch import nn
 
 from kvd.distributed.plan import LayerMap
 from kvd.distributed.sp_attention import ATTN_IMPLEMENTATION
-from kvd.worker.models import load_config
+from kvd.worker.models import gguf_source, load_config
+from kvd.worker.quant import QuantLinear, QuantWeight
+from kvd.worker.quant_load import GGUF_NAMES, MODES, FloatSource, weight_source
 
 _EMBED, _NORM, _HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
 
@@ -56,9 +70,22 @@ class StageModel(nn.Module):
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of parameters held, each storage once (tied weights share one)."""
-        storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in self.parameters()}
-        return sum(storages.values())
+        """Bytes of weights held (parameters, and quantized blocks or packed weights kept as
+        plain attributes), each storage once (tied weights share one)."""
+        held = list(self.parameters())
+        for module in self.modules():
+            for value in vars(module).values():
+                if isinstance(value, QuantWeight):
+                    held += [t for t in (value.qs, value.d, value.m) if t is not None]
+                elif isinstance(value, torch.Tensor) and value.is_mkldnn:  # a PackedLinear's weight
+                    held.append(value)
+        sizes = {}
+        for t in held:
+            if t.is_mkldnn:  # oneDNN's packed weights have no storage to share
+                sizes[id(t)] = t.numel() * t.element_size()
+            else:
+                sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(sizes.values())
 
 
 def _checkpoint_files(model_dir: Path) -> dict[str, Path]:
@@ -95,8 +122,9 @@ def param_counts(model_dir: str | Path) -> tuple[int, int]:
 
 
 def load_stage(model_dir: str | Path, layer_map: LayerMap, stage: int, *, head: bool, dtype: torch.dtype,
-               device: torch.device) -> StageModel:  # fmt: skip
-    """The stage's modules with their weights; `head`: this rank computes the first token's logits."""
+               device: torch.device, quantization: str = "none") -> StageModel:  # fmt: skip
+    """The stage's modules with their weights; `head`: this rank computes the first token's logits.
+    `quantization`: the instance runner's effective `model.quantization` (its `Decoder.quantization`)."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
@@ -104,6 +132,11 @@ def load_stage(model_dir: str | Path, layer_map: LayerMap, stage: int, *, head: 
     config = load_config(model_dir)
     if layer_map.num_layers != config.num_hidden_layers:
         raise ValueError(f"layer map covers {layer_map.num_layers} layers, the model has {config.num_hidden_layers}")
+    if quantization not in MODES:
+        raise ValueError(f"model.quantization: expected {'|'.join(MODES)}, got {quantization!r}")
+    if quantization != "none" and device.type != "cpu":
+        raise ValueError(f"model.quantization = {quantization}: quantized weights run on the CPU only")
+    source = weight_source(quantization, config, dtype, gguf_source(model_dir) if quantization == "auto" else None)
     with torch.device("meta"):
         full = AutoModelForCausalLM.from_config(config, attn_implementation=ATTN_IMPLEMENTATION, dtype=dtype)
     layers = list(layer_map.layers(stage))
@@ -118,19 +151,57 @@ def load_stage(model_dir: str | Path, layer_map: LayerMap, stage: int, *, head: 
     )  # fmt: skip
     del full
     part.rotary.to(device)  # built outside the meta context: its inv_freq is real already
-    for name in ("layers", "embed", "norm", "lm_head"):
-        if getattr(part, name) is not None:
-            getattr(part, name).to_empty(device=device)
+    wanted = {part.checkpoint_name(n) for n, _ in part.named_parameters(remove_duplicate=True)}
     if head and tied:
-        part.lm_head.weight = part.embed.weight  # one tensor, as in the single-process model
-    wanted = {part.checkpoint_name(n): p for n, p in part.named_parameters(remove_duplicate=True)}
-    missing = sorted(set(wanted) - set(files))
+        wanted.discard(_HEAD)  # the embedding's tensor
+    missing = sorted(wanted - set(files))
     if missing:
         raise ValueError(f"model {str(model_dir)!r}: checkpoint lacks {missing[:3]}{'...' if len(missing) > 3 else ''}")
-    with torch.no_grad():
-        for path in sorted({files[n] for n in wanted}):
-            with safe_open(path, framework="pt") as f:
-                for name in (n for n in wanted if files[n] == path):
-                    wanted[name].copy_(f.get_tensor(name))
+    quantized = source.name != "none"
+    # Module by module: each is materialised, read, and (quantized) converted before the next,
+    # so a rank never holds more than one module's float weights beside its quantized ones.
+    with contextlib.ExitStack() as files_open, torch.no_grad():
+        handles: dict[Path, object] = {}
+
+        def read(module_name: str, module: nn.Module) -> None:
+            module.to_empty(device=device)
+            for name, p in module.named_parameters():
+                ckpt = part.checkpoint_name(f"{module_name}.{name}")
+                if files[ckpt] not in handles:
+                    handles[files[ckpt]] = files_open.enter_context(safe_open(files[ckpt], framework="pt"))
+                p.copy_(handles[files[ckpt]].get_tensor(ckpt))
+
+        if part.embed is not None:
+            read("embed", part.embed)
+            if quantized:
+                part.embed = source.embedding(part.embed)
+        for local, layer in enumerate(part.layers):
+            read(f"layers.{local}", layer)
+            if quantized:
+                _quantize_projections(layer, layer_map.to_global(stage, local), source)
+        if part.norm is not None:
+            read("norm", part.norm)
+        if head and tied and not quantized:
+            part.lm_head.weight = part.embed.weight  # one tensor, as in the single-process model
+        elif head:
+            if not tied:
+                read("lm_head", part.lm_head)
+            if quantized:  # tied: the embedding's blocks, read once more (the runner's lm_head)
+                part.lm_head = source.lm_head(part.lm_head, part.embed)
     part.eval().requires_grad_(False)
     return part
+
+
+def _quantize_projections(layer: nn.Module, index: int, source: FloatSource) -> None:
+    """The layer's projections (loaded float) as the instance runner's weight source builds them,
+    one at a time (transformers' layer calls q, k and v apart; the blocks are per output row,
+    so each is its rows of the runner's fused qkv / gate_up). Prompt rows: float activations
+    (`int_dot` off) whatever their count, as the runner's prefill runs them, so the KV is the
+    runner's own to float rounding."""
+    for parent in (layer.self_attn, layer.mlp):
+        for name, child in list(parent.named_children()):
+            if name in GGUF_NAMES:
+                lin = source.linear(index, (name,), [child])
+                if isinstance(lin, QuantLinear):
+                    lin.int_dot = False
+                setattr(parent, name, lin)

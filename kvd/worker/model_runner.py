@@ -147,7 +147,10 @@ class ModelRunner:
         if prefill is not None and prefill.group:
             from kvd.distributed.group import PrefillGroup
 
-            self.group = PrefillGroup(model_dir, prefill.parallel, max_tokens=self.max_model_len, dtype=self.dtype)
+            # The ranks build their stage as this runner's decoder is built (none where it is off).
+            quantization = self.fast.quantization if self.fast is not None else "none"
+            self.group = PrefillGroup(model_dir, prefill.parallel, max_tokens=self.max_model_len, dtype=self.dtype,
+                                      quantization=quantization)  # fmt: skip
             self.group.start()
             self.group_min_tokens = prefill.group_min_tokens
         # Load (or build, once per machine: a minute) the native ops now, not in the first

@@ -8,12 +8,14 @@ transformers). SmolLM2 on prompts of 1, 17, 300 and 1,500 tokens, for (sp, pp) =
 sync). One group per (sp, pp) serves every prompt and strategy. Then the failure paths: a
 rank killed mid-prefill (the last SmolLM2 group) and a rank stuck mid-prefill (a tiny
 model, a 3 s collective timeout) both end in GroupFailed within the collective timeout,
-with every rank process gone.
+with every rank process gone. Last, the groups of a quantized instance (auto, int8, int4):
+their ranks load the runner's quantized weights and give its own prefill's KV.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -21,7 +23,7 @@ import time
 import pytest
 import torch
 
-from kvd.config import CacheConfig, ModelConfig
+from kvd.config import CacheConfig, ModelConfig, PrefillConfig
 from kvd.distributed import ChunkPlan, GroupFailed, LayerMap, ParallelConfig, PrefillGroup, write_kv_to_blocks
 from kvd.sampling import SamplingParams
 from kvd.scheduler.output import CachedRequestData, NewRequestData, SchedulerOutput
@@ -170,62 +172,6 @@ def test_pipeline_stage_holds_only_its_layers(groups, decoder):
     assert group.alive  # a refused prompt never reaches the ranks
 
 
-@pytest.fixture(scope="module")
-def quantized(smollm2_dir):
-    """quantization -> a one-process Decoder with that `model.quantization`, loaded once."""
-    blocks = -(-(300 + DECODE_STEPS + 1) // 16)
-    runners: dict[str, Decoder] = {}
-
-    def get(quantization: str) -> Decoder:
-        if quantization not in runners:
-            config = ModelConfig(dtype="float32", quantization=quantization)
-            runners[quantization] = Decoder(ModelRunner(smollm2_dir, config, CacheConfig(num_blocks=blocks)),
-                                            GREEDY_LOGPROBS)  # fmt: skip
-        return runners[quantization]
-
-    return get
-
-
-@pytest.mark.timeout(240)
-def test_group_prefill_hands_its_kv_to_a_runner_of_the_gguf_blocks(groups, prompts, quantized):
-    """The daemon's path with `model.quantization = "auto"`: the group prefills, the worker's
-    runner decodes. The ranks load the float checkpoint whatever the quantization (see the
-    int8 test below); for `auto` on the embedded model that is no difference, because those
-    float weights are the GGUF's blocks dequantized and the runner's prefill dequantizes the
-    same blocks into float GEMMs: the group's KV is the runner's own to float32 rounding, and
-    the tokens are the runner's own prefill + decode's up to QUANT_TIE_GAP (the runner takes
-    the first token from its integer-dot lm_head, the group from the float one)."""
-    group = groups(1, 2)  # the pipeline group of the tests above: no start of its own
-    one = quantized("auto")
-    assert one.runner.fast.quantization == "auto"
-    exact = 0
-    for n in (17, 300):
-        one.gaps = []
-        first, kv = one.prefill(f"auto-ref-prefill-{n}", prompts[n])
-        ref = one.decode(f"auto-ref-{n}", prompts[n], first)
-        gaps = one.gaps  # the prefill's first token, then each decoded one
-        result = group.prefill(prompts[n])
-        assert torch.allclose(result.kv, kv, atol=2e-3, rtol=1e-3), f"{n} tokens: KV max diff " \
-            f"{(result.kv - kv).abs().max():.2e}"
-        got = one.decode(f"auto-group-{n}", prompts[n], result.first_token, result.kv)
-        exact += assert_greedy_match(got, ref, gaps, f"auto group, prompt of {n}", QUANT_TIE_GAP)
-    assert exact >= 1  # a tie on both prompts would hide a broken handoff
-
-
-@pytest.mark.timeout(240)
-@pytest.mark.xfail(strict=True, reason="the group's ranks load the float checkpoint (kvd.distributed.stage."
-                   "load_stage): model.quantization = int8 / int4 does not reach them, so a quantized instance's "
-                   "long prompts are prefilled with float weights, and the pool stores that KV under the quantized "
-                   "model's namespace")  # fmt: skip
-def test_group_prefill_of_an_int8_instance_is_its_int8_prefill(groups, prompts, quantized):
-    one = quantized("int8")
-    first, kv = one.prefill("int8-ref-prefill-300", prompts[300])
-    result = groups(1, 2).prefill(prompts[300])
-    # The runner's own prefill KV differs from the float model's by int8's rounding of the
-    # weights (measured: up to 0.36); two prefills of the same weights agree to float32 rounding.
-    assert torch.allclose(result.kv, kv, atol=2e-3, rtol=1e-3), f"KV max diff {(result.kv - kv).abs().max():.2e}"
-
-
 # ---- failures ----------------------------------------------------------------------------
 def _pids_gone(pids: list[int]) -> bool:
     deadline = time.monotonic() + 5
@@ -280,6 +226,76 @@ def test_rank_stuck_mid_prefill_times_out(tiny_llama_dir):
         elapsed = time.monotonic() - t0
         assert timeout * 0.9 < elapsed < timeout + 5
         assert _pids_gone(pids)  # the stopped rank too
+
+
+# ---- a quantized instance's group: its ranks load the runner's weights ---------------------
+# After the failure tests, which end the float (1, 2) group: each runner here starts its own.
+@pytest.fixture(scope="module")
+def quantized(smollm2_dir):
+    """quantization -> a one-process Decoder with that `model.quantization` and a (1, 2) prefill
+    group of its runner's own, as the daemon's worker builds it (only the latest one's group
+    keeps running). Its `group_min_tokens` chooses where a prompt is prefilled."""
+    blocks = -(-(300 + DECODE_STEPS + 1) // 16)
+    runners: dict[str, Decoder] = {}
+    prefill = PrefillConfig(parallel=ParallelConfig(sp=1, pp=2, collective_timeout_s=60))
+
+    def get(quantization: str) -> Decoder:
+        if quantization not in runners:
+            for one in runners.values():
+                one.runner.group.close()
+            config = ModelConfig(dtype="float32", quantization=quantization, max_model_len=2048)
+            runner = ModelRunner(smollm2_dir, config, CacheConfig(num_blocks=blocks), prefill=prefill)
+            runners[quantization] = Decoder(runner, GREEDY_LOGPROBS)
+        return runners[quantization]
+
+    yield get
+    for one in runners.values():
+        one.runner.group.close()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("quantization", ["auto", "int8", "int4"])
+def test_group_prefill_of_a_quantized_instance_is_its_own_prefill(quantization, prompts, quantized):
+    """The worker's path with `model.quantization` auto (the GGUF's own blocks), int8 or int4
+    (the float checkpoint quantized at load): its runner's group prefills a prompt of at
+    least `group_min_tokens` into the runner's blocks, the runner decodes. The ranks build
+    their stage from the runner's weight source and run prompt rows as the runner's prefill
+    does (float activations, the dequantize-tile GEMM), so the
+    group's KV is the runner's own prefill's to float32 rounding — against the float model's
+    it differs by the weights' rounding (int8: up to 0.36, measured) — and the tokens are the
+    runner's own prefill + decode's up to QUANT_TIE_GAP (the float rounding of the last
+    hidden state can flip a near-tie in the lm_head). Each rank holds its stage's weights in
+    blocks, not in float: float ranks hold 513 MB, against the runner's 138 (int8) or 94
+    (auto, int4). On the embedded model only int8's KV tells the float model's apart (up to
+    0.36, measured): its float weights are the GGUF's blocks dequantized, which auto reads
+    as they are and int4 requantizes almost exactly (both give the float model's KV to 8e-5),
+    so for those two the bytes held are what shows the ranks load blocks."""
+    one = quantized(quantization)
+    runner, group = one.runner, one.runner.group
+    assert runner.fast.quantization == quantization and group.quantization == quantization
+    held = [r.weight_bytes for r in group.ranks]
+    # Float32 ranks would hold 3.7x (int8) or 5.5x (auto, int4) the runner's bytes; two stages split them.
+    assert sum(held) <= 1.05 * runner.weight_bytes and max(held) <= 0.7 * runner.weight_bytes, \
+        (held, runner.weight_bytes)
+    exact = 0
+    for n in (17, 300):
+        runner.group_min_tokens = n + 1  # the runner's own prefill
+        one.gaps = []
+        first, kv = one.prefill(f"{quantization}-ref-prefill-{n}", prompts[n])
+        ref = one.decode(f"{quantization}-ref-{n}", prompts[n], first)
+        gaps = one.gaps  # the prefill's first token, then each decoded one
+        runner.group_min_tokens = n  # the group's, into the runner's blocks, the first token from its logits
+        group_first, group_kv = one.prefill(f"{quantization}-group-prefill-{n}", prompts[n])
+        assert torch.allclose(group_kv, kv, atol=2e-3, rtol=1e-3), f"{n} tokens: KV max diff " \
+            f"{(group_kv - kv).abs().max():.2e}"
+        got = one.decode(f"{quantization}-group-{n}", prompts[n], group_first)
+        exact += assert_greedy_match(got, ref, gaps, f"{quantization} group, prompt of {n}", QUANT_TIE_GAP)
+    assert exact >= 1  # a tie on both prompts would hide a broken handoff
+
+
+def test_group_refuses_an_unknown_quantization(smollm2_dir):
+    with pytest.raises(ValueError, match=re.escape("model.quantization: expected auto|none|int8|int4, got 'int3'")):
+        PrefillGroup(smollm2_dir, ParallelConfig(sp=2), quantization="int3")
 
 
 # ---- pure parts: config, layer map, chunk plan, paged handoff --------------------------------
