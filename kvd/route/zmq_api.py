@@ -110,7 +110,8 @@ class ZmqFront:
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, 8 * self.max_frame_bytes)
-        self.links = {b.name: Link(ctx, b.endpoint) for b in router.backends.values() if b.endpoint}
+        # One from a run dir with no files yet has a link that connects once they say where (`repoint`).
+        self.links = {b.name: Link(ctx, b.endpoint) for b in router.backends.values() if b.endpoint or b.reads_run_dir}
         self._drops = dict.fromkeys(self.links, 0)  # each link's connections lost, as handled
         self.inbox = ClientInbox(self.sock, self.max_frame_bytes, self._client_left)
         self._live: dict[str, _Forward] = {}
@@ -125,10 +126,12 @@ class ZmqFront:
         return self.endpoint
 
     async def connected(self, timeout_s: float) -> list[str]:
-        """Wait up to `timeout_s` for every instance's connection (a request right after the
-        router's start would find none); returns the names still not connected."""
+        """Wait up to `timeout_s` for the connection of every instance up (a request right after
+        the router's start would find none; one not started yet is not waited for); returns the
+        names still not connected."""
         deadline = time.monotonic() + timeout_s
-        while (waiting := [n for n in self.links if not self._connected(self.router.backends[n])]) and \
+        backends = self.router.backends
+        while (waiting := [n for n in self.links if backends[n].up and not self._connected(backends[n])]) and \
                 time.monotonic() < deadline:  # fmt: skip
             await asyncio.sleep(0.01)
         return waiting
