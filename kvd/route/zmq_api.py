@@ -214,18 +214,17 @@ class ZmqFront:
         if self.router.policy.uses_prefix:
             ids = self.router.hasher.generate_ids(msg)
             matched = self.router.matched(ids) if ids is not None else None
-        order = [b for b in self.router.live_order(matched) if b.name in self.links]
-        f = _Forward(identity, msg, frame, order, matched)
+        f = _Forward(identity, msg, frame, self.router.live_order(matched), matched)
         self._live[msg.request_id] = f
         f.timer = asyncio.get_running_loop().call_later(self.timeout_s, self._timed_out, f)
         self._dispatch(f)
 
     def _dispatch(self, f: _Forward, refusal: tuple[bytes | None, bytes] | None = None) -> None:
-        """Send `f` to the next instance of its order that is connected; with none left, end it
-        with the last refusal (or 503)."""
+        """Send `f` to the next instance of its order (those up, from `Router.live_order`) that
+        is reachable; with none left, end it with the last refusal (or 503)."""
         while f.order:
             b = f.order.pop(0)
-            if not self._connected(b):
+            if not self._reachable(b):
                 continue
             f.backend = b
             self.router.started(b)
@@ -272,6 +271,12 @@ class ZmqFront:
         self._end(f)
 
     # ---- instances ---------------------------------------------------------------------
+    def _reachable(self, b: Backend) -> bool:
+        """Whether a request can go to `b` over ZeroMQ now: it has a client endpoint (a link;
+        one given by a bare URL has none) and the link is connected. Whether `b` is up at all
+        is the router's (`Backend.up`, in `live_order`), as over HTTP."""
+        return b.name in self.links and self._connected(b)
+
     def _connected(self, b: Backend) -> bool:
         """Whether `b`'s link is up; a connection lost since the last look fails (or moves)
         what was on it, however soon it was made again."""
