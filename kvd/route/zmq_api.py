@@ -111,7 +111,8 @@ class ZmqFront:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, 8 * self.max_frame_bytes)
         # One from a run dir with no files yet has a link that connects once they say where (`repoint`).
-        self.links = {b.name: Link(ctx, b.endpoint) for b in router.backends.values() if b.endpoint or b.reads_run_dir}
+        self.links = {b.name: Link(ctx, b.endpoint or None) for b in router.backends.values()
+                      if b.endpoint or b.reads_run_dir}  # fmt: skip
         self._drops = dict.fromkeys(self.links, 0)  # each link's connections lost, as handled
         self.inbox = ClientInbox(self.sock, self.max_frame_bytes, self._client_left)
         self._live: dict[str, _Forward] = {}
