@@ -360,7 +360,7 @@ class RouteInstance(_Section):
     `http_endpoint`, `kv_events_endpoint` and `kv_snapshot_endpoint`) or those endpoints themselves."""
 
     name: str = ""  # "": "i<index>"; the X-Kvd-Instance header and the metrics' label
-    run_dir: str = ""  # read at the router's start for whichever endpoints below are ""
+    run_dir: str = ""  # read for whichever endpoints below are "" (at start, and until they appear)
     url: str = ""  # its HTTP base URL, http://127.0.0.1:PORT
     endpoint: str = ""  # its ZeroMQ client endpoint, tcp://127.0.0.1:PORT ("" and no run_dir: HTTP only)
     events: str = ""  # its KV-event PUB endpoint ("" and no run_dir: no KV events, never a prefix hit)

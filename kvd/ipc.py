@@ -91,7 +91,8 @@ class Link:
     sends its last Errors and exits (a worker died, on_worker_death = "exit") would leave its
     clients waiting for them until their timeout."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str | None) -> None:
+        """`endpoint` None: not connected until `repoint` says where (a peer not started yet)."""
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         # Watched before it connects: a handshake before the monitor would go unseen.
@@ -101,7 +102,8 @@ class Link:
         self.drops = 0  # connections lost so far
         self.endpoint = endpoint
         try:
-            self.sock.connect(endpoint)
+            if endpoint is not None:
+                self.sock.connect(endpoint)
         except zmq.ZMQError:
             self.close()
             raise
@@ -109,7 +111,8 @@ class Link:
     def repoint(self, endpoint: str) -> None:
         """Connect to `endpoint` instead (the peer restarted elsewhere); the monitor goes on."""
         try:
-            self.sock.disconnect(self.endpoint)
+            if self.endpoint is not None:
+                self.sock.disconnect(self.endpoint)
         except zmq.ZMQError:  # not connected there any more
             pass
         self.sock.connect(endpoint)

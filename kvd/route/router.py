@@ -23,9 +23,15 @@ began ends a stream with an error event and `[DONE]`, or a whole response with 5
 not done within `request_timeout_s` ends the same way with 504. A body the router cannot
 read is still forwarded: the instance answers its own 400.
 
+Start-up: an instance whose run dir has no files yet (started after the router, or still
+loading) is down until its files appear and its /health answers (kvd.route.backend); the
+router does not wait for it. Until an instance is up, requests get 503 ("route: no instance
+is up") at once.
+
 Under systemd (Type=notify; `kvd launch` listens the same way): READY=1 once the endpoint
-files are written, WATCHDOG=1 every half WATCHDOG_USEC while the event loop runs, STOPPING=1
-at SIGTERM/SIGINT.
+files are written (after at most `connect_timeout_s` for the ZeroMQ connections of the
+instances up at start; never for one not started), WATCHDOG=1 every half WATCHDOG_USEC
+while the event loop runs, STOPPING=1 at SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -86,7 +92,7 @@ class Router:
         self.index = KVIndex()
         self.subscriber = KVEventSubscriber(self.index, secret=cfg.pd.secret)
         for b in backends:
-            if b.events:
+            if b.events or b.reads_run_dir:  # from its run dir: followed once its files say where
                 self.subscriber.add(b.name, b.events, b.snapshot)
         self.prompt_blocks = 0  # full prompt blocks of the requests routed with hashes
         self.metrics = RouteMetrics(self.backends, lambda: self.prompt_blocks)
@@ -118,6 +124,8 @@ class Router:
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics_page)
         self._runner, self.url = await start_site(app, self.cfg.http.host, self.cfg.http.port)
+        for b in self.backends.values():  # not started yet: probed until its files and /health appear
+            b.watch(self._probe, self.route.retry_interval_s)
         log.info("route_serving", url=self.url, policy=self.policy.name,
                  instances={b.name: b.url for b in self.backends.values()})  # fmt: skip
         return self.url
@@ -305,6 +313,8 @@ class Router:
                 self.zmq.repoint(b)
             if b.events:
                 self.subscriber.repoint(b.name, b.events, b.snapshot)
+        if not b.url:  # its run dir has no files yet
+            return False
         try:
             async with self._session.get(b.url + "/health", timeout=self._probe_timeout) as r:
                 return r.status == 200

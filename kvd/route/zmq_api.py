@@ -110,7 +110,9 @@ class ZmqFront:
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, 8 * self.max_frame_bytes)
-        self.links = {b.name: Link(ctx, b.endpoint) for b in router.backends.values() if b.endpoint}
+        # One from a run dir with no files yet has a link that connects once they say where (`repoint`).
+        self.links = {b.name: Link(ctx, b.endpoint or None) for b in router.backends.values()
+                      if b.endpoint or b.reads_run_dir}  # fmt: skip
         self._drops = dict.fromkeys(self.links, 0)  # each link's connections lost, as handled
         self.inbox = ClientInbox(self.sock, self.max_frame_bytes, self._client_left)
         self._live: dict[str, _Forward] = {}
@@ -125,10 +127,12 @@ class ZmqFront:
         return self.endpoint
 
     async def connected(self, timeout_s: float) -> list[str]:
-        """Wait up to `timeout_s` for every instance's connection (a request right after the
-        router's start would find none); returns the names still not connected."""
+        """Wait up to `timeout_s` for the connection of every instance up (a request right after
+        the router's start would find none; one not started yet is not waited for); returns the
+        names still not connected."""
         deadline = time.monotonic() + timeout_s
-        while (waiting := [n for n in self.links if not self._connected(self.router.backends[n])]) and \
+        backends = self.router.backends
+        while (waiting := [n for n in self.links if backends[n].up and not self._connected(backends[n])]) and \
                 time.monotonic() < deadline:  # fmt: skip
             await asyncio.sleep(0.01)
         return waiting
@@ -211,18 +215,17 @@ class ZmqFront:
         if self.router.policy.uses_prefix:
             ids = self.router.hasher.generate_ids(msg)
             matched = self.router.matched(ids) if ids is not None else None
-        order = [b for b in self.router.live_order(matched) if b.name in self.links]
-        f = _Forward(identity, msg, frame, order, matched)
+        f = _Forward(identity, msg, frame, self.router.live_order(matched), matched)
         self._live[msg.request_id] = f
         f.timer = asyncio.get_running_loop().call_later(self.timeout_s, self._timed_out, f)
         self._dispatch(f)
 
     def _dispatch(self, f: _Forward, refusal: tuple[bytes | None, bytes] | None = None) -> None:
-        """Send `f` to the next instance of its order that is connected; with none left, end it
-        with the last refusal (or 503)."""
+        """Send `f` to the next instance of its order (those up, from `Router.live_order`) that
+        is reachable; with none left, end it with the last refusal (or 503)."""
         while f.order:
             b = f.order.pop(0)
-            if not self._connected(b):
+            if not self._reachable(b):
                 continue
             f.backend = b
             self.router.started(b)
@@ -269,6 +272,12 @@ class ZmqFront:
         self._end(f)
 
     # ---- instances ---------------------------------------------------------------------
+    def _reachable(self, b: Backend) -> bool:
+        """Whether a request can go to `b` over ZeroMQ now: it has a client endpoint (a link;
+        one given by a bare URL has none) and the link is connected. Whether `b` is up at all
+        is the router's (`Backend.up`, in `live_order`), as over HTTP."""
+        return b.name in self.links and self._connected(b)
+
     def _connected(self, b: Backend) -> bool:
         """Whether `b`'s link is up; a connection lost since the last look fails (or moves)
         what was on it, however soon it was made again."""

@@ -149,6 +149,32 @@ def test_stores_evictions_snapshot_and_a_resync_after_missed_batches(events_daem
     assert st["integrity"] in ("ok", "not checked") and st["kv_events"]["snapshots"] >= 3
 
 
+def test_a_subscriber_added_before_its_instance_follows_it_once_its_files_appear(tmp_path, events_daemon):
+    """`add_run_dir` on a run dir without the endpoint files yet (the instance not started) is
+    no error: the follower waits, finds the files when the instance writes them and syncs."""
+    run_dir = tmp_path / "run"
+
+    async def main():
+        sub = KVEventSubscriber(secret=SECRET)
+        sub.add_run_dir("tiny", run_dir)
+        task = asyncio.create_task(sub.run())
+        try:
+            await asyncio.sleep(0.5)  # several looks at the empty run dir
+            assert not task.done() and sub.num_snapshots == 0 and sub.index.seq("tiny") is None
+            run_dir.mkdir()
+            for name in ("kv_events_endpoint", "kv_snapshot_endpoint"):  # the instance's order
+                (run_dir / name).write_text((events_daemon.run_dir / name).read_text())
+            await until(lambda: sub.num_snapshots >= 1, 10, "the subscriber to find the files and sync")
+            await generate(events_daemon.endpoint, prompt(7000, 30))
+            await assert_index_equals_snapshot(sub, events_daemon.endpoint)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            sub.close()
+
+    asyncio.run(main())
+
+
 def test_a_subscriber_without_the_secret_gets_nothing(events_daemon):
     async def main():
         sub = KVEventSubscriber(snapshot_timeout_s=1.0)  # no secret: no CURVE keys

@@ -23,15 +23,17 @@ def instance(tmp_path: Path) -> DaemonHandle:
     return d
 
 
-def start_router(tmp_path: Path, instances: dict[str, DaemonHandle | str], policy: str = "kv",
+def start_router(tmp_path: Path, instances: dict[str, DaemonHandle | Path | str], policy: str = "kv",
                  model: Path | None = None, env: dict[str, str] | None = None) -> DaemonHandle:  # fmt: skip
-    """`kvd route` in front of `instances` (a daemon: its run dir; a string: a bare URL), for
+    """`kvd route` in front of `instances` (a daemon: its run dir; a Path: a run dir, the
+    instance perhaps not started yet; a string: a bare URL), for
     `model`'s tokenizer (None: the embedded model's), with `env` added to its environment;
     `.endpoint` is its HTTP URL, `.zmq` its ZeroMQ client endpoint."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     run_dir, log_file, stdout = tmp_path / "run", tmp_path / "route.log", tmp_path / "stdout.txt"
     listed = ", ".join(f'{{name = "{name}", url = "{d}"}}' if isinstance(d, str) else
-                       f'{{name = "{name}", run_dir = "{d.run_dir}"}}' for name, d in instances.items())  # fmt: skip
+                       f'{{name = "{name}", run_dir = "{d if isinstance(d, Path) else d.run_dir}"}}'
+                       for name, d in instances.items())  # fmt: skip
     config = tmp_path / "route.toml"
     config.write_text(f'[daemon]\nrun_dir = "{run_dir}"\n[log]\nformat = "json"\nfile = "{log_file}"\n'
                       f'[http]\nport = 0\n[route]\npolicy = "{policy}"\nretry_interval_s = 0.2\n'

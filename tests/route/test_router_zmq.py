@@ -7,12 +7,15 @@ leaks a block. Every wait is bounded."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 from harness import log_events, start_daemon, wait_for
@@ -142,6 +145,62 @@ def test_an_instance_restarted_on_other_ports_is_found_there(tmp_path, pair):
         first.stop()
         if second is not None:
             assert second.stop() == 0
+
+
+def test_a_router_started_before_its_instance_serves_503_then_finds_it(tmp_path, smollm2_dir):
+    """The router starts on the run dir of an instance not started yet: it is ready at once,
+    logs the instance down ("not started yet", naming the file in its run dir) and answers a
+    request with 503 over HTTP and over ZeroMQ, at once. The instance started after it is found
+    (its files, then its /health), its KV events followed (the router's index holds its
+    blocks: a routed prompt counts them as hits), and requests go through it."""
+    run_dir = tmp_path / "c" / "run"
+    router = start_router(tmp_path / "route", {"c": run_dir})
+    started = None
+    try:
+        down = log_events(router.log_file, "instance_down")
+        assert len(down) == 1 and down[0]["instance"] == "c", down
+        assert "not started yet" in down[0]["reason"] and str(run_dir / "endpoint") in down[0]["reason"], down
+        t0 = time.monotonic()
+        status, body, _ = post(router.endpoint, "/v1/completions", {"prompt": "Hi", "max_tokens": 1}, timeout=10)
+        assert status == 503 and body["error"]["message"] == "route: no instance is up", body
+        with pytest.raises(urllib.error.HTTPError) as health:
+            urllib.request.urlopen(router.endpoint + "/health", timeout=10)
+        assert health.value.code == 503
+        with urllib.request.urlopen(router.endpoint + "/metrics", timeout=10) as r:
+            assert 'kvd_route_instance_up{instance="c"} 0.0' in r.read().decode()
+        with Client(router.zmq, timeout=10) as c:
+            with pytest.raises(KvdError) as e:
+                c.generate(prompt="Hi", max_tokens=1)
+            assert e.value.code == 503 and e.value.message == "route: no instance is up"
+            assert time.monotonic() - t0 < 5  # answered, never a hang
+            st = c.status()
+            assert st["state"] == "no instance up" and not st["instances"]["c"]["up"]
+            assert st["instances"]["c"]["url"] == "" and st["instances_connected"] == []
+
+            started = instance(tmp_path / "c")
+            wait_for(lambda: c.status()["instances"]["c"]["up"], 60, "the router to find c")
+            wait_for(lambda: "c" in c.status()["instances_connected"], 10, "the router's link to c")
+            wait_for(lambda: c.status()["kv_events"]["snapshots"] >= 1, 30, "the router to sync c's KV events")
+            prompt = "Only c holds this. " + SYSTEM
+            seq = c.status()["instances"]["c"]["kv_events_seq"]
+            assert post(started.url, "/v1/completions", {"prompt": prompt, "max_tokens": 1})[0] == 200  # straight to c
+            wait_for(lambda: c.status()["instances"]["c"]["kv_events_seq"] > seq, 30, "c's blocks in the index")
+            status, body, headers = post(router.endpoint, "/v1/completions", {"prompt": prompt, "max_tokens": 1})
+            assert status == 200 and headers["X-Kvd-Instance"] == "c", body
+            assert body["usage"]["prompt_tokens_details"]["cached_tokens"] >= 64
+            st = c.status()
+            assert st["prefix_hit_rate"] > 0.5  # the index matched the prompt's blocks on c (its KV events)
+            out = c.generate(prompt=prompt, max_tokens=1, temperature=0.0)  # over the ZeroMQ link found late
+            assert out.num_cached_tokens >= 64
+            st = c.status()["instances"]["c"]
+            assert st["requests"] == 2 and st["url"] == started.url and st["endpoint"] == started.endpoint
+        with urllib.request.urlopen(router.endpoint + "/health", timeout=10) as r:
+            assert r.status == 200 and json.loads(r.read())["instances_up"] == ["c"]
+        assert "instance_found" in {e.get("event") for e in log_events(router.log_file)}
+    finally:
+        assert router.stop() == 0
+        if started is not None:
+            assert started.stop() == 0
 
 
 def test_thousands_of_requests_with_aborts_leak_nothing_anywhere(tmp_path, tiny_llama_dir):
