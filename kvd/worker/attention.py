@@ -90,7 +90,7 @@ def decode_rows(n: int) -> int:
 def decode_only() -> tuple[list[torch.Tensor], AttentionMetadata] | None:
     """The forward's caches and metadata when every packed token is a decode query (no
     prefill chunk), else None: a step that `DecodeLayers` can run whole."""
-    if _ctx is None or _ctx.meta.prefills or _ctx.meta.num_decodes != len(_ctx.meta.slot_mapping):
+    if _ctx is None or _ctx.meta.prefills or not 0 < _ctx.meta.num_decodes == len(_ctx.meta.slot_mapping):
         return None
     return _ctx.kv_caches, _ctx.meta
 
