@@ -1,19 +1,21 @@
-// A decode step's layers in one call, for the CPU decoder on quantized weights
-// (kvd/worker/decoder.py). Python's per-layer loop issues a dozen ops a layer, each a few
-// microseconds of interpreter, argument conversion and tensor views around kernels that,
-// at one to a few rows, take a few microseconds themselves: on SmolLM2-135M at batch 1
-// that was 3 of a step's 5 ms of forward (docs/benchmarks.md). Here the same ops, in the
+// A decode step's layers in one call, for the CPU decoder (kvd/worker/decoder.py). Python's
+// per-layer loop issues a dozen ops a layer, each a few microseconds of interpreter,
+// argument conversion and tensor views around kernels that, at one to a few rows, take a
+// few microseconds themselves: on SmolLM2-135M's GGUF at batch 1 that was 3 of a step's
+// 5 ms of forward (docs/benchmarks.md). Here the same ops, in the
 // same order on the same buffers, are called from C++: the results are the Python loop's
 // bit for bit (tests/worker/test_decode_layers.py).
 //
 //   DecodeLayers(eps, heads, kv_heads, head_dim, scale, isa)
 //   .add_layer(input_norm, post_norm, q_norm, k_norm, qkv, o, gate_up, down)
-//       each matrix a tuple (qs, d, m, kind, bias or None): a QuantLinear's tiled blocks;
+//       each matrix a tuple (w, d, m, kind, bias or None): a QuantLinear's tiled blocks (w the
+//       quants, kind 0-2), or a PackedLinear's oneDNN weight (w; kind -1, d and m unused);
 //       q_norm / k_norm None but for Qwen3's per-head norms.
 //   .forward(h, cos, sin, caches, slots, block_table, lens, final_norm) -> x
 //       h (N, E) the embeddings, every row a decode query; cos / sin (N, D); caches one
 //       (2, NB, BS, KVH, D) a layer; slots (N,); block_table (N, MB) and lens (N,) as
 //       paged_decode_attention takes them. Returns the final-normed hidden states (N, E).
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/extension.h>
 
 #include <optional>
@@ -37,19 +39,40 @@ namespace {
 
 using Matrix = std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, int64_t, std::optional<torch::Tensor>>;
 
+constexpr int64_t kPacked = -1;  // a matrix's kind: a oneDNN packed float weight
+
+// PackedLinear's call (kvd/worker/linear.py): mkldnn::_linear_pointwise(x, w, bias, "none", [], "")
+torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& w, const std::optional<torch::Tensor>& bias) {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  std::vector<c10::IValue> stack;
+  stack.reserve(6);
+  stack.emplace_back(x);
+  stack.emplace_back(w);
+  stack.emplace_back(bias ? c10::IValue(*bias) : c10::IValue());
+  stack.emplace_back(std::string("none"));
+  stack.emplace_back(c10::impl::GenericList(c10::OptionalType::create(c10::NumberType::get())));
+  stack.emplace_back(std::string(""));
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
 struct Linear {
-  torch::Tensor qs, d, m;
+  torch::Tensor w, d, m;
   int64_t kind, out_features;
   std::optional<torch::Tensor> bias;
 
-  explicit Linear(const Matrix& w)
-      : qs(std::get<0>(w)), d(std::get<1>(w)), m(std::get<2>(w)), kind(std::get<3>(w)),
-        out_features(std::get<1>(w).size(0)), bias(std::get<4>(w)) {}
+  explicit Linear(const Matrix& mat)
+      : w(std::get<0>(mat)), d(std::get<1>(mat)), m(std::get<2>(mat)), kind(std::get<3>(mat)),
+        out_features(std::get<0>(mat).size(0)), bias(std::get<4>(mat)) {
+    TORCH_CHECK(kind == kPacked || (kind >= 0 && kind <= 2), "add_layer: matrix kind ", kind, " unknown");
+  }
 
-  // x (M, K) -> (M, N): activations rounded to int8, as QuantLinear's decode rows
+  // x (M, K) -> (M, N): quantized, activations rounded to int8 as QuantLinear's decode rows
   torch::Tensor operator()(const torch::Tensor& x, int64_t isa) const {
+    if (kind == kPacked) return packed_linear(x, w, bias);
     torch::Tensor out = at::empty({x.size(0), out_features}, x.options());
-    quant_linear(out, x, qs, d, m, kind, true, isa);
+    quant_linear(out, x, w, d, m, kind, true, isa);
     if (bias) out.add_(*bias);
     return out;
   }

@@ -32,8 +32,8 @@ import structlog
 from kvd import LLM, SamplingParams
 from kvd.bench.offline import english_text
 from kvd.cpu import machine_flags, no_bf16_reason
-from kvd.worker.models import load_tokenizer, resolve_model
 from kvd.worker import quant
+from kvd.worker.models import load_tokenizer, resolve_model
 from kvd.worker.quant import INT_DOT_MAX_ROWS
 
 MODES = ("none", "int8", "int4", "auto")

@@ -14,8 +14,8 @@ of the step. `Decoder` runs the same computation from the same weights with:
   same pass, silu-and-mul; each rounds where transformers rounds, so
   float32 outputs are transformers' up to float32's own rounding;
 - kvd's paged attention (`attention.attend`), as the transformers path uses it;
-- on quantized weights, a step whose tokens are all decode queries (up to
-  `INT_DOT_MAX_ROWS`) runs every layer in one native call (`DecodeLayers`,
+- a step whose tokens are all decode queries (up to `INT_DOT_MAX_ROWS`) runs every layer
+  in one native call (`DecodeLayers`,
   native/decode_layers.cpp): the same ops in the same order, without the interpreter
   between them (at batch 1 that was most of the forward's time).
 
@@ -35,7 +35,7 @@ import torch
 
 from kvd import ops
 from kvd.worker import attention, quant
-from kvd.worker.linear import available
+from kvd.worker.linear import PackedLinear, available
 from kvd.worker.quant import QuantLinear, QuantWeight
 from kvd.worker.quant_load import FloatSource
 
@@ -83,9 +83,9 @@ class Decoder:
 
     def _fused(self):
         """The native DecodeLayers over these layers, where every projection is a QuantLinear
-        on int8 activations; else None (float weights: the Python loop)."""
+        on int8 activations or a PackedLinear; else None (the Python loop)."""
         lins = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-        if not all(isinstance(lin, QuantLinear) and lin.int_dot for lin in lins):
+        if not all(isinstance(lin, PackedLinear) or isinstance(lin, QuantLinear) and lin.int_dot for lin in lins):
             return None
         fused = self.native.DecodeLayers(self.eps, self.heads, self.kv_heads, self.head_dim, self.scale, quant.BEST_ISA)
         for layer in self.layers:

@@ -34,6 +34,11 @@ class PackedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
+    def matrix(self) -> tuple:
+        """(packed, -, -, -1, bias): what native DecodeLayers calls the same oneDNN op with."""
+        empty = torch.empty(0)
+        return self.packed, empty, empty, -1, self.bias
+
 
 def available(dtype: torch.dtype) -> str | None:
     """Why prepacking cannot run for `dtype` here, or None."""

@@ -1,5 +1,6 @@
-"""native DecodeLayers (native/decode_layers.cpp): a decode step's layers on quantized weights
-in one call give the Python loop's results bit for bit, and run where they should."""
+"""native DecodeLayers (native/decode_layers.cpp): a decode step's layers in one call, on
+quantized or oneDNN-packed float weights, give the Python loop's results bit for bit, and
+run where they should."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ class Counted:
 def _run(model_dir, quantization: str, dtype: str, fused: bool):
     llm = LLM(str(model_dir), dtype=dtype, num_blocks=32, quantization=quantization)
     fast = llm.engine.runner.fast
-    assert fast.fused is not None, "quantized weights: the decoder builds DecodeLayers"
+    assert fast.fused is not None, "packed or quantized projections: the decoder builds DecodeLayers"
     counted = Counted(fast.fused)
     fast.fused = counted if fused else None
     outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
@@ -38,7 +39,7 @@ def _run(model_dir, quantization: str, dtype: str, fused: bool):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-@pytest.mark.parametrize("quantization", ["int8", "int4"])
+@pytest.mark.parametrize("quantization", ["int8", "int4", "none"])
 def test_the_native_layers_give_the_python_loops_tokens_and_logprobs_exactly(family, quantization, request):
     model_dir = request.getfixturevalue(f"tiny_{family}_dir")
     want, _ = _run(model_dir, quantization, "float32", fused=False)
@@ -65,9 +66,9 @@ def test_bfloat16_activations_through_the_native_layers(tiny_llama_dir):
         assert [lp.top_logprobs for lp in g.logprobs] == [lp.top_logprobs for lp in w.logprobs]
 
 
-def test_float_weights_keep_the_python_loop(tiny_llama_dir):
-    llm = LLM(str(tiny_llama_dir), dtype="float32", num_blocks=32)
-    assert llm.engine.runner.fast.quantization == "none" and llm.engine.runner.fast.fused is None
+def test_transformers_modules_keep_their_forward(tiny_llama_dir):
+    llm = LLM(str(tiny_llama_dir), dtype="float32", num_blocks=32, implementation="transformers")
+    assert llm.engine.runner.fast is None
 
 
 def test_a_layer_of_the_wrong_shape_is_refused(tiny_llama_dir):
