@@ -3,7 +3,7 @@
     python -m kvd.bench.route [--users 24] [--turns 6] [--instances 2,3] [--policies kv,round_robin,least_loaded]
                               [--max-tokens 32] [--blocks N] [--threads 1] [--seed 0] [--workdir DIR]
     python -m kvd.bench.route --overhead [--requests 50] [--max-tokens 1] [--chat] [--streams N] [--zmq] [--threads 1]
-                                                                  (kvd.bench.route_overhead)
+                                         [--pin] [--think-ms 0]   (kvd.bench.route_overhead)
     (or `kvd bench route ...`)
 
 The workload (kvd.bench.route_workload): `--users` users, each with a seeded ~1,000-token
@@ -65,6 +65,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chat", action="store_true", help="--overhead: chat completions (the chat template too)")
     p.add_argument("--streams", type=int, default=1, help="--overhead: concurrent requests per round and path")
     p.add_argument("--zmq", action="store_true", help="--overhead: the ZeroMQ client API instead of HTTP")
+    p.add_argument("--pin", action="store_true",
+                   help="--overhead: the instance on one CPU (1 thread), the router and the client on another")
+    p.add_argument("--think-ms", type=float, default=0.0,
+                   help="--overhead: each stream waits a random 0-T ms before each request")
     p.add_argument("--max-tokens", type=int, default=None, help="tokens per answer (default 32; --overhead: 1)")
     p.add_argument("--users", type=int, default=24)
     p.add_argument("--turns", type=int, default=6)
@@ -139,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         from kvd.bench.route_overhead import run
 
         return run(args.requests, 1 if args.max_tokens is None else args.max_tokens, args.chat, args.streams, args.zmq,
-                   args.threads)  # fmt: skip
+                   args.threads, args.pin, args.think_ms)  # fmt: skip
     args.max_tokens = 32 if args.max_tokens is None else args.max_tokens
     from kvd.engine.text import TextStage
     from kvd.worker.models import embedded_model_dir, load_tokenizer

@@ -36,8 +36,9 @@ from torch import nn
 
 from kvd.distributed.plan import LayerMap
 from kvd.distributed.sp_attention import ATTN_IMPLEMENTATION
+from kvd.worker.decoder import held_bytes, held_tensors
 from kvd.worker.models import gguf_source, load_config
-from kvd.worker.quant import QuantLinear, QuantWeight
+from kvd.worker.quant import QuantLinear
 from kvd.worker.quant_load import GGUF_NAMES, MODES, FloatSource, weight_source
 
 _EMBED, _NORM, _HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
@@ -72,20 +73,7 @@ class StageModel(nn.Module):
     def weight_bytes(self) -> int:
         """Bytes of weights held (parameters, and quantized blocks or packed weights kept as
         plain attributes), each storage once (tied weights share one)."""
-        held = list(self.parameters())
-        for module in self.modules():
-            for value in vars(module).values():
-                if isinstance(value, QuantWeight):
-                    held += [t for t in (value.qs, value.d, value.m) if t is not None]
-                elif isinstance(value, torch.Tensor) and value.is_mkldnn:  # a PackedLinear's weight
-                    held.append(value)
-        sizes = {}
-        for t in held:
-            if t.is_mkldnn:  # oneDNN's packed weights have no storage to share
-                sizes[id(t)] = t.numel() * t.element_size()
-            else:
-                sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return sum(sizes.values())
+        return held_bytes(t for module in self.modules() for t in held_tensors(module))
 
 
 def _checkpoint_files(model_dir: Path) -> dict[str, Path]:

@@ -30,6 +30,8 @@ a GGUF file is never loaded as float (`kvd.worker.quant_load`); `weight_bytes` i
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import structlog
 import torch
 
@@ -101,17 +103,11 @@ class Decoder:
     def weight_bytes(self) -> int:
         """Bytes of the weights held (packed, in blocks or float), each storage once: a tied
         lm_head in blocks shares the embedding's."""
-        held = [self.final_norm, *_tensors(self.embed), *_tensors(self.lm_head)]
+        held = [self.final_norm, *held_tensors(self.embed), *held_tensors(self.lm_head)]
         for layer in self.layers:
             held += [layer.input_norm, layer.post_norm, layer.q_norm, layer.k_norm]
-            held += [t for lin in (layer.qkv, layer.o, layer.gate_up, layer.down) for t in _tensors(lin)]
-        sizes = {}
-        for t in (t for t in held if t is not None):
-            if t.is_mkldnn:  # oneDNN's packed weights have no storage to share
-                sizes[id(t)] = t.numel() * t.element_size()
-            else:
-                sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return sum(sizes.values())
+            held += [t for lin in (layer.qkv, layer.o, layer.gate_up, layer.down) for t in held_tensors(lin)]
+        return held_bytes(held)
 
     @classmethod
     def build(cls, model, source: FloatSource | None = None) -> Decoder:
@@ -183,7 +179,7 @@ class Decoder:
         return x
 
 
-def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+def held_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
     """The tensors a decoder module holds: its parameters, and the packed or quantized weight,
     bias and index tensors kept as plain attributes."""
     held = list(module.parameters())
@@ -193,3 +189,15 @@ def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
         elif isinstance(value, QuantWeight):
             held += [t for t in (value.qs, value.d, value.m) if t is not None]
     return held
+
+
+def held_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    """Bytes the tensors hold, each storage once (tied or viewed weights share one); oneDNN's
+    packed weights have no storage to share and count by size."""
+    sizes = {}
+    for t in (t for t in tensors if t is not None):
+        if t.is_mkldnn:
+            sizes[id(t)] = t.numel() * t.element_size()
+        else:
+            sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(sizes.values())

@@ -276,9 +276,9 @@ class QuantLinear(torch.nn.Module):
         if d == 0 or d > INT_DOT_MAX_ROWS:
             out = self._float(x2, nat)
         elif d == x2.shape[0]:
-            out = self._rows(x2, True)
+            out = self._rows(x2, True, nat)
         else:
-            out = torch.cat([self._rows(x2[:d], True), self._float(x2[d:], nat)])
+            out = torch.cat([self._rows(x2[:d], True, nat), self._float(x2[d:], nat)])
         if self.bias is not None:
             out += self.bias
         return out.view(*lead, self.out_features)
@@ -292,12 +292,12 @@ class QuantLinear(torch.nn.Module):
         """Rows on float activations, on one path whatever their count: oneDNN gives a row the
         same result in any batch (the native float kernel differs from it by float rounding,
         which the next decode steps' int8 rounding can amplify into a flipped near-tie)."""
-        return self._rows(x, False) if nat is None else self._prefill(x, nat)
+        return self._rows(x, False, nat) if nat is None else self._prefill(x, nat)
 
-    def _rows(self, x: torch.Tensor, int_dot: bool) -> torch.Tensor:
+    def _rows(self, x: torch.Tensor, int_dot: bool, nat) -> torch.Tensor:
         """The native kernel: streams the quantized bytes once for all of x's rows (the
         reference where the native ops are not built)."""
-        w, nat = self.weight, ops.native()
+        w = self.weight
         if nat is None:
             return quant_linear_ref(x, w, int_dot).to(x.dtype)
         x = x if x.stride(-1) == 1 else x.contiguous()
