@@ -17,6 +17,7 @@ from kvd.bench.peers import (
     STREAMS,
     VLLM,
     LlamaBuild,
+    bandwidth_line,
     cpu_line,
     f32_copy,
     goal_lines,
@@ -25,8 +26,8 @@ from kvd.bench.peers import (
     parse,
     ratio_table,
     same_line,
-    settle_line,
     sections,
+    settle_line,
     slot_context,
     speed_table,
 )
@@ -149,6 +150,17 @@ def test_ratios_are_taken_within_each_round_then_the_median():
     assert "target ≥ 1.5: met" in goals[1]  # streams: kvd GGUF / llama.cpp GGUF 2.0
     assert "target ≥ 1.3: NOT met" in goals[2]  # streams: kvd GGUF / vLLM 1.2
     assert "target ≥ 1.0: met" in goals[3]  # single: kvd float32 / llama.cpp F32 1.0
+
+
+def test_bandwidth_against_copy_and_read(monkeypatch):
+    import kvd.bench.peers as peers
+
+    monkeypatch.setattr(peers, "weight_bytes", lambda path: {"q.gguf": 100_000_000, "f.gguf": 500_000_000}[path.name])
+    line = bandwidth_line(fake_results(), {KVD_GGUF: Path("q.gguf"), LLAMA_F32: Path("f.gguf")}, 50.0, 40.0)
+    # the median single-stream round x the file's tensor bytes: 100 tok/s x 100 MB, 50 tok/s x 500 MB
+    assert f"{KVD_GGUF} 10.0 GB/s (20%; 25% of read)" in line
+    assert f"{LLAMA_F32} 25.0 GB/s (50%; 62% of read)" in line
+    assert "copy bandwidth 50.0 GB/s" in line and "read bandwidth 40.0 GB/s" in line
 
 
 def test_without_a_peer_its_rows_go():

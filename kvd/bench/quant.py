@@ -51,6 +51,13 @@ def memory_bandwidth(mib: int = 256) -> float:
     return 2 * src.numel() * 4 / best / 1e9
 
 
+def read_bandwidth(mib: int = 256) -> float:
+    """GB/s of reading a large tensor once (a sum: what streaming weights can reach), the best of five."""
+    src = torch.ones(mib << 18)
+    best = min(timed(lambda: src.sum(), 0.0, 1) for _ in range(5))
+    return src.numel() * 4 / best / 1e9
+
+
 def decode_tok_s(quantization: str, dtype: str, streams: int = 1, new_tokens: int = 128, runs: int = 3) -> float:
     """Generated tokens per second of `streams` requests at once on the embedded model (offline LLM)."""
     from kvd import LLM, SamplingParams
