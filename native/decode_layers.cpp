@@ -39,20 +39,16 @@ namespace {
 
 using Matrix = std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, int64_t, std::optional<torch::Tensor>>;
 
-constexpr int64_t kPacked = -1;  // a matrix's kind: a oneDNN packed float weight
+constexpr int64_t kPacked = -1;  // a matrix's kind: a oneDNN packed float weight (linear.ONEDNN_KIND)
 
 // PackedLinear's call (kvd/worker/linear.py): mkldnn::_linear_pointwise(x, w, bias, "none", [], "")
 torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& w, const std::optional<torch::Tensor>& bias) {
   static const c10::OperatorHandle op =
       c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
-  std::vector<c10::IValue> stack;
-  stack.reserve(6);
-  stack.emplace_back(x);
-  stack.emplace_back(w);
-  stack.emplace_back(bias ? c10::IValue(*bias) : c10::IValue());
-  stack.emplace_back(std::string("none"));
-  stack.emplace_back(c10::impl::GenericList(c10::OptionalType::create(c10::NumberType::get())));
-  stack.emplace_back(std::string(""));
+  // the call's constant arguments, made once (120 calls a step at SmolLM2's 30 layers)
+  static const c10::IValue attr(std::string("none")), no_scalars(c10::impl::GenericList(
+      c10::OptionalType::create(c10::NumberType::get()))), no_algorithm(std::string(""));
+  std::vector<c10::IValue> stack{x, w, bias ? c10::IValue(*bias) : c10::IValue(), attr, no_scalars, no_algorithm};
   op.callBoxed(&stack);
   return stack[0].toTensor();
 }

@@ -87,7 +87,7 @@ class Decoder:
         """The native DecodeLayers over these layers, where every projection is a QuantLinear
         on int8 activations or a PackedLinear; else None (the Python loop)."""
         lins = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-        if not all(isinstance(lin, PackedLinear) or isinstance(lin, QuantLinear) and lin.int_dot for lin in lins):
+        if not all(isinstance(lin, PackedLinear) or (isinstance(lin, QuantLinear) and lin.int_dot) for lin in lins):
             return None
         fused = self.native.DecodeLayers(self.eps, self.heads, self.kv_heads, self.head_dim, self.scale, quant.BEST_ISA)
         for layer in self.layers:

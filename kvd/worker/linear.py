@@ -20,6 +20,7 @@ import torch
 log = structlog.get_logger(__name__)
 
 BATCH_HINT = 32  # oneDNN picks the blocked format for about this many rows; any count runs
+ONEDNN_KIND = -1  # a matrix's kind for native DecodeLayers: a oneDNN-packed weight (0-2: quant.Kind's blocks)
 
 
 class PackedLinear(torch.nn.Module):
@@ -35,9 +36,9 @@ class PackedLinear(torch.nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def matrix(self) -> tuple:
-        """(packed, -, -, -1, bias): what native DecodeLayers calls the same oneDNN op with."""
+        """(packed, -, -, ONEDNN_KIND, bias): what native DecodeLayers calls the same oneDNN op with."""
         empty = torch.empty(0)
-        return self.packed, empty, empty, -1, self.bias
+        return self.packed, empty, empty, ONEDNN_KIND, self.bias
 
 
 def available(dtype: torch.dtype) -> str | None:
