@@ -3,11 +3,14 @@
     python -m kvd.bench.peers [--quick] [--no-record] [--rounds N] [--no-vllm] [--llama-dir DIR]
     (or `kvd bench peers ...`)
 
-Five OpenAI servers, side by side, get the same requests (`POST /v1/completions`,
+Five or six OpenAI servers, side by side, get the same requests (`POST /v1/completions`,
 `stream: true`, token-id prompts, EOS ignored) from one aiohttp load client
 (kvd.bench.serve_http's):
 - kvd float32 (`model.quantization = "none"`: the GGUF dequantized at conversion);
 - kvd on the shipped GGUF (`"auto"`: its Q4_1 layers and Q8_0 embedding / lm_head as they are);
+- where the CPU has bf16 hardware (kvd.cpu's flags: AVX512-BF16 or AMX), kvd on the shipped GGUF
+  again with bfloat16 activations, what `model.dtype = "auto"` picks on such a CPU (its prompt
+  rows then run oneDNN's bf16 GEMM on the dequantized tiles, 1.4-2.2x the float32 one);
 - `vllm serve` float32 (`make bench-peer`), on kvd's converted float32 checkpoint;
 - `llama-server` on the shipped GGUF, and on an F32 copy of it (`llama-quantize
   --allow-requantize <gguf> <copy> F32`, made once and kept under .peers/), both built by
@@ -31,8 +34,9 @@ Fairness: every server gets this process's cores as threads (`llama-server -t N 
 prefix caching off (kvd's config, vLLM's flag, `llama-server --no-cache-prompt --cache-ram
 0`), room for 32 streams at once (kvd: max_num_seqs 64; vLLM: a 2 GiB KV cache;
 llama-server: `-np 32` slots of 512 tokens each, `-c 16384`, a KV stream per slot,
-continuous batching, its default) and float32, no bf16 (the quantized paths of kvd and
-llama.cpp both round a decode step's activations to 8 bits per block for integer dots).
+continuous batching, its default) and float32 activations, no bf16, but for the one kvd
+GGUF server above (the quantized paths of kvd and llama.cpp both round a decode step's
+activations to 8 bits per block for integer dots).
 llama-server's samplers default to top_k 40 and min_p 0.05 on top of the request's; a
 request to it sends top_k 0 and min_p 0, so that it samples the distribution the others
 do. Unless --no-record or --quick, appended to docs/benchmarks.md with the machine and its
@@ -77,7 +81,7 @@ from kvd.bench.serve_http import (
     tree_cpu,
 )
 from kvd.bench.versus import KV_CACHE_GB, PEER_PYTHON
-from kvd.cpu import machine_flags
+from kvd.cpu import auto_cpu_dtype, machine_flags
 from kvd.worker.models import embedded_gguf_file, load_tokenizer, resolve_model
 
 log = structlog.get_logger(__name__)
@@ -88,15 +92,17 @@ SLOT_ROUND = 256  # a slot's context is the longest request rounded up to this
 SINGLE_ROUNDS_PER_ROUND = 2  # the single stream is short (seconds a server): more rounds of it, cheaply
 IDLE_S = 5.0  # the idle window in which every server's CPU is counted before the rounds
 
-KVD_F32, KVD_GGUF = "kvd float32", "kvd GGUF"
+KVD_F32, KVD_GGUF, KVD_GGUF_BF16 = "kvd float32", "kvd GGUF", "kvd GGUF bf16"
 VLLM = "vllm serve float32"
 LLAMA_GGUF, LLAMA_F32 = "llama-server GGUF", "llama-server F32"
-SERVERS = (KVD_GGUF, KVD_F32, VLLM, LLAMA_GGUF, LLAMA_F32)  # the tables' order
+SERVERS = (KVD_GGUF, KVD_GGUF_BF16, KVD_F32, VLLM, LLAMA_GGUF, LLAMA_F32)  # the tables' order
 SINGLE, STREAMS, SAMPLED_STREAMS = "single stream", "streams greedy", "streams sampled"
 Results = dict[str, dict[str, list[ModeResult]]]  # the runs of each section (by name), by server, round by round
 # the ratios printed, kvd / peer: kvd/llama.cpp beside kvd/vLLM for each of kvd's two weights
-PAIRS = ((KVD_GGUF, LLAMA_GGUF), (KVD_GGUF, VLLM), (KVD_F32, LLAMA_F32), (KVD_F32, VLLM))
-SAME = ((KVD_F32, VLLM), (KVD_F32, LLAMA_F32), (KVD_GGUF, LLAMA_GGUF), (KVD_GGUF, KVD_F32))  # (nearly) one function
+PAIRS = ((KVD_GGUF, LLAMA_GGUF), (KVD_GGUF, VLLM), (KVD_GGUF_BF16, LLAMA_GGUF), (KVD_GGUF_BF16, VLLM),
+         (KVD_F32, LLAMA_F32), (KVD_F32, VLLM))  # fmt: skip
+SAME = ((KVD_F32, VLLM), (KVD_F32, LLAMA_F32), (KVD_GGUF, LLAMA_GGUF), (KVD_GGUF, KVD_F32),
+        (KVD_GGUF_BF16, KVD_GGUF))  # (nearly) one function; bf16 against float32 activations: not quite
 
 
 @dataclass(frozen=True)
@@ -111,7 +117,9 @@ class Goal:
 
 
 GOALS = (Goal(SINGLE, KVD_GGUF, LLAMA_GGUF, 1.0, "stretch 1.3"), Goal(STREAMS, KVD_GGUF, LLAMA_GGUF, 1.5),
-         Goal(STREAMS, KVD_GGUF, VLLM, 1.3), Goal(SINGLE, KVD_F32, LLAMA_F32, 1.0))  # fmt: skip
+         Goal(STREAMS, KVD_GGUF, VLLM, 1.3), Goal(SINGLE, KVD_GGUF_BF16, LLAMA_GGUF, 1.0, "stretch 1.3"),
+         Goal(STREAMS, KVD_GGUF_BF16, LLAMA_GGUF, 1.5), Goal(STREAMS, KVD_GGUF_BF16, VLLM, 1.3),
+         Goal(SINGLE, KVD_F32, LLAMA_F32, 1.0))  # fmt: skip
 
 
 # ---- the sections ----------------------------------------------------------------------------
@@ -238,8 +246,10 @@ class Served:
 
 @contextlib.contextmanager
 def servers(workdir: Path, threads: int, max_num_seqs: int, vllm: bool, llama_server: Path,
-            llama_models: dict[str, Path], slots: int, ctx_per_slot: int) -> Iterator[dict[str, Served]]:  # fmt: skip
-    """Every server up until the block ends, by label: kvd's two (`max_num_seqs`), `vllm serve`
+            llama_models: dict[str, Path], slots: int, ctx_per_slot: int,
+            kvd_bf16: bool) -> Iterator[dict[str, Served]]:  # fmt: skip
+    """Every server up until the block ends, by label: kvd's two (`max_num_seqs`; a third on
+    the GGUF with bf16 activations with `kvd_bf16`), `vllm serve`
     with `vllm`, `llama-server` on each of `llama_models` (label -> GGUF file; `slots` of
     `ctx_per_slot` tokens). `vllm serve` starts first: it compiles its model for minutes,
     which would disturb anything running beside it."""
@@ -253,9 +263,10 @@ def servers(workdir: Path, threads: int, max_num_seqs: int, vllm: bool, llama_se
             server = LlamaServer(llama_server, model, label, workdir, threads, slots, ctx_per_slot)
             stack.callback(server.stop)
             up[label] = Served(server.start(), server.proc.pid, llama_fields)
-        for label, quantization in ((KVD_F32, "none"), (KVD_GGUF, "auto")):
+        kvd = [(KVD_F32, "none", "float32"), (KVD_GGUF, "auto", "float32")]
+        for label, quantization, dtype in kvd + ([(KVD_GGUF_BF16, "auto", "bfloat16")] if kvd_bf16 else []):
             (workdir / label.replace(" ", "-")).mkdir()
-            daemon = ServedDaemon(workdir / label.replace(" ", "-"), max_num_seqs, dtype="float32",
+            daemon = ServedDaemon(workdir / label.replace(" ", "-"), max_num_seqs, dtype=dtype,
                                   http_model=MODEL_NAME, quantization=quantization)  # fmt: skip
             stack.callback(daemon.stop)
             try:
@@ -417,6 +428,10 @@ def main(argv: list[str] | None = None) -> None:
     llama = LlamaBuild(args.llama_dir)
     if (why := llama.missing()) is not None:
         skipped.append(f"llama.cpp: {why}")
+    dtype, why_dtype = auto_cpu_dtype(flags)
+    kvd_bf16 = dtype == "bfloat16"
+    if not kvd_bf16:
+        skipped.append(f"{KVD_GGUF_BF16}: {why_dtype}")
     for line in skipped:
         print(f"kvd bench peers: skipping {line}", file=sys.stderr)
 
@@ -428,7 +443,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="kvd-bench-peers-") as tmp:
         try:
             models = llama.models(gguf) if why is None else {}
-            with servers(Path(tmp), threads, cfg.max_num_seqs, vllm, llama.server, models, cfg.concurrency, ctx) as up:
+            with servers(Path(tmp), threads, cfg.max_num_seqs, vllm, llama.server, models, cfg.concurrency, ctx,
+                         kvd_bf16) as up:  # fmt: skip
                 idle = idle_cpu(up, IDLE_S)
                 results, cpu = asyncio.run(measure(up, secs, warm))
                 copy_gb_s, read_gb_s = memory_bandwidth(), read_bandwidth()
@@ -436,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"kvd bench peers: {e}", file=sys.stderr)
             sys.exit(1)
     # the bytes kvd's float32 weights (its conversion of the same file) take: the F32 copy's
-    files = {KVD_GGUF: gguf} | models | ({KVD_F32: models[LLAMA_F32]} if models else {})
+    files = {KVD_GGUF: gguf, KVD_GGUF_BF16: gguf} | models | ({KVD_F32: models[LLAMA_F32]} if models else {})
     prompts, max_tokens = work
     notes = [
         *goal_lines(results, secs),
@@ -449,8 +465,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{sum(max_tokens)} requested output tokens, {cfg.concurrency} at a time; EOS ignored, token-id prompts, "
         f"streaming, one aiohttp client; greedy, or temperature 0.8 / top_p 0.95 (llama-server: top_k 0, min_p 0 "
         f"besides, undoing its defaults)",
-        f"servers side by side, {threads} threads each, float32 (no bf16; the GGUF runs round a decode step's "
-        f"activations to 8 bits per block for integer dots), prefix caching off: kvd "
+        f"servers side by side, {threads} threads each, float32 activations"
+        + (f" ({KVD_GGUF_BF16}: bfloat16, what model.dtype = \"auto\" picks on this CPU, {why_dtype})" if kvd_bf16
+           else "")
+        + f" (the GGUF runs round a decode step's activations to 8 bits per block for integer dots), prefix "
+        f"caching off: kvd "
         f"max_num_seqs {cfg.max_num_seqs}; vLLM KV cache {KV_CACHE_GB} GiB; llama-server -np "
         f"{cfg.concurrency} slots of {ctx} tokens (-c {cfg.concurrency * ctx}, a KV stream per slot), "
         f"--no-cache-prompt --cache-ram 0, continuous batching; rounds: single stream "
