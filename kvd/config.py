@@ -59,6 +59,7 @@ class ModelConfig(_Section):
     threads: int = 0  # CPU threads of the model's ops; 0: torch's default (every core)
     implementation: str = "auto"  # auto: kvd's CPU decoder where it applies, else transformers'; kvd | transformers
     quantization: str = "none"  # none | auto (a GGUF model's own Q4_0/Q4_1/Q8_0 blocks) | int8 | int4 (CPU decoder)
+    huge_pages: bool = True  # weights and KV cache in transparent huge pages where the kernel allows (CPU)
 
     def __post_init__(self) -> None:
         if self.quantization not in ("auto", "none", "int8", "int4"):

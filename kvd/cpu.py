@@ -5,10 +5,17 @@ or AMX (tile matrix multiplies). Without either, every bf16 matmul converts to f
 and back, and runs several times slower than float32 itself (about 8x on AVX2-only
 EPYCs). So `model.dtype = "auto"` picks bfloat16 on such CPUs and float32 elsewhere,
 and the benchmarks skip bf16 rows on CPUs without it, saying why.
+
+Huge pages: a decode step streams every weight from memory, 4 KiB page after page, and
+each new page costs a TLB walk and a cold start of the hardware prefetcher. torch's CPU
+allocator puts a tensor of 2 MiB or more in transparent huge pages (madvise) when
+THP_MEM_ALLOC_ENABLE=1 is in the environment at its first allocation; `use_huge_pages`
+sets it from `model.huge_pages` (measured: docs/benchmarks.md, "Weights in huge pages").
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Set as AbstractSet
 from pathlib import Path
 
@@ -45,3 +52,37 @@ def auto_cpu_dtype(flags: AbstractSet[str]) -> tuple[str, str]:
     if reason is None:
         return "bfloat16", f"bf16 hardware: {', '.join(f for f in BF16_FLAGS if f in flags)}"
     return "float32", reason
+
+
+# ---- memory pages ------------------------------------------------------------------------------
+THP_ENV = "THP_MEM_ALLOC_ENABLE"  # torch's: CPU tensors of 2 MiB or more madvised into huge pages
+THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def use_huge_pages(on: bool) -> None:
+    """Ask torch for huge pages (or not) in this process and the processes it starts. torch
+    reads the variable once, at the process's first tensor allocation: the daemon sets it
+    before it starts its children; an in-process LLM gets it only if no tensor came first."""
+    os.environ[THP_ENV] = "1" if on else "0"
+
+
+def thp_mode() -> str:
+    """The kernel's transparent huge page mode (always, madvise or never; unknown where
+    unreadable): under never no process gets huge pages, under madvise those that ask."""
+    try:
+        text = THP_SETTING.read_text()
+    except OSError:
+        return "unknown"
+    return next((w[1:-1] for w in text.split() if w.startswith("[")), "unknown")
+
+
+def huge_pages_mb() -> int:
+    """MiB of this process's anonymous memory in huge pages (0 where unreadable)."""
+    try:
+        text = Path("/proc/self/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1]) // 1024
+    return 0

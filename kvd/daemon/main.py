@@ -37,6 +37,7 @@ import zmq
 import zmq.asyncio
 
 from kvd.config import KvdConfig, resolve_run_dir
+from kvd.cpu import use_huge_pages
 from kvd.daemon import health
 from kvd.daemon.frontend import Frontend
 from kvd.daemon.http import HttpFrontend
@@ -96,6 +97,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.begin_drain)
+        use_huge_pages(self.cfg.model.huge_pages)  # before the children start: they read it at their first tensor
         try:
             model_dir = resolve_model(self.cfg.model.model, self.cfg.model.cache_dir)
             tokenizer = asyncio.create_task(asyncio.to_thread(load_tokenizer, model_dir))

@@ -114,6 +114,7 @@ class ModelRunner:
         prefill: PrefillConfig | None = None,
     ) -> None:
         self.model_dir = model_dir
+        cpu.use_huge_pages(model_config.huge_pages)  # a worker has it from the daemon; LLM: if no tensor came first
         if model_config.threads:  # several instances on one host: don't oversubscribe the cores
             torch.set_num_threads(model_config.threads)
         self.device = resolve_device(model_config.device)
@@ -161,6 +162,7 @@ class ModelRunner:
         log.info(
             "model_runner_ready", device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
             num_blocks=self.num_blocks, block_size=self.block_size, kv_cache_mb=round(self.kv_cache_bytes / 2**20),
+            huge_pages_mb=cpu.huge_pages_mb(), thp=cpu.thp_mode(),
         )  # fmt: skip
 
     def _load(self, implementation: str, quantization: str) -> tuple[torch.nn.Module, Decoder | None]:

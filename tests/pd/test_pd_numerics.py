@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 
 from harness import log_events
+from kvd import cpu
 from kvd.client import KvdError
 from kvd.worker.models import load_tokenizer
 from pd_harness import (
@@ -44,7 +45,10 @@ def test_pd_matches_the_offline_engine_of_the_same_numerics_within_ties(tmp_path
     try:
         wait_linked(d)
         for daemon in (p, d):
-            assert [e["dtype"] for e in log_events(daemon.log_file, "model_runner_ready")] == [dtype]
+            ready = log_events(daemon.log_file, "model_runner_ready")
+            assert [e["dtype"] for e in ready] == [dtype]
+            if cpu.thp_mode() in ("always", "madvise"):  # model.huge_pages: on by default, the weights in 2 MiB pages
+                assert ready[0]["huge_pages_mb"] > 0, ready
             assert [e["quantization"] for e in log_events(daemon.log_file, "kvd_decoder_on")] == [quantization]
         served = run_all(d.endpoint, prompts, 12)
         refs = reference(smollm2_dir, prompts, 12, dtype=dtype, quantization=quantization)
