@@ -79,6 +79,9 @@ class Decoder:
         self.scale = self.head_dim**-0.5
         head_norms = cfg.model_type == "qwen3"
         self.layers = [_Layer(i, layer, head_norms, src) for i, layer in enumerate(inner.layers[: cfg.num_hidden_layers])]
+        quantized = [lin.weight for lin in self.projections() if isinstance(lin, QuantLinear)]
+        if quantized:  # in huge pages, and read as one stream
+            quant.one_allocation(quantized)
         self.lm_head = src.lm_head(model.lm_head, self.embed)
         self.quantization = src.name
         self.fused = self._fused()
@@ -86,7 +89,7 @@ class Decoder:
     def _fused(self):
         """The native DecodeLayers over these layers, where every projection is a QuantLinear
         on int8 activations or a PackedLinear; else None (the Python loop)."""
-        lins = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        lins = self.projections()
         if not all(isinstance(lin, PackedLinear) or (isinstance(lin, QuantLinear) and lin.int_dot) for lin in lins):
             return None
         fused = self.native.DecodeLayers(self.eps, self.heads, self.kv_heads, self.head_dim, self.scale, quant.BEST_ISA)
@@ -95,9 +98,13 @@ class Decoder:
                             layer.o.matrix(), layer.gate_up.matrix(), layer.down.matrix())  # fmt: skip
         return fused
 
+    def projections(self) -> list[torch.nn.Module]:
+        """The layers' projections in the order a step runs them."""
+        return [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+
     def linears(self) -> list[torch.nn.Module]:
         """Every projection of a step, lm_head last (what `kvd bench offline` times as the bound)."""
-        return [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [self.lm_head]
+        return self.projections() + [self.lm_head]
 
     @property
     def weight_bytes(self) -> int:

@@ -36,6 +36,7 @@ itself: a tied embedding and lm_head share one copy).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import enum
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -116,6 +117,37 @@ class QuantWeight:
             return self
         qs, d, m = (None if t is None else _retile(t, self.shape, False) for t in (self.qs, self.d, self.m))
         return QuantWeight(self.kind, qs, d, m)
+
+
+ALLOCATION_ALIGN = 64  # bytes: each tensor in a shared allocation starts on a cache line
+
+
+def one_allocation(weights: list[QuantWeight]) -> torch.Tensor:
+    """Move the weights' tensors into one allocation, in this order (the order a decode step
+    reads them), the QuantWeight objects repointed at views of it; returns the allocation. A
+    layer matrix of the embedded model is ~1 MB, below the 2 MiB from which torch asks for
+    huge pages (kvd.cpu): together they are one tensor of tens of MB that gets them, and a
+    step reads its layers as one stream (measured: docs/benchmarks.md, "Weights in huge pages")."""
+    tensors = [t for w in weights for t in (w.qs, w.d, w.m) if t is not None]
+    sizes = [-(-t.nbytes // ALLOCATION_ALIGN) * ALLOCATION_ALIGN for t in tensors]
+    arena = torch.empty(sum(sizes), dtype=torch.uint8)
+    moved, offset = {}, 0
+    for t, size in zip(tensors, sizes):
+        moved[id(t)] = arena[offset : offset + t.nbytes].view(t.dtype).view(t.shape).copy_(t)
+        offset += size
+    for w in weights:
+        w.qs, w.d, w.m = (None if t is None else moved[id(t)] for t in (w.qs, w.d, w.m))
+    del tensors, moved
+    _release_freed_memory()  # the old ~1 MB tensors were on the heap: give those pages back
+    return arena
+
+
+def _release_freed_memory() -> None:
+    """glibc's malloc_trim(0): freed heap memory back to the system (no-op off glibc)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 # ---- the tiled layout ------------------------------------------------------------------------------

@@ -67,6 +67,28 @@ def test_a_tied_embedding_and_lm_head_share_one_tiled_copy():
     torch.testing.assert_close(head(x), quant_linear_ref(x, w, True), atol=KERNEL_ATOL, rtol=KERNEL_RTOL)
 
 
+def test_one_allocation_moves_the_weights_and_keeps_every_result():
+    gen = torch.Generator().manual_seed(9)
+    lins = [QuantLinear(quantize(torch.randn(n, k, generator=gen), kind))
+            for n, k, kind in ((40, 64, Kind.Q4_1), (24, 96, Kind.Q8_0), (33, 64, Kind.Q4_0))]  # fmt: skip
+    xs = [torch.randn(3, lin.in_features, generator=gen) for lin in lins]
+    want = [lin(x) for lin, x in zip(lins, xs)]
+    before = [[t.clone() for t in (lin.weight.qs, lin.weight.d, lin.weight.m) if t is not None] for lin in lins]
+    arena = quant.one_allocation([lin.weight for lin in lins])
+    tensors = [[t for t in (lin.weight.qs, lin.weight.d, lin.weight.m) if t is not None] for lin in lins]
+    flat = [t for ts in tensors for t in ts]
+    assert all(t.untyped_storage().data_ptr() == arena.untyped_storage().data_ptr() for t in flat)
+    assert all(t.data_ptr() % quant.ALLOCATION_ALIGN == 0 for t in flat)
+    starts = [t.data_ptr() for t in flat]
+    assert starts == sorted(starts)  # in the order given: a step reads them as one stream
+    held = sum(t.nbytes for t in flat)
+    assert held <= arena.nbytes < held + quant.ALLOCATION_ALIGN * len(flat)
+    for ts, bs in zip(tensors, before):
+        assert all(torch.equal(t, b) and t.dtype == b.dtype and t.shape == b.shape for t, b in zip(ts, bs))
+    for lin, x, w in zip(lins, xs, want):
+        assert torch.equal(lin(x), w)
+
+
 @needs_native
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("kind", list(Kind))
@@ -242,6 +264,8 @@ def test_a_float_checkpoint_quantized_at_load(tiny_qwen3_dir, mode, kind):
     llm = LLM(str(tiny_qwen3_dir), dtype="float32", num_blocks=32, quantization=mode)
     fast = llm.engine.runner.fast
     assert fast.quantization == mode and fast.layers[0].qkv.weight.kind is kind
+    storages = {lin.weight.qs.untyped_storage().data_ptr() for lin in fast.projections()}
+    assert len(storages) == 1  # the layers' matrices in one allocation (quant.one_allocation)
     assert fast.lm_head.weight is fast.embed.weight and fast.embed.weight.kind is Kind.Q8_0  # tied, one copy
     # KV written by quantized weights is not the float model's: storage keys must differ
     assert llm.engine.runner.model_info().fingerprint != float_llm.engine.runner.model_info().fingerprint
