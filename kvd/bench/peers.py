@@ -98,7 +98,7 @@ LLAMA_GGUF, LLAMA_F32 = "llama-server GGUF", "llama-server F32"
 SERVERS = (KVD_GGUF, KVD_GGUF_BF16, KVD_F32, VLLM, LLAMA_GGUF, LLAMA_F32)  # the tables' order
 SINGLE, STREAMS, SAMPLED_STREAMS = "single stream", "streams greedy", "streams sampled"
 Results = dict[str, dict[str, list[ModeResult]]]  # the runs of each section (by name), by server, round by round
-# the ratios printed, kvd / peer: kvd/llama.cpp beside kvd/vLLM for each of kvd's two weights
+# the ratios printed, kvd / peer: kvd/llama.cpp beside kvd/vLLM for each kvd server
 PAIRS = ((KVD_GGUF, LLAMA_GGUF), (KVD_GGUF, VLLM), (KVD_GGUF_BF16, LLAMA_GGUF), (KVD_GGUF_BF16, VLLM),
          (KVD_F32, LLAMA_F32), (KVD_F32, VLLM))  # fmt: skip
 SAME = ((KVD_F32, VLLM), (KVD_F32, LLAMA_F32), (KVD_GGUF, LLAMA_GGUF), (KVD_GGUF, KVD_F32),
