@@ -47,15 +47,18 @@ def memory_bandwidth(mib: int = 256) -> float:
     """GB/s of a large tensor copy (read + write), the best of five."""
     src = torch.ones(mib << 18)  # float32: mib MiB
     dst = torch.empty_like(src)
-    best = min(timed(lambda: dst.copy_(src), 0.0, 1) for _ in range(5))
-    return 2 * src.numel() * 4 / best / 1e9
+    return _best_gb_s(lambda: dst.copy_(src), 2 * src.nbytes)
 
 
 def read_bandwidth(mib: int = 256) -> float:
     """GB/s of reading a large tensor once (a sum: what streaming weights can reach), the best of five."""
     src = torch.ones(mib << 18)
-    best = min(timed(lambda: src.sum(), 0.0, 1) for _ in range(5))
-    return src.numel() * 4 / best / 1e9
+    return _best_gb_s(src.sum, src.nbytes)
+
+
+def _best_gb_s(op, nbytes: int) -> float:
+    """GB/s of `op` moving `nbytes`, its best of five runs."""
+    return nbytes / min(timed(op, 0.0, 1) for _ in range(5)) / 1e9
 
 
 def decode_tok_s(quantization: str, dtype: str, streams: int = 1, new_tokens: int = 128, runs: int = 3) -> float:

@@ -111,9 +111,8 @@ class Decoder:
         """Bytes of the weights held (packed, in blocks or float), each storage once: a tied
         lm_head in blocks shares the embedding's."""
         held = [self.final_norm, *held_tensors(self.embed), *held_tensors(self.lm_head)]
-        for layer in self.layers:
-            held += [layer.input_norm, layer.post_norm, layer.q_norm, layer.k_norm]
-            held += [t for lin in (layer.qkv, layer.o, layer.gate_up, layer.down) for t in held_tensors(lin)]
+        held += [t for layer in self.layers for t in (layer.input_norm, layer.post_norm, layer.q_norm, layer.k_norm)]
+        held += [t for lin in self.projections() for t in held_tensors(lin)]
         return held_bytes(held)
 
     @classmethod
